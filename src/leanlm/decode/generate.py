@@ -1,0 +1,196 @@
+"""The decode loop: prefill once, then one token per step against the pre-allocated KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import LeanlmError
+from ..model.runtime import Transformer
+
+
+@dataclass
+class Sampling:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise LeanlmError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LeanlmError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LeanlmError(f"top_k must be >= 0, got {self.top_k}")
+
+    def generator(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return g
+
+
+def filtered_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Next-token distribution [.., V] after temperature, top-k and top-p."""
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (always keeps the first)
+        drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None = None) -> int:
+    """One token id from logits [V]."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(filtered_probs(logits, s), 1, generator=gen))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stop_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first new token comes from prefill; decode steps make the rest
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+
+def check_context(model: Transformer, n_prompt: int, max_new_tokens: int) -> int:
+    limit = model.config.max_seq_len
+    if n_prompt == 0:
+        raise LeanlmError("the prompt is empty")
+    if n_prompt >= limit:
+        raise LeanlmError(
+            f"prompt has {n_prompt} tokens but the model's context window is {limit}; shorten the prompt"
+        )
+    return min(max_new_tokens, limit - n_prompt)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int = 128,
+    sampling: Sampling | None = None,
+    eos_ids: set[int] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time (greedy or sampled), stopping at EOS or the budget."""
+    import time
+
+    sampling = sampling or Sampling()
+    gen = sampling.generator()
+    eos_ids = set(model.config.eos_token_ids) if eos_ids is None else eos_ids
+    max_new_tokens = check_context(model, len(prompt_ids), max_new_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    model.setup_cache(1, len(prompt_ids) + max_new_tokens)
+    tokens = torch.tensor([prompt_ids], device=model.device)
+    t0 = time.perf_counter()
+    logits = model(tokens, start=0, last_only=True)[0, -1]
+    tok = sample(logits, sampling, gen)
+    stats.prefill_s = time.perf_counter() - t0
+    pos = len(prompt_ids)
+    t1 = time.perf_counter()
+    stats.stop_reason = "length"
+    try:
+        for i in range(max_new_tokens):
+            stats.new_tokens = i + 1
+            stats.decode_s = time.perf_counter() - t1
+            yield tok
+            if tok in eos_ids:
+                stats.stop_reason = "eos"
+                break
+            if i == max_new_tokens - 1:
+                break
+            logits = model(torch.tensor([[tok]], device=model.device), start=pos)[0, -1]
+            tok = sample(logits, sampling, gen)
+            pos += 1
+    finally:
+        model.clear_cache()
+
+
+def apply_chat(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of `prompt` wrapped in the tokenizer's chat template (instruct models)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
+    """Chat template when the tokenizer has one (unless chat=False); plain encoding otherwise."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LeanlmError("this tokenizer has no chat template; drop --chat")
+        return apply_chat(tokenizer, prompt)
+    return tokenizer(prompt).input_ids
+
+
+def generate(
+    model: Transformer,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 128,
+    sampling: Sampling | None = None,
+    chat: bool | None = None,
+    stop: list[str] | None = None,
+    stream=None,
+    stats: GenerationStats | None = None,
+) -> str:
+    """Generate text for `prompt`; with `stream` (a file, e.g. sys.stdout) print it as it comes."""
+    ids = encode_prompt(tokenizer, prompt, chat)
+    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    new: list[int] = []
+    printed = 0
+    text = ""
+    stats = stats if stats is not None else GenerationStats()
+    for tok in generate_tokens(model, ids, max_new_tokens, sampling, eos, stats):
+        if tok in eos:
+            break
+        new.append(tok)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        hit = [text.index(s) for s in (stop or []) if s in text]
+        if hit:
+            text = text[: min(hit)]
+            stats.stop_reason = "stop string"
+        # hold back a trailing replacement char: a multi-byte character may be incomplete
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        if stream is not None and safe > printed:
+            stream.write(text[printed:safe])
+            stream.flush()
+            printed = safe
+        if hit:
+            break
+    if stream is not None and len(text) > printed:
+        stream.write(text[printed:])
+    if stream is not None:
+        stream.write("\n")
+        stream.flush()
+    return text
+
+
+__all__ = ["Sampling", "GenerationStats", "generate", "generate_tokens", "encode_prompt", "sample"]

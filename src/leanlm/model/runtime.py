@@ -1,0 +1,310 @@
+"""The leanlm runtime: a compact Llama-family decoder every efficiency method plugs into.
+
+Design points (why it is not transformers' modeling code):
+- every layer has its own LayerSpec, so pruned layers may have different widths;
+- q/k/v and gate/up are fused (one GEMV instead of three / two at decode);
+- Linear modules (`attn.wqkv`, `attn.wo`, `mlp.w_gate_up`, `mlp.w_down`) and the KV cache
+  (`attn.cache`) are plain attributes that later methods replace per layer;
+- the residual stream stays in fp32 while weights, matmuls and the KV cache use the
+  model's compute dtype (bf16 halves weight traffic; the fp32 residual keeps quality);
+- the cache is pre-allocated, and the LM head runs only on the positions asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerSpec, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
+        super().__init__()
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        # computed in fp32 (as transformers does), cast once at the end
+        w = self.weight.float()
+        if self.plus_one:
+            h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * (1.0 + w)
+        else:
+            h = F.rms_norm(x.float(), (x.shape[-1],), w, self.eps)
+        return h.to(out_dtype or x.dtype)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for positions [0, n), grown on demand (long-context models need no huge table).
+
+    Rotation uses transformers' half-split layout: x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * [-1.., +1..]; the sign is folded into
+    the stored sin, so applying RoPE costs a roll and a multiply-add.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.scaling = scaling
+        self.cos = self.sin = torch.empty(0, inv_freq.numel() * 2, device=inv_freq.device)
+        self._cast: dict = {}
+
+    def get(self, start: int, length: int, dtype: torch.dtype):
+        """(cos, signed sin), each [length, 1, head_dim] to broadcast over [B, T, H, D]."""
+        end = start + length
+        if end > self.cos.shape[0]:
+            n = max(end, 2 * self.cos.shape[0], 256)
+            t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            half = self.inv_freq.numel()
+            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(emb.device)
+            self.cos, self.sin = emb.cos() * self.scaling, emb.sin() * self.scaling * sign
+            self._cast = {}
+        key = (dtype, self.cos.device)
+        if key not in self._cast:  # cache the cast tables: no per-step conversion
+            self._cast[key] = (self.cos.to(dtype)[:, None], self.sin.to(dtype)[:, None])
+        cos, sin = self._cast[key]
+        return cos[start:end], sin[start:end]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; same values as transformers' apply_rotary_pos_emb."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def upcast_for_matmul(x: torch.Tensor) -> bool:
+    """On CPUs without native bf16/fp16 matmul, multi-row products are far faster in fp32.
+
+    Measured here (AVX2, no AVX512-BF16): a 512x576 @ 576x1536 bf16 GEMM takes 46 ms vs
+    5.4 ms in fp32, while bf16 GEMV (one row) is faster than fp32 as it moves half the bytes.
+    So low-precision weights stay low-precision in memory and are widened only for prefill.
+    """
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] > 4
+
+
+class Linear(nn.Linear):
+    """nn.Linear that keeps bf16 weights but runs multi-row products in fp32 on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if upcast_for_matmul(x):
+            b = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), b).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated key/value cache of one layer: [batch, kv_heads, max_len, head_dim].
+
+    `update` writes the new keys/values at [start, start+T) and returns everything up to
+    start+T. Cache policies (windows, eviction, quantized caches) subclass this.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        end = start + k.shape[2]
+        self.k[: k.shape[0], :, start:end] = k
+        self.v[: v.shape[0], :, start:end] = v
+        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+
+
+def attention_mask(start: int, q_len: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask: causal, and within `window` keys when set."""
+    q_pos = torch.arange(start, start + q_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.window = spec.sliding_window
+        q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        self.wqkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(q_dim, cfg.hidden_size, bias=False)
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.q_norm = RMSNorm(spec.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim)
+        if self.q_norm is not None:
+            q, k, v = qkv.split((nh, nkv, nkv), dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        else:
+            qk, v = qkv[:, :, : nh + nkv], qkv[:, :, nh + nkv :]
+        qk = apply_rope(qk, *rope).transpose(1, 2)  # q and k rotated in one pass
+        q, k, v = qk[:, :nh], qk[:, nh:], v.transpose(1, 2)
+        if self.cache is not None:
+            k, v = self.cache.update(k, v, start)
+        elif start != 0:
+            raise ValueError("start > 0 needs a KV cache (call model.setup_cache)")
+        out = self.attend(q, k, v, start)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, start: int) -> torch.Tensor:
+        T, S = q.shape[2], k.shape[2]
+        mask, causal = None, False
+        if T == 1:  # decode: every cached key is visible, except outside a window
+            if self.window is not None and S > self.window:
+                k, v = k[:, :, S - self.window :], v[:, :, S - self.window :]
+        elif start == 0 and self.window is None:
+            causal = True
+        else:
+            mask = attention_mask(start, T, S, self.window, q.device)
+        gqa = self.n_heads != self.n_kv_heads
+        dtype = q.dtype
+        if upcast_for_matmul(q):  # same reason as Linear: bf16 attention over many rows is slow on CPU
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa)
+        return out.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.ffn_dim = spec.ffn_dim
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * spec.ffn_dim, bias=False)
+        self.w_down = Linear(spec.ffn_dim, cfg.hidden_size, bias=False)
+        self.act = F.silu if cfg.activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = norm(), Attention(cfg, spec), norm(), MLP(cfg, spec)
+        self.attn_post_norm = norm() if cfg.sandwich_norms else None
+        self.mlp_post_norm = norm() if cfg.sandwich_norms else None
+        self.rope_key = spec.rope_key
+
+    def forward(self, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x, dtype), rope, start)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h  # fp32 residual + compute-dtype branch -> fp32
+        h = self.mlp(self.mlp_norm(x, dtype))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h
+
+
+def rope_inv_freq(cfg: ModelConfig, key: str, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = cfg.rope[key]
+    if params["rope_type"] == "default":
+        theta = params.get("rope_theta", 10000.0)
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+    # scaled variants: reuse transformers' reference implementations
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = AutoConfig.for_model(**cfg.hf_config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, "cpu", layer_type=params.get("layer_type"))
+    return inv_freq.float(), float(scaling)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_rope()
+
+    def init_rope(self, device=None) -> None:
+        """One rotary table per distinct (rope config, head_dim); layers share them."""
+        self._rope_names = [f"{s.rope_key}_{s.head_dim}" for s in self.config.layers]
+        self.rope = nn.ModuleDict()
+        for spec, name in zip(self.config.layers, self._rope_names):
+            if name not in self.rope:
+                inv_freq, scaling = rope_inv_freq(self.config, spec.rope_key, spec.head_dim)
+                self.rope[name] = RotaryTable(inv_freq.to(device), scaling)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    # ---- cache --------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, cache_cls=KVCache) -> None:
+        """Allocate a KV cache for `batch` sequences of up to `max_len` tokens."""
+        for layer in self.layers:
+            a = layer.attn
+            a.cache = cache_cls(batch, a.n_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.cache = None
+
+    @property
+    def cache_len(self) -> int:
+        c = self.layers[0].attn.cache
+        return 0 if c is None else c.max_len
+
+    # ---- forward ------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        if self.config.embed_scale is not None:  # Gemma: scale rounded to the weight dtype, as in HF
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x.float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h, self.dtype)
+        if self.lm_head is not None:
+            out = self.lm_head(h)
+        elif upcast_for_matmul(h):
+            out = F.linear(h.float(), self.tok_embeddings.weight.float())
+        else:
+            out = F.linear(h, self.tok_embeddings.weight)
+        out = out.float()
+        cap = self.config.final_logit_softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] for `tokens` [B, T] at positions start..start+T-1.
+
+        With a cache set up, keys/values are written to it and earlier positions are
+        attended to; without one, `start` must be 0 (whole-sequence scoring).
+        `last_only` computes the LM head for the last position only (prefill).
+        """
+        T = tokens.shape[1]
+        dtype = self.dtype
+        x = self.embed(tokens)
+        ropes = {name: table.get(start, T, dtype) for name, table in self.rope.items()}
+        for layer, rope_name in zip(self.layers, self._rope_names):
+            x = layer(x, ropes[rope_name], start, dtype)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
