@@ -170,6 +170,7 @@ def generate(
     stats = stats if stats is not None else GenerationStats()
     for tok in generate_tokens(model, ids, max_new_tokens, sampling, eos, stats):
         if tok in eos:
+            stats.stop_reason = "eos"
             break
         new.append(tok)
         text = tokenizer.decode(new, skip_special_tokens=True)

@@ -249,18 +249,31 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     return model.eval()
 
 
-def load(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load a model by default name, GGUF path or HF directory. Returns (model, tokenizer)."""
-    from transformers import AutoTokenizer
-
+def load_model(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Transformer:
+    """The model alone (no tokenizer) from a default name, GGUF path or HF directory."""
     directory = resolve(spec)
     cfg = load_config(directory)
     sd = hf_to_leanlm(_read_safetensors(directory), cfg)
     model = build_model(cfg, sd, parse_dtype(dtype), device)
     model.source = str(spec)
     model.directory = str(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return model, tokenizer
+    return model
+
+
+def load_tokenizer(spec: str | Path):
+    from transformers import AutoTokenizer
+
+    directory = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise LeanlmError(f"{directory} has no usable tokenizer ({e}); add tokenizer files next to config.json") from e
+
+
+def load(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load a model by default name, GGUF path or HF directory. Returns (model, tokenizer)."""
+    model = load_model(spec, dtype, device)
+    return model, load_tokenizer(model.directory)
 
 
 def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dtype=None) -> Path:

@@ -243,7 +243,8 @@ class Transformer(nn.Module):
         self.rope = nn.ModuleDict()
         for spec, name in zip(self.config.layers, self._rope_names):
             if name not in self.rope:
-                inv_freq, scaling = rope_inv_freq(self.config, spec.rope_key, spec.head_dim)
+                with torch.device("cpu"):  # real numbers even while the model is built on "meta"
+                    inv_freq, scaling = rope_inv_freq(self.config, spec.rope_key, spec.head_dim)
                 self.rope[name] = RotaryTable(inv_freq.to(device), scaling)
 
     @property
@@ -299,12 +300,17 @@ class Transformer(nn.Module):
         attended to; without one, `start` must be 0 (whole-sequence scoring).
         `last_only` computes the LM head for the last position only (prefill).
         """
+        x = self.hidden(tokens, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+    def hidden(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Final hidden states [B, T, D] before the output norm (score only what you need)."""
         T = tokens.shape[1]
         dtype = self.dtype
         x = self.embed(tokens)
         ropes = {name: table.get(start, T, dtype) for name, table in self.rope.items()}
         for layer, rope_name in zip(self.layers, self._rope_names):
             x = layer(x, ropes[rope_name], start, dtype)
-        if last_only:
-            x = x[:, -1:]
-        return self.logits(x)
+        return x

@@ -1,0 +1,132 @@
+"""Loading, saving and the clear errors for bad checkpoints."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_hf
+
+from leanlm import LeanlmError
+from leanlm.model import load_model, save
+from leanlm.model.config import ModelConfig
+
+
+def test_save_reloads_in_transformers_and_leanlm(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("llama", "qwen2", "gemma3"):
+        model = load_model(tiny_dirs[arch])
+        out = save(model, None, tmp_path / arch)
+        tokens = torch.randint(0, 97, (1, 11))
+        with torch.inference_mode():
+            ours = model(tokens)
+            hf = AutoModelForCausalLM.from_pretrained(out).eval()(tokens).logits
+            again = load_model(out)(tokens)
+        assert torch.equal(ours, again)
+        assert (ours - hf).abs().max() <= 1e-4
+
+
+def test_save_refuses_to_overwrite(tiny_dirs, tmp_path):
+    model = load_model(tiny_dirs["llama"])
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(LeanlmError, match="--force"):
+        save(model, None, target)
+    assert (target / "keep.txt").read_text() == "precious"
+    save(model, None, target, force=True)
+    assert (target / "model.safetensors").exists() and not (target / "keep.txt").exists()
+
+
+def test_failed_save_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = load_model(tiny_dirs["llama"])
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(RuntimeError):
+        save(model, None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nonuniform_layers_roundtrip(tiny_dirs, tmp_path):
+    """Per-layer shapes (what pruning produces) survive save/load through leanlm_layers."""
+    model = load_model(tiny_dirs["llama"])
+    spec = model.config.layers[1]
+    keep = 40
+    mlp = model.layers[1].mlp
+    with torch.no_grad():
+        gu = mlp.w_gate_up.weight
+        mlp.w_gate_up.weight = torch.nn.Parameter(torch.cat([gu[:keep], gu[spec.ffn_dim : spec.ffn_dim + keep]]))
+        mlp.w_down.weight = torch.nn.Parameter(mlp.w_down.weight[:, :keep].contiguous())
+    spec.ffn_dim = keep
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.inference_mode():
+        before = model(tokens)
+    out = save(model, None, tmp_path / "pruned")
+    assert json.loads((out / "config.json").read_text())["leanlm_layers"][1]["ffn_dim"] == keep
+    with torch.inference_mode():
+        assert torch.equal(load_model(out)(tokens), before)
+
+
+def test_missing_path():
+    with pytest.raises(LeanlmError, match="not found"):
+        load_model("/nonexistent/model")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(LeanlmError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(LeanlmError, match="unsupported architecture 'gpt2'.*llama.*gemma3_text"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors(tiny_dirs, tmp_path):
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["llama"], d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LeanlmError, match="truncated or corrupt"):
+        load_model(d)
+
+
+def test_pickled_weights_are_refused(tiny_dirs, tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_dirs["llama"] / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(LeanlmError, match="never loads"):
+        load_model(d)
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"PK\x03\x04 definitely not gguf")
+    with pytest.raises(LeanlmError, match="not a GGUF file"):
+        load_model(f)
+
+
+def test_truncated_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 20)
+    with pytest.raises(LeanlmError, match="truncated or corrupt"):
+        load_model(f)
+    assert not list((tmp_path / "cache").glob("converted/*"))
+
+
+def test_config_from_hf_fields():
+    cfg = ModelConfig.from_hf(make_tiny_hf("gemma3").config)
+    assert cfg.family == "gemma3" and cfg.norm_plus_one and cfg.qk_norm and cfg.sandwich_norms
+    assert [l.sliding_window for l in cfg.layers] == [6, 6, None, 6]
+    assert {l.rope_key for l in cfg.layers} == {"sliding_attention", "full_attention"}
+    assert cfg.kv_bytes_per_token(4) == 4 * 2 * 2 * 8 * 4
