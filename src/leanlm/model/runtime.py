@@ -156,7 +156,9 @@ class Attention(nn.Module):
         qk = apply_rope(qk, *rope).transpose(1, 2)  # q and k rotated in one pass
         q, k, v = qk[:, :nh], qk[:, nh:], v.transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(k, v, start)
+            k_all, v_all = self.cache.update(k, v, start)
+            if start != 0:  # a fresh prefill attends to its own (contiguous) keys: faster SDPA
+                k, v = k_all, v_all
         elif start != 0:
             raise ValueError("start > 0 needs a KV cache (call model.setup_cache)")
         out = self.attend(q, k, v, start)

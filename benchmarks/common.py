@@ -1,0 +1,209 @@
+"""Helpers shared by the benchmark scripts: engines measured the same way, in one process.
+
+Every engine gets the same token ids. Runs are interleaved (engine A, engine B, A, B, ...)
+so that machine noise hits all engines alike; we report the median of the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = ""
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+    }  # fmt: skip
+
+
+def write_result(name: str, obj: dict) -> Path:
+    """benchmarks/results/NAME.json, written atomically (a benchmark re-run replaces its result)."""
+    from leanlm.io import write_json_atomic
+
+    path = RESULTS / f"{name}.json"
+    write_json_atomic(path, obj, force=True)
+    print(f"wrote {path}")
+    return path
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class Engine:
+    """prefill(ids) -> seconds to first token; decode(ids, n) -> decode tok/s over n-1 steps."""
+
+    name = "engine"
+
+    def prefill(self, ids: list[int]) -> float: ...
+
+    def decode(self, ids: list[int], n: int) -> float: ...
+
+
+class LeanlmEngine(Engine):
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def prefill(self, ids):
+        from leanlm.decode.generate import GenerationStats, generate_tokens
+
+        st = GenerationStats()
+        for _ in generate_tokens(self.model, ids, 1, eos_ids=set(), stats=st):
+            pass
+        return st.prefill_s
+
+    def decode(self, ids, n):
+        from leanlm.decode.generate import GenerationStats, generate_tokens
+
+        st = GenerationStats()
+        for _ in generate_tokens(self.model, ids, n, eos_ids=set(), stats=st):
+            pass
+        return st.decode_tok_s
+
+
+class HFEngine(Engine):
+    """transformers' generate(), greedy, as its users run it."""
+
+    def __init__(self, directory: str, dtype: torch.dtype, name: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        self.name = name
+
+    def _gen(self, ids, n):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=0)  # fmt: skip
+        return time.perf_counter() - t
+
+    def prefill(self, ids):
+        return self._gen(ids, 1)
+
+    def decode(self, ids, n):
+        total = self._gen(ids, n)
+        first = self._gen(ids, 1)
+        return (n - 1) / (total - first)
+
+
+class LlamaCppEngine(Engine):
+    """llama.cpp through llama-cpp-python on a GGUF file (greedy, batch 1)."""
+
+    def __init__(self, gguf: str, name: str, threads: int, n_ctx: int = 1024):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=512, verbose=False, logits_all=False)  # fmt: skip
+        self.name = name
+
+    def prefill(self, ids):
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t
+
+    def decode(self, ids, n):
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            self.llm.eval([tok])
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return (n - 1) / (time.perf_counter() - t)
+
+
+class OpenVINOEngine(Engine):
+    """OpenVINO GenAI LLMPipeline reading the GGUF directly (greedy, batch 1)."""
+
+    def __init__(self, gguf: str, name: str, threads: int):
+        import openvino_genai as ov_genai
+
+        self.pipe = ov_genai.LLMPipeline(gguf, "CPU", INFERENCE_NUM_THREADS=threads)
+        self.name = name
+
+    def _gen(self, ids, n):
+        import numpy as np
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        cfg = ov_genai.GenerationConfig()
+        cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample = n, n, False
+        tokens = ov_genai.TokenizedInputs(ov.Tensor(np.array([ids], dtype=np.int64)),
+                                          ov.Tensor(np.ones((1, len(ids)), dtype=np.int64)))  # fmt: skip
+        t = time.perf_counter()
+        self.pipe.generate(tokens, cfg)
+        return time.perf_counter() - t
+
+    def prefill(self, ids):
+        return self._gen(ids, 1)
+
+    def decode(self, ids, n):
+        total = self._gen(ids, n)
+        first = self._gen(ids, 1)
+        return (n - 1) / (total - first)
+
+
+def interleaved_speed(engines: list[Engine], prompt: list[int], short: list[int], new_tokens: int,
+                      runs: int, warmup: int = 1) -> dict:
+    """Median prefill tok/s, TTFT and decode tok/s per engine, runs interleaved across engines."""
+    from tqdm.auto import tqdm
+
+    raw = {e.name: {"prefill_s": [], "decode_tok_s": []} for e in engines}
+    for r in tqdm(range(warmup + runs), desc="speed runs"):
+        for e in engines:
+            p = e.prefill(prompt)
+            d = e.decode(short, new_tokens)
+            if r >= warmup:
+                raw[e.name]["prefill_s"].append(p)
+                raw[e.name]["decode_tok_s"].append(d)
+    out = {}
+    for name, v in raw.items():
+        out[name] = {
+            "prefill_tok_s": median([len(prompt) / s for s in v["prefill_s"]]),
+            "ttft_ms": median(v["prefill_s"]) * 1e3,
+            "decode_tok_s": median(v["decode_tok_s"]),
+            "decode_tok_s_runs": v["decode_tok_s"],
+            "prefill_tok_s_runs": [len(prompt) / s for s in v["prefill_s"]],
+        }
+    return out
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(f"{c:>{widths[c]}}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{_fmt(r.get(c)):>{widths[c]}}" for c in cols))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 10 else f"{v:.1f}"
+    return "" if v is None else str(v)
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
