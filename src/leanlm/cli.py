@@ -194,6 +194,89 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- hardware and cost --------------------------------------------------------------
+def cmd_hw(args) -> int:
+    from dataclasses import asdict
+
+    from .hardware import load_profile, save_profile
+    from .hardware.calibrate import calibrate
+
+    if args.action == "calibrate":
+        prof = calibrate(args.threads)
+        print(f"saved {save_profile(prof)}", file=sys.stderr)
+    else:
+        prof = load_profile(args.name)
+    d = asdict(prof)
+    if args.json:
+        _emit_json(d, args.json, args.force)
+    if args.json != "-":
+        print(_table([(k, json.dumps(v) if isinstance(v, dict) else str(v)) for k, v in d.items()]))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from .hardware import Plan, estimate, load_profile
+    from .model import load_model
+
+    hw = load_profile(args.hw)
+    model = load_model(args.model)
+    own = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(model.dtype).removeprefix("torch.")]
+    weights = args.weights or own
+    compute = args.compute or ("bf16" if weights in ("int8", "int4", "fp8") else weights)
+    plan = Plan(weight_dtype=weights, compute_dtype=compute, group_size=args.group, sparsity=args.sparsity,
+                sparsity_pattern=args.pattern, activation_sparsity=args.act_sparsity, kv_dtype=args.kv_dtype,
+                kv_window=args.kv_window)  # fmt: skip
+    r = estimate(model.config, hw, plan, args.batch, args.prompt_len, args.context)
+    if args.json:
+        _emit_json(r, args.json, args.force)
+    if args.json != "-":
+        rows = [("hardware", hw.name), ("plan", f"weights {weights}, compute {compute}" +
+                 (f", {args.pattern} sparsity {args.sparsity}" if args.sparsity else "")),
+                ("prefill", f"{r['prefill_tok_s']:.1f} tok/s at {args.prompt_len} tokens, batch {args.batch}"),
+                ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['decode_step_ms']:.2f} ms/step, context {args.context})"),
+                ("decode breakdown", ", ".join(f"{k} {v:.2f} ms" for k, v in r["decode_breakdown_ms"].items())),
+                ("memory", f"{r['memory_gb'] * 1000:.1f} MB (weights {r['weight_mb']:.1f} MB), fits: {r['fits']}"),
+                ("energy", f"{r['energy_j_per_token']:.4f} J/token" if hw.power_w else "n/a"),
+                ("$ per 1M tokens", f"{r['usd_per_1m_tokens']:.4f}" if r["usd_per_1m_tokens"] else "n/a")]  # fmt: skip
+        print(_table(rows))
+    return 0
+
+
+# ---- export / serve -----------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .io import check_writable
+
+    check_writable(args.out, args.force)  # fail before loading the model
+    if args.format == "hf" and args.type not in (None, "f32", "f16", "bf16"):
+        raise LeanlmError(f"--type {args.type} is for --format gguf; hf takes f32 | f16 | bf16")
+    if args.format == "gguf" and args.type == "bf16":
+        raise LeanlmError("--format gguf takes --type f32 | f16 | q8_0 | q4_0")
+    model, tok = _setup(args)
+    t0 = time.time()
+    if args.format == "gguf":
+        from .export import export_gguf
+
+        path = export_gguf(model, tok, args.out, args.type or "f16", force=args.force)
+    else:
+        from .export import export_hf
+
+        dtype = {None: None, "f32": "float32", "f16": "float16", "bf16": "bfloat16"}[args.type]
+        path = export_hf(model, tok, args.out, force=args.force, dtype=dtype)
+    size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    print(f"wrote {path} ({size / 2**20:.1f} MB, {time.time() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import ServerLimits, serve
+
+    model, tok = _setup(args)
+    limits = ServerLimits(max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens=args.max_tokens_limit)  # fmt: skip
+    serve(model, tok, args.name or args.model, args.host, args.port, limits)
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -257,6 +340,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("hw", formatter_class=fmt, help="hardware profiles: calibrate this CPU, show profiles",
+                       description="Hardware profiles for the cost model. `calibrate` measures this machine "
+                                   "(GEMV bandwidth per dtype, GEMM throughput, per-layer dispatch overhead; about a "
+                                   "minute) and saves it as the 'cpu' profile; `show` prints a profile.",
+                       epilog="examples:\n  leanlm hw calibrate --threads 2\n  leanlm hw show h100")  # fmt: skip
+    p.add_argument("action", choices=["calibrate", "show"])
+    p.add_argument("name", nargs="?", default="cpu", help="profile for show: a100, h100, h200, groq-lpu, cpu, or a JSON file")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", metavar="PATH", help="also write the profile as JSON to PATH ('-' for stdout)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_hw)
+
+    p = sub.add_parser("cost", formatter_class=fmt, help="predicted speed, memory, energy and $ of a model + plan",
+                       description="Roofline cost of the leanlm runtime for MODEL under a compression plan on a "
+                                   "hardware profile: prefill and decode tok/s, memory, energy per token and $ per 1M "
+                                   "tokens, with the decode time broken down by op kind.",
+                       epilog="examples:\n  leanlm cost smollm2-135m --hw cpu --weights bf16\n"
+                              "  leanlm cost smollm2-135m --hw h100 --weights int4 --group 128 --batch 8\n"
+                              "  leanlm cost smollm2-135m --hw a100 --weights bf16 --sparsity 0.5 --pattern 2:4")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--hw", default="cpu", help="a100, h100, h200, groq-lpu, cpu (calibrated), or a profile JSON")
+    p.add_argument("--weights", default=None, help="weight dtype: fp32 bf16 fp16 fp8 int8 int4 (default: the model's)")
+    p.add_argument("--compute", default=None, help="activation dtype (default: bf16 for low-bit weights, else weights')")
+    p.add_argument("--group", type=int, default=None, help="quantization group size")
+    p.add_argument("--sparsity", type=float, default=0.0)
+    p.add_argument("--pattern", default="none", help="none, unstructured, 2:4, 4:8")
+    p.add_argument("--act-sparsity", type=float, default=0.0, help="fraction of MLP inputs skipped")
+    p.add_argument("--kv-dtype", default=None)
+    p.add_argument("--kv-window", type=int, default=None, help="KV tokens kept per layer")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="write a GGUF file (llama.cpp) or an HF directory",
+                       description="Export a model: --format gguf writes one llama.cpp-loadable file (f32 | f16 | "
+                                   "q8_0 | q4_0; Llama-family, uniform layers); --format hf writes a transformers "
+                                   "directory (safetensors). Written atomically; an existing --out needs --force.",
+                       epilog="examples:\n  leanlm export smollm2-135m --format gguf --type q8_0 --out smollm2-q8_0.gguf\n"
+                              "  leanlm export smollm2-135m --format hf --type bf16 --out out/smollm2-bf16\n"
+                              "  python -c \"from llama_cpp import Llama; print(Llama('smollm2-q8_0.gguf')('Hi', max_tokens=8))\"")  # fmt: skip
+    _common(p)
+    p.add_argument("--format", choices=("gguf", "hf"), default="gguf", help="gguf (default) or hf")
+    p.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None,
+                   help="gguf: f32 | f16 (default) | q8_0 | q4_0; hf: f32 | f16 | bf16 (default: the model's dtype)")
+    p.add_argument("--out", required=True, help="output .gguf file or directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", formatter_class=fmt, help="OpenAI-compatible HTTP server (needs leanlm[serve])",
+                       description="Serve one model over an OpenAI-compatible API: /v1/completions, "
+                                   "/v1/chat/completions (stream=true for SSE), /v1/models, /health, /metrics. "
+                                   "Requests are generated one at a time from a bounded queue (full -> 503).",
+                       epilog="examples:\n  leanlm serve smollm2-135m --port 8000\n"
+                              "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
+                              "-d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", "
+                              "\"content\": \"Hi\"}], \"max_tokens\": 32}'")  # fmt: skip
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--name", help="model id clients send (default: MODEL as given)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait (default 16; more -> 503)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context - 1)")
+    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
