@@ -87,28 +87,37 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
     prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    return prefix + whole[: len(ctx)], whole[len(ctx) :]
+    return prefix + ctx, whole[len(ctx) :]
 
 
 @torch.inference_mode()
 def score_choices(model, tokenizer, doc: Doc, max_len: int) -> list[tuple[float, bool]]:
-    """(log-likelihood, greedy match) of each continuation, all choices in one padded batch."""
-    seqs, spans = [], []
-    for ctx, cont in zip(doc.contexts, doc.continuations):
-        c, k = encode_pair(tokenizer, ctx, cont)
-        seq = (c + k)[-max_len:]
-        seqs.append(seq)
-        spans.append((len(seq) - len(k), len(seq)))
-    T = max(map(len, seqs))
-    batch = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        batch[i, : len(s)] = torch.tensor(s)  # right padding: causal attention never sees it
-    hidden = model.hidden(batch.to(model.device))
-    out = []
-    for i, (a, b) in enumerate(spans):
-        logp = F.log_softmax(model.logits(hidden[i : i + 1, a - 1 : b - 1])[0], -1)
-        target = batch[i, a:b].to(logp.device)
-        out.append((logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+    """(log-likelihood, greedy match) of each continuation.
+
+    A context shared by several choices is run once into the KV cache; each continuation
+    then runs on top of it (re-using the cache positions), so a 4-choice HellaSwag item
+    costs one context pass plus four short passes instead of four full sequences.
+    """
+    pairs = [encode_pair(tokenizer, c, k) for c, k in zip(doc.contexts, doc.continuations)]
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    dev = model.device
+    for ctx_key, idx in groups.items():
+        longest = max(len(pairs[i][1]) for i in idx)
+        ctx = list(ctx_key)[-(max_len - longest) :]  # keep the end of an over-long context
+        model.setup_cache(1, len(ctx) + longest)
+        first = model(torch.tensor([ctx], device=dev), start=0, last_only=True)[0, -1]
+        for i in idx:
+            cont = pairs[i][1]
+            logits = [first[None]]
+            if len(cont) > 1:
+                logits.append(model(torch.tensor([cont[:-1]], device=dev), start=len(ctx))[0])
+            logp = F.log_softmax(torch.cat(logits), -1)
+            target = torch.tensor(cont, device=logp.device)
+            out[i] = (logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
+    model.clear_cache()
     return out
 
 
