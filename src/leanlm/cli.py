@@ -86,25 +86,67 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---- KV-cache policies (leanlm.attention) ----------------------------------------------
+KV_HELP = ("KV-cache policy: int8 | int4 | sinks:4,window:1024[,int8] | h2o:BUDGET[,window:N] | "
+           "snapkv:BUDGET[,obs:N] (default: full cache in the model dtype)")
+
+
+def _kv_policy(args):
+    from .attention import KVPolicy
+
+    return KVPolicy.parse(getattr(args, "kv", None))
+
+
 # ---- generate -----------------------------------------------------------------------
+def _speculative_decoder(args, model):
+    """--speculate: a decode_fn for generate() running exact speculative decoding."""
+    import functools
+
+    from .decode.kernels import pack_model
+    from .decode.speculative import make_draft, make_policy, self_draft_model, speculative_generate_tokens
+    from .model import load
+
+    policy = make_policy(args.gamma)  # validate before loading anything more
+    kind = args.speculate
+    if args.draft and not kind.endswith("draft"):
+        raise LeanlmError("--draft names the draft model of --speculate draft (or lookup+draft)")
+    draft_model = None
+    if kind.endswith("draft"):
+        if not args.draft:
+            raise LeanlmError("--speculate draft needs --draft MODEL (or use --speculate self: a bf16 copy)")
+        draft_model, _ = load(args.draft, dtype=args.draft_dtype, device=args.device)
+    elif kind.endswith("self") and args.draft_layers is None:
+        draft_model = self_draft_model(model, args.draft_dtype)  # a compressed copy, made before packing
+    draft = make_draft(kind, model, draft_model, args.draft_layers, threshold=args.draft_threshold)
+    pack_model(model)  # fp32 on CPU: verification of k tokens costs about one decode step
+    return functools.partial(speculative_generate_tokens, draft=draft, gamma=policy)
+
+
 def cmd_generate(args) -> int:
     from .decode.generate import GenerationStats, Sampling, generate
 
+    kv = _kv_policy(args)
     model, tok = _setup(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     stats = GenerationStats()
     chat = None if args.chat is None else args.chat
+    decode_fn = _speculative_decoder(args, model) if getattr(args, "speculate", None) else None
     text = generate(model, tok, prompt, args.max_new_tokens, sampling, chat, args.stop,
-                    stream=None if args.json else sys.stdout, stats=stats)  # fmt: skip
+                    stream=None if args.json else sys.stdout, stats=stats, kv=kv, decode_fn=decode_fn)  # fmt: skip
     summary = {
         "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "stop_reason": stats.stop_reason,
         "ttft_ms": round(stats.prefill_s * 1e3, 1), "decode_tok_s": round(stats.decode_tok_s, 1),
     }  # fmt: skip
+    spec = stats.extra["speculative"].summary() if "speculative" in stats.extra else None
+    if spec:
+        spec = {k: round(v, 3) if isinstance(v, float) else v for k, v in spec.items()}
     if args.json:
-        _emit_json({"text": text, **summary}, args.json, args.force)
+        _emit_json({"text": text, **summary, **({"speculative": spec} if spec else {})}, args.json, args.force)
     else:
         print(" ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
+        if spec:
+            print("speculative: " + " ".join(f"{k}={v}" for k, v in spec.items()), file=sys.stderr)
     return 0
 
 
@@ -126,6 +168,7 @@ def run_eval(args) -> dict:
         for t in names:
             if t not in tasks.TASKS:
                 raise LeanlmError(f"unknown task '{t}'; available: {', '.join(tasks.TASKS)} (or 'all')")
+    _kv_policy(args)  # a bad --kv fails before the model loads
     model, tok = _setup(args)
     want_any = args.ppl or args.kl_ref or args.tasks or args.speed or args.memory
     result: dict = {"model": args.model, "dtype": args.dtype, "threads": __import__("torch").get_num_threads(),
@@ -133,7 +176,15 @@ def run_eval(args) -> dict:
     text = None
     if args.ppl or args.kl_ref or not want_any:
         text = data.read_text(args.text, args.data_dir)
-    if args.ppl or not want_any:
+    kv = _kv_policy(args)
+    if kv is not None and (args.kl_ref or names or args.speed):
+        raise LeanlmError("--kv applies to --ppl and --memory only")
+    if kv is not None and (args.ppl or not want_any):  # policy-aware scoring (leanlm.attention.longctx)
+        from .attention.longctx import policy_perplexity
+
+        r = policy_perplexity(model, tok, text, args.seq_len, args.windows, kv, args.kv_chunk)
+        result["perplexity"] = {"text": args.text, "kv": kv.describe(), **r}
+    elif args.ppl or not want_any:
         result["perplexity"] = {"text": args.text, **perplexity(model, tok, text, args.seq_len, args.windows)}
     if args.kl_ref:
         ref, _ = load(args.kl_ref, dtype="float32", device=args.device)
@@ -146,6 +197,8 @@ def run_eval(args) -> dict:
         result["speed"] = speed.measure_speed(model, args.prompt_len, args.new_tokens, args.runs)
     if args.memory or not want_any:
         result["memory"] = speed.memory_report(model)
+        if kv is not None and "perplexity" in result:  # bytes the policy cache held at --seq-len
+            result["memory"]["kv_bytes_per_token"] = result["perplexity"]["kv_bytes_per_token"]
     return result
 
 
@@ -154,6 +207,9 @@ def format_eval(r: dict) -> str:
     if "perplexity" in r:
         p = r["perplexity"]
         rows.append(("perplexity", f"{p['ppl']:.4f}  ({p['text']}, {p['windows']}x{p['seq_len']}, {p['tokens']} tokens)"))
+        if "kv" in p:
+            rows.append(("KV policy", f"{p['kv']}: {p['kv_bytes_per_token']:,.0f} B/token at {p['seq_len']}, "
+                                      f"second-half ppl {p['ppl_tail']:.4f}"))  # fmt: skip
     if "kl" in r:
         k = r["kl"]
         rows.append(("KL vs reference", f"{k['kl']:.5f}  top-1 agreement {k['top1_agreement']:.2%}  "
@@ -277,6 +333,142 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    import torch
+
+    from .recipe import compress, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.check:
+        print(f"recipe {recipe.name}: {len(recipe.steps)} valid step(s): " + ", ".join(s.kind for s in recipe.steps))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = compress(args.model, recipe, args.out, args.force)
+    print(f"wrote {args.out} in {report['seconds']:.0f} s; measure it with: leanlm eval {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import render, summary_table
+
+    out = render(args.run, args.out, args.force)
+    table = summary_table(json.loads(open(args.run).read()))
+    if table:
+        print(table)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# ---- prune --------------------------------------------------------------------------
+def cmd_prune(args) -> int:
+    """Validate everything before loading the model, prune, optionally heal, save atomically."""
+    import copy
+
+    from .evaluate.speed import disk_bytes, weight_bytes
+    from .io import check_writable
+    from .prune import (Structured, Unstructured, calibration_tokens, heal, prune_structured, prune_unstructured,
+                        save_compressed)  # fmt: skip
+
+    if (args.method is None) == (args.structured is None):
+        raise LeanlmError("choose either --method magnitude|wanda|sparsegpt (unstructured / N:M) "
+                          "or --structured neurons|heads|layers")  # fmt: skip
+    if args.method:
+        cfg = Unstructured(args.method, args.sparsity, args.pattern, args.allocation)
+    else:
+        cfg = Structured(args.structured, args.ratio, args.remove, args.importance, args.scope, args.head_mode)
+    check_writable(args.out, args.force)
+    if args.json and args.json != "-":
+        check_writable(args.json, args.force)
+    if args.heal_steps and args.dtype not in ("float32", "fp32"):
+        raise LeanlmError("healing trains in float32: drop --dtype or use --heal-steps 0")
+
+    model, tok = _setup(args)
+    needs_calib = cfg.needs_calibration if args.method else (cfg.kind == "layers" or cfg.importance != "magnitude")
+    calib = None
+    if needs_calib or args.heal_steps:
+        calib = calibration_tokens(tok, args.calib_text, args.calib_samples, args.calib_seq_len, data_dir=args.data_dir)
+    teacher = copy.deepcopy(model) if args.heal_steps or args.eval_windows else None
+    before = {"weight_mb": weight_bytes(model) / 2**20, "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    if args.method:
+        report = prune_unstructured(model, cfg, calib)
+    else:
+        report = prune_structured(model, cfg, calib)
+    result = {"model": args.model, "out": str(args.out), "pruning": report, "before": before,
+              "prune_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
+    def quality(tag):
+        if not args.eval_windows:
+            return
+        from .evaluate import data
+        from .evaluate.perplexity import kl_divergence
+
+        text = data.read_text("wikitext2", args.data_dir)
+        result[tag] = kl_divergence(teacher, model, tok, text, 512, args.eval_windows)
+        print(f"{tag}: ppl {result[tag]['ppl']:.3f} (base {result[tag]['ppl_base']:.3f}), KL {result[tag]['kl']:.4f}")
+
+    quality("quality_pruned")
+    if args.heal_steps:
+        heal_tokens = calibration_tokens(tok, args.calib_text, max(64, args.heal_steps * args.heal_batch),
+                                         args.heal_seq_len, seed=1, data_dir=args.data_dir)  # fmt: skip
+        result["heal"] = heal(model, teacher, heal_tokens, args.heal_steps, args.heal_lr, args.heal_batch,
+                              keep_zeros=bool(args.method))  # fmt: skip
+        quality("quality_healed")
+    teacher = None  # free it before saving
+    if args.method and args.storage == "bitmask":
+        save_compressed(model, tok, args.out, args.force)
+    else:
+        from .model import save
+
+        save(model, tok, args.out, args.force)
+    result["after"] = {"weight_mb": weight_bytes(model) / 2**20, "params": sum(p.numel() for p in model.parameters()),
+                       "disk_mb": disk_bytes(args.out) / 2**20, "uniform_layers": model.config.is_uniform()}  # fmt: skip
+    a = result["after"]
+    if args.method:
+        note = (f"sparsity {report['sparsity_prunable']:.1%} of block weights ({report['sparsity_all_params']:.1%} of all). "
+                + ("Stored as bitmask + values (leanlm.load reads it; transformers does not)."
+                   if args.storage == "bitmask" else
+                   "Stored dense (zeros kept): same size and speed as the original; --storage bitmask shrinks the file."))  # fmt: skip
+    else:
+        note = (f"params {before['params']:,} -> {a['params']:,}; "
+                + ("uniform widths: loads in transformers." if a["uniform_layers"] else
+                   "per-layer widths: loads in leanlm (config.json leanlm_layers), not in transformers."))  # fmt: skip
+    print(f"wrote {args.out} ({a['disk_mb']:.1f} MB on disk, weights {before['weight_mb']:.1f} -> {a['weight_mb']:.1f} MB "
+          f"in memory). {note}")  # fmt: skip
+    if args.json:
+        _emit_json(result, args.json, args.force)
+    return 0
+
+
+def cmd_search(args) -> int:
+    import os
+
+    import torch
+
+    from .recipe.search import search
+    from .report import summary_table
+
+    if args.json and args.json != "-":
+        from .io import check_writable
+
+        check_writable(args.json, args.force)
+    if args.data_dir:
+        os.environ["LEANLM_DATA"] = args.data_dir
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = args.max_ppl_increase.strip()
+    try:
+        frac = float(budget[:-1]) / 100 if budget.endswith("%") else float(budget)
+    except ValueError:
+        raise LeanlmError(f"--max-ppl-increase takes a percentage like 3% or a fraction like 0.03, got {budget!r}")
+    result = search(args.model, args.hw, frac, args.trials, args.windows, args.runs)
+    print(summary_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        _emit_json(result, args.json, args.force)
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -312,7 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion, no chat template")
+    p.add_argument("--kv", help=KV_HELP)
     p.add_argument("--json", metavar="PATH", help="write text and stats as JSON instead of streaming")
+    p.add_argument("--speculate", choices=("lookup", "self", "draft", "lookup+self", "lookup+draft"),
+                   help="exact speculative decoding (same output as without): lookup = prompt n-gram lookup; "
+                        "self = a bf16 copy of the model drafts (or its first --draft-layers layers); "
+                        "draft = --draft MODEL drafts; lookup+X = lookup, X when nothing matches")  # fmt: skip
+    p.add_argument("--draft", metavar="MODEL", help="draft model for --speculate draft (same tokenizer)")
+    p.add_argument("--draft-dtype", default="bfloat16", help="dtype of the draft / self copy (default bfloat16)")
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="self-draft = the model's first N layers + LM head (shares its KV cache)")  # fmt: skip
+    p.add_argument("--draft-threshold", type=float, default=None,
+                   help="stop drafting when the draft's confidence falls below this (default: off)")  # fmt: skip
+    p.add_argument("--gamma", default="auto", help="draft tokens per round: N, auto (learned online, default) or heuristic")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_generate)
 
@@ -337,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="decode tokens per run (default 128)")
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default 5)")
     p.add_argument("--memory", action="store_true", help="weight MB, KV bytes/token, peak RSS, size on disk")
+    p.add_argument("--kv", help=KV_HELP + "; perplexity is then scored chunk by chunk through the cache")
+    p.add_argument("--kv-chunk", type=int, default=256, help="chunk length for --kv perplexity (default 256)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)
@@ -377,6 +583,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_cost)
 
+    p = sub.add_parser("compress", formatter_class=fmt, help="apply a YAML recipe (prune, quantize, dtype, kv) and save",
+                       description="Apply the steps of a recipe in order (one calibration pass shared by all steps) "
+                                   "and save the result; `leanlm eval OUT` then measures it. See examples/recipes/.",
+                       epilog="examples:\n  leanlm compress smollm2-135m examples/recipes/gptq-int4.yaml --out out/gptq4\n"
+                              "  leanlm compress smollm2-135m examples/recipes/lean.yaml --out out/lean --force")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("recipe", help="YAML recipe file")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--check", action="store_true", help="only validate the recipe and print its cost-model plan")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("report", formatter_class=fmt, help="HTML report (plots + tables) from a result JSON",
+                       description="Render a result JSON (leanlm eval --json, a benchmark's results/*.json, a search) "
+                                   "as an HTML page with plots (speed vs peers, Pareto front, sensitivity, predicted vs "
+                                   "measured) next to it, and print a compact table.",
+                       epilog="example:\n  leanlm report benchmarks/results/runtime_smollm2-135m.json --out report.html")  # fmt: skip
+    p.add_argument("run", help="result JSON")
+    p.add_argument("--out", help="HTML path (default: RUN.html)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("search", formatter_class=fmt, help="Pareto front of recipes: cost model prunes, measurement confirms",
+                       description="Enumerate recipes (dtype x int8/int4 RTN/GPTQ/AWQ x FFN-neuron and layer pruning), "
+                                   "price them with the cost model for --hw, measure the most promising --trials "
+                                   "(perplexity on --windows WikiText-2 windows, decode tok/s) and report the measured "
+                                   "Pareto front within --max-ppl-increase.",
+                       epilog="example:\n  leanlm hw calibrate && leanlm search smollm2-135m --hw cpu --max-ppl-increase 3% "
+                              "--trials 8 --json runs/search.json\n  leanlm report runs/search.json")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--hw", default="cpu", help="hardware profile used to price candidates (default: calibrated cpu)")
+    p.add_argument("--max-ppl-increase", default="3%", help="quality budget, e.g. 3%% or 0.03 (default 3%%)")
+    p.add_argument("--trials", type=int, default=6, help="candidates measured, baseline included (default 6)")
+    p.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 512 per trial (default 8)")
+    p.add_argument("--runs", type=int, default=3, help="decode timing runs per trial (default 3)")
+    p.add_argument("--backend", default="local", choices=["local"], help="where trials run (local)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", help="evaluation data folder (default $LEANLM_DATA)")
+    p.add_argument("--json", metavar="PATH", help="write the search as JSON (render it with leanlm report)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("export", formatter_class=fmt, help="write a GGUF file (llama.cpp) or an HF directory",
                        description="Export a model: --format gguf writes one llama.cpp-loadable file (f32 | f16 | "
                                    "q8_0 | q4_0; Llama-family, uniform layers); --format hf writes a transformers "
@@ -408,7 +657,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context - 1)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("prune", formatter_class=fmt, help="unstructured / N:M / structured pruning, healing, save",
+                       description="Prune a model and save it. Unstructured and N:M (--method) zero weights: the file "
+                                   "shrinks only with --storage bitmask (default), speed does not change. Structured "
+                                   "pruning (--structured) removes FFN neurons, attention heads or whole layers: a "
+                                   "smaller, faster dense model. --heal-steps distils it back towards the original.",
+                       epilog="examples:\n  leanlm prune smollm2-135m --method wanda --sparsity 0.5 --out pruned-w50\n"
+                              "  leanlm prune smollm2-135m --method sparsegpt --pattern 2:4 --out pruned-24\n"
+                              "  leanlm prune smollm2-135m --structured neurons --ratio 0.25 --heal-steps 100 --out ffn75\n"
+                              "  leanlm prune smollm2-135m --structured layers --remove 4 --eval-windows 10 --out l26\n"
+                              "  leanlm prune gemma3-270m --structured heads --ratio 0.25 --head-mode q --out g-heads")  # fmt: skip
+    _common(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically; --force to replace)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out / --json")
+    g = p.add_argument_group("unstructured / N:M")
+    g.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), help="weight pruning criterion")
+    g.add_argument("--sparsity", type=float, help="fraction of block weights zeroed, in [0, 1)")
+    g.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8 (N kept of every M)")
+    g.add_argument("--allocation", default="uniform", choices=("uniform", "owl"),
+                   help="per-layer ratios: uniform, or OWL outlier-weighted (default uniform)")
+    g.add_argument("--storage", default="bitmask", choices=("bitmask", "dense"),
+                   help="bitmask: smaller file, leanlm-only (default); dense: zeros stored, transformers-loadable")
+    g = p.add_argument_group("structured")
+    g.add_argument("--structured", choices=("neurons", "heads", "layers"), help="what to remove physically")
+    g.add_argument("--ratio", type=float, help="fraction of FFN neurons / heads removed, in (0, 1)")
+    g.add_argument("--remove", type=int, help="number of decoder layers removed (--structured layers)")
+    g.add_argument("--importance", default="activation", choices=("activation", "wanda", "magnitude"),
+                   help="neuron/head score (default activation: max residual contribution)")
+    g.add_argument("--scope", default="layer", choices=("layer", "global"),
+                   help="layer: same ratio per layer (uniform, transformers-loadable); global: one ranking")
+    g.add_argument("--head-mode", default="kv", choices=("kv", "q"),
+                   help="kv: remove whole KV groups; q: remove query heads within every group (default kv)")
+    g = p.add_argument_group("calibration and healing")
+    g.add_argument("--calib-text", default="wikitext2-valid",
+                   help="calibration text: wikitext2-valid (default), pride-and-prejudice, or a file")
+    g.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    g.add_argument("--data-dir", help="data folder (default $LEANLM_DATA)")
+    g.add_argument("--heal-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
+    g.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (default 1e-4)")
+    g.add_argument("--heal-batch", type=int, default=2, help="healing windows per step (default 2)")
+    g.add_argument("--heal-seq-len", type=int, default=256, help="healing window length (default 256)")
+    g.add_argument("--eval-windows", type=int, default=0,
+                   help="report WikiText-2 ppl and KL vs the unpruned model on N 512-token windows (default off)")
+    p.add_argument("--json", metavar="PATH", help="write the pruning report as JSON ('-' for stdout)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("quantize", formatter_class=fmt, help="weight quantization (RTN, GPTQ, AWQ; int8/int4) to a directory",
+                       description="Quantize the decoder Linears (and the LM head / embeddings, int8 unless --head-bits 0) "
+                                   "and write a directory that `leanlm eval` / `generate` / leanlm.load read back. GPTQ "
+                                   "and AWQ calibrate block by block on --calib text (never the eval split).",
+                       epilog="examples:\n  leanlm quantize smollm2-135m --method gptq --bits 4 --group 128 "
+                              "--calib wikitext2-valid --out out/smollm2-gptq4\n"
+                              "  leanlm quantize gemma3-270m --method rtn --bits 8 --group 0 --sym --out out/gemma-int8\n"
+                              "  leanlm quantize smollm2-135m --method awq --target-bits 5 --out out/smollm2-mixed\n"
+                              "  leanlm eval out/smollm2-gptq4 --dtype bfloat16 --kl-ref smollm2-135m")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    from .quant.cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_quantize)
     return parser
+
+
+def cmd_quantize(args) -> int:
+    from .quant.cli import cmd_quantize as run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

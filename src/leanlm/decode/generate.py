@@ -94,20 +94,36 @@ def generate_tokens(
     sampling: Sampling | None = None,
     eos_ids: set[int] | None = None,
     stats: GenerationStats | None = None,
+    kv=None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (greedy or sampled), stopping at EOS or the budget."""
+    """Yield new token ids one at a time (greedy or sampled), stopping at EOS or the budget.
+
+    `kv`: a KV-cache policy (leanlm.attention.KVPolicy); a bounded one (sinks+window, H2O,
+    SnapKV) keeps constant memory and may generate past the context window."""
     import time
 
     sampling = sampling or Sampling()
     gen = sampling.generator()
     eos_ids = set(model.config.eos_token_ids) if eos_ids is None else eos_ids
-    max_new_tokens = check_context(model, len(prompt_ids), max_new_tokens)
+    if kv is not None and kv.bounded:
+        check_context(model, len(prompt_ids), 0)
+    else:
+        max_new_tokens = check_context(model, len(prompt_ids), max_new_tokens)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
-    model.setup_cache(1, len(prompt_ids) + max_new_tokens)
+    if kv is None:
+        model.setup_cache(1, len(prompt_ids) + max_new_tokens)
+    else:
+        model.setup_cache(1, len(prompt_ids) + max_new_tokens, cache_cls=kv)
     tokens = torch.tensor([prompt_ids], device=model.device)
     t0 = time.perf_counter()
-    logits = model(tokens, start=0, last_only=True)[0, -1]
+    if kv is not None:  # chunked prefill: a bounded policy never holds more than its budget + one chunk
+        for s in range(0, tokens.shape[1] - 512, 512):
+            model(tokens[:, s : s + 512], start=s, last_only=True)
+        s = max(0, (tokens.shape[1] - 1) // 512 * 512)
+        logits = model(tokens[:, s:], start=s, last_only=True)[0, -1]
+    else:
+        logits = model(tokens, start=0, last_only=True)[0, -1]
     tok = sample(logits, sampling, gen)
     stats.prefill_s = time.perf_counter() - t0
     pos = len(prompt_ids)
@@ -160,15 +176,22 @@ def generate(
     stop: list[str] | None = None,
     stream=None,
     stats: GenerationStats | None = None,
+    kv=None,
+    decode_fn=None,
 ) -> str:
-    """Generate text for `prompt`; with `stream` (a file, e.g. sys.stdout) print it as it comes."""
+    """Generate text for `prompt`; with `stream` (a file, e.g. sys.stdout) print it as it comes.
+
+    `decode_fn(model, ids, max_new_tokens, sampling, eos_ids, stats)` replaces generate_tokens
+    (e.g. speculative decoding: functools.partial(speculative_generate_tokens, draft=..., gamma=...))."""
     ids = encode_prompt(tokenizer, prompt, chat)
     eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     new: list[int] = []
     printed = 0
     text = ""
     stats = stats if stats is not None else GenerationStats()
-    for tok in generate_tokens(model, ids, max_new_tokens, sampling, eos, stats):
+    tokens = (decode_fn(model, ids, max_new_tokens, sampling, eos, stats) if decode_fn is not None
+              else generate_tokens(model, ids, max_new_tokens, sampling, eos, stats, kv=kv))  # fmt: skip
+    for tok in tokens:
         if tok in eos:
             stats.stop_reason = "eos"
             break

@@ -225,6 +225,10 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
             sd.update(load_file(directory / name))
         except (SafetensorError, OSError, ValueError) as e:
             raise LeanlmError(f"cannot read {directory / name} ({e}); the file may be truncated or corrupt") from e
+    if any(k.endswith(".sparse_bitmask") for k in sd):  # pruned model saved compressed (leanlm.prune)
+        from ..prune.sparse_storage import densify_state_dict
+
+        sd = densify_state_dict(sd)
     return sd
 
 
@@ -253,8 +257,15 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "float32", device: s
     """The model alone (no tokenizer) from a default name, GGUF path or HF directory."""
     directory = resolve(spec)
     cfg = load_config(directory)
-    sd = hf_to_leanlm(_read_safetensors(directory), cfg)
-    model = build_model(cfg, sd, parse_dtype(dtype), device)
+    from ..quant.save import is_quantized_dir  # a directory written by `leanlm quantize`
+
+    if is_quantized_dir(directory):
+        from ..quant.save import load_quantized
+
+        model = load_quantized(directory, cfg, parse_dtype(dtype), device)
+    else:
+        sd = hf_to_leanlm(_read_safetensors(directory), cfg)
+        model = build_model(cfg, sd, parse_dtype(dtype), device)
     model.source = str(spec)
     model.directory = str(directory)
     return model
@@ -279,6 +290,11 @@ def load(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "
 def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dtype=None) -> Path:
     """Write a transformers-loadable directory (safetensors + config.json + tokenizer)."""
     from safetensors.torch import save_file
+
+    if getattr(model, "quantization", None):  # packed weights: leanlm's quantized layout (quant/save.py)
+        from ..quant.save import save_quantized
+
+        return save_quantized(model, tokenizer, out, force)
 
     cfg = model.config
     sd = {k: v.detach() for k, v in model.state_dict().items()}

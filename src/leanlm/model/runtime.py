@@ -106,7 +106,14 @@ class KVCache(nn.Module):
 
     `update` writes the new keys/values at [start, start+T) and returns everything up to
     start+T. Cache policies (windows, eviction, quantized caches) subclass this.
+
+    Hook for policies that keep only some tokens (leanlm.attention): a subclass that sets
+    `custom_attention = True` gets `attend(attn, q, k, v, start)` called instead of
+    update + the positional masks below (which assume key index == position); it attends
+    q over its kept keys (masked by their original positions) plus the new ones, then stores.
     """
+
+    custom_attention = False
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
         super().__init__()
@@ -163,6 +170,9 @@ class Attention(nn.Module):
             qk, v = qkv[:, :, : nh + nkv], qkv[:, :, nh + nkv :]
         qk = apply_rope(qk, *rope).transpose(1, 2)  # q and k rotated in one pass
         q, k, v = qk[:, :nh], qk[:, nh:], v.transpose(1, 2)
+        if self.cache is not None and self.cache.custom_attention:  # cache policy hook (see KVCache)
+            out = self.cache.attend(self, q, k, v, start)
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
         if self.cache is not None:
             k_all, v_all = self.cache.update(k, v, start)
             if start != 0:  # a fresh prefill attends to its own (contiguous) keys: faster SDPA

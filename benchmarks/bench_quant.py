@@ -1,0 +1,208 @@
+"""Weight quantization: quality and cost of RTN / GPTQ / AWQ at int8 / int4, same run, same process.
+
+For each model: quantize fresh float32 copies with each configuration (wall and CPU time),
+then over the same WikiText-2 test windows (40 x 512; DESIGN.md conventions) compute, window
+by window, the float32 base logits once and every candidate's logits: perplexity, mean per-token
+KL(base || candidate) and top-1 agreement, with the definitions of
+leanlm.evaluate.perplexity.kl_divergence (the base perplexity is cross-checked against
+leanlm.evaluate.perplexity.perplexity). Speed: prefill tok/s at 512 tokens and batch-1 decode
+tok/s over 128 new tokens, all engines interleaved run by run (benchmarks/common.py), medians.
+Memory: weight MB (parameters + buffers: packed sizes) and size on disk of the saved directory.
+Calibration: --calib (default wikitext2-valid, never the test split).
+
+    LEANLM_DATA=../shared/data python benchmarks/bench_quant.py                      # both models
+    LEANLM_DATA=../shared/data python benchmarks/bench_quant.py --models gemma3-270m --windows 40
+    python benchmarks/bench_quant.py --kernels-only                                  # kernel timings
+Writes benchmarks/results/quant.json (one entry per model; re-runs replace that model's entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, LeanlmEngine, interleaved_speed, machine, median, print_table, write_result
+from tqdm.auto import tqdm
+
+from leanlm import load
+from leanlm.evaluate.data import wikitext2_test
+from leanlm.evaluate.perplexity import make_windows, perplexity
+from leanlm.evaluate.speed import disk_bytes, fixed_prompt, weight_bytes
+from leanlm.quant import AWQ, GPTQ, RTN, MixedPrecision, quantize, read_calibration, save_quantized
+
+# name -> config; the int4 g128 rows are the general result, g32 asym reproduces SmolLM2's Q4_1 source
+CONFIGS = {
+    "smollm2-135m": {
+        "int8-rtn": lambda: RTN(bits=8, group=0, symmetric=True),
+        "int4-g128-rtn": lambda: RTN(bits=4, group=128),
+        "int4-g128-gptq": lambda: GPTQ(bits=4, group=128),
+        "int4-g128-gptq-actorder": lambda: GPTQ(bits=4, group=128, act_order=True),
+        "int4-g128-awq": lambda: AWQ(bits=4, group=128),
+        "int4-g32-rtn": lambda: RTN(bits=4, group=32),
+        "mixed-5bit-gptq": lambda: GPTQ(bits=4, group=128, mixed=MixedPrecision(target_bits=5.0)),
+    },
+    "gemma3-270m": {
+        "int8-rtn": lambda: RTN(bits=8, group=0, symmetric=True),
+        "int4-g128-rtn": lambda: RTN(bits=4, group=128),
+        "int4-g128-gptq": lambda: GPTQ(bits=4, group=128),
+        "int4-g128-awq": lambda: AWQ(bits=4, group=128),
+    },
+}
+
+
+@torch.inference_mode()
+def quality(base, models: dict, tok, text: str, seq_len: int, windows: int) -> dict:
+    """Per candidate: ppl, KL(base || candidate), top-1 agreement; the base logits computed once per window."""
+    acc = {n: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for n in models}
+    nll_base, count = 0.0, 0
+    wins = make_windows(tok, text, seq_len, windows)
+    for w in tqdm(wins, desc="quality"):
+        lb = F.log_softmax(base(w)[0, :-1].float(), -1)
+        target = w[0, 1:]
+        nll_base -= lb.gather(-1, target[:, None]).sum().item()
+        for name, m in models.items():
+            lc = F.log_softmax(m(w)[0, :-1].float(), -1)
+            a = acc[name]
+            a["kl"] += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
+            a["agree"] += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
+            a["nll"] -= lc.gather(-1, target[:, None]).sum().item()
+        count += target.numel()
+    out = {"base": {"ppl": math.exp(nll_base / count), "tokens": count, "windows": len(wins), "seq_len": seq_len}}
+    for name, a in acc.items():
+        out[name] = {"ppl": math.exp(a["nll"] / count), "kl": a["kl"] / count, "top1_agreement": a["agree"] / count}
+    return out
+
+
+def kernel_timings(threads: int, reps: int = 7) -> dict:
+    """Per weight shape: one-row (decode) and 512-row (prefill) times of each path, interleaved."""
+    from leanlm.quant import QSpec, QuantLinear, rtn
+
+    def clock(fn, n):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1e6
+
+    out = {}
+    for N, K in [(960, 576), (3072, 576), (576, 1536), (49152, 576)]:
+        w = torch.randn(N, K) * 0.02
+        mods = {"int8-pc": QuantLinear(rtn(w, QSpec(8, 0, True))), "int4-g128": QuantLinear(rtn(w, QSpec(4, 128, False))),
+                "int4-g32": QuantLinear(rtn(w, QSpec(4, 32, False)))}  # fmt: skip
+        wb = w.bfloat16()
+        for rows in (1, 512) if N < 10000 else (1,):
+            x = torch.randn(rows, K)
+            xb = x.bfloat16()
+            fns = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb)}
+            if rows > 1:
+                fns["bf16"] = lambda: F.linear(xb.float(), wb.float())  # what runtime.Linear does for many rows
+            for name, m in mods.items():
+                fns[name] = (lambda m=m: m(xb))
+            n = max(2, int(3e6 / (N * K * rows**0.5)))
+            for f in fns.values():
+                f()
+            res = {k: [] for k in fns}
+            for _ in range(reps):
+                for k, f in fns.items():
+                    res[k].append(clock(f, n))
+            out[f"{N}x{K} rows={rows}"] = {k: round(median(v), 1) for k, v in res.items()}
+            print(f"{N}x{K} rows={rows} (us):", out[f"{N}x{K} rows={rows}"], flush=True)
+    return {"threads": threads, "us_median": out}
+
+
+def run_model(name: str, args, text: str) -> dict:
+    base, tok = load(name, "float32")
+    bf16, _ = load(name, "bfloat16")
+    calib = read_calibration(args.calib, tok, args.samples, args.seq_len)
+    wanted = CONFIGS[name] if not args.only else {k: v for k, v in CONFIGS[name].items() if k in args.only.split(",")}
+    models, info = {"bf16": bf16}, {"bf16": {"weight_mb": weight_bytes(bf16) / 2**20}}
+    info["fp32"] = {"weight_mb": weight_bytes(base) / 2**20}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_quant_"))
+    for label, make in wanted.items():
+        cfg = make()
+        model = copy.deepcopy(base)
+        t0, c0 = time.perf_counter(), time.process_time()
+        quantize(model, cfg, calib)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out = save_quantized(model, tok, tmp / label)
+        q = model.quantization
+        info[label] = {"method": cfg.method, "bits": cfg.bits, "group": cfg.group, "symmetric": cfg.symmetric,
+                       "head_bits": cfg.head_bits, "bits_per_weight": q["bits_per_weight"],
+                       "quantize_wall_s": wall, "quantize_cpu_s": cpu, "weight_mb": weight_bytes(model) / 2**20,
+                       "disk_mb": disk_bytes(out) / 2**20}  # fmt: skip
+        if "mixed" in q["report"]:
+            info[label]["mixed_high"] = q["report"]["mixed"]["high"]
+        print(f"{name} {label}: {wall:.1f} s wall, {cpu:.1f} s CPU, {info[label]['weight_mb']:.1f} MB", flush=True)
+        models[label] = model
+    result = {"calibration": {"text": args.calib, "samples": args.samples, "seq_len": args.seq_len}, "configs": info}
+    if args.windows:
+        qual = quality(base, models, tok, text, 512, args.windows)
+        if args.check_ppl:
+            ref = perplexity(base, tok, text, 512, args.windows)["ppl"]
+            qual["base"]["ppl_from_leanlm_perplexity"] = ref
+            assert abs(ref / qual["base"]["ppl"] - 1) < 1e-5, (ref, qual["base"]["ppl"])
+        result["quality"] = qual
+        for label in models:
+            info[label].update(qual[label])
+            info[label]["ppl_change"] = qual[label]["ppl"] / qual["base"]["ppl"] - 1
+        info["fp32"]["ppl"] = qual["base"]["ppl"]
+    if args.runs:
+        engines = [LeanlmEngine(base, "fp32")] + [LeanlmEngine(m, label) for label, m in models.items()]
+        prompt = fixed_prompt(base.config.vocab_size, 512)
+        short = fixed_prompt(base.config.vocab_size, 32, seed=1)
+        speed = interleaved_speed(engines, prompt, short, 128, args.runs)
+        result["speed"] = speed
+        for label, s in speed.items():
+            info[label].update(prefill_tok_s=s["prefill_tok_s"], decode_tok_s=s["decode_tok_s"])
+        for label in models:
+            info[label]["decode_vs_bf16"] = speed[label]["decode_tok_s"] / speed["bf16"]["decode_tok_s"]
+            info[label]["prefill_vs_fp32"] = speed[label]["prefill_tok_s"] / speed["fp32"]["prefill_tok_s"]
+    rows = [{"config": k, **{c: v.get(c) for c in ("bits_per_weight", "ppl", "kl", "top1_agreement", "decode_tok_s",
+                                                   "prefill_tok_s", "weight_mb", "quantize_wall_s")}}
+            for k, v in info.items()]  # fmt: skip
+    print_table(rows, ["config", "bits_per_weight", "ppl", "kl", "top1_agreement", "decode_tok_s", "prefill_tok_s",
+                       "weight_mb", "quantize_wall_s"])  # fmt: skip
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--only", help="comma list of config labels (default: all for the model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=40, help="perplexity/KL windows of 512 tokens (0 = skip)")
+    ap.add_argument("--runs", type=int, default=5, help="timed speed runs after a warm-up (0 = skip)")
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--check-ppl", action="store_true", help="also run leanlm.evaluate.perplexity on the base model")
+    ap.add_argument("--kernels", action="store_true", help="also time the kernels per weight shape")
+    ap.add_argument("--kernels-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = RESULTS / "quant.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    result.setdefault("models", {})
+    if args.kernels or args.kernels_only:
+        result["kernels"] = kernel_timings(args.threads)
+    if not args.kernels_only:
+        text = wikitext2_test()
+        for name in args.models.split(","):
+            r = run_model(name, args, text)
+            r["settings"] = {k: v for k, v in vars(args).items()}
+            r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            result["models"][name] = r
+            write_result("quant", result)  # after each model, so a long run keeps what it measured
+    else:
+        write_result("quant", result)
+
+
+if __name__ == "__main__":
+    main()

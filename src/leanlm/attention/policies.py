@@ -1,0 +1,247 @@
+"""KV-cache policies: attention sinks + sliding window (StreamingLLM), heavy-hitter (H2O) and
+observation-window (SnapKV) eviction under a budget, each optionally on an int8/int4 store.
+
+A policy is a small config (`KVPolicy`) that builds one `PolicyCache` per layer:
+`model.setup_cache(batch, max_len, cache_cls=KVPolicy.parse("sinks:4,window:1024,int8"))`.
+
+How it plugs into the runtime: PolicyCache sets `custom_attention`, so Attention calls
+`cache.attend(attn, q, k, v, start)`. The cache attends the new queries over its kept keys
+plus the new keys, masked by *original positions* (causal, and the layer's own sliding window),
+then stores the new keys/values and evicts. RoPE was applied before caching, so kept keys keep
+their original positions; we do not re-position them (StreamingLLM's re-positioning is not
+done; positions past the trained context simply extend the rotary table).
+
+Eviction scores (per kv head, summed over the query heads of its group):
+- h2o: cumulative attention each kept key has received; the newest `window` keys are protected.
+- snapkv: at a chunk of T > 1 queries, the attention from its last `obs` queries, avg-pooled
+  over 7 neighbouring keys (SnapKV's clustering); at single-token decode a decayed running sum
+  (factor 1 - 1/obs), so eviction keeps following the most recent queries. The newest `obs`
+  keys are protected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeanlmError
+from ..model.runtime import KVCache, upcast_for_matmul
+from .kv_quant import KVStore
+
+
+@dataclass
+class KVPolicy:
+    method: str = "full"          # full | window | h2o | snapkv
+    sinks: int = 4                # window: first tokens always kept
+    window: int = 1024            # window: recent tokens; h2o/snapkv: protected recent tokens
+    budget: int = 1024            # h2o/snapkv: kept tokens per head
+    obs: int = 32                 # snapkv observation window
+    bits: int | None = None       # None (compute dtype) | 8 | 4
+    group: int = 32               # int4 group size (channels)
+
+    @property
+    def bounded(self) -> bool:
+        """Constant memory however long the sequence (generation may go past max_len)."""
+        return self.method != "full"
+
+    def capacity(self, max_len: int) -> int:
+        if self.method == "full":
+            return max_len
+        if self.method == "window":
+            return self.sinks + self.window
+        return self.budget
+
+    def __call__(self, batch, n_kv_heads, max_len, head_dim, dtype, device=None) -> "PolicyCache":
+        return PolicyCache(self, batch, n_kv_heads, max_len, head_dim, dtype, device)
+
+    def describe(self) -> str:
+        parts = []
+        if self.method == "window":
+            parts.append(f"sinks:{self.sinks},window:{self.window}")
+        elif self.method in ("h2o", "snapkv"):
+            parts.append(f"{self.method}:{self.budget},window:{self.window if self.method == 'h2o' else self.obs}")
+        if self.bits:
+            parts.append(f"int{self.bits}")
+        return ",".join(parts) or "full"
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "KVPolicy | None":
+        """'full' | 'int8' | 'int4' | 'sinks:4,window:1024[,int8]' | 'window:1024' |
+        'h2o:1024[,window:256][,int4]' | 'snapkv:1024[,obs:32]'. None/'' -> None (plain cache)."""
+        if not spec or spec.strip() in ("none", "fp", "default"):
+            return None
+        p = cls()
+        seen_window = False
+        for item in [s.strip() for s in spec.split(",") if s.strip()]:
+            m = re.fullmatch(r"([a-z0-9]+)(?::(\d+))?", item)
+            if not m:
+                raise LeanlmError(f"bad --kv item '{item}'; expected e.g. sinks:4,window:1024,int8 or h2o:1024")
+            key, val = m.group(1), m.group(2)
+            n = int(val) if val is not None else None
+            if key in ("int8", "int4") and n is None:
+                p.bits = int(key[3:])
+            elif key == "full" and n is None:
+                p.method = "full"
+            elif key in ("h2o", "snapkv") and n is not None:
+                p.method, p.budget = key, n
+            elif key in ("sinks", "window", "obs", "group", "bits") and n is not None:
+                setattr(p, key, n)
+                seen_window |= key == "window"
+                if key in ("sinks", "window") and p.method == "full":
+                    p.method = "window"
+            else:
+                raise LeanlmError(f"unknown --kv item '{item}'; use full, int8, int4, sinks:N, window:N, "
+                                  "h2o:BUDGET, snapkv:BUDGET, obs:N")  # fmt: skip
+        if p.method == "h2o" and not seen_window:
+            p.window = p.budget // 2  # H2O's default split: half heavy hitters, half recent
+        if p.bits not in (None, 8, 4):
+            raise LeanlmError(f"KV bits must be 8 or 4, got {p.bits}")
+        if p.method in ("h2o", "snapkv"):
+            recent = p.window if p.method == "h2o" else p.obs
+            if p.budget < 2 or recent >= p.budget:
+                raise LeanlmError(f"{p.method} budget {p.budget} must exceed its recent window {recent}")
+        if p.method == "window" and p.window < 1:
+            raise LeanlmError("window must be >= 1")
+        return p
+
+
+class PolicyCache(KVCache):
+    custom_attention = True
+
+    def __init__(self, policy: KVPolicy, batch, n_kv_heads, max_len, head_dim, dtype, device=None):
+        nn.Module.__init__(self)  # not KVCache.__init__: no full-length float buffers
+        self.policy, self.method = policy, policy.method
+        self.cap = policy.capacity(max_len)
+        self.batch, self.n_kv_heads, self.head_dim, self.dtype = batch, n_kv_heads, head_dim, dtype
+        self.store = KVStore(batch, n_kv_heads, self.cap, head_dim, dtype, device, policy.bits, policy.group)
+        per_head = self.method in ("h2o", "snapkv")
+        # original position of each slot (-1 = empty); per kv head when heads evict differently
+        self.register_buffer("pos", torch.full((batch, n_kv_heads if per_head else 1, self.cap), -1,
+                                               dtype=torch.int32, device=device), persistent=False)  # fmt: skip
+        if per_head:
+            self.register_buffer("score", torch.zeros(batch, n_kv_heads, self.cap, device=device), persistent=False)
+        self.n = 0  # filled slots
+
+    @property
+    def max_len(self) -> int:
+        return self.cap
+
+    def nbytes(self) -> int:
+        """Bytes this layer's cache holds (store + positions + scores)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def update(self, k, v, start):  # policies attend through `attend`; update is not used
+        raise NotImplementedError("PolicyCache is used through attend()")
+
+    # ---- attention ----------------------------------------------------------------
+    def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        B, H, T, D = q.shape
+        Hkv, G = k.shape[1], H // k.shape[1]
+        dev = q.device
+        new_pos = torch.arange(start, start + T, device=dev, dtype=torch.int32)
+        if self.n:
+            ck, cv = self.store.read(self.n, B)
+            keys, vals = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)
+            cpos = self.pos[:B, :, : self.n]
+            kpos = torch.cat([cpos, new_pos.expand(B, cpos.shape[1], T)], 2)
+        else:
+            keys, vals, kpos = k, v, new_pos.expand(B, 1, T)
+        S = keys.shape[2]
+        # mask [B, Hp, T, S] from original positions; Hp is 1 or Hkv
+        qpos = new_pos[:, None]
+        mask = (kpos[:, :, None, :] <= qpos) & (kpos[:, :, None, :] >= 0)
+        if attn.window is not None:
+            mask &= kpos[:, :, None, :] > qpos - attn.window
+        need_probs = self.method in ("h2o", "snapkv")
+        dtype = q.dtype
+        qf, kf, vf = (q.float(), keys.float(), vals.float()) if upcast_for_matmul(q) else (q, keys, vals)
+        if need_probs:  # explicit softmax: eviction needs the attention weights
+            scores = torch.matmul(qf.view(B, Hkv, G, T, D), kf.unsqueeze(2).transpose(-1, -2)).float() * attn.scale
+            m = mask if mask.shape[1] == Hkv else mask.expand(B, Hkv, T, S)
+            scores.masked_fill_(~m[:, :, None], float("-inf"))
+            probs = torch.softmax(scores, -1)
+            out = torch.matmul(probs.to(vf.dtype), vf.unsqueeze(2)).view(B, H, T, D)
+        else:
+            probs = None
+            if T == 1 and attn.window is None and self.n == self.cap and bool(mask.all()):
+                sdpa_mask = None  # full cache, every kept key visible: fast path
+            else:
+                sdpa_mask = mask.repeat_interleave(G, 1) if mask.shape[1] > 1 else mask
+            out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=sdpa_mask, scale=attn.scale,
+                                                 enable_gqa=G > 1)  # fmt: skip
+        out = out if out.dtype == dtype else out.to(dtype)
+        self._insert(k, v, new_pos, start, keys, vals, kpos, probs)
+        return out
+
+    # ---- storing / eviction ---------------------------------------------------------
+    def _insert(self, k, v, new_pos, start, keys, vals, kpos, probs) -> None:
+        T = k.shape[2]
+        if self.method == "full":
+            if start + T > self.cap:
+                raise LeanlmError(f"KV cache of {self.cap} tokens is full (position {start + T})")
+            self.store.write(start, k, v)
+            self.pos[:, :, start : start + T] = new_pos
+            self.n = max(self.n, start + T)
+        elif self.method == "window":
+            self._insert_window(k, v, new_pos, start)
+        else:
+            self._insert_evict(k, v, start, keys, vals, kpos, probs)
+
+    def _insert_window(self, k, v, new_pos, start) -> None:
+        s, w = self.policy.sinks, self.policy.window
+        end = start + k.shape[2]
+        keep = (new_pos < s) | (new_pos >= end - w)  # a chunk longer than the window keeps its tail
+        idx = keep.nonzero().squeeze(1)
+        p = new_pos[idx].long()
+        slots = torch.where(p < s, p, s + (p - s) % w)
+        self.store.write_index(slots, k[:, :, idx], v[:, :, idx])
+        self.pos[:, :, slots] = p.to(torch.int32)
+        self.n = min(self.cap, max(self.n, end))
+
+    def _insert_evict(self, k, v, start, keys, vals, kpos, probs) -> None:
+        B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+        S = keys.shape[2]
+        n = self.n
+        got = probs.sum(2)  # [B, Hkv, T, S] summed over the group's query heads
+        old = self.score[:B, :, :n]
+        if self.method == "h2o":
+            cand = torch.cat([old, old.new_zeros(B, Hkv, T)], 2) + got.sum(2)
+            recent = self.policy.window
+        else:
+            obs = self.policy.obs
+            if T > 1:
+                cand = got[:, :, -obs:].sum(2)
+                cand = F.avg_pool1d(cand.reshape(B * Hkv, 1, S), 7, 1, 3, count_include_pad=False).view(B, Hkv, S)
+            else:
+                cand = torch.cat([old * (1 - 1 / obs), old.new_zeros(B, Hkv, 1)], 2) + got.sum(2)
+            recent = obs
+        kpos = kpos.expand(B, Hkv, S)
+        if S <= self.cap:  # room for everything: append
+            self.store.write(n, k, v)
+            self.pos[:B, :, n:S] = kpos[:, :, n:]
+            self.score[:B, :, :S] = cand
+            self.n = S
+            return
+        end = start + T
+        prio = cand.masked_fill(kpos >= end - recent, float("inf"))
+        idx = prio.topk(self.cap, dim=-1).indices.sort(-1).values  # [B, Hkv, cap]
+        gi = idx.unsqueeze(-1).expand(B, Hkv, self.cap, keys.shape[-1])
+        self.store.write(0, keys.gather(2, gi), vals.gather(2, gi))
+        self.pos[:B] = kpos.gather(2, idx)
+        self.score[:B] = cand.gather(2, idx)
+        self.n = self.cap
+
+
+def cache_bytes(model) -> int:
+    """Bytes held by the model's KV caches right now (policy caches: store + bookkeeping)."""
+    total = 0
+    for layer in model.layers:
+        c = layer.attn.cache
+        if c is None:
+            continue
+        total += c.nbytes() if hasattr(c, "nbytes") else sum(b.numel() * b.element_size() for b in c.buffers())
+    return total

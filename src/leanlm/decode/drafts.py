@@ -1,0 +1,240 @@
+"""Drafts for speculative decoding: who proposes the next few tokens for the target to verify.
+
+A draft sees the committed sequence (prompt + accepted tokens; its last token is not yet in
+the target's cache) and proposes up to `gamma` tokens, with the distributions it sampled them
+from (None for point proposals such as prompt lookup). After verification the decoder calls
+`rollback(valid)`: cache positions >= valid no longer match the sequence. Rolling back a cache
+is only bookkeeping: the next forward writes from `valid` on, and attention reads positions
+[0, start + T) only, so stale entries beyond are overwritten before anyone attends to them.
+
+- ModelDraft: any leanlm model with the target's tokenizer (a bf16 copy, a quantized or
+  pruned copy, a smaller sibling), with its own KV cache.
+- EarlyExitDraft: the target's own first N layers + its final norm and LM head. It shares the
+  target's cache for those layers, and hands its hidden states to the verification pass, which
+  then runs only layers N.. on the drafted tokens (the first N layers never run twice).
+- LookupDraft: prompt lookup. The last n tokens (n = 3, 2, 1) are matched against earlier
+  context; the tokens that followed the most recent match are proposed. Nearly free.
+- LookupDraft(fallback=...) tries lookup first and asks a model draft when nothing matches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LeanlmError
+from .generate import Sampling, filtered_probs
+
+
+def run_layers(model, x: torch.Tensor, start: int, lo: int, hi: int) -> torch.Tensor:
+    """Residual stream x [B, T, D] (fp32) through layers lo..hi-1 at positions start.."""
+    T, dtype = x.shape[1], model.dtype
+    ropes: dict = {}
+    for i in range(lo, hi):
+        name = model._rope_names[i]
+        if name not in ropes:
+            ropes[name] = model.rope[name].get(start, T, dtype)
+        x = model.layers[i](x, ropes[name], start, dtype)
+    return x
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, gen) -> tuple[int, torch.Tensor | None, float]:
+    """(token, distribution it came from or None when greedy, draft confidence in it)."""
+    if sampling.temperature == 0:
+        tok = int(logits.argmax())
+        return tok, None, -1.0
+    q = filtered_probs(logits, sampling)
+    tok = int(torch.multinomial(q, 1, generator=gen))
+    return tok, q, float(q[tok])
+
+
+class Draft:
+    """Base class; also the 'no draft' case (plain decoding through the speculative loop)."""
+
+    name = "none"
+    threshold: float | None = None  # stop drafting when the draft's confidence drops below
+
+    def start(self, target, prompt_ids: list[int], max_len: int) -> None:
+        self.target = target
+
+    def propose(self, seq: list[int], gamma: int, sampling: Sampling, gen) -> tuple[list[int], torch.Tensor | None]:
+        return [], None
+
+    def verify(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Target logits [T, V] for `tokens` (last committed token + drafts) at `start`."""
+        return self.target.forward(tokens, start)
+
+    def rollback(self, valid: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def _confident(self, logits: torch.Tensor, conf: float) -> bool:
+        if self.threshold is None:
+            return True
+        if conf < 0:  # greedy: confidence is the top-1 probability
+            conf = float(torch.softmax(logits.float(), -1).max())
+        return conf >= self.threshold
+
+
+class ModelDraft(Draft):
+    """A separate (cheaper) model with the same tokenizer, with its own KV cache."""
+
+    name = "draft"
+
+    def __init__(self, model, threshold: float | None = None, name: str | None = None):
+        self.model, self.threshold = model, threshold
+        self.name = name or f"draft-{str(model.dtype).removeprefix('torch.')}"
+        self.valid = 0
+
+    def start(self, target, prompt_ids, max_len):
+        super().start(target, prompt_ids, max_len)
+        if self.model.config.vocab_size < 8 or abs(self.model.config.vocab_size - target.vocab_size) > 1024:
+            raise LeanlmError(
+                f"draft vocabulary ({self.model.config.vocab_size}) does not match the target's "
+                f"({target.vocab_size}); the draft needs the target's tokenizer"
+            )
+        self.model.setup_cache(1, max_len)
+        if len(prompt_ids) > 1:  # the last prompt token is fed with the first proposal
+            self.model(torch.tensor([prompt_ids[:-1]], device=self.model.device), start=0, last_only=True)
+        self.valid = len(prompt_ids) - 1
+
+    def _logits(self, tokens: list[int], pos: int) -> torch.Tensor:
+        out = self.model(torch.tensor([tokens], device=self.model.device), start=pos, last_only=True)[0, -1]
+        V = self.target.vocab_size
+        if out.shape[0] != V:  # padded vocabularies of sibling models
+            out = out[:V] if out.shape[0] > V else torch.cat([out, out.new_full((V - out.shape[0],), float("-inf"))])
+        return out
+
+    def propose(self, seq, gamma, sampling, gen):
+        feed, pos = seq[self.valid :], self.valid  # catch up on tokens the draft has not seen
+        out, qs = [], []
+        for _ in range(gamma):
+            logits = self._logits(feed, pos)
+            pos += len(feed)
+            tok, q, conf = _pick(logits, sampling, gen)
+            out.append(tok)
+            qs.append(q)
+            feed = [tok]
+            if not self._confident(logits, conf):
+                break
+        self.valid = pos
+        return out, (torch.stack(qs) if out and qs[0] is not None else None)
+
+    def rollback(self, valid):
+        self.valid = min(self.valid, valid)
+
+    def finish(self):
+        self.model.clear_cache()
+
+
+class EarlyExitDraft(Draft):
+    """Self-speculation: the target's first `n_layers` layers, then its final norm + LM head."""
+
+    name = "self"
+
+    def __init__(self, n_layers: int, threshold: float | None = None):
+        self.n_layers, self.threshold = n_layers, threshold
+        self.name = f"self-{n_layers}L"
+        self.hidden: list[torch.Tensor] = []
+
+    def start(self, target, prompt_ids, max_len):
+        super().start(target, prompt_ids, max_len)
+        if not 0 < self.n_layers < target.model.config.n_layers:
+            raise LeanlmError(f"self-draft layers must be in 1..{target.model.config.n_layers - 1}, got {self.n_layers}")
+
+    def _prefix(self, tok: int, pos: int) -> torch.Tensor:
+        m = self.target.model
+        return run_layers(m, m.embed(torch.tensor([[tok]], device=m.device)), pos, 0, self.n_layers)
+
+    def propose(self, seq, gamma, sampling, gen):
+        # the target's verification pass already wrote layers [0, N) for every committed
+        # position except the last token: the shared cache needs no catch-up
+        pos, tok = len(seq) - 1, seq[-1]
+        self.hidden, out, qs = [], [], []
+        for i in range(gamma):
+            h = self._prefix(tok, pos + i)
+            self.hidden.append(h)
+            logits = self.target.head(h)[0, -1]
+            tok, q, conf = _pick(logits, sampling, gen)
+            out.append(tok)
+            qs.append(q)
+            if not self._confident(logits, conf):
+                break
+        return out, (torch.stack(qs) if out and qs[0] is not None else None)
+
+    def verify(self, tokens, start):
+        if not self.hidden:
+            return self.target.forward(tokens, start)
+        m, n = self.target.model, self.n_layers
+        # layers [0, N) of every token but the last drafted one were computed while drafting
+        hs = self.hidden + [self._prefix(tokens[-1], start + len(tokens) - 1)]
+        self.hidden = []
+        x = run_layers(m, torch.cat(hs, dim=1), start, n, m.config.n_layers)
+        return self.target.head(x)[0]
+
+
+class LookupDraft(Draft):
+    """Prompt lookup: propose what followed the most recent earlier occurrence of the last n-gram."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, fallback: Draft | None = None):
+        if not 1 <= min_ngram <= max_ngram:
+            raise LeanlmError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram, self.fallback = max_ngram, min_ngram, fallback
+        self.name = "lookup" if fallback is None else f"lookup+{fallback.name}"
+        self.index: list[dict] = []
+        self.indexed = 0
+        self.used_fallback = False
+
+    def start(self, target, prompt_ids, max_len):
+        super().start(target, prompt_ids, max_len)
+        self.index = [dict() for _ in range(self.max_ngram + 1)]  # n -> {n-gram: where its continuation starts}
+        self.indexed = 0
+        if self.fallback is not None:
+            self.fallback.start(target, prompt_ids, max_len)
+
+    def _update_index(self, seq: list[int]) -> None:
+        # the sequence only grows: index each new position i as the continuation of the
+        # n-grams ending at i-1 (later occurrences overwrite earlier ones: most recent wins)
+        for i in range(max(self.indexed, 1), len(seq)):
+            for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
+                self.index[n][tuple(seq[i - n : i])] = i
+        self.indexed = len(seq)
+
+    def match(self, seq: list[int], gamma: int) -> list[int]:
+        self._update_index(seq)
+        for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
+            j = self.index[n].get(tuple(seq[-n:]))
+            if j is not None:
+                return seq[j : j + gamma]
+        return []
+
+    def propose(self, seq, gamma, sampling, gen):
+        self.used_fallback = False
+        if gamma <= 0:
+            return [], None
+        out = self.match(seq, gamma)
+        if out:
+            return out, None  # point proposals: q is one-hot on each proposed token
+        if self.fallback is not None:
+            self.used_fallback = True
+            return self.fallback.propose(seq, gamma, sampling, gen)
+        return [], None
+
+    def verify(self, tokens, start):
+        if self.used_fallback:
+            return self.fallback.verify(tokens, start)
+        return self.target.forward(tokens, start)
+
+    def rollback(self, valid):
+        if self.fallback is not None:
+            self.fallback.rollback(valid)
+
+    def finish(self):
+        if self.fallback is not None:
+            self.fallback.finish()
+
+
+__all__ = ["Draft", "ModelDraft", "EarlyExitDraft", "LookupDraft", "run_layers"]

@@ -1,0 +1,342 @@
+"""Exact speculative decoding: a cheap draft proposes gamma tokens, the target verifies them in one pass.
+
+One round, with `cur` the last committed token (not yet in the target's cache) at position P:
+  1. the draft proposes d_1..d_g (drafts.py: a compressed copy, the target's first layers,
+     prompt lookup);
+  2. the target runs [cur, d_1..d_g] at positions P..P+g in one forward (a chunked prefill):
+     logits at P+i predict the token after d_i;
+  3. greedy: accept the longest prefix of drafts equal to the target's argmax, plus the
+     target's own next token. Sampling: accept d_i with probability min(1, p(d_i)/q(d_i));
+     at the first rejection sample from norm(max(0, p - q)); when all are accepted sample a
+     bonus token from p at P+g. Either way each new token has exactly the target's
+     (filtered) distribution, so the output is that of plain decoding (greedy: token for
+     token, up to floating-point ties; see README);
+  4. rollback: the target's cache is valid for [0, P + n + 1) and the next round writes from
+     there; the draft is told the same (`Draft.rollback`).
+
+`gamma` is a fixed int, "auto" (AdaptiveGamma: learns acceptance and costs online and picks the
+draft length that maximizes expected tokens per second) or "heuristic" (+2 after a fully
+accepted round, -1 otherwise, as transformers' assisted generation does).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import LeanlmError
+from ..model.runtime import Transformer
+from .drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
+from .generate import GenerationStats, Sampling, check_context, filtered_probs, sample
+from .kernels import PackedLinear, output_head
+
+
+class Target:
+    """The verified model: logits for a chunk of tokens written to its cache at `start`.
+
+    When the model's layers were packed (kernels.pack_model), the LM head is packed too, so a
+    k-token verification costs about one decode step."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        packed = isinstance(model.layers[0].attn.wqkv, PackedLinear)
+        self.head = output_head(model, packed and model.lm_head is None)
+        self.vocab_size = model.tok_embeddings.weight.shape[0]
+
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        x = self.model.hidden(torch.tensor([tokens], device=self.model.device), start)
+        return self.head(x)[0]
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        x = self.model.hidden(torch.tensor([tokens], device=self.model.device), 0)
+        return self.head(x[:, -1:])[0, -1]
+
+
+# ---- acceptance ---------------------------------------------------------------------------
+def accept_greedy(drafts: list[int], logits: torch.Tensor) -> tuple[int, int]:
+    """(number of drafts accepted, the target's next token after them)."""
+    best = logits.argmax(-1).tolist()
+    n = 0
+    while n < len(drafts) and drafts[n] == best[n]:
+        n += 1
+    return n, best[n]
+
+
+def accept_sampled(drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor, sampling: Sampling,
+                   gen: torch.Generator | None = None) -> tuple[int, int]:  # fmt: skip
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023).
+
+    q [g, V]: the draft's distributions the drafts were sampled from; None means point
+    proposals (prompt lookup), i.e. q one-hot on each draft token."""
+    p = filtered_probs(logits, sampling)  # [g+1, V], the target's next-token distributions
+    for i, d in enumerate(drafts):
+        pd = float(p[i, d])
+        qd = 1.0 if q is None else float(q[i, d])
+        if float(torch.rand((), generator=gen)) * qd < pd:  # u < p/q, u ~ U[0, 1)
+            continue
+        if q is None:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - q[i]).clamp_(min=0.0)
+        if not float(residual.sum()) > 0.0:  # only by rounding: p == q where rejection is impossible
+            residual = p[i]
+        return i, int(torch.multinomial(residual, 1, generator=gen))
+    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=gen))
+
+
+# ---- draft length policies -------------------------------------------------------------------
+class FixedGamma:
+    def __init__(self, gamma: int):
+        if gamma < 0:
+            raise LeanlmError(f"gamma must be >= 0, got {gamma}")
+        self.gamma, self.name = gamma, f"fixed-{gamma}"
+
+    def next(self) -> int:
+        return self.gamma
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        pass
+
+
+class HeuristicGamma(FixedGamma):
+    """transformers' 'heuristic' schedule: +2 after a fully accepted round, else -1 (min 1)."""
+
+    def __init__(self, gamma: int = 4, max_gamma: int = 16):
+        super().__init__(gamma)
+        self.max_gamma, self.name = max_gamma, "heuristic"
+
+    def update(self, drafted, accepted, draft_s, verify_s):
+        if drafted == 0:
+            return
+        self.gamma = min(self.max_gamma, self.gamma + 2) if accepted == drafted else max(1, self.gamma - 1)
+
+
+class AdaptiveGamma:
+    """Online draft length: pick g maximizing expected new tokens per second of a round,
+
+        E[tokens](g) = 1 + a + a^2 + ... + a^g            (per-token acceptance a, geometric)
+        time(g)      = g * c + t0 + t1 * g                 (draft cost c, verify line t0 + t1 k)
+
+    a is learned from accepted / rejected draft tokens, c from timed draft steps, and the
+    verify line by least squares on timed verification passes (k = drafted tokens), all with
+    exponential forgetting so the policy follows the text (copying a passage vs free text).
+    A ridge term pulls the slope t1 towards `slope_prior * t0` until several k were seen.
+    When g = 0 wins (drafts useless), one round in `explore` still drafts 1 token.
+    """
+
+    def __init__(self, max_gamma: int = 8, start: int = 3, decay: float = 0.85, slope_prior: float = 0.1,
+                 explore: int = 8):  # fmt: skip
+        self.max_gamma, self.gamma, self.decay, self.slope_prior, self.explore = max_gamma, start, decay, slope_prior, explore
+        self.name = "auto"
+        self.acc, self.rej = 1.0, 0.5  # prior: acceptance 2/3 worth 1.5 tokens
+        self.c: float | None = None
+        self.fit = [0.0] * 5  # decayed sums: w, x, t, xx, xt
+        self.zero_rounds = 0
+
+    def acceptance(self) -> float:
+        return self.acc / (self.acc + self.rej)
+
+    def verify_line(self) -> tuple[float, float]:
+        w, x, t, xx, xt = self.fit
+        mu, s = 1.0, self.slope_prior  # ridge: mu * (t1 - s * t0)^2
+        a11, a12, a22 = w + mu * s * s, x - mu * s, xx + mu
+        det = a11 * a22 - a12 * a12
+        t0, t1 = (a22 * t - a12 * xt) / det, (a11 * xt - a12 * t) / det
+        return max(t0, 1e-6), max(t1, 0.0)
+
+    def next(self) -> int:
+        if self.fit[0] == 0.0 or self.c is None:
+            return self.gamma  # nothing timed yet
+        a = min(self.acceptance(), 0.999)
+        t0, t1 = self.verify_line()
+        best, best_rate = 0, 0.0
+        for g in range(self.max_gamma + 1):
+            rate = (1 - a ** (g + 1)) / (1 - a) / (g * self.c + t0 + t1 * g)
+            if rate > best_rate:
+                best, best_rate = g, rate
+        if best == 0:
+            self.zero_rounds += 1
+            if self.zero_rounds % self.explore == 0:
+                best = 1
+        self.gamma = best
+        return best
+
+    def update(self, drafted, accepted, draft_s, verify_s):
+        d = self.decay
+        if drafted:
+            self.acc = d * self.acc + accepted
+            self.rej = d * self.rej + (1.0 if accepted < drafted else 0.0)
+            c = draft_s / drafted
+            self.c = c if self.c is None else d * self.c + (1 - d) * c
+        x, t = float(drafted), verify_s
+        self.fit = [d * f + v for f, v in zip(self.fit, (1.0, x, t, x * x, x * t))]
+
+
+def make_policy(gamma) -> FixedGamma | HeuristicGamma | AdaptiveGamma:
+    if isinstance(gamma, (FixedGamma, AdaptiveGamma)):
+        return gamma
+    if gamma == "auto":
+        return AdaptiveGamma()
+    if gamma == "heuristic":
+        return HeuristicGamma()
+    try:
+        return FixedGamma(int(gamma))
+    except (TypeError, ValueError):
+        raise LeanlmError(f"gamma must be a number, 'auto' or 'heuristic', got {gamma!r}") from None
+
+
+# ---- statistics ----------------------------------------------------------------------------
+@dataclass
+class SpecStats:
+    draft: str = ""
+    policy: str = ""
+    rounds: int = 0  # target forward passes after prefill
+    drafting_rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accept_hist: dict = field(default_factory=dict)  # accepted drafts per drafting round -> count
+    gammas: dict = field(default_factory=dict)  # drafted tokens per round -> count
+
+    def record(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.gammas[drafted] = self.gammas.get(drafted, 0) + 1
+        if drafted:
+            self.drafting_rounds += 1
+            self.accept_hist[accepted] = self.accept_hist.get(accepted, 0) + 1
+
+    def summary(self) -> dict:
+        return {
+            "draft": self.draft, "gamma": self.policy, "rounds": self.rounds, "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "mean_accepted": self.accepted / self.drafting_rounds if self.drafting_rounds else 0.0,
+            "tokens_per_verify": (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0,
+            "mean_drafted": self.drafted / self.rounds if self.rounds else 0.0,
+            "draft_s": self.draft_s, "verify_s": self.verify_s,
+        }  # fmt: skip
+
+
+# ---- the decode loop -------------------------------------------------------------------------
+@torch.inference_mode()
+def speculative_generate_tokens(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int = 128,
+    sampling: Sampling | None = None,
+    eos_ids: set[int] | None = None,
+    stats: GenerationStats | None = None,
+    draft: Draft | None = None,
+    gamma: int | str = "auto",
+) -> Iterator[int]:
+    """Like generate_tokens (same arguments and output distribution), with a draft proposing.
+
+    stats.extra["speculative"] holds a SpecStats (acceptance rate, mean accepted length...)."""
+    sampling = sampling or Sampling()
+    gen = sampling.generator()
+    eos_ids = set(model.config.eos_token_ids) if eos_ids is None else eos_ids
+    max_new_tokens = check_context(model, len(prompt_ids), max_new_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    draft = draft if draft is not None else Draft()
+    policy = make_policy(gamma)
+    spec = SpecStats(draft=draft.name, policy=policy.name)
+    stats.extra["speculative"] = spec
+    target = Target(model)
+    total = len(prompt_ids) + max_new_tokens  # the last verified position is < total
+    model.setup_cache(1, total)
+    clock = time.perf_counter
+    try:
+        t0 = clock()
+        draft.start(target, list(prompt_ids), total)
+        tok = sample(target.prefill(list(prompt_ids)), sampling, gen)
+        stats.prefill_s = clock() - t0
+        seq = list(prompt_ids) + [tok]
+        stats.new_tokens, stats.decode_s, stats.stop_reason = 1, 0.0, "length"
+        t1 = clock()
+        yield tok
+        if tok in eos_ids:
+            stats.stop_reason = "eos"
+            return
+        while stats.new_tokens < max_new_tokens:
+            pos = len(seq) - 1
+            g = min(policy.next(), max_new_tokens - stats.new_tokens - 1)
+            ta = clock()
+            drafts, q = draft.propose(seq, g, sampling, gen) if g > 0 else ([], None)
+            drafts, q = drafts[: max(g, 0)], (None if q is None else q[: max(g, 0)])
+            tb = clock()
+            logits = draft.verify([seq[-1]] + drafts, pos)
+            if sampling.temperature == 0:
+                n, nxt = accept_greedy(drafts, logits)
+            else:
+                n, nxt = accept_sampled(drafts, q, logits, sampling, gen)
+            tc = clock()
+            draft.rollback(pos + n + 1)  # cache entries from here on are stale
+            policy.update(len(drafts), n, tb - ta, tc - tb)
+            spec.record(len(drafts), n, tb - ta, tc - tb)
+            for t in drafts[:n] + [nxt]:
+                seq.append(t)
+                stats.new_tokens += 1
+                stats.decode_s = clock() - t1
+                yield t
+                if t in eos_ids:
+                    stats.stop_reason = "eos"
+                    return
+    finally:
+        draft.finish()
+        model.clear_cache()
+
+
+# ---- building drafts -------------------------------------------------------------------------
+DRAFT_KINDS = ("lookup", "self", "draft", "lookup+self", "lookup+draft")
+
+
+def self_draft_model(target: Transformer, dtype="bfloat16") -> Transformer:
+    """A compressed copy of the target (same weights in `dtype`) to draft with.
+
+    Make it before kernels.pack_model(target): it copies the dense weights."""
+    from ..model.load import build_model, parse_dtype
+
+    if isinstance(target.layers[0].attn.wqkv, PackedLinear):
+        raise LeanlmError("make the self-draft copy before packing the target (kernels.pack_model)")
+    draft = build_model(target.config, target.state_dict(), parse_dtype(dtype), target.device)
+    draft.source = f"{getattr(target, 'source', 'target')} ({str(draft.dtype).removeprefix('torch.')} copy)"
+    return draft
+
+
+def make_draft(kind: str, target: Transformer, draft_model: Transformer | None = None,
+               layers: int | None = None, threshold: float | None = None) -> Draft:  # fmt: skip
+    """'lookup'; 'self': the target's first `layers` layers (EarlyExitDraft) or, without
+    `layers`, a compressed copy of it (draft_model, default a bf16 copy); 'draft': draft_model;
+    'lookup+self' / 'lookup+draft': lookup first, the model draft when nothing matches."""
+    if kind not in DRAFT_KINDS:
+        raise LeanlmError(f"unknown draft kind '{kind}'; use one of: {', '.join(DRAFT_KINDS)}")
+    base, _, fallback = kind.partition("+")
+    if base == "lookup" and not fallback:
+        return LookupDraft()
+    model_kind = fallback or base
+    if model_kind == "self" and layers:
+        d: Draft = EarlyExitDraft(layers, threshold)
+    elif model_kind == "self":
+        copy = draft_model if draft_model is not None else self_draft_model(target)
+        d = ModelDraft(copy, threshold, name=f"self-{str(copy.dtype).removeprefix('torch.')}")
+    else:
+        if draft_model is None:
+            raise LeanlmError("--speculate draft needs a draft model (--draft MODEL)")
+        d = ModelDraft(draft_model, threshold)
+    return LookupDraft(fallback=d) if fallback else d
+
+
+__all__ = [
+    "speculative_generate_tokens", "make_draft", "make_policy", "Target", "SpecStats", "FixedGamma",
+    "HeuristicGamma", "AdaptiveGamma", "accept_greedy", "accept_sampled", "DRAFT_KINDS", "self_draft_model",
+]  # fmt: skip

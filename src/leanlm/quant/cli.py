@@ -1,0 +1,89 @@
+"""`leanlm quantize`: load in float32, calibrate, quantize, write the directory atomically."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def config_from_args(args):
+    from .config import MixedPrecision, make_config
+
+    mixed = MixedPrecision(target_bits=args.target_bits) if args.target_bits else None
+    kwargs = dict(bits=args.bits, group=args.group, symmetric=args.sym, head_bits=args.head_bits,
+                  embed_bits=args.embed_bits, skip=args.skip or [], dtype=args.dtype, pad=args.pad, mixed=mixed)  # fmt: skip
+    # method-specific flags only when given, so that e.g. --act-order with --method rtn is an error
+    if args.damp is not None:
+        kwargs["damp"] = args.damp
+    if args.act_order:
+        kwargs["act_order"] = True
+    if args.no_true_sequential:
+        kwargs["true_sequential"] = False
+    if args.no_clip:
+        kwargs["clip"] = False
+    return make_config(args.method, **kwargs)
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from ..evaluate.speed import disk_bytes, weight_bytes
+    from ..io import check_writable
+    from ..model import load
+    from .calibrate import read_calibration
+    from .pipeline import quantize
+    from .save import save_quantized
+
+    config = config_from_args(args)  # bad options fail before anything is loaded
+    check_writable(args.out, args.force)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, dtype="float32")
+    before = weight_bytes(model)
+    calib = None
+    if config.method != "rtn" or config.mixed is not None:
+        calib = read_calibration(args.calib, tok, args.samples, args.seq_len, args.seed, args.data_dir)
+    t0 = time.perf_counter()
+    quantize(model, config, calib)
+    seconds = time.perf_counter() - t0
+    save_quantized(model, tok, args.out, args.force)
+    q = model.quantization
+    print(f"{config.method} {config.spec.label()}: {len(q['layers'])} modules quantized in {seconds:.1f} s, "
+          f"{q['bits_per_weight']:.2f} bits/weight in decoder Linears", file=sys.stderr)  # fmt: skip
+    if "mixed" in q["report"]:
+        print(f"mixed precision: {len(q['report']['mixed']['high'])} Linears at {config.mixed.high.label()}",
+              file=sys.stderr)  # fmt: skip
+    print(f"weights {before / 2**20:.1f} MB -> {weight_bytes(model) / 2**20:.1f} MB; "
+          f"wrote {args.out} ({disk_bytes(args.out) / 2**20:.1f} MB)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def add_arguments(p) -> None:
+    """Options of `leanlm quantize` (the parser itself lives in leanlm/cli.py)."""
+    p.add_argument("--method", default="gptq", help="rtn | gptq | awq (default gptq)")
+    p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
+    p.add_argument("--group", type=int, default=128, help="input columns per scale: 32, 64, 128, 256, or 0 = per "
+                                                          "output channel (default 128)")  # fmt: skip
+    p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point); default asymmetric")
+    p.add_argument("--calib", default="wikitext2-valid",
+                   help="calibration text: wikitext2-valid (default), pride-and-prejudice, moby-dick or a file")  # fmt: skip
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows")
+    p.add_argument("--data-dir", help="data folder for named texts (default $LEANLM_DATA)")
+    p.add_argument("--head-bits", type=int, default=8, help="LM head (and tied embeddings) bits: 8, 4 or 0 = keep")
+    p.add_argument("--embed-bits", type=int, default=8, help="untied input embedding bits: 8, 4 or 0 = keep")
+    p.add_argument("--skip", action="append", help="leave Linears whose name contains this unquantized (repeatable)")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="mixed precision: promote the most sensitive Linears to int8 up to this average bits/weight")  # fmt: skip
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ: dampening, fraction of mean diagonal (default 0.01)")
+    p.add_argument("--no-true-sequential", action="store_true",
+                   help="GPTQ: calibrate all four Linears of a block on the unquantized block")  # fmt: skip
+    p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
+    p.add_argument("--no-pad", dest="pad", action="store_false",
+                   help="refuse layers whose in_features the group does not divide (default: shorter last group)")  # fmt: skip
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of the result: bfloat16 (default) | float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--out", required=True, help="output directory (refuses to overwrite without --force)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")

@@ -1,0 +1,214 @@
+"""Quantization configs: small dataclasses in the torchao style, `quantize(model, GPTQ(bits=4, group=128), calib)`.
+
+A `QSpec` says how one weight matrix is stored: `bits` (4 or 8), `group` (input columns sharing
+one scale; 0 = one scale per output channel) and `symmetric`. The grid of a group is
+
+    w_hat = (q - 2**(bits-1)) * scale + zero,   q in [0, 2**bits - 1]
+
+with `zero` = 0 when symmetric. `scale` and `zero` are bfloat16, the format torch's CPU
+int4/int8 kernels consume, so the grid used while quantizing is exactly the one the kernels
+compute with. When `group` does not divide a layer's in_features, the last group is shorter:
+the weight is stored zero-padded to a whole group and the input is zero-padded at run time
+(`pad=False` refuses such layers instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import LeanlmError
+
+BITS = (4, 8)
+GROUPS = (0, 32, 64, 128, 256)
+METHODS = ("rtn", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class QSpec:
+    bits: int = 4
+    group: int = 128  # 0 = per output channel
+    symmetric: bool = False
+
+    @property
+    def mid(self) -> int:
+        return 1 << (self.bits - 1)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group_size(self, in_features: int) -> int:
+        return self.group or in_features
+
+    def n_groups(self, in_features: int) -> int:
+        g = self.group_size(in_features)
+        return -(-in_features // g)
+
+    def padded(self, in_features: int) -> int:
+        return self.n_groups(in_features) * self.group_size(in_features)
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage bits per weight including bf16 scales (and zeros) and group padding."""
+        per_group = 16 * (1 if self.symmetric else 2)
+        return (self.bits * self.padded(in_features) + per_group * self.n_groups(in_features)) / in_features
+
+    def validate(self, in_features: int | None = None, pad: bool = True, name: str = "weight") -> "QSpec":
+        if self.bits not in BITS:
+            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8")
+        if self.group not in GROUPS:
+            raise LeanlmError(f"group={self.group} is not supported; use 32, 64, 128, 256 or 0 (per output channel)")
+        if in_features is not None and self.group and in_features % self.group and not pad:
+            raise LeanlmError(
+                f"group {self.group} does not divide in_features {in_features} of {name}; use a group that divides "
+                f"it, 0 (per channel), or pad=True (--pad) to store a shorter last group zero-padded"
+            )
+        return self
+
+    def label(self) -> str:
+        g = f"g{self.group}" if self.group else "pc"
+        return f"int{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass
+class MixedPrecision:
+    """Per-layer bit widths from measured sensitivity, meeting a target average bits/weight.
+
+    Each quantizable Linear is quantized alone at the low spec (RTN) and the KL of the model's
+    next-token distribution to the unquantized model is measured on `kl_tokens` calibration
+    tokens; layers are then promoted to int8 per channel, most sensitive per stored bit first,
+    while the average storage bits/weight of the quantized Linears stays <= `target_bits`.
+    """
+
+    target_bits: float = 5.0
+    high: QSpec = field(default_factory=lambda: QSpec(8, 0, True))
+    kl_samples: int = 2
+    kl_seq_len: int = 256
+
+
+@dataclass
+class QuantConfig:
+    """Fields shared by every method.
+
+    bits/group/symmetric: the spec of decoder-layer Linears (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down).
+    head_bits: output layer (lm_head) bits, 8 or 4 (round-to-nearest, per channel for 8, `group` for 4);
+        0 keeps it in `dtype`. For tied embeddings the one table is quantized once and shared by the
+        lookup and the head.
+    embed_bits: untied input embedding table bits (8, 4 or 0 = keep). Ignored for tied models.
+    skip: substrings of Linear names to leave unquantized (e.g. ["layers.0."]).
+    dtype: compute dtype of the quantized model (bf16 by default: the kernels take bf16 inputs).
+    pad: allow a last group shorter than `group` (stored zero-padded); False raises instead.
+    mixed: optional MixedPrecision assignment (per-layer 4/8 bits).
+    """
+
+    bits: int = 4
+    group: int = 128
+    symmetric: bool = False
+    head_bits: int = 8
+    embed_bits: int = 8
+    skip: list[str] = field(default_factory=list)
+    dtype: str = "bfloat16"
+    pad: bool = True
+    mixed: MixedPrecision | None = None
+    method = "rtn"
+
+    @property
+    def spec(self) -> QSpec:
+        return QSpec(self.bits, self.group, self.symmetric)
+
+    def validate(self) -> "QuantConfig":
+        self.spec.validate()
+        for name in ("head_bits", "embed_bits"):
+            if getattr(self, name) not in (0, 4, 8):
+                raise LeanlmError(f"{name}={getattr(self, name)} is not supported; use 8, 4 or 0 (keep unquantized)")
+        if self.mixed is not None:
+            self.mixed.high.validate()
+            lo, hi = self.spec.bits_per_weight(4096), self.mixed.high.bits_per_weight(4096)
+            if not lo <= self.mixed.target_bits:
+                raise LeanlmError(f"target_bits={self.mixed.target_bits} is below the low spec's {lo:.2f} bits/weight")
+            if hi <= lo:
+                raise LeanlmError("mixed precision needs a high spec with more bits than the low spec")
+        return self
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["mixed"] = None if self.mixed is None else {**asdict(self.mixed), "high": asdict(self.mixed.high)}
+        d["method"] = self.method
+        return d
+
+
+@dataclass
+class RTN(QuantConfig):
+    """Round to nearest: min/max of each group (no calibration data needed)."""
+
+    method = "rtn"
+
+
+@dataclass
+class GPTQ(QuantConfig):
+    """GPTQ (Frantar et al. 2022): column-by-column rounding with Hessian-based error feedback.
+
+    damp: fraction of the mean Hessian diagonal added to the diagonal.
+    act_order: quantize columns in order of decreasing Hessian diagonal; group scales are then
+        fixed up front from the unmodified weights ("static groups"), so storage and kernels
+        stay in natural column order.
+    block_size: columns per lazy batch update (rounded to a multiple of the group).
+    true_sequential: within a block, quantize wqkv, then wo, gate_up, down, each calibrated on
+        inputs that already went through the quantized earlier Linears.
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    true_sequential: bool = True
+    method = "gptq"
+
+    def validate(self):
+        super().validate()
+        if not 0 < self.damp < 1:
+            raise LeanlmError(f"damp must be in (0, 1), got {self.damp}")
+        return self
+
+
+@dataclass
+class AWQ(QuantConfig):
+    """AWQ (Lin et al. 2023): per-input-channel scales s = mean|x|^a (a searched on a grid),
+    folded into the preceding norm / Linear, chosen to minimise the layer's output error; then
+    an optional per-group clipping search. Output errors use the calibration Hessian X^T X,
+    so each candidate costs one small matrix product instead of a forward pass.
+    """
+
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    method = "awq"
+
+    def validate(self):
+        super().validate()
+        if self.grid < 1 or self.clip_grid < 1 or not 0 < self.max_shrink < 1:
+            raise LeanlmError("AWQ needs grid >= 1, clip_grid >= 1 and 0 < max_shrink < 1")
+        return self
+
+
+CONFIGS = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}
+
+
+def make_config(method: str, **kwargs) -> QuantConfig:
+    if method not in CONFIGS:
+        raise LeanlmError(f"unknown quantization method '{method}'; use one of: {', '.join(CONFIGS)}")
+    names = {f.name for f in fields(CONFIGS[method])}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise LeanlmError(f"unknown option(s) {', '.join(unknown)} for {method}; valid: {', '.join(sorted(names))}")
+    mixed = kwargs.get("mixed")
+    if isinstance(mixed, (int, float)) and not isinstance(mixed, bool):
+        kwargs["mixed"] = MixedPrecision(target_bits=float(mixed))
+    elif isinstance(mixed, dict):
+        m = dict(mixed)
+        if isinstance(m.get("high"), dict):
+            m["high"] = QSpec(**m["high"])
+        try:
+            kwargs["mixed"] = MixedPrecision(**m)
+        except TypeError as e:
+            raise LeanlmError(f"bad mixed-precision settings {mixed!r}: {e}") from e
+    return CONFIGS[method](**kwargs).validate()

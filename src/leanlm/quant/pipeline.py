@@ -1,0 +1,189 @@
+"""`quantize(model, config, calib_tokens)`: the one entry point for every method.
+
+Steps: pick the Linears to quantize (decoder-layer wqkv / wo / gate_up / down minus `skip`),
+optionally assign per-layer bits from measured sensitivity, quantize the decoder blocks
+(RTN: each weight alone; GPTQ / AWQ: layer-sequentially on calibration activations), quantize
+the LM head and embeddings (RTN) unless kept, and cast what stays unquantized (norms, kept
+tables) to the compute dtype. The model is modified in place and returned; `model.quantization`
+records what was done (saved with the model by save.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LeanlmError
+from ..model.load import parse_dtype
+from ..model.runtime import RotaryTable
+from .awq import awq_block
+from .calibrate import LINEARS, collect, get_module, run_sequential, set_module
+from .config import AWQ, GPTQ, QSpec, QuantConfig
+from .gptq import gptq
+from .mixed import assign_bits, layer_sensitivity
+from .packed import QuantEmbedding, QuantLinear
+from .rtn import QuantizedWeight, rtn
+
+
+def quantizable(model, skip: list[str] = ()) -> list[str]:
+    """Names of the decoder-layer Linear modules that are still full precision."""
+    names = []
+    for i, layer in enumerate(model.layers):
+        for lin in LINEARS:
+            name = f"layers.{i}.{lin}"
+            if isinstance(get_module(layer, lin), nn.Linear) and not any(s in name for s in skip):
+                names.append(name)
+    return names
+
+
+def rtn_rows(w: torch.Tensor, spec: QSpec, chunk: int = 16384) -> QuantizedWeight:
+    """RTN of a tall matrix (embedding tables) in row chunks to bound peak memory."""
+    parts = [rtn(w[i : i + chunk], spec) for i in range(0, w.shape[0], chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, spec, w.shape[1])
+
+
+def head_spec(bits: int, config: QuantConfig) -> QSpec:
+    return QSpec(8, 0, True) if bits == 8 else QSpec(4, config.group or 128, config.symmetric)
+
+
+def _meta(m: QuantLinear) -> dict:
+    return {"bits": m.spec.bits, "group": m.spec.group, "symmetric": m.spec.symmetric,
+            "in_features": m.in_features, "out_features": m.out_features}  # fmt: skip
+
+
+def average_bits(layers: dict) -> float:
+    """Storage bits per weight (codes, scales, zeros, padding) over the given layer metadata."""
+    total = bits = 0.0
+    for m in layers.values():
+        if "bits" in m:
+            n = m["in_features"] * m["out_features"]
+            bits += QSpec(m["bits"], m["group"], m["symmetric"]).bits_per_weight(m["in_features"]) * n
+            total += n
+    return bits / max(total, 1)
+
+
+def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict) -> None:
+    emb = model.tok_embeddings
+    if model.lm_head is None:  # tied: one table for lookup and head
+        if config.head_bits and isinstance(emb, nn.Embedding):
+            table = QuantLinear(rtn_rows(emb.weight.data, head_spec(config.head_bits, config)))
+            model.lm_head = table
+            model.tok_embeddings = QuantEmbedding(table, dtype)
+            layers["lm_head"] = _meta(table)
+            layers["tok_embeddings"] = {"shared_with": "lm_head"}
+        return
+    if config.head_bits and isinstance(model.lm_head, nn.Linear):
+        head = model.lm_head
+        model.lm_head = QuantLinear(rtn_rows(head.weight.data, head_spec(config.head_bits, config)), head.bias)
+        layers["lm_head"] = _meta(model.lm_head)
+    if config.embed_bits and isinstance(emb, nn.Embedding):
+        table = QuantLinear(rtn_rows(emb.weight.data, head_spec(config.embed_bits, config)))
+        model.tok_embeddings = QuantEmbedding(table, dtype)
+        layers["tok_embeddings"] = _meta(table)
+
+
+def cast_unquantized(model, dtype: torch.dtype) -> None:
+    """Cast float parameters/buffers outside the packed modules (and rotary tables) to dtype."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, RotaryTable)):
+            continue
+        for _, p in m.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point():
+                setattr(m, name, b.to(dtype))
+
+
+def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = None, progress: bool = True,
+             batch_size: int = 4):  # fmt: skip
+    """Quantize `model` in place with `config` (RTN, GPTQ or AWQ); returns the model.
+
+    calib_tokens: [n, seq_len] token ids (see calibration_tokens); required by GPTQ, AWQ and
+    mixed precision. Calibration runs in float32 whatever the model's dtype.
+    """
+    config.validate()
+    if getattr(model, "quantization", None):
+        raise LeanlmError("this model is already quantized; load the original checkpoint to quantize it again")
+    needs_calib = isinstance(config, (GPTQ, AWQ)) or config.mixed is not None
+    if needs_calib and (calib_tokens is None or calib_tokens.numel() == 0):
+        raise LeanlmError(f"{config.method} needs calibration tokens (e.g. --calib wikitext2-valid)")
+    dtype = parse_dtype(config.dtype)
+    t0 = time.perf_counter()
+    if model.dtype != torch.float32:
+        cast_unquantized(model, torch.float32)
+    names = quantizable(model, config.skip)
+    if not names:
+        raise LeanlmError("nothing to quantize: no full-precision Linear left (check --skip)")
+    shapes = {n: (get_module(model, n).out_features, get_module(model, n).in_features) for n in names}
+    specs = {n: config.spec for n in names}
+    for n in names:
+        config.spec.validate(shapes[n][1], config.pad, n)
+    report: dict = {}
+
+    if config.mixed is not None:
+        mx = config.mixed
+        kl_tokens = calib_tokens[: mx.kl_samples, : mx.kl_seq_len]
+        t1 = time.perf_counter()
+        sens = layer_sensitivity(model, kl_tokens, names, config.spec, progress)
+        specs, avg = assign_bits(sens, shapes, config.spec, mx.high, mx.target_bits)
+        report["mixed"] = {"sensitivity_kl": sens, "high": [n for n in names if specs[n] != config.spec],
+                           "avg_bits_per_weight": avg, "seconds": time.perf_counter() - t1}  # fmt: skip
+        for n in names:
+            specs[n].validate(shapes[n][1], config.pad, n)
+
+    layers: dict = {}
+
+    def install(root, prefix: str, lin: str, qw: QuantizedWeight, bias) -> None:
+        module = QuantLinear(qw, None if bias is None else bias.data)
+        set_module(root, lin, module)
+        layers[prefix + lin] = _meta(module)
+
+    if isinstance(config, GPTQ) or isinstance(config, AWQ):
+        by_block: dict[int, dict[str, QSpec]] = {}
+        for n, s in specs.items():
+            _, i, lin = n.split(".", 2)
+            by_block.setdefault(int(i), {})[lin] = s
+
+        def per_block(i, layer, xs, rope, dtype_):
+            local = by_block.get(i, {})
+            if not local:
+                return
+            prefix = f"layers.{i}."
+            if isinstance(config, AWQ):
+                stats = collect(layer, list(local), xs, rope, dtype_)
+                stats = {n: (h.hessian(), h.act_mean()) for n, h in stats.items()}
+                report.setdefault("awq", {})[i] = awq_block(
+                    layer, stats, local, config, lambda lin, qw, bias: install(layer, prefix, lin, qw, bias))
+                return
+            stages = [[n] for n in LINEARS] if config.true_sequential else [list(LINEARS)]
+            for stage in stages:
+                todo = [n for n in stage if n in local]
+                if not todo:
+                    continue
+                stats = collect(layer, todo, xs, rope, dtype_)
+                for n in todo:
+                    lin = get_module(layer, n)
+                    qw = gptq(lin.weight.data, stats[n].hessian(), local[n], config.damp, config.block_size,
+                              config.act_order)  # fmt: skip
+                    install(layer, prefix, n, qw, lin.bias)
+
+        run_sequential(model, calib_tokens, per_block, batch_size, progress, desc=config.method)
+    else:
+        for n in tqdm(names, desc="rtn", disable=not progress, leave=False):
+            lin = get_module(model, n)
+            install(model, "", n, rtn(lin.weight.data, specs[n]), lin.bias)
+
+    quantize_head(model, config, dtype, layers)
+    cast_unquantized(model, dtype)
+    seconds = time.perf_counter() - t0
+    bits = average_bits({n: m for n, m in layers.items() if n.startswith("layers.")})
+    model.quantization = {"format": 1, "config": config.to_dict(), "layers": layers, "dtype": str(dtype).removeprefix("torch."),
+                          "seconds": seconds, "bits_per_weight": bits, "report": report}  # fmt: skip
+    return model

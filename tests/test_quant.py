@@ -1,0 +1,283 @@
+"""Weight quantization: grid, packing, kernels, GPTQ / AWQ quality, save/load, CLI, errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import DATA, needs_data, needs_smollm2
+
+from leanlm import LeanlmError
+from leanlm.evaluate.speed import weight_bytes
+from leanlm.model import load_model
+from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, calibration_tokens, make_config,
+                          pack_int4, quantize, rtn, save_quantized, unpack_int4)  # fmt: skip
+from leanlm.quant.awq import output_error, search_clip, search_scale
+from leanlm.quant.gptq import gptq
+from leanlm.quant.native import native
+from leanlm.quant.packed import (_unpack_kernel_layout, int4_kernel_layout, int8_kernel_ok, pack_blocks,
+                                  unpack_blocks)  # fmt: skip
+
+SPECS = [QSpec(4, 32, False), QSpec(4, 64, True), QSpec(4, 128, False), QSpec(4, 0, False), QSpec(4, 0, True),
+         QSpec(8, 0, True), QSpec(8, 0, False), QSpec(8, 128, False)]  # fmt: skip
+
+
+def test_pack_unpack_roundtrip_exact():
+    q = torch.randint(0, 16, (48, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    assert pack_int4(q).shape == (48, 48) and pack_int4(q).dtype == torch.uint8
+    assert torch.equal(pack_int4(q)[0, 0], q[0, 0] | q[0, 1] << 4)  # the documented on-disk layout
+    assert torch.equal(unpack_blocks(pack_blocks(q)), q)
+    assert torch.equal(pack_blocks(q)[0, 0], q[0, 0] | q[0, 16] << 4)  # the native kernel's layout
+    layout = int4_kernel_layout()
+    if layout is None:
+        pytest.skip("torch has no int4 CPU kernel here")
+    for n in (32, 80, 144):  # full blocks and a 16-row tail
+        q = torch.randint(0, 16, (n, 64), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        assert torch.equal(_unpack_kernel_layout(packed, n, 64, layout), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
+def test_rtn_error_within_grid_bound(spec):
+    torch.manual_seed(0)
+    for K in (256, 576):  # 576: the last group of 128 is short (padded)
+        w = torch.randn(40, K) * 0.05
+        w[3, 7] = 1.5  # an outlier stretches its group's grid, the bound follows
+        qw = rtn(w, spec)
+        assert qw.q.max() <= spec.qmax and qw.scale.dtype == torch.bfloat16
+        err = (qw.dequantize() - w).abs()
+        g = spec.group_size(K)
+        half_step = qw.scale.float().repeat_interleave(g, dim=1)[:, :K] / 2
+        assert (err <= half_step * (1 + 1e-5) + 1e-8).all()
+        assert err.max() > 0  # it did quantize
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "none"])
+@pytest.mark.parametrize("spec", [QSpec(4, 32, False), QSpec(4, 128, True), QSpec(4, 0, False), QSpec(8, 0, True),
+                                  QSpec(8, 0, False), QSpec(8, 64, False)], ids=lambda s: s.label())  # fmt: skip
+def test_packed_kernel_matches_dequantized_matmul(spec, backend):
+    torch.manual_seed(1)
+    w, b = torch.randn(96, 200) * 0.05, torch.randn(96)  # 200: padded last group / per-channel width
+    m = QuantLinear(rtn(w, spec), b, backend=backend)
+    available = {"native": native() is not None,
+                 "torch": int4_kernel_layout() is not None if spec.bits == 4 else spec.group == 0 and int8_kernel_ok(),
+                 "none": False}  # fmt: skip
+    assert m.kernel == available[backend]
+    wd = m.dequantize()
+    assert torch.equal(wd, rtn(w, spec).dequantize())
+    for rows in (1, 3, 9):  # kernel path (<= 4 or 8 rows) and dequantize + fp32 GEMM path
+        x = torch.randn(rows, 200)
+        ref = x @ wd.t() + b
+        for dtype, tol in ((torch.float32, 2e-2), (torch.bfloat16, 3e-2)):
+            y = m(x.to(dtype))
+            assert y.dtype == dtype and y.shape == (rows, 96)
+            assert ((y.float() - ref).abs().max() / ref.abs().max()) < tol
+    assert torch.equal(m.rows(torch.tensor([0, 95, 17])), wd[[0, 95, 17]])
+    t, meta = m.export()
+    assert torch.equal(QuantLinear.from_export(t, meta).dequantize(), wd)
+
+
+def _correlated(n=2048, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k) * 0.1
+    return z @ mix
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    torch.manual_seed(2)
+    x = _correlated()
+    H = x.t() @ x / x.shape[0]
+    w = torch.randn(64, 128) * 0.1
+    for spec in (QSpec(4, 32, False), QSpec(4, 0, True), QSpec(8, 0, True)):
+        e_rtn = output_error(w - rtn(w, spec).dequantize(), H)
+        for act_order in (False, True):
+            qw = gptq(w, H, spec, act_order=act_order)
+            e_gptq = output_error(w - qw.dequantize(), H)
+            assert e_gptq < 0.8 * e_rtn, (spec, act_order, e_gptq, e_rtn)
+            assert qw.q.max() <= spec.qmax
+
+
+def test_awq_scales_reduce_error_with_outlier_channels():
+    torch.manual_seed(3)
+    x = torch.randn(2048, 128)
+    x[:, :4] *= 40.0  # a few salient input channels
+    H = x.t() @ x / x.shape[0]
+    w = torch.randn(64, 128) * 0.1
+    spec = QSpec(4, 64, False)
+    s, info = search_scale(w, H, x.abs().mean(0), spec, grid=20)
+    assert info["loss"] < 0.9 * info["rtn_loss"] and info["alpha"] > 0
+    # the folded layer computes (x / s) @ Q(w * s)^T: check its real output error
+    y = x @ w.t()
+    e_rtn = (y - x @ rtn(w, spec).dequantize().t()).pow(2).mean()
+    e_awq = (y - (x / s) @ rtn(w * s, spec).dequantize().t()).pow(2).mean()
+    assert e_awq < 0.9 * e_rtn
+    shrink = search_clip(w * s, H / s[:, None] / s[None, :], spec)
+    assert shrink.shape == (64, 2) and (shrink <= 1).all() and (shrink > 0.5).all()
+    e_clip = (y - (x / s) @ rtn(w * s, spec, shrink).dequantize().t()).pow(2).mean()
+    assert e_clip <= e_awq * 1.0001
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory, word_tokenizer):
+    """Tiny models whose widths the kernels accept (hidden 64, ffn 128): llama (tied) and gemma3."""
+    from conftest import tiny_hf_config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    out = {}
+    for arch in ("llama", "gemma3"):
+        cfg = tiny_hf_config(arch)
+        cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 64, 128, 16
+        cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
+        assert isinstance(cfg, (LlamaConfig, Gemma3TextConfig))
+
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.randn_like(p) * 0.2 + (0.0 if arch == "gemma3" else 1.0))
+                else:
+                    p.copy_(torch.randn_like(p) * 0.15)
+        d = tmp_path_factory.mktemp(arch + "64")
+        hf.save_pretrained(d, safe_serialization=True)
+        word_tokenizer.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+def _kl(ref, out):
+    return torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                      reduction="sum").item() / ref.shape[1]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_quantize_model_save_load_identical_logits(tiny64, tmp_path, word_tokenizer, arch):
+    base = load_model(tiny64[arch])
+    x = torch.randint(0, 97, (1, 24))
+    calib = torch.randint(0, 97, (6, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = base(x)
+    for cfg in (RTN(bits=8, group=0, symmetric=True), GPTQ(bits=4, group=32, act_order=True), AWQ(bits=4, group=32)):
+        model = quantize(load_model(tiny64[arch]), cfg, calib, progress=False)
+        assert model.dtype == torch.bfloat16 and isinstance(model.layers[0].mlp.w_down, QuantLinear)
+        assert weight_bytes(model) < weight_bytes(base) / (3 if cfg.bits == 8 else 4)
+        with torch.inference_mode():
+            out = model(x)
+        assert _kl(ref, out) < (0.01 if cfg.bits == 8 else 0.2)
+        path = save_quantized(model, word_tokenizer, tmp_path / f"{arch}-{cfg.method}")
+        assert "leanlm_quant" in json.loads((path / "config.json").read_text())
+        again = load_model(path, dtype="bfloat16")  # the load hook rebuilds the packed modules
+        assert isinstance(again.layers[1].attn.wqkv, QuantLinear)
+        with torch.inference_mode():
+            assert torch.equal(again(x), out)
+            last = again(x[:, :1])  # single row: the kernel path
+        assert last.shape == (1, 1, 97)
+        assert weight_bytes(again) == weight_bytes(model)
+
+
+def test_gptq_and_awq_beat_rtn_on_tiny_model(tiny64):
+    base = load_model(tiny64["llama"])
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, 97, (16, 48), generator=g)
+    x = torch.randint(0, 97, (4, 48), generator=g)
+    with torch.inference_mode():
+        ref = base(x)
+    kls = {}
+    for cfg in (RTN(bits=4, group=32, head_bits=0), GPTQ(bits=4, group=32, head_bits=0),
+                AWQ(bits=4, group=32, head_bits=0)):  # fmt: skip
+        model = quantize(load_model(tiny64["llama"]), cfg, calib, progress=False)
+        with torch.inference_mode():
+            kls[cfg.method] = _kl(ref.flatten(0, 1)[None], model(x).flatten(0, 1)[None])
+    assert kls["gptq"] < kls["rtn"] and kls["awq"] < kls["rtn"], kls
+
+
+def test_mixed_precision_meets_target(tiny64):
+    calib = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = RTN(bits=4, group=32, mixed=MixedPrecision(target_bits=6.5, kl_samples=2, kl_seq_len=32))
+    model = quantize(load_model(tiny64["llama"]), cfg, calib, progress=False)
+    q = model.quantization
+    mixed = q["report"]["mixed"]
+    assert mixed["high"] and len(mixed["high"]) < len(mixed["sensitivity_kl"])
+    assert q["bits_per_weight"] <= 6.5 + 1e-9 and mixed["avg_bits_per_weight"] == pytest.approx(q["bits_per_weight"])
+    eight = [n for n, m in q["layers"].items() if m.get("bits") == 8 and n.startswith("layers.")]
+    assert sorted(eight) == sorted(mixed["high"])
+    # the promoted layers are the most sensitive per stored bit: the top one is always promoted
+    sens = mixed["sensitivity_kl"]
+    assert max(sens, key=sens.get) in mixed["high"]
+
+
+def test_untied_head_and_embeddings(tiny_dirs):
+    model = load_model(tiny_dirs["llama_untied"])  # hidden 48: group 32 leaves a short, padded last group
+    base_bytes = weight_bytes(model)
+    quantize(model, RTN(bits=4, group=32, head_bits=8, embed_bits=4), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits == 8
+    assert model.tok_embeddings.table.spec.bits == 4
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.randint(0, 97, (1, 9)))).all()
+    assert weight_bytes(model) < base_bytes / 4
+
+
+def test_bad_input_errors(tiny_dirs):
+    with pytest.raises(LeanlmError, match="bits=3"):
+        RTN(bits=3).validate()
+    with pytest.raises(LeanlmError, match="unknown quantization method 'foo'"):
+        make_config("foo")
+    with pytest.raises(LeanlmError, match="group=48"):
+        make_config("gptq", group=48)
+    with pytest.raises(LeanlmError, match="act_order"):
+        make_config("rtn", act_order=True)
+    model = load_model(tiny_dirs["llama"])  # in_features 48 and 80
+    with pytest.raises(LeanlmError, match="does not divide in_features 48"):
+        quantize(model, RTN(bits=4, group=32, pad=False), progress=False)
+    with pytest.raises(LeanlmError, match="calibration"):
+        quantize(model, GPTQ(bits=4, group=32), None, progress=False)
+    with pytest.raises(LeanlmError, match="head_bits"):
+        RTN(head_bits=6).validate()
+    quantize(model, RTN(bits=8, group=0), progress=False)
+    with pytest.raises(LeanlmError, match="already quantized"):
+        quantize(model, RTN(), progress=False)
+
+
+def test_calibration_tokens(word_tokenizer):
+    text = " ".join(f"w{i % 90}" for i in range(500))
+    t = calibration_tokens(word_tokenizer, text, n_samples=5, seq_len=20, seed=3)
+    assert t.shape == (5, 20)
+    assert torch.equal(t, calibration_tokens(word_tokenizer, text, n_samples=5, seq_len=20, seed=3))
+    with pytest.raises(LeanlmError, match="fewer than one window"):
+        calibration_tokens(word_tokenizer, "w1 w2 w3", n_samples=2, seq_len=20)
+
+
+@needs_data
+def test_cli_quantize_then_eval(tiny64, tmp_path, monkeypatch):
+    from leanlm.cli import main
+
+    monkeypatch.setenv("LEANLM_DATA", str(DATA))
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i % 90} the" for i in range(3000)))
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny64["llama"]), "--method", "gptq", "--bits", "4", "--group", "32", "--calib", str(calib),
+            "--samples", "4", "--seq-len", "32", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "model.safetensors").exists()
+    assert main(args) == 2  # exists: refuses without --force
+    assert main(args + ["--force"]) == 0
+    assert main(["quantize", str(tiny64["llama"]), "--bits", "3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", str(tiny64["llama"]), "--calib", "wikitext2", "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["eval", str(out), "--text", str(calib), "--seq-len", "32", "--windows", "2", "--ppl",
+                 "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"]["ppl"] > 1
+
+
+@needs_smollm2
+@needs_data
+def test_smollm2_int8_close_to_base(smollm2):
+    from leanlm.evaluate.data import wikitext2_test
+    from leanlm.evaluate.perplexity import kl_divergence
+
+    base, tok = smollm2
+    model = quantize(load_model("smollm2-135m"), RTN(bits=8, group=0, symmetric=True), progress=False)
+    r = kl_divergence(base, model, tok, wikitext2_test(), seq_len=128, max_windows=2, progress=False)
+    assert r["kl"] < 0.01 and r["top1_agreement"] > 0.95
+    assert weight_bytes(model) < weight_bytes(base) / 3.5

@@ -1,0 +1,114 @@
+"""Recipes: validation errors name the problem; apply + save + reload works on a tiny model."""
+
+import pytest
+import torch
+import yaml
+
+from leanlm import LeanlmError
+from leanlm.recipe import apply_recipe, compress, load_recipe, parse_recipe, plan_for
+
+
+def test_example_recipes_are_valid():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[1].glob("examples/recipes/*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        assert load_recipe(f).steps
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"steps": [{"quantize": {"method": "gptq", "bits": 4, "grop": 128}}]}, "unknown key.*grop"),
+    ({"steps": [{"quantize": {"method": "gptq", "bits": 3}}]}, "bits=3"),
+    ({"steps": [{"quantize": {"method": "fancy"}}]}, "unknown quantization method 'fancy'"),
+    ({"steps": [{"prune": {"structured": "neurons", "ratio": 1.5}}]}, "ratio"),
+    ({"steps": [{"prune": {"method": "wanda", "sparsity": -0.1}}]}, "sparsity"),
+    ({"steps": [{"distill": {}}]}, "unknown step kind 'distill'"),
+    ({"steps": [{"dtype": "int3"}]}, "float32 or bfloat16"),
+    ({"steps": [{"kv": "window:0"}]}, "window"),
+    ({"steps": []}, "non-empty"),
+    ({"steps": [{"dtype": "bfloat16"}], "colour": "red"}, "unknown key.*colour"),
+    ({"steps": [{"dtype": "bfloat16"}], "calibration": {"samples": 0}}, "samples >= 1"),
+])  # fmt: skip
+def test_validation_errors(recipe, message):
+    with pytest.raises(LeanlmError, match=message):
+        parse_recipe(recipe)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(LeanlmError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [quantize: {method: rtn")
+    with pytest.raises(LeanlmError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_apply_save_reload(tiny_dirs, tmp_path):
+    import leanlm
+
+    r = parse_recipe({"steps": [{"prune": {"structured": "neurons", "ratio": 0.25, "importance": "magnitude"}},
+                                {"quantize": {"method": "rtn", "bits": 8, "group": 0, "symmetric": True}}]})  # fmt: skip
+    out = tmp_path / "out"
+    report = compress(str(tiny_dirs["llama"]), r, out, progress=False)
+    assert [s["step"] for s in report["steps"]] == ["prune", "quantize"]
+    model, _ = leanlm.load(out)
+    assert model.config.layers[0].ffn_dim == 60  # 80 neurons - 25%
+    with torch.inference_mode():
+        logits = model(torch.randint(0, 97, (1, 8)))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(LeanlmError, match="--force"):
+        compress(str(tiny_dirs["llama"]), r, out, progress=False)
+
+
+def test_plan_follows_the_recipe(tiny_dirs):
+    from leanlm.model import load_model
+
+    model = load_model(tiny_dirs["llama"])
+    r = parse_recipe(yaml.safe_load("""
+steps:
+  - quantize: {method: rtn, bits: 4, group: 128}
+  - kv: "sinks:4,window:64,int8"
+"""))
+    p = plan_for(model, r)
+    assert (p.weight_dtype, p.compute_dtype, p.group_size, p.kv_window, p.kv_dtype) == ("int4", "bf16", 128, 68, "int8")
+    assert plan_for(model).weight_dtype == "fp32"
+
+
+def test_search_candidates_and_prediction(tiny_dirs):
+    from leanlm.hardware import load_profile
+    from leanlm.model import load_model
+    from leanlm.recipe.search import candidates, predict, predicted_config
+
+    cands = candidates()
+    names = [c.name for c in cands]
+    assert "fp32" in names and "bf16" in names and "gptq4" in names and len(names) == len(set(names))
+    model = load_model(tiny_dirs["llama"])
+    lean = next(c for c in cands if c.name == "rtn4+ffn-25%+drop2")
+    cfg = predicted_config(model.config, lean)
+    assert cfg.n_layers == 1 and cfg.layers[0].ffn_dim == 60
+    h100 = load_profile("h100")
+    assert predict(model, lean, h100)["predicted_weight_mb"] < predict(model, cands[0], h100)["predicted_weight_mb"]
+
+
+def test_search_returns_a_non_dominated_front(tiny_dirs, capsys):
+    from conftest import DATA
+
+    from leanlm.cli import main
+    from leanlm.report import pareto_front
+
+    import json, os
+
+    if not (DATA / "wikitext-2-raw").is_dir():
+        pytest.skip("needs LEANLM_DATA")
+    assert main(["search", str(tiny_dirs["llama"]), "--hw", "h100", "--trials", "3", "--windows", "1", "--runs", "1",
+                 "--max-ppl-increase", "900%", "--json", "-"]) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["trials"]) == 3 and r["trials"][0]["name"] == "fp32" and r["pareto"]
+    front = [t for t in r["trials"] if t.get("pareto")]
+    pts = [(t["ppl"], t["decode_tok_s"]) for t in r["trials"]]
+    # nothing measured dominates a front member
+    for t in front:
+        assert not any(p[0] <= t["ppl"] and p[1] >= t["decode_tok_s"] and (p[0] < t["ppl"] or p[1] > t["decode_tok_s"])
+                       for p in pts)  # fmt: skip
+    assert len(pareto_front(pts)) >= 1

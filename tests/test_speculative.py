@@ -1,0 +1,270 @@
+"""Speculative decoding is exact: greedy output equals plain greedy token for token, sampled
+tokens follow the target's distribution (chi-square), and rolled-back caches equal a fresh
+prefill of the accepted tokens."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_hf, needs_smollm2
+
+from leanlm.decode.drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
+from leanlm.decode.generate import GenerationStats, Sampling, filtered_probs, generate_tokens
+from leanlm.decode.kernels import PackedLinear, pack_model, packing_supported, unpack_model
+from leanlm.decode.speculative import AdaptiveGamma, make_draft, speculative_generate_tokens
+from leanlm.model import load_model
+
+PROMPT = [5, 17, 3, 44, 2, 9, 5, 17, 3, 44]  # a repeat, so prompt lookup finds matches
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory):
+    """A second random llama with the same vocabulary: a draft that disagrees with the target."""
+    d = tmp_path_factory.mktemp("llama_other")
+    make_tiny_hf("llama", seed=1).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def drafts_for(d, bf16, other):
+    return {
+        "lookup": lambda: LookupDraft(),
+        "self": lambda: EarlyExitDraft(1),
+        "self-threshold": lambda: EarlyExitDraft(2, threshold=0.3),
+        "bf16": lambda: ModelDraft(bf16),
+        "other": lambda: ModelDraft(other),
+        "lookup+self": lambda: LookupDraft(fallback=EarlyExitDraft(1)),
+        "lookup+other": lambda: LookupDraft(fallback=ModelDraft(other)),
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "mistral", "qwen2"])
+def test_greedy_identical_for_every_draft_and_gamma(arch, tiny_dirs, other_dir):
+    target = load_model(tiny_dirs[arch])
+    bf16 = load_model(tiny_dirs[arch], "bfloat16")
+    other = load_model(other_dir) if arch == "llama" else bf16
+    ref = list(generate_tokens(target, PROMPT, 30, eos_ids=set()))
+    accepted_any = False
+    for name, make in drafts_for(tiny_dirs[arch], bf16, other).items():
+        for gamma in (1, 4, "auto", "heuristic"):
+            st = GenerationStats()
+            out = list(speculative_generate_tokens(target, PROMPT, 30, eos_ids=set(), stats=st, draft=make(), gamma=gamma))
+            assert out == ref, (name, gamma)
+            s = st.extra["speculative"].summary()
+            assert s["drafted"] > 0 or name.startswith("lookup"), (name, gamma)
+            accepted_any |= s["accepted"] > 0
+            assert target.layers[0].attn.cache is None  # caches released
+    assert accepted_any
+
+
+def test_greedy_identical_with_packed_kernels_and_eos(tiny_dirs, other_dir):
+    if not packing_supported():
+        pytest.skip("oneDNN packed fp32 weights unavailable")
+    plain = load_model(tiny_dirs["qwen2"])  # qkv bias
+    packed = load_model(tiny_dirs["qwen2"])
+    assert pack_model(packed) == 3 * 4
+    ref = list(generate_tokens(plain, PROMPT, 30, eos_ids=set()))
+    for make in (lambda: LookupDraft(), lambda: EarlyExitDraft(2), lambda: Draft()):
+        assert list(speculative_generate_tokens(packed, PROMPT, 30, eos_ids=set(), draft=make(), gamma=3)) == ref
+    # stops at EOS inside an accepted run, like plain decoding
+    eos = ref[7]
+    st = GenerationStats()
+    out = list(speculative_generate_tokens(packed, PROMPT, 30, eos_ids={eos}, stats=st, draft=LookupDraft(), gamma=4))
+    assert out == ref[: ref.index(eos) + 1] and st.stop_reason == "eos"
+    # unpacking restores the exact weights
+    assert unpack_model(packed) == 12
+    for a, b in zip(plain.parameters(), packed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_packed_linear_matches_linear():
+    if not packing_supported():
+        pytest.skip("oneDNN packed fp32 weights unavailable")
+    lin = torch.nn.Linear(48, 80)
+    p = PackedLinear(lin.weight, lin.bias)
+    for rows in (1, 2, 5, 9):
+        x = torch.randn(1, rows, 48)
+        torch.testing.assert_close(p(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(p.dense_weight(), lin.weight)
+
+
+class SnapshotDraft(ModelDraft):
+    """Records the target's and the draft's caches right after every rollback."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.snaps = []
+
+    def rollback(self, valid):
+        super().rollback(valid)
+        tm = self.target.model
+        target_kv = [(l.attn.cache.k.clone(), l.attn.cache.v.clone()) for l in tm.layers]
+        draft_kv = [(l.attn.cache.k.clone(), l.attn.cache.v.clone()) for l in self.model.layers]
+        self.snaps.append((valid, target_kv, self.valid, draft_kv))
+
+
+def fresh_cache(model, tokens):
+    model.setup_cache(1, len(tokens))
+    with torch.inference_mode():
+        model(torch.tensor([tokens]), start=0)
+    kv = [(l.attn.cache.k.clone(), l.attn.cache.v.clone()) for l in model.layers]
+    model.clear_cache()
+    return kv
+
+
+def test_rollback_leaves_cache_equal_to_fresh_prefill(tiny_dirs, other_dir):
+    target, other = load_model(tiny_dirs["llama"]), load_model(other_dir)
+    draft = SnapshotDraft(other)
+    out = list(speculative_generate_tokens(target, PROMPT, 24, eos_ids=set(), draft=draft, gamma=4))
+    seq = PROMPT + out
+    rejected = 0
+    for valid, target_kv, dvalid, draft_kv in draft.snaps:
+        for (k, v), (fk, fv) in zip(target_kv, fresh_cache(target, seq[:valid])):
+            torch.testing.assert_close(k[:, :, :valid], fk, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[:, :, :valid], fv, rtol=1e-5, atol=1e-5)
+            rejected += int(k[:, :, valid:].abs().sum() > 0)  # stale entries from rejected drafts lie beyond
+        for (k, v), (fk, fv) in zip(draft_kv, fresh_cache(other, seq[:dvalid])):
+            torch.testing.assert_close(k[:, :, :dvalid], fk, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[:, :, :dvalid], fv, rtol=1e-5, atol=1e-5)
+    assert len(draft.snaps) >= 5 and rejected > 0
+
+
+def test_self_draft_shares_the_target_cache(tiny_dirs):
+    """The early-exit draft writes the target's first layers; after rollback they equal a fresh prefill."""
+    target = load_model(tiny_dirs["gemma3"])  # sliding-window and global layers
+    snaps = []
+
+    class Spy(EarlyExitDraft):
+        def rollback(self, valid):
+            snaps.append((valid, [(l.attn.cache.k.clone(), l.attn.cache.v.clone()) for l in target.layers]))
+
+    out = list(speculative_generate_tokens(target, PROMPT, 20, eos_ids=set(), draft=Spy(2), gamma=3))
+    seq = PROMPT + out
+    for valid, kv in snaps:
+        for (k, v), (fk, fv) in zip(kv, fresh_cache(target, seq[:valid])):
+            torch.testing.assert_close(k[:, :, :valid], fk, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[:, :, :valid], fv, rtol=1e-5, atol=1e-5)
+
+
+# ---- sampling: the output distribution is the target's ---------------------------------------
+def exact_marginals(model, prompt, s: Sampling):
+    """Exact distributions of new tokens 2 and 3 (the first two that speculation produces)."""
+    with torch.inference_mode():
+        p1 = filtered_probs(model(torch.tensor([prompt]))[0, -1], s)
+        t1 = p1.nonzero().flatten()
+        seq2 = torch.tensor([prompt + [int(a)] for a in t1])
+        p2_given = filtered_probs(model(seq2)[:, -1], s)  # [n1, V]
+        p2 = p1[t1] @ p2_given
+        pairs = [(i, int(b)) for i in range(len(t1)) for b in p2_given[i].nonzero().flatten()]
+        seq3 = torch.tensor([prompt + [int(t1[i]), b] for i, b in pairs])
+        p3_given = filtered_probs(model(seq3)[:, -1], s)
+        w = torch.tensor([float(p1[t1[i]] * p2_given[i, b]) for i, b in pairs])
+        p3 = w @ p3_given
+    return p2, p3
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= 5  # pool rare cells into one
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    e = torch.cat([exp[big], exp[~big].sum().view(1)])
+    obs, e = obs.double().numpy(), e.double().numpy()
+    if e[-1] < 1e-9:
+        obs, e = obs[:-1], e[:-1]
+    return float(chisquare(obs, e * obs.sum() / e.sum()).pvalue)
+
+
+@pytest.mark.parametrize("kind", ["draft", "lookup"])
+def test_sampling_matches_target_distribution(kind, tiny_dirs, other_dir):
+    target, other = load_model(tiny_dirs["llama"]), load_model(other_dir)
+    s0 = Sampling(temperature=1.0, top_k=12)
+    prompt = PROMPT
+    p2, p3 = exact_marginals(target, prompt, s0)
+    q2, q3 = exact_marginals(other, prompt, s0)
+    assert 0.5 * (p2 - q2).abs().sum() > 0.3  # the draft really differs from the target
+    runs, V = 1500, p2.shape[0]
+    c2, c3 = torch.zeros(V), torch.zeros(V)
+    drafted = accepted = 0
+    for seed in range(runs):
+        draft = ModelDraft(other) if kind == "draft" else LookupDraft(max_ngram=1)
+        st = GenerationStats()
+        s = Sampling(temperature=1.0, top_k=12, seed=seed)
+        out = list(speculative_generate_tokens(target, prompt, 4, s, eos_ids=set(), stats=st, draft=draft, gamma=2))
+        c2[out[1]] += 1
+        c3[out[2]] += 1
+        drafted += st.extra["speculative"].drafted
+        accepted += st.extra["speculative"].accepted
+    assert 0 < accepted < drafted  # both acceptance and rejection paths ran
+    assert chi2_pvalue(c2, p2) > 1e-3 and chi2_pvalue(c3, p3) > 1e-3
+    if kind == "draft":  # the test has power: the draft's own distribution is rejected
+        assert chi2_pvalue(c2, q2) < 1e-6
+
+
+# ---- dynamic draft length -----------------------------------------------------------------
+def test_adaptive_gamma_follows_acceptance_and_costs():
+    good, bad = AdaptiveGamma(), AdaptiveGamma()
+    for _ in range(30):
+        g = good.next()
+        good.update(g, g, g * 0.1, 1.0 + 0.1 * g)  # everything accepted, draft 10% of a step
+        g = bad.next()
+        bad.update(g, 0, g * 0.1, 1.0 + 0.1 * g)  # nothing accepted
+    assert good.next() >= 6
+    seen = [bad.next() for _ in range(16)]
+    assert seen.count(0) >= 12 and 1 in seen  # speculation off, with occasional exploration
+    costly = AdaptiveGamma()
+    for _ in range(30):
+        g = costly.next()
+        costly.update(g, min(g, 2) if g else 0, g * 0.9, 1.0 + 0.1 * g)  # acceptance 2/3, draft ~ a step
+    assert costly.next() <= 2
+
+
+def test_make_draft_kinds(tiny_dirs):
+    target = load_model(tiny_dirs["llama"])
+    assert isinstance(make_draft("lookup", target), LookupDraft)
+    assert make_draft("self", target, layers=2).n_layers == 2
+    assert make_draft("lookup+self", target).fallback.name == "self-bfloat16"
+    assert make_draft("self", target).model.dtype == torch.bfloat16
+    from leanlm import LeanlmError
+
+    with pytest.raises(LeanlmError):
+        make_draft("draft", target)
+    with pytest.raises(LeanlmError):
+        make_draft("medusa", target)
+    with pytest.raises(LeanlmError):
+        list(speculative_generate_tokens(target, PROMPT, 5, draft=make_draft("self", target, layers=3), gamma=2))
+
+
+def test_cli_speculate(tiny_dirs, capsys):
+    from leanlm.cli import main
+
+    d = str(tiny_dirs["llama"])
+    base = ["generate", d, "--prompt", "w1 w2 w3 w1 w2", "--no-chat", "--max-new-tokens", "12", "--json", "-"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for extra in (["--speculate", "lookup", "--gamma", "auto"], ["--speculate", "self", "--draft-layers", "1"],
+                  ["--speculate", "self", "--gamma", "3"], ["--speculate", "lookup+draft", "--draft", d]):  # fmt: skip
+        assert main(base + extra) == 0, extra
+        res = json.loads(capsys.readouterr().out)
+        assert res["text"] == plain["text"], extra
+        assert 0.0 <= res["speculative"]["acceptance_rate"] <= 1.0 and "mean_accepted" in res["speculative"]
+    assert main(base + ["--speculate", "self", "--gamma", "x"]) == 2
+    assert "gamma" in capsys.readouterr().err
+    assert main(base + ["--speculate", "draft"]) == 2
+    assert "--draft MODEL" in capsys.readouterr().err
+
+
+@needs_smollm2
+def test_smollm2_speculative_greedy_identical(smollm2):
+    from leanlm import load
+    from leanlm.decode.generate import encode_prompt
+
+    model, tok = smollm2
+    draft_bf16, _ = load("smollm2-135m", dtype="bfloat16")
+    ids = encode_prompt(tok, "Summarize: The cat sat on the mat. The cat was happy because the mat was warm.")
+    ref = list(generate_tokens(model, ids, 24))
+    for draft in (LookupDraft(), EarlyExitDraft(12), ModelDraft(draft_bf16)):
+        st = GenerationStats()
+        assert list(speculative_generate_tokens(model, ids, 24, stats=st, draft=draft, gamma=3)) == ref, draft.name
+        assert st.extra["speculative"].rounds < len(ref) - 1 or draft.name == "lookup"
