@@ -179,7 +179,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="perplexity/KL windows of 512 tokens (0 = skip)")
     ap.add_argument("--runs", type=int, default=5, help="timed speed runs after a warm-up (0 = skip)")
     ap.add_argument("--calib", default="wikitext2-valid")
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--check-ppl", action="store_true", help="also run leanlm.evaluate.perplexity on the base model")
     ap.add_argument("--kernels", action="store_true", help="also time the kernels per weight shape")

@@ -31,13 +31,15 @@ def drafts_for(d, bf16, other):
         "self": lambda: EarlyExitDraft(1),
         "self-threshold": lambda: EarlyExitDraft(2, threshold=0.3),
         "bf16": lambda: ModelDraft(bf16),
+        "bf16-sync": lambda: ModelDraft(bf16, sync_kv=True),
+        "lookup+bf16-sync": lambda: LookupDraft(fallback=ModelDraft(bf16, sync_kv=True)),
         "other": lambda: ModelDraft(other),
         "lookup+self": lambda: LookupDraft(fallback=EarlyExitDraft(1)),
-        "lookup+other": lambda: LookupDraft(fallback=ModelDraft(other)),
+        "lookup+other": lambda: LookupDraft(fallback=ModelDraft(other), fallback_below=1),
     }
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
 def test_greedy_identical_for_every_draft_and_gamma(arch, tiny_dirs, other_dir):
     target = load_model(tiny_dirs[arch])
     bf16 = load_model(tiny_dirs[arch], "bfloat16")
@@ -45,7 +47,7 @@ def test_greedy_identical_for_every_draft_and_gamma(arch, tiny_dirs, other_dir):
     ref = list(generate_tokens(target, PROMPT, 30, eos_ids=set()))
     accepted_any = False
     for name, make in drafts_for(tiny_dirs[arch], bf16, other).items():
-        for gamma in (1, 4, "auto", "heuristic"):
+        for gamma in (1, 4, "auto") if arch == "llama" else (3, "auto"):
             st = GenerationStats()
             out = list(speculative_generate_tokens(target, PROMPT, 30, eos_ids=set(), stats=st, draft=make(), gamma=gamma))
             assert out == ref, (name, gamma)
@@ -90,8 +92,8 @@ def test_packed_linear_matches_linear():
 class SnapshotDraft(ModelDraft):
     """Records the target's and the draft's caches right after every rollback."""
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, sync_kv=False):
+        super().__init__(model, sync_kv=sync_kv)
         self.snaps = []
 
     def rollback(self, valid):
@@ -126,6 +128,19 @@ def test_rollback_leaves_cache_equal_to_fresh_prefill(tiny_dirs, other_dir):
             torch.testing.assert_close(k[:, :, :dvalid], fk, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v[:, :, :dvalid], fv, rtol=1e-5, atol=1e-5)
     assert len(draft.snaps) >= 5 and rejected > 0
+
+
+def test_synced_draft_cache_is_the_targets(tiny_dirs):
+    """A compressed copy with sync_kv holds the target's keys/values (cast) for committed positions."""
+    target, bf16 = load_model(tiny_dirs["mistral"]), load_model(tiny_dirs["mistral"], "bfloat16")
+    draft = SnapshotDraft(bf16, sync_kv=True)
+    ref = list(generate_tokens(target, PROMPT, 24, eos_ids=set()))
+    assert list(speculative_generate_tokens(target, PROMPT, 24, eos_ids=set(), draft=draft, gamma=4)) == ref
+    for valid, target_kv, dvalid, draft_kv in draft.snaps:
+        assert dvalid <= valid
+        for (k, v), (dk, dv) in zip(target_kv, draft_kv):
+            assert torch.equal(dk[:, :, :dvalid], k[:, :, :dvalid].to(torch.bfloat16))
+            assert torch.equal(dv[:, :, :dvalid], v[:, :, :dvalid].to(torch.bfloat16))
 
 
 def test_self_draft_shares_the_target_cache(tiny_dirs):
@@ -184,7 +199,7 @@ def test_sampling_matches_target_distribution(kind, tiny_dirs, other_dir):
     p2, p3 = exact_marginals(target, prompt, s0)
     q2, q3 = exact_marginals(other, prompt, s0)
     assert 0.5 * (p2 - q2).abs().sum() > 0.3  # the draft really differs from the target
-    runs, V = 1500, p2.shape[0]
+    runs, V = 300, p2.shape[0]
     c2, c3 = torch.zeros(V), torch.zeros(V)
     drafted = accepted = 0
     for seed in range(runs):
@@ -200,6 +215,35 @@ def test_sampling_matches_target_distribution(kind, tiny_dirs, other_dir):
     assert chi2_pvalue(c2, p2) > 1e-3 and chi2_pvalue(c3, p3) > 1e-3
     if kind == "draft":  # the test has power: the draft's own distribution is rejected
         assert chi2_pvalue(c2, q2) < 1e-6
+
+
+def test_acceptance_rule_reproduces_the_target_distribution():
+    """The core rule alone, many trials: emitted tokens ~ p whatever the draft's q (or one-hot lookup)."""
+    from leanlm.decode.speculative import accept_sampled
+
+    g = torch.Generator().manual_seed(0)
+    V, s = 12, Sampling(temperature=1.0)
+    logits = torch.randn(3, V, generator=g) * 1.5  # target, positions 0..2
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(torch.randn(2, V, generator=g) * 1.5, -1)  # a different draft
+    for mode in ("draft", "lookup"):
+        first, second = torch.zeros(V), torch.zeros(V)
+        trials = 3000
+        for _ in range(trials):
+            if mode == "draft":
+                d = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)]
+                n, nxt = accept_sampled(d, q, logits, s, g)
+            else:
+                d = [3, 4]  # fixed point proposals
+                n, nxt = accept_sampled(d, None, logits, s, g)
+            out = d[:n] + [nxt]
+            first[out[0]] += 1
+            if n >= 1:  # the second token's law given the first: p[1] (logits do not depend on it here)
+                second[out[1]] += 1
+        assert chi2_pvalue(first, p[0]) > 1e-3, mode
+        assert chi2_pvalue(second, p[1]) > 1e-3, mode
+        if mode == "draft":
+            assert chi2_pvalue(first, q[0]) < 1e-6  # power: the draft's own law is rejected
 
 
 # ---- dynamic draft length -----------------------------------------------------------------
@@ -262,9 +306,11 @@ def test_smollm2_speculative_greedy_identical(smollm2):
 
     model, tok = smollm2
     draft_bf16, _ = load("smollm2-135m", dtype="bfloat16")
-    ids = encode_prompt(tok, "Summarize: The cat sat on the mat. The cat was happy because the mat was warm.")
-    ref = list(generate_tokens(model, ids, 24))
-    for draft in (LookupDraft(), EarlyExitDraft(12), ModelDraft(draft_bf16)):
+    ids = encode_prompt(tok, "Summarize: The cat sat on the mat. The cat was happy because the mat was warm. "
+                             "Then the dog came and the cat ran away from the mat.")  # fmt: skip
+    ref = list(generate_tokens(model, ids, 20))
+    for draft in (LookupDraft(), EarlyExitDraft(12), ModelDraft(draft_bf16, sync_kv=True)):
         st = GenerationStats()
-        assert list(speculative_generate_tokens(model, ids, 24, stats=st, draft=draft, gamma=3)) == ref, draft.name
-        assert st.extra["speculative"].rounds < len(ref) - 1 or draft.name == "lookup"
+        assert list(speculative_generate_tokens(model, ids, 20, stats=st, draft=draft, gamma=3)) == ref, draft.name
+        if isinstance(draft, ModelDraft):  # a bf16 copy agrees with its fp32 target almost always
+            assert st.extra["speculative"].summary()["acceptance_rate"] > 0.7

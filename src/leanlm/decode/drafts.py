@@ -8,13 +8,15 @@ is only bookkeeping: the next forward writes from `valid` on, and attention read
 [0, start + T) only, so stale entries beyond are overwritten before anyone attends to them.
 
 - ModelDraft: any leanlm model with the target's tokenizer (a bf16 copy, a quantized or
-  pruned copy, a smaller sibling), with its own KV cache.
+  pruned copy, a smaller sibling), with its own KV cache; a compressed copy fills that cache
+  from the target's (sync_kv) instead of computing it.
 - EarlyExitDraft: the target's own first N layers + its final norm and LM head. It shares the
   target's cache for those layers, and hands its hidden states to the verification pass, which
   then runs only layers N.. on the drafted tokens (the first N layers never run twice).
 - LookupDraft: prompt lookup. The last n tokens (n = 3, 2, 1) are matched against earlier
   context; the tokens that followed the most recent match are proposed. Nearly free.
-- LookupDraft(fallback=...) tries lookup first and asks a model draft when nothing matches.
+- LookupDraft(fallback=...) tries lookup first and asks a model draft when nothing (or only
+  a single token) matches.
 """
 
 from __future__ import annotations
@@ -78,14 +80,23 @@ class Draft:
 
 
 class ModelDraft(Draft):
-    """A separate (cheaper) model with the same tokenizer, with its own KV cache."""
+    """A separate (cheaper) model with the same tokenizer, with its own KV cache.
+
+    sync_kv: for a compressed copy of the target (same layers and shapes, e.g. bf16 / int8 /
+    int4 weights), fill the draft's cache from the target's instead of computing it: committed
+    positions are copied (cast) from the target's cache after each verification, so the draft
+    never prefills the prompt nor re-reads tokens accepted from elsewhere (prompt lookup), and
+    it attends to the target's own keys/values. Any draft keeps the output exact; this one is
+    cheaper and agrees with the target more often.
+    """
 
     name = "draft"
 
-    def __init__(self, model, threshold: float | None = None, name: str | None = None):
-        self.model, self.threshold = model, threshold
+    def __init__(self, model, threshold: float | None = None, name: str | None = None, sync_kv: bool = False):
+        self.model, self.threshold, self.sync_kv = model, threshold, sync_kv
         self.name = name or f"draft-{str(model.dtype).removeprefix('torch.')}"
-        self.valid = 0
+        self.valid = self.round_start = 0
+        self.pairs: list = []
 
     def start(self, target, prompt_ids, max_len):
         super().start(target, prompt_ids, max_len)
@@ -95,9 +106,33 @@ class ModelDraft(Draft):
                 f"({target.vocab_size}); the draft needs the target's tokenizer"
             )
         self.model.setup_cache(1, max_len)
-        if len(prompt_ids) > 1:  # the last prompt token is fed with the first proposal
+        self.valid = 0
+        self.pairs = self._cache_pairs() if self.sync_kv else []
+        if not self.pairs and len(prompt_ids) > 1:  # the last prompt token is fed with the first proposal
             self.model(torch.tensor([prompt_ids[:-1]], device=self.model.device), start=0, last_only=True)
-        self.valid = len(prompt_ids) - 1
+            self.valid = len(prompt_ids) - 1
+
+    def _cache_pairs(self) -> list:
+        """(draft cache, target cache) per layer when their shapes match, else []."""
+        from ..model.runtime import KVCache
+
+        dl, tl = self.model.layers, self.target.model.layers
+        if len(dl) != len(tl):
+            return []
+        pairs = [(d.attn.cache, t.attn.cache) for d, t in zip(dl, tl)]
+        for d, t in pairs:
+            if type(d) is not KVCache or type(t) is not KVCache or d.k.shape != t.k.shape:
+                return []
+        return pairs
+
+    def _sync(self, upto: int) -> None:
+        """Copy target cache positions [valid, upto) (valid for the target) into the draft's."""
+        if upto > self.valid:
+            a = self.valid
+            for d, t in self.pairs:
+                d.k[:, :, a:upto] = t.k[:, :, a:upto]
+                d.v[:, :, a:upto] = t.v[:, :, a:upto]
+            self.valid = upto
 
     def _logits(self, tokens: list[int], pos: int) -> torch.Tensor:
         out = self.model(torch.tensor([tokens], device=self.model.device), start=pos, last_only=True)[0, -1]
@@ -107,6 +142,9 @@ class ModelDraft(Draft):
         return out
 
     def propose(self, seq, gamma, sampling, gen):
+        if self.pairs:
+            self._sync(len(seq) - 1)  # the target's cache holds every committed token but the last
+            self.round_start = len(seq) - 1
         feed, pos = seq[self.valid :], self.valid  # catch up on tokens the draft has not seen
         out, qs = [], []
         for _ in range(gamma):
@@ -123,6 +161,8 @@ class ModelDraft(Draft):
 
     def rollback(self, valid):
         self.valid = min(self.valid, valid)
+        if self.pairs:  # take this round's accepted positions from the target too (its own keys)
+            self.valid = min(self.valid, self.round_start)
 
     def finish(self):
         self.model.clear_cache()
@@ -179,10 +219,12 @@ class LookupDraft(Draft):
 
     name = "lookup"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, fallback: Draft | None = None):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, fallback: Draft | None = None,
+                 fallback_below: int = 2):  # fmt: skip
         if not 1 <= min_ngram <= max_ngram:
             raise LeanlmError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.fallback = max_ngram, min_ngram, fallback
+        self.fallback_below = fallback_below  # with a fallback, matches shorter than this use it
         self.name = "lookup" if fallback is None else f"lookup+{fallback.name}"
         self.index: list[dict] = []
         self.indexed = 0
@@ -203,20 +245,21 @@ class LookupDraft(Draft):
                 self.index[n][tuple(seq[i - n : i])] = i
         self.indexed = len(seq)
 
-    def match(self, seq: list[int], gamma: int) -> list[int]:
+    def match(self, seq: list[int], gamma: int) -> tuple[list[int], int]:
+        """(proposed tokens, length of the matched n-gram); ([], 0) when nothing matches."""
         self._update_index(seq)
         for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
             j = self.index[n].get(tuple(seq[-n:]))
             if j is not None:
-                return seq[j : j + gamma]
-        return []
+                return seq[j : j + gamma], n
+        return [], 0
 
     def propose(self, seq, gamma, sampling, gen):
         self.used_fallback = False
         if gamma <= 0:
             return [], None
-        out = self.match(seq, gamma)
-        if out:
+        out, n = self.match(seq, gamma)
+        if out and (self.fallback is None or n >= self.fallback_below):
             return out, None  # point proposals: q is one-hot on each proposed token
         if self.fallback is not None:
             self.used_fallback = True

@@ -5,13 +5,17 @@ step. On this CPU (AVX2, MKL) the stock fp32 `F.linear` does not: a 2-row produc
 1-row GEMV (MKL repacks the weight on every call), and bf16 products scale linearly with the
 rows (no native bf16 GEMM). oneDNN's inner product with the weight reordered once into its
 blocked layout keeps small-M products near GEMV cost (measured v(k) in README.md), so an fp32
-target verifies with packed weights. `pack_model` swaps the runtime's Linear modules in place
-(no extra memory: the blocked weight replaces the dense one) and `unpack_model` restores them.
+target verifies with packed weights. One-row products (plain decode steps, draft steps) keep
+the stock GEMV on the dense weight, which is as fast or faster there and keeps such steps
+bit-identical to the unpacked runtime; the price is a second copy of each weight
+(`keep_dense=False` drops it). `pack_model` swaps the runtime's Linear modules in place and
+`unpack_model` restores them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,22 +32,27 @@ def packing_supported(dtype: torch.dtype = torch.float32) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W stored in oneDNN's blocked layout (fp32, CPU)."""
+    """y = x W^T + b with W stored in oneDNN's blocked layout (fp32, CPU) for multi-row x."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_dense: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
+        w = weight.detach().float().contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        self.dense = w if keep_dense else None
         self.bias = None if bias is None else bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).float(), self.packed, self.bias,
-                                               "none", [], "")  # fmt: skip
+        x2 = x.reshape(-1, shape[-1]).float()
+        if x2.shape[0] == 1 and self.dense is not None:
+            y = F.linear(x2, self.dense, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.packed.to_dense()
+        return self.dense if self.dense is not None else self.packed.to_dense()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -52,7 +61,7 @@ class PackedLinear(nn.Module):
 LINEAR_NAMES = (("attn", "wqkv"), ("attn", "wo"), ("mlp", "w_gate_up"), ("mlp", "w_down"))
 
 
-def pack_model(model) -> int:
+def pack_model(model, keep_dense: bool = True) -> int:
     """Replace the fp32 nn.Linear modules of every layer (and an untied LM head) by PackedLinear.
 
     Quantized or other custom Linear replacements are left alone. Returns how many were packed.
@@ -68,8 +77,11 @@ def pack_model(model) -> int:
     for parent, name in targets:
         mod = getattr(parent, name)
         if type(mod) in (nn.Linear, Linear) and mod.weight.dtype == torch.float32:  # not subclasses (quantized)
-            setattr(parent, name, PackedLinear(mod.weight, mod.bias))
+            setattr(parent, name, PackedLinear(mod.weight, mod.bias, keep_dense))
             n += 1
+    emb = model.tok_embeddings
+    if n and model.lm_head is None and type(emb) is nn.Embedding and emb.weight.dtype == torch.float32:
+        model.packed_head = PackedLinear(emb.weight)  # tied head: packed copy, the lookup keeps the table
     return n
 
 
@@ -88,17 +100,17 @@ def unpack_model(model) -> int:
                 lin.bias = nn.Parameter(mod.bias, requires_grad=False)
             setattr(parent, name, lin)
             n += 1
+    if hasattr(model, "packed_head"):
+        del model.packed_head
     return n
 
 
-def output_head(model, packed: bool):
-    """A function h [.., D] (final hidden, before the norm) -> fp32 logits, as model.logits.
-
-    With `packed`, the LM head runs through PackedLinear (a tied embedding gets a packed copy:
-    the embedding lookup still needs the dense table)."""
-    if not packed or not packing_supported(model.dtype) or model.device.type != "cpu":
+def output_head(model):
+    """A function h [.., D] (final hidden, before the norm) -> fp32 logits, as model.logits,
+    running a tied LM head through the packed copy made by pack_model."""
+    head = getattr(model, "packed_head", None)
+    if head is None:
         return model.logits
-    head = model.lm_head if isinstance(model.lm_head, PackedLinear) else PackedLinear(model.output_weight())
     cap = model.config.final_logit_softcap
 
     def logits(h: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,7 @@ class Target:
 
     def __init__(self, model: Transformer):
         self.model = model
-        packed = isinstance(model.layers[0].attn.wqkv, PackedLinear)
-        self.head = output_head(model, packed and model.lm_head is None)
+        self.head = output_head(model)
         self.vocab_size = model.tok_embeddings.weight.shape[0]
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
@@ -328,7 +327,7 @@ def make_draft(kind: str, target: Transformer, draft_model: Transformer | None =
         d: Draft = EarlyExitDraft(layers, threshold)
     elif model_kind == "self":
         copy = draft_model if draft_model is not None else self_draft_model(target)
-        d = ModelDraft(copy, threshold, name=f"self-{str(copy.dtype).removeprefix('torch.')}")
+        d = ModelDraft(copy, threshold, name=f"self-{str(copy.dtype).removeprefix('torch.')}", sync_kv=True)
     else:
         if draft_model is None:
             raise LeanlmError("--speculate draft needs a draft model (--draft MODEL)")

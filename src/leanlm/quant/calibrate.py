@@ -20,7 +20,7 @@ LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
 EVAL_SPLITS = ("wikitext2",)
 
 
-def calibration_tokens(tokenizer, text: str, n_samples: int = 32, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+def calibration_tokens(tokenizer, text: str, n_samples: int = 16, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
     """[n_samples, seq_len] token ids: random windows of `text` (BOS first when the tokenizer adds one)."""
     from ..evaluate.perplexity import adds_bos
 
@@ -115,17 +115,96 @@ def collect(layer, names: list[str], xs, rope, dtype, stop: bool = True) -> dict
     return hooks
 
 
+def mirror_matches(layer, x, rope, dtype) -> bool:
+    """Does the step-by-step block (_steps) agree with layer.forward (first sample, 32 tokens)?"""
+    xs = x[:1, :32]
+    r = (rope[0][:32], rope[1][:32])
+    try:
+        return bool(torch.allclose(_steps(layer, [xs], r, dtype, [], None)[0], layer(xs, r, 0, dtype), rtol=1e-4, atol=1e-5))
+    except (AttributeError, KeyError, RuntimeError, ValueError):
+        return False
+
+
+def sequential_block(layer, xs: list[torch.Tensor], rope, dtype, names: list[str], quantize_one) -> list[torch.Tensor] | None:
+    """True-sequential calibration in one pass over the block: each Linear in `names` is
+    calibrated on inputs computed through the already-quantized Linears before it, then
+    quantize_one(name, InputStats) replaces it. Returns the block outputs, or None when the
+    runtime's block no longer matches the step-by-step version (the caller then falls back)."""
+    if not mirror_matches(layer, xs[0], rope, dtype):
+        return None
+    return _steps(layer, xs, rope, dtype, names, quantize_one)
+
+
+def _steps(layer, xs, rope, dtype, names, quantize_one) -> list[torch.Tensor]:
+    """runtime.Block.forward (and MLP.forward) written out stage by stage over all batches, so that
+    a Linear can be quantized once every batch has been seen and before its outputs are used."""
+    a = [layer.attn_norm(x, dtype) for x in xs]
+    _calibrate(layer, "attn.wqkv", a, names, quantize_one)
+    o = []
+    for t in a:
+        captured = {}
+
+        def grab(module, args, captured=captured):
+            captured["o"] = args[0]
+            raise StopForward
+
+        handle = layer.attn.wo.register_forward_pre_hook(grab)
+        try:
+            layer.attn(t, rope, 0)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        o.append(captured["o"])
+    del a
+    _calibrate(layer, "attn.wo", o, names, quantize_one)
+    hs = []
+    for x, t in zip(xs, o):
+        h = layer.attn.wo(t)
+        if layer.attn_post_norm is not None:
+            h = layer.attn_post_norm(h)
+        hs.append(x + h)
+    del o
+    m = [layer.mlp_norm(h, dtype) for h in hs]
+    _calibrate(layer, "mlp.w_gate_up", m, names, quantize_one)
+    d = []
+    for t in m:
+        gate, up = layer.mlp.w_gate_up(t).chunk(2, dim=-1)
+        d.append(layer.mlp.act(gate) * up)
+    del m
+    _calibrate(layer, "mlp.w_down", d, names, quantize_one)
+    out = []
+    for h, t in zip(hs, d):
+        y = layer.mlp.w_down(t)
+        if layer.mlp_post_norm is not None:
+            y = layer.mlp_post_norm(y)
+        out.append(h + y)
+    return out
+
+
+def _calibrate(layer, name: str, inputs: list[torch.Tensor], names: list[str], quantize_one) -> None:
+    if name not in names:
+        return
+    module = get_module(layer, name)
+    stats = InputStats(module)
+    stats.remove()  # fed directly, not through a hook
+    for t in inputs:
+        stats(module, (t,))
+    quantize_one(name, stats)
+
+
 @torch.no_grad()  # not inference_mode: AWQ edits weights that must stay usable outside it
-def run_sequential(model, tokens: torch.Tensor, per_block, batch_size: int = 4, progress: bool = True,
+def run_sequential(model, tokens: torch.Tensor, per_block, batch_size: int = 16, progress: bool = True,
                    desc: str = "quantize") -> torch.Tensor:  # fmt: skip
     """Call per_block(i, layer, xs, rope, dtype) for each decoder block in order, where xs are the
     block's inputs (a list of fp32 [b, T, D] batches) computed through the already-processed
-    blocks; returns the final hidden states (list of batches)."""
+    blocks. per_block may return the block's outputs (else the block is run on xs); returns the
+    final hidden states (list of batches)."""
     dtype = model.dtype
     T = tokens.shape[1]
     xs = [model.embed(tokens[i : i + batch_size].to(model.device)) for i in range(0, tokens.shape[0], batch_size)]
     for i, layer in enumerate(tqdm(model.layers, desc=desc, disable=not progress, leave=False)):
         rope = model.rope[model._rope_names[i]].get(0, T, dtype)
-        per_block(i, layer, xs, rope, dtype)
-        xs = [layer(x, rope, 0, dtype) for x in xs]
+        out = per_block(i, layer, xs, rope, dtype)
+        xs = out if out is not None else [layer(x, rope, 0, dtype) for x in xs]
     return xs

@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point); default asymmetric")
     p.add_argument("--calib", default="wikitext2-valid",
                    help="calibration text: wikitext2-valid (default), pride-and-prejudice, moby-dick or a file")  # fmt: skip
-    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows")
     p.add_argument("--data-dir", help="data folder for named texts (default $LEANLM_DATA)")

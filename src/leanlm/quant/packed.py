@@ -1,22 +1,21 @@
 """Packed low-bit Linear modules and the CPU kernels they run on.
 
 `QuantLinear` replaces a runtime Linear. Its buffers hold the packed weight and nothing else,
-so `weight_bytes` (parameters + buffers) reports the real resident size:
+so `weight_bytes` (parameters + buffers) reports the real resident size. Backends, best first:
 
-- int8: `qweight` int8 [N, Kp] (codes - 128), `scales` bf16 [N, G], `zeros` bf16 [N, G] if asymmetric.
-  Decode (<= KERNEL_MAX_ROWS rows, per-channel) runs torch's `_weight_int8pack_mm` on bf16
-  activations; an asymmetric zero adds `sum(x) * zero` (one tiny op). Per-group int8 has no torch
-  kernel and always dequantizes (slow; per-channel is the int8 default for that reason).
-- int4: `qweight` uint8 [N, K/2] in the layout of torch's CPU tinygemm kernel
-  (`_convert_weight_to_int4pack_for_cpu`), `scales_zeros` bf16 [K/group, N, 2]; decode runs
-  `_weight_int4pack_mm_for_cpu`. That layout depends on the CPU's vector width, so files store a
-  portable layout (two codes per byte, low nibble = even column; see save.py) and the kernel
-  layout is rebuilt at load. Where the kernel is missing or the shape unsupported (N % 16 != 0),
-  the portable layout is kept in memory and products dequantize.
+- native (native.py, built once with the system compiler): int4 in leanlm's block layout
+  (per 32 columns, byte j = column j | column j+16 << 4) or int8 rows, bf16 `scales`/`zeros`
+  [N, G]; the activation row is quantized to int8 per 32 and the dot products run on AVX2 int8
+  SIMD. Up to NATIVE_MAX_ROWS rows per call.
+- torch: `_weight_int8pack_mm` (int8 per channel; an asymmetric zero adds sum(x) * zero) and
+  `_weight_int4pack_mm_for_cpu` (int4, torch's tinygemm layout, `scales_zeros` [G, N, 2]); that
+  layout depends on the CPU's vector width and is found by packing a probe once.
+- none: dequantize and use the float32 GEMM.
 
-Multi-row products (prefill, scoring) dequantize to float32 and use the fp32 GEMM, which on
-this AVX2 CPU is about twice as fast as either low-bit kernel at 512 rows (measured in
-benchmarks/bench_quant.py --kernels); large matrices are dequantized in row chunks.
+Multi-row products (prefill, scoring) always dequantize to float32 and use the fp32 GEMM, which
+on this AVX2 CPU beats every low-bit kernel at 512 rows (benchmarks/bench_quant.py --kernels);
+large matrices are dequantized in row chunks. Files store a portable layout (save.py); the
+in-memory layout is rebuilt at load.
 """
 
 from __future__ import annotations
@@ -126,7 +125,10 @@ def pack_blocks(q: torch.Tensor) -> torch.Tensor:
 def unpack_blocks(p: torch.Tensor) -> torch.Tensor:
     N = p.shape[0]
     b = p.view(N, -1, 16)
-    return torch.cat([b & 15, b >> 4], dim=-1).view(N, -1)
+    out = torch.empty(N, b.shape[1], 32, dtype=torch.uint8, device=p.device)
+    torch.bitwise_and(b, 15, out=out[..., :16])
+    torch.bitwise_right_shift(b, 4, out=out[..., 16:])
+    return out.view(N, -1)
 
 
 def _round32(k: int) -> int:

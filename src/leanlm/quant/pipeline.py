@@ -20,7 +20,7 @@ from ..errors import LeanlmError
 from ..model.load import parse_dtype
 from ..model.runtime import RotaryTable
 from .awq import awq_block
-from .calibrate import LINEARS, collect, get_module, run_sequential, set_module
+from .calibrate import LINEARS, collect, get_module, run_sequential, sequential_block, set_module
 from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
@@ -102,7 +102,7 @@ def cast_unquantized(model, dtype: torch.dtype) -> None:
 
 
 def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = None, progress: bool = True,
-             batch_size: int = 4):  # fmt: skip
+             batch_size: int = 16):  # fmt: skip
     """Quantize `model` in place with `config` (RTN, GPTQ or AWQ); returns the model.
 
     calib_tokens: [n, seq_len] token ids (see calibration_tokens); required by GPTQ, AWQ and
@@ -162,6 +162,16 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
                 report.setdefault("awq", {})[i] = awq_block(
                     layer, stats, local, config, lambda lin, qw, bias: install(layer, prefix, lin, qw, bias))
                 return
+            def quantize_one(n, stats):
+                lin = get_module(layer, n)
+                qw = gptq(lin.weight.data, stats.hessian(), local[n], config.damp, config.block_size, config.act_order)
+                install(layer, prefix, n, qw, lin.bias)
+
+            if config.true_sequential:
+                out = sequential_block(layer, xs, rope, dtype_, list(local), quantize_one)
+                if out is not None:
+                    return out
+            # generic path: hooks, one forward per stage (cut after the stage's last Linear)
             stages = [[n] for n in LINEARS] if config.true_sequential else [list(LINEARS)]
             for stage in stages:
                 todo = [n for n in stage if n in local]
@@ -169,10 +179,7 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
                     continue
                 stats = collect(layer, todo, xs, rope, dtype_)
                 for n in todo:
-                    lin = get_module(layer, n)
-                    qw = gptq(lin.weight.data, stats[n].hessian(), local[n], config.damp, config.block_size,
-                              config.act_order)  # fmt: skip
-                    install(layer, prefix, n, qw, lin.bias)
+                    quantize_one(n, stats[n])
 
         run_sequential(model, calib_tokens, per_block, batch_size, progress, desc=config.method)
     else:

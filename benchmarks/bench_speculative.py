@@ -1,0 +1,246 @@
+"""Exact speculative decoding on one target: decode tok/s vs plain leanlm decoding, same run.
+
+For every prompt, every configuration (draft kind x gamma policy) generates greedily from the
+same fp32 target and its output is asserted token-for-token identical to plain greedy decoding
+(leanlm's stock decode loop, `generate_tokens`). Configurations run back to back per prompt,
+so machine noise hits all of them alike; tok/s of a configuration is its decode tokens over its
+decode seconds summed over the prompts of a category, median over --runs runs; speedup is that
+over plain decoding in the same run.
+
+Prompts: chat (first turns of MT-Bench and Vicuna-Bench) and input-grounded summarization
+("Summarize the following passage." + a WikiText-2 / Gutenberg passage), through the chat
+template. Also measured: v(k), the time of a k-token verification forward over a 1-token step,
+for the stock fp32 runtime, fp32 with packed (oneDNN) weights, and bf16.
+
+    LEANLM_DATA=../shared/data python benchmarks/bench_speculative.py
+    LEANLM_DATA=../shared/data python benchmarks/bench_speculative.py --quick   # 2+2 prompts, 32 tokens
+Writes benchmarks/results/speculative.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import machine, print_table, write_result
+
+from leanlm import load
+from leanlm.decode.drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
+from leanlm.decode.generate import GenerationStats, encode_prompt, generate_tokens
+from leanlm.decode.kernels import pack_model
+from leanlm.decode.speculative import AdaptiveGamma, Target, self_draft_model, speculative_generate_tokens
+from leanlm.evaluate.data import data_file, read_jsonl, read_text
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+def passages(text: str, n: int, lo: int = 600, hi: int = 1400, skip: int = 0) -> list[str]:
+    """n paragraphs of lo..hi characters, evenly spaced through the text (no headings)."""
+    paras = [" ".join(p.split()) for p in text.replace("\r", "").split("\n\n")]
+    paras = [p for p in paras[skip:] if lo <= len(p) <= hi and not p.startswith("=")]
+    step = max(1, len(paras) // max(n, 1))
+    return paras[::step][:n]
+
+
+def build_prompts(n_chat: int, n_summ: int) -> list[tuple[str, str]]:
+    mt = [r["turns"][0] for r in read_jsonl(data_file("mt-bench"))]
+    vic = [r["turns"][0] for r in read_jsonl(data_file("vicuna-bench"))]
+    chat = [p for pair in zip(mt[::7], vic[::7]) for p in pair][:n_chat]  # spread over categories
+    wiki = "\n\n".join(l.strip() for l in read_text("wikitext2").split("\n") if l.strip())
+    srcs = [passages(wiki, n_summ), passages(read_text("pride-and-prejudice"), n_summ, skip=40),
+            passages(read_text("moby-dick"), n_summ, skip=80)]  # fmt: skip
+    summ = [srcs[i % 3][i // 3] for i in range(n_summ)]
+    return [("chat", p) for p in chat] + [("summarize", "Summarize the following passage.\n\n" + p) for p in summ]
+
+
+# ---- v(k) ---------------------------------------------------------------------------------------
+@torch.inference_mode()
+def verify_cost(models: dict, ks: list[int], reps: int, ctx: int = 300) -> dict:
+    """ms of a k-token forward at context `ctx`, per model; interleaved, median of reps x 3 calls."""
+    prompt = torch.randint(100, 30000, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
+    targets = {}
+    for name, m in models.items():
+        m.setup_cache(1, ctx + max(ks) + 1)
+        targets[name] = Target(m)
+        targets[name].forward(prompt, 0)
+    t = {(n, k): [] for n in models for k in ks}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(reps):
+        for n, tg in targets.items():
+            for k in ks:
+                toks = torch.randint(100, 30000, (k,), generator=g).tolist()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    tg.forward(toks, ctx)
+                t[(n, k)].append((time.perf_counter() - t0) / 3 * 1e3)
+    for m in models.values():
+        m.clear_cache()
+    out = {}
+    for n in models:
+        step = statistics.median(t[(n, 1)])
+        out[n] = {"step_ms": step, "v": {k: statistics.median(t[(n, k)]) / step for k in ks}}
+    ref = out[next(iter(models))]["step_ms"]
+    for n in out:
+        out[n]["step_vs_first"] = out[n]["step_ms"] / ref
+    return out
+
+
+# ---- one generation --------------------------------------------------------------------------
+def run_config(cfg: dict, ids: list[int], n: int) -> tuple[list[int], GenerationStats]:
+    st = GenerationStats()
+    if cfg["draft"] is None:
+        out = list(generate_tokens(cfg["model"], ids, n, stats=st))
+    else:
+        out = list(speculative_generate_tokens(cfg["model"], ids, n, stats=st, draft=cfg["draft"](),
+                                               gamma=cfg["gamma"]()))  # fmt: skip
+    return out, st
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--chat", type=int, default=5, help="chat prompts")
+    ap.add_argument("--summarize", type=int, default=5, help="summarization prompts")
+    ap.add_argument("--self-layers", type=int, default=24, help="early-exit self-draft depth")
+    ap.add_argument("--vk-reps", type=int, default=5)
+    ap.add_argument("--no-int4", action="store_true", help="skip the int4 (leanlm.quant RTN) self-draft")
+    ap.add_argument("--quick", action="store_true", help="2+2 prompts, 32 tokens, 1 run (smoke test)")
+    args = ap.parse_args()
+    if args.quick:
+        args.chat, args.summarize, args.new_tokens, args.runs, args.vk_reps = 2, 2, 32, 1, 2
+    torch.set_num_threads(args.threads)
+
+    target, tok = load(args.model, "float32")  # plain decoding: the stock runtime, unmodified
+    bf16 = self_draft_model(target, "bfloat16")
+    packed, _ = load(args.model, "float32")
+    pack_model(packed)  # the speculative target: same weights, packed kernels for k-token verification
+    drafts = {"bf16": bf16}
+    result = {"model": args.model, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "settings": vars(args)}  # fmt: skip
+    if not args.no_int4:
+        try:
+            from leanlm.quant import RTN, quantize
+
+            q4 = self_draft_model(target, "float32")
+            quantize(q4, RTN(bits=4, group=32), progress=False)  # bf16 compute, int8 head
+            drafts["int4"] = q4
+        except Exception as e:  # optional extra: the quantization package may be absent
+            result["int4_error"] = f"{type(e).__name__}: {e}"[:300]
+
+    print("measuring v(k) ...", flush=True)
+    ks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    result["verify_cost"] = verify_cost({"fp32": target, "fp32-packed": packed, "bf16": bf16}, ks, args.vk_reps)
+    for n, r in result["verify_cost"].items():
+        print(f"  {n:12s} step {r['step_ms']:6.1f} ms  " + " ".join(f"v({k})={v:.2f}" for k, v in r["v"].items()))
+
+    L = args.self_layers
+    fixed = lambda g: (lambda: g)  # noqa: E731
+    C = []  # name, kind, policy, model, draft factory, gamma factory
+
+    def add(name, kind, policy, model, draft, gamma):
+        C.append({"name": name, "kind": kind, "policy": policy, "model": model, "draft": draft, "gamma": gamma})
+
+    add("plain", "none", "-", target, None, None)
+    add("plain-packed", "none", "gamma 0", packed, lambda: Draft(), fixed(0))
+    for g in (2, 4, 8):
+        add(f"lookup g{g}", "lookup", f"fixed {g}", packed, lambda: LookupDraft(), fixed(g))
+    add("lookup auto", "lookup", "auto", packed, lambda: LookupDraft(), lambda: "auto")
+    add("lookup heuristic", "lookup", "heuristic", packed, lambda: LookupDraft(), lambda: "heuristic")
+    for g in (2, 4, 6):
+        add(f"self-bf16 g{g}", "self-bf16", f"fixed {g}", packed, lambda: ModelDraft(bf16, sync_kv=True), fixed(g))
+    add("self-bf16 auto", "self-bf16", "auto", packed, lambda: ModelDraft(bf16, sync_kv=True), lambda: "auto")
+    add("self-bf16 heuristic", "self-bf16", "heuristic", packed, lambda: ModelDraft(bf16, sync_kv=True), lambda: "heuristic")
+    add("self-bf16 g8 thr0.3", "self-bf16", "fixed 8 + confidence 0.3", packed,
+        lambda: ModelDraft(bf16, threshold=0.3, sync_kv=True), fixed(8))  # fmt: skip
+    add("lookup+self-bf16 auto", "lookup+self-bf16", "auto", packed,
+        lambda: LookupDraft(fallback=ModelDraft(bf16, sync_kv=True)), lambda: "auto")  # fmt: skip
+    if "int4" in drafts:
+        q4 = drafts["int4"]
+        add("self-int4 g4", "self-int4", "fixed 4", packed, lambda: ModelDraft(q4, sync_kv=True), fixed(4))
+        add("self-int4 auto", "self-int4", "auto", packed, lambda: ModelDraft(q4, sync_kv=True), lambda: AdaptiveGamma())
+    add(f"self-{L}L g2", f"self-{L}L", "fixed 2", packed, lambda: EarlyExitDraft(L), fixed(2))
+    add(f"self-{L}L auto", f"self-{L}L", "auto", packed, lambda: EarlyExitDraft(L), lambda: "auto")
+
+    prompts = build_prompts(args.chat, args.summarize)
+    enc = [(cat, encode_prompt(tok, p)) for cat, p in prompts]
+    result["prompts"] = [{"category": c, "prompt_tokens": len(i), "text": p[:120]} for (c, i), (_, p) in zip(enc, prompts)]
+    print(f"{len(enc)} prompts ({args.chat} chat, {args.summarize} summarize), {len(C)} configurations", flush=True)
+    refs = [list(generate_tokens(target, ids, args.new_tokens)) for _, ids in enc]  # warm-up + references
+
+    cats = ["chat", "summarize", "all"]
+    raw = {c["name"]: {"tok": {k: [0] * args.runs for k in cats}, "s": {k: [0.0] * args.runs for k in cats},
+                       "drafted": 0, "accepted": 0, "rounds": 0, "drafting_rounds": 0, "identical": 0,
+                       "mismatch": []} for c in C}  # fmt: skip
+    for r in range(args.runs):
+        for pi, ((cat, ids), ref) in enumerate(zip(enc, refs)):
+            for c in C:
+                out, st = run_config(c, ids, args.new_tokens)
+                d = raw[c["name"]]
+                for k in (cat, "all"):
+                    d["tok"][k][r] += st.new_tokens - 1
+                    d["s"][k][r] += st.decode_s
+                if r == 0:
+                    if out == ref:
+                        d["identical"] += 1
+                    else:
+                        d["mismatch"].append(pi)
+                    spec = st.extra.get("speculative")
+                    if spec is not None:
+                        for f in ("drafted", "accepted", "rounds", "drafting_rounds"):
+                            d[f] += getattr(spec, f)
+            print(f"run {r + 1}/{args.runs} prompt {pi + 1}/{len(enc)} done", flush=True)
+
+    rows = []
+    base = raw["plain"]
+    for c in C:
+        d = raw[c["name"]]
+        row = {"config": c["name"], "draft": c["kind"], "gamma": c["policy"]}
+        for k in cats:
+            tps = [t / s for t, s in zip(d["tok"][k], d["s"][k]) if s > 0]
+            sp = [(t / s) / (bt / bs) for t, s, bt, bs in zip(d["tok"][k], d["s"][k], base["tok"][k], base["s"][k]) if s > 0 and bs > 0]
+            row[f"{k}_tok_s"] = statistics.median(tps) if tps else 0.0
+            row[f"{k}_speedup"] = statistics.median(sp) if sp else 0.0
+        row["acceptance_rate"] = d["accepted"] / d["drafted"] if d["drafted"] else None
+        row["mean_accepted"] = d["accepted"] / d["drafting_rounds"] if d["drafting_rounds"] else None
+        row["tokens_per_verify"] = (d["accepted"] + d["rounds"]) / d["rounds"] if d["rounds"] else None
+        row["identical"] = f"{d['identical']}/{len(enc)}"
+        row["mismatch_prompts"] = d["mismatch"]
+        rows.append(row)
+    result["configs"] = rows
+
+    def best(pred, key):
+        cand = [r for r in rows if pred(r)]
+        return max(cand, key=lambda r: r[key]) if cand else None
+
+    lk = best(lambda r: r["draft"] == "lookup", "summarize_speedup")
+    sd = best(lambda r: r["draft"].startswith("self") or r["draft"].startswith("lookup+self"), "all_speedup")
+    targets = {
+        "lookup_summarize_speedup": {"target": 1.5, "config": lk["config"], "value": lk["summarize_speedup"],
+                                     "met": lk["summarize_speedup"] >= 1.5},
+        "best_self_draft_overall_speedup": {"target": 1.3, "config": sd["config"], "value": sd["all_speedup"],
+                                            "met": sd["all_speedup"] >= 1.3},
+    }  # fmt: skip
+    for kind in sorted({r["draft"] for r in rows if r["draft"] != "none"}):
+        auto = best(lambda r, k=kind: r["draft"] == k and r["gamma"] == "auto", "all_speedup")
+        fx = best(lambda r, k=kind: r["draft"] == k and r["gamma"].startswith("fixed"), "all_speedup")
+        if auto and fx:
+            targets[f"auto_vs_best_fixed[{kind}]"] = {
+                "auto": auto["all_speedup"], "best_fixed": fx["all_speedup"], "best_fixed_config": fx["config"],
+                "ratio": auto["all_speedup"] / fx["all_speedup"], "met": auto["all_speedup"] >= fx["all_speedup"],
+            }  # fmt: skip
+    result["targets"] = targets
+    result["all_identical"] = all(not r["mismatch_prompts"] for r in rows)
+    print_table(rows, ["config", "chat_tok_s", "summarize_tok_s", "all_tok_s", "chat_speedup", "summarize_speedup",
+                       "all_speedup", "acceptance_rate", "mean_accepted", "identical"])  # fmt: skip
+    for k, v in targets.items():
+        print(k, v)
+    write_result("speculative", result)
+    assert result["all_identical"], "speculative output differs from plain greedy (see mismatch_prompts)"
+
+
+if __name__ == "__main__":
+    main()
