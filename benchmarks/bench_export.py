@@ -30,7 +30,7 @@ from leanlm import load
 from leanlm.decode.generate import Sampling, encode_prompt, generate_tokens
 from leanlm.evaluate.data import wikitext2_test
 from leanlm.evaluate.perplexity import make_windows, perplexity
-from leanlm.evaluate.speed import fixed_prompt
+from leanlm.evaluate.speed import fixed_prompt, weight_bytes
 from leanlm.export import export_gguf
 
 PROMPTS = ["What is a GPU?", "Name three planets.", "Write a haiku about the sea.",
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--greedy-tokens", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--pq-ratio", type=float, default=0.25,
+                    help="FFN neurons removed in the pruned+quantized row (0 = skip that row)")
     ap.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,39 +90,65 @@ def main() -> None:
     result = {"model": args.model, "machine": machine(), "threads": args.threads,
               "leanlm_fp32": {"ppl": ref_ppl["ppl"], "tokens": ref_ppl["tokens"]},
               "settings": {k: getattr(args, k) for k in ("seq_len", "windows", "prompt_len", "new_tokens", "runs",
-                                                        "greedy_tokens")},
+                                                        "greedy_tokens", "pq_ratio")},
               "types": {}}  # fmt: skip
     engines = [LeanlmEngine(model, "leanlm fp32")]
-    for t in args.types.split(","):
-        path = out_dir / f"{args.model}-{t}.gguf"
+
+    def check(m, label: str, t: str, ours_ref: list, ours_ppl: float) -> dict:
+        """Export m as type t, load it in llama.cpp: greedy parity with leanlm's m, ppl, file size."""
+        path = out_dir / f"{args.model}-{label}.gguf"
         t0 = time.time()
-        export_gguf(model, tok, path, t, force=True)
+        export_gguf(m, tok, path, t, force=True)
         export_s = time.time() - t0
         llm = Llama(model_path=str(path), n_ctx=max(args.seq_len, 1024), n_batch=512, n_threads=args.threads,
                     n_threads_batch=args.threads, logits_all=True, verbose=False)  # fmt: skip
         theirs = [llama_greedy(llm, ids, args.greedy_tokens) for ids in prompts]
-        first_diff = [next((i for i, (a, b) in enumerate(zip(o, l)) if a != b), None) for o, l in zip(ours, theirs)]
+        first_diff = [next((i for i, (a, b) in enumerate(zip(o, l)) if a != b), None) for o, l in zip(ours_ref, theirs)]
         ppl = llama_ppl(llm, windows)
         del llm
-        result["types"][t] = {
-            "file_mb": path.stat().st_size / 2**20, "export_s": export_s,
-            "greedy_equal": sum(o == l for o, l in zip(ours, theirs)), "greedy_prompts": len(prompts),
-            "greedy_first_diff": first_diff,
-            "llama_cpp_ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
-            "ppl_rel_vs_leanlm_fp32": ppl["ppl"] / ref_ppl["ppl"] - 1,
-        }  # fmt: skip
-        print(t, result["types"][t], flush=True)
-        engines.append(LlamaCppEngine(str(path), f"llama.cpp {t}", args.threads))
+        r = {"gguf_type": t, "file_mb": path.stat().st_size / 2**20, "export_s": export_s,
+             "greedy_equal": sum(o == l for o, l in zip(ours_ref, theirs)), "greedy_prompts": len(prompts),
+             "greedy_first_diff": first_diff, "llama_cpp_ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
+             "leanlm_ppl_same_model": ours_ppl, "ppl_rel_vs_leanlm_fp32": ppl["ppl"] / ref_ppl["ppl"] - 1}  # fmt: skip
+        print(label, r, flush=True)
+        engines.append(LlamaCppEngine(str(path), f"llama.cpp {label}", args.threads))
+        return r
+
+    for t in args.types.split(","):
+        result["types"][t] = check(model, t, t, ours, ref_ppl["ppl"])
+
+    if args.pq_ratio > 0:
+        # pruned + quantized: FFN neurons removed uniformly (widths stay a multiple of ggml's 32-wide
+        # blocks), then int8 RTN per channel in leanlm (float32 compute, so leanlm's greedy is the
+        # reference for the exported weights); exported as F32 (exactly leanlm's dequantized weights)
+        # and as Q8_0 (ggml re-quantizes them per 32-block).
+        import copy
+
+        from leanlm.prune.structured import Structured, prune_structured
+        from leanlm.quant import RTN, quantize, read_calibration
+
+        pq = copy.deepcopy(model)
+        calib = read_calibration("wikitext2-valid", tok, 16, 512)
+        prune_structured(pq, Structured("neurons", ratio=args.pq_ratio, multiple_of=32), calib, progress=False)
+        quantize(pq, RTN(bits=8, group=0, dtype="float32"), progress=False)
+        pq_ours = [list(generate_tokens(pq, ids, args.greedy_tokens, Sampling(), set())) for ids in prompts]
+        pq_ppl = perplexity(pq, tok, wikitext2_test(), args.seq_len, args.windows, progress=False)["ppl"]
+        result["pruned_quantized"] = {"recipe": f"FFN neurons -{args.pq_ratio:.0%} (activation importance) + int8 RTN per channel",
+                                      "ffn_dim": pq.config.layers[0].ffn_dim, "weight_mb": weight_bytes(pq) / 2**20,
+                                      "base_weight_mb": weight_bytes(model) / 2**20, "leanlm_ppl": pq_ppl}  # fmt: skip
+        engines.append(LeanlmEngine(pq, "leanlm pruned+int8"))
+        for t in ("f32", "q8_0"):
+            result["types"][f"pruned+int8/{t}"] = check(pq, f"pruned+int8-{t}", t, pq_ours, pq_ppl)
     write_result("export", result)  # parity and ppl first: the speed runs below take longest
     prompt = fixed_prompt(model.config.vocab_size, args.prompt_len)
     short = fixed_prompt(model.config.vocab_size, 32, seed=1)
     speed = interleaved_speed(engines, prompt, short, args.new_tokens, args.runs)
     result["speed"] = speed
     for t in result["types"]:
-        s = speed[f"llama.cpp {t}"]
+        s = speed[f"llama.cpp {t.replace('/', '-')}"]
         result["types"][t].update(prefill_tok_s=s["prefill_tok_s"], decode_tok_s=s["decode_tok_s"])
-    rows = [{"type": "leanlm fp32", "ppl": f"{ref_ppl['ppl']:.3f}", "greedy": "-", "MB": "-",
-             "prefill": f"{speed['leanlm fp32']['prefill_tok_s']:.0f}", "decode": f"{speed['leanlm fp32']['decode_tok_s']:.1f}"}]  # fmt: skip
+    rows = [{"type": e.name, "ppl": "-", "greedy": "-", "MB": "-", "prefill": f"{speed[e.name]['prefill_tok_s']:.0f}",
+             "decode": f"{speed[e.name]['decode_tok_s']:.1f}"} for e in engines if e.name.startswith("leanlm")]  # fmt: skip
     for t, r in result["types"].items():
         rows.append({"type": f"llama.cpp {t}", "ppl": f"{r['llama_cpp_ppl']:.3f}", "greedy": f"{r['greedy_equal']}/{r['greedy_prompts']}",
                      "MB": f"{r['file_mb']:.0f}", "prefill": f"{r['prefill_tok_s']:.0f}", "decode": f"{r['decode_tok_s']:.1f}"})  # fmt: skip

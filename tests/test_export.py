@@ -91,6 +91,25 @@ def test_gguf_f32_layout_and_metadata(tiny_dirs, tmp_path, arch):
         np.testing.assert_array_equal(_deq(tensors[name]), t.float().numpy())
 
 
+def test_gguf_export_of_pruned_and_quantized_model(quantizable_dir, tmp_path):
+    """A layer-pruned, int8-quantized model exports its own (dequantized) weights: the F32 file
+    holds exactly what leanlm computes with, and fewer blocks."""
+    from leanlm.prune.structured import remove_layers
+    from leanlm.quant import quantize
+    from leanlm.quant.config import RTN
+
+    model, tok = leanlm.load(quantizable_dir)
+    n = model.config.n_layers
+    remove_layers(model, [n - 1])
+    quantize(model, RTN(bits=8, group=0, dtype="float32"), progress=False)
+    fields, tensors = _read(export_gguf(model, tok, tmp_path / "pq.gguf", "f32"))
+    assert fields["llama.block_count"] == n - 1 and f"blk.{n - 1}.attn_q.weight" not in tensors
+    wo = model.layers[0].attn.wo
+    assert type(wo).__name__ == "QuantLinear"
+    np.testing.assert_array_equal(_deq(tensors["blk.0.attn_output.weight"]), wo.dequantize().numpy())
+    np.testing.assert_array_equal(_deq(tensors["token_embd.weight"]), model.tok_embeddings.dense_weight().numpy())
+
+
 def test_gguf_quantized_types(quantizable_dir, tmp_path):
     model, tok = leanlm.load(quantizable_dir)
     ref = gguf_tensors(model)

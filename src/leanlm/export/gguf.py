@@ -163,30 +163,37 @@ def _encode(gguf, name: str, t: torch.Tensor, wtype: str):
     return a.astype(np.float16), Q.F16
 
 
+def dense_weight(module) -> torch.Tensor:
+    """A Linear-like module's weight as a dense [out, in] tensor: plain, packed (oneDNN), sparse
+    (bitmask/CSR) and quantized modules all export, the last two expanded / dequantized."""
+    fn = getattr(module, "dense_weight", None)
+    return (fn() if callable(fn) else module.weight).detach()
+
+
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
-    """The model's weights under llama.cpp's names (dense, unquantized, q/k permuted)."""
+    """The model's weights under llama.cpp's names (dense, q/k permuted). Quantized Linears are
+    dequantized here; the requested GGUF type re-quantizes them with ggml's own block formats."""
     cfg = model.config
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
-    if "lm_head.weight" in sd:
-        out["output.weight"] = sd["lm_head.weight"]
-    for i, spec in enumerate(cfg.layers):
-        p, b = f"layers.{i}.", f"blk.{i}."
+    out = {"token_embd.weight": dense_weight(model.tok_embeddings), "output_norm.weight": model.norm.weight.detach()}
+    if model.lm_head is not None:
+        out["output.weight"] = dense_weight(model.lm_head)
+    for i, (spec, layer) in enumerate(zip(cfg.layers, model.layers)):
+        b = f"blk.{i}."
         q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-        out[b + "attn_norm.weight"] = sd[p + "attn_norm.weight"]
-        out[b + "ffn_norm.weight"] = sd[p + "mlp_norm.weight"]
-        for kind in ("weight", "bias"):
-            t = sd.get(p + f"attn.wqkv.{kind}")
+        out[b + "attn_norm.weight"] = layer.attn_norm.weight.detach()
+        out[b + "ffn_norm.weight"] = layer.mlp_norm.weight.detach()
+        wqkv = layer.attn.wqkv
+        for kind, t in (("weight", dense_weight(wqkv)), ("bias", getattr(wqkv, "bias", None))):
             if t is None:
                 continue
-            wq, wk, wv = t.split((q, kv, kv), dim=0)
+            wq, wk, wv = t.detach().split((q, kv, kv), dim=0)
             out[b + f"attn_q.{kind}"] = permute_for_llamacpp(wq, spec.n_heads)
             out[b + f"attn_k.{kind}"] = permute_for_llamacpp(wk, spec.n_kv_heads)
             out[b + f"attn_v.{kind}"] = wv
-        out[b + "attn_output.weight"] = sd[p + "attn.wo.weight"]
-        gate, up = sd[p + "mlp.w_gate_up.weight"].split((spec.ffn_dim, spec.ffn_dim), dim=0)
+        out[b + "attn_output.weight"] = dense_weight(layer.attn.wo)
+        gate, up = dense_weight(layer.mlp.w_gate_up).split((spec.ffn_dim, spec.ffn_dim), dim=0)
         out[b + "ffn_gate.weight"], out[b + "ffn_up.weight"] = gate, up
-        out[b + "ffn_down.weight"] = sd[p + "mlp.w_down.weight"]
+        out[b + "ffn_down.weight"] = dense_weight(layer.mlp.w_down)
     return out
 
 

@@ -386,6 +386,10 @@ class QuantEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._dtype_probe
 
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized table (float32; for export and inspection)."""
+        return self.table.dequantize()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         return self.table.rows(flat).view(*ids.shape, self.embedding_dim).to(self._dtype_probe.dtype)
