@@ -13,6 +13,7 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 DATA = Path(os.environ.get("LEANLM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+os.environ.setdefault("LEANLM_DATA", str(DATA))  # the library reads its data folder from here
 
 
 def tiny_hf_config(arch: str):

@@ -15,9 +15,6 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import LeanlmError
-from ..evaluate.data import read_text
-from ..evaluate.perplexity import adds_bos
 
 
 def calibration_tokens(tokenizer, text: str = "wikitext2-valid", n_samples: int = 32, seq_len: int = 512,
@@ -25,20 +22,12 @@ def calibration_tokens(tokenizer, text: str = "wikitext2-valid", n_samples: int 
     """[n_samples, seq_len] token windows cut at random offsets of a named text or file.
 
     The default, the word-level WikiText-2 *validation* split, is never used for evaluation
-    (which reads the raw *test* split). Tokenizers that start sequences with BOS get BOS first.
+    (which reads the raw *test* split). Same windows as quantization's calibration
+    (quant.calibrate.read_calibration), so a recipe that prunes and quantizes sees one set.
     """
-    if n_samples < 1 or seq_len < 2:
-        raise LeanlmError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
-    raw = read_text(text, data_dir)
-    ids = tokenizer(raw, add_special_tokens=False).input_ids
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    span = seq_len - len(bos)
-    if len(ids) <= span:
-        raise LeanlmError(f"calibration text '{text}' has {len(ids)} tokens, fewer than one window of {seq_len}; "
-                          "use a longer text or a smaller calibration seq_len")  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - span, (n_samples,), generator=g).tolist()
-    return torch.tensor([bos + ids[s : s + span] for s in starts])
+    from ..quant.calibrate import read_calibration
+
+    return read_calibration(text, tokenizer, n_samples, seq_len, seed, data_dir)
 
 
 class BlockRunner:
