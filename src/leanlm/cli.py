@@ -127,6 +127,7 @@ def cmd_generate(args) -> int:
 
     kv = _kv_policy(args)
     model, tok = _setup(args)
+    _apply_adaptive(args, model, tok)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     stats = GenerationStats()
@@ -170,6 +171,7 @@ def run_eval(args) -> dict:
                 raise LeanlmError(f"unknown task '{t}'; available: {', '.join(tasks.TASKS)} (or 'all')")
     _kv_policy(args)  # a bad --kv fails before the model loads
     model, tok = _setup(args)
+    adaptive = _apply_adaptive(args, model, tok)
     want_any = args.ppl or args.kl_ref or args.tasks or args.speed or args.memory
     result: dict = {"model": args.model, "dtype": args.dtype, "threads": __import__("torch").get_num_threads(),
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
@@ -185,12 +187,16 @@ def run_eval(args) -> dict:
         r = policy_perplexity(model, tok, text, args.seq_len, args.windows, kv, args.kv_chunk)
         result["perplexity"] = {"text": args.text, "kv": kv.describe(), **r}
     elif args.ppl or not want_any:
-        result["perplexity"] = {"text": args.text, **perplexity(model, tok, text, args.seq_len, args.windows)}
+        with _compute_meter(model, adaptive):
+            result["perplexity"] = {"text": args.text, **perplexity(model, tok, text, args.seq_len, args.windows)}
     if args.kl_ref:
         ref, _ = load(args.kl_ref, dtype="float32", device=args.device)
-        result["kl"] = {"reference": args.kl_ref, "text": args.text,
-                        **kl_divergence(ref, model, tok, text, args.seq_len, args.windows)}  # fmt: skip
+        with _compute_meter(model, adaptive):
+            result["kl"] = {"reference": args.kl_ref, "text": args.text,
+                            **kl_divergence(ref, model, tok, text, args.seq_len, args.windows)}  # fmt: skip
         del ref
+    if adaptive is not None:
+        result["adaptive"] = adaptive
     if names:
         result["tasks"] = {t: tasks.evaluate_task(model, tok, t, args.data_dir, args.limit) for t in names}
     if args.speed or not want_any:
@@ -202,8 +208,54 @@ def run_eval(args) -> dict:
     return result
 
 
+def _apply_adaptive(args, model, tok) -> dict | None:
+    """--adaptive specs (leanlm.adaptive): calibrate and install them; None without any."""
+    specs = getattr(args, "adaptive", None)
+    if not specs:
+        return None
+    from .adaptive import apply_adaptive, parse_adaptive
+
+    if getattr(args, "kv", None):
+        raise LeanlmError("--adaptive cannot be combined with --kv (skipped layers write a full cache); drop one")
+    from pathlib import Path
+
+    from .adaptive import load_adaptive
+
+    saved = [s for s in specs if s.endswith(".safetensors") or Path(s).is_dir()]
+    cfgs = [parse_adaptive(s) for s in specs if s not in saved]
+    reports = [{"method": "saved", "path": s, "loaded": sorted(k for k in load_adaptive(model, s) if k not in
+                ("version", "n_layers"))} for s in saved]  # fmt: skip
+    reports += apply_adaptive(model, cfgs, tok, args.adaptive_calib, getattr(args, "data_dir", None)) if cfgs else []
+    return {"specs": list(specs), "calibration": args.adaptive_calib, "methods": reports}
+
+
+def _compute_meter(model, adaptive):
+    """Count the FLOPs fraction of an adaptive model while quality is scored (same decisions)."""
+    import contextlib
+
+    if adaptive is None:
+        return contextlib.nullcontext()
+    from .adaptive import meter
+
+    @contextlib.contextmanager
+    def run():
+        with meter(model) as m:
+            yield
+        adaptive["compute"] = m.summary()
+
+    return run()
+
+
 def format_eval(r: dict) -> str:
     rows = [("model", f"{r['model']} ({r['dtype']}, {r['threads']} threads)")]
+    if "adaptive" in r:
+        a = r["adaptive"]
+        rows.append(("adaptive", " + ".join(a["specs"])))
+        c = a.get("compute")
+        if c and c.get("tokens"):
+            rows.append(("compute used", f"{c['flops_fraction_layers']:.1%} of the decoder's FLOPs per token "
+                                         f"({c['flops_fraction']:.1%} incl. LM head; {c['layers_skipped_fraction']:.2f} "
+                                         f"layers skipped per token; {c['tokens']} tokens)"))  # fmt: skip
     if "perplexity" in r:
         p = r["perplexity"]
         rows.append(("perplexity", f"{p['ppl']:.4f}  ({p['text']}, {p['windows']}x{p['seq_len']}, {p['tokens']} tokens)"))
@@ -470,6 +522,14 @@ def cmd_search(args) -> int:
 
 
 # ---- parser -------------------------------------------------------------------------
+def _adaptive_args(p) -> None:
+    from .adaptive import SPEC_HELP
+
+    p.add_argument("--adaptive", action="append", metavar="SPEC", help=SPEC_HELP + "; e.g. teal:0.5, exit:kl=0.05, skip:0.2")
+    p.add_argument("--adaptive-calib", default="wikitext2-valid", metavar="TEXT",
+                   help="calibration text for --adaptive (default wikitext2-valid; never the eval split)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -505,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion, no chat template")
     p.add_argument("--kv", help=KV_HELP)
+    _adaptive_args(p)
     p.add_argument("--json", metavar="PATH", help="write text and stats as JSON instead of streaming")
     p.add_argument("--speculate", choices=("lookup", "self", "draft", "lookup+self", "lookup+draft"),
                    help="exact speculative decoding (same output as without): lookup = prompt n-gram lookup; "
@@ -543,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="weight MB, KV bytes/token, peak RSS, size on disk")
     p.add_argument("--kv", help=KV_HELP + "; perplexity is then scored chunk by chunk through the cache")
     p.add_argument("--kv-chunk", type=int, default=256, help="chunk length for --kv perplexity (default 256)")
+    _adaptive_args(p)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)

@@ -9,7 +9,9 @@
 
 Step kinds: `prune` (structured: neurons|heads|layers with the fields of prune.Structured, or
 unstructured with the fields of prune.Unstructured), `quantize` (method + the fields of the
-quant config), `dtype` (float32 | bfloat16), `kv` (a cache-policy string, see `--kv`).
+quant config), `dtype` (float32 | bfloat16), `kv` (a cache-policy string, see `--kv`), `adaptive`
+(a leanlm.adaptive spec string such as "teal:0.4" or "skip:0.1", see `--adaptive`; applied in
+place by apply_recipe, calibrated on the recipe's calibration text).
 Calibration tokens are computed once and shared by every step that needs them.
 """
 
@@ -26,7 +28,7 @@ from ..errors import LeanlmError
 
 TOP_KEYS = {"name", "description", "calibration", "steps"}
 CALIB_KEYS = {"text": str, "samples": int, "seq_len": int}
-STEP_KINDS = ("prune", "quantize", "dtype", "kv")
+STEP_KINDS = ("prune", "quantize", "dtype", "kv", "adaptive")
 
 
 @dataclass
@@ -71,6 +73,12 @@ def build_step(kind: str, params: Any, where: str = "step"):
         if not isinstance(params, str):
             raise LeanlmError(f"{where}: kv takes a policy string such as 'sinks:4,window:1024' or 'int8'")
         return KVPolicy.parse(params)
+    if kind == "adaptive":  # a decode-time compute policy (leanlm.adaptive), e.g. "teal:0.4" or "exit:kl=0.1"
+        from ..adaptive import parse_adaptive
+
+        if not isinstance(params, str):
+            raise LeanlmError(f"{where}: adaptive takes a spec string such as 'teal:0.4', 'exit:kl=0.1' or 'skip:0.1'")
+        return parse_adaptive(params)
     if not isinstance(params, dict):
         raise LeanlmError(f"{where}: {kind} takes a mapping of settings, got {params!r}")
     p = dict(params)
@@ -175,6 +183,10 @@ def apply_recipe(model, tokenizer, recipe: Recipe, progress: bool = True) -> dic
             model.to(cfg)
         elif s.kind == "kv":
             model.kv_policy = cfg  # decode-time setting, recorded with the saved model
+        elif s.kind == "adaptive":
+            from ..adaptive import apply_adaptive
+
+            entry["result"] = _jsonable(apply_adaptive(model, [cfg], tokenizer, recipe.calibration["text"], progress=progress))
         elif s.kind == "quantize":
             from ..quant import quantize
 
@@ -223,6 +235,10 @@ def plan_for(model, recipe: Recipe | None = None):
             pattern = s.params.get("pattern")
             plan.sparsity = 0.5 if pattern else float(s.params.get("sparsity") or 0.0)
             plan.sparsity_pattern = pattern or "unstructured"
+        elif s.kind == "adaptive":
+            cfg = build_step("adaptive", s.params)
+            if type(cfg).__name__ == "ActivationSparsity":
+                plan.activation_sparsity = cfg.sparsity
         elif s.kind == "kv":
             pol = build_step("kv", s.params)
             if pol is not None:
@@ -241,6 +257,14 @@ def compress(spec: str, recipe: Recipe, out: str | Path, force: bool = False, pr
     from ..model import load
 
     check_writable(out, force)  # fail before the work, not after
+    kinds = [s.kind for s in recipe.steps]
+    adaptive = [s for s in recipe.steps if s.kind == "adaptive"]
+    if adaptive and kinds[len(kinds) - len(adaptive) :] != ["adaptive"] * len(adaptive):
+        raise LeanlmError("adaptive steps must come last in a recipe for `compress` (they act at decode time on the "
+                          "saved weights); move them to the end")  # fmt: skip
+    if adaptive:
+        recipe = Recipe(recipe.name, [s for s in recipe.steps if s.kind != "adaptive"] or [Step("dtype", "float32")],
+                        recipe.calibration, recipe.description)  # fmt: skip
     t0 = time.time()
     model, tok = load(spec, "float32")
     report = apply_recipe(model, tok, recipe, progress)
@@ -253,6 +277,12 @@ def compress(spec: str, recipe: Recipe, out: str | Path, force: bool = False, pr
         from ..model import save
 
         save(model, tok, out, force=force)
+    if adaptive:  # calibrated on the saved weights, kept beside them (leanlm eval OUT --adaptive OUT/adaptive.safetensors)
+        from ..adaptive import save_adaptive
+
+        extra = apply_recipe(model, tok, Recipe(recipe.name, adaptive, recipe.calibration), progress)
+        report["steps"] += extra["steps"]
+        report["adaptive_state"] = str(save_adaptive(model, out))
     report["model"] = str(spec)
     report["seconds"] = time.time() - t0
     report["kv"] = next((s.params for s in recipe.steps if s.kind == "kv"), None)

@@ -1,0 +1,228 @@
+"""Adaptive computation, measured honestly: a quality / cost curve per method, one run.
+
+For each configuration the base model is copied and made adaptive (leanlm.adaptive), calibrated on
+wikitext2-valid (never the test split), then measured against the base in the same process:
+WikiText-2 perplexity and KL(base || adaptive) on --windows x 512 windows (leanlm.evaluate's
+arithmetic, base log-probs computed once), the predicted fraction of decoder FLOPs per token
+(the adaptive meter, on the same windows and decisions), and batch-1 decode tok/s measured
+interleaved with the base model (benchmarks/common.interleaved_speed: base, config, base, ...),
+reported as a ratio. Router / confidence overhead is measured separately by configurations
+whose gate runs but never fires ("*-overhead": skip router with threshold -inf, exit check that
+never exits, MoE router keeping every group). Activation sparsity's decode kernel is chosen per
+shape by timing (dense F.linear, dense x @ W^T, embedding_bag); the timings are in the JSON and
+"teal-0%" (same kernels, no dropped inputs) separates the layout effect from the sparsity effect.
+
+    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py                     # SmolLM2-135M, all methods
+    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --model gemma3-270m --methods teal
+    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --quick --threads 1  # smoke run, ~3 min
+Writes benchmarks/results/adaptive.json (one entry per model; other models' entries are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, LeanlmEngine, interleaved_speed, machine, print_table, write_result
+
+import leanlm
+from leanlm.adaptive import (
+    ActivationSparsity,
+    EarlyExit,
+    LayerSkip,
+    NeuronRouting,
+    apply_activation_sparsity,
+    apply_early_exit,
+    apply_layer_skip,
+    apply_neuron_routing,
+    meter,
+)
+from leanlm.adaptive.early_exit import exit_profile
+from leanlm.adaptive.routing import set_routing_p
+from leanlm.adaptive.sparsity import time_kernels
+from leanlm.evaluate.data import wikitext2_test
+from leanlm.evaluate.perplexity import make_windows, perplexity
+from leanlm.evaluate.speed import fixed_prompt
+from leanlm.prune.calibration import calibration_tokens
+
+METHODS = ("teal", "exit", "skip", "moe")
+
+
+def configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
+    """(name, config, extra apply kwargs) per row of the curve."""
+    if method == "teal":
+        levels = [0.5] if quick else [0.0, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]
+        rows = [(f"teal-{int(s * 100)}%", ActivationSparsity(s), {}) for s in levels]
+        if not quick:
+            rows += [(f"teal-down-{int(s * 100)}%", ActivationSparsity(s, ("down",)), {}) for s in (0.5, 0.7)]
+            rows += [(f"teal-{int(s * 100)}%-greedy", ActivationSparsity(s, allocation="greedy"), {})
+                     for s in (0.2, 0.3, 0.4, 0.5)]  # fmt: skip
+            both = ("mlp", "attn")
+            rows += [(f"teal-{int(s * 100)}%-mlp+attn-greedy", ActivationSparsity(s, both, allocation="greedy"), {})
+                     for s in (0.2, 0.3)]  # fmt: skip
+            rows += [("teal-50%-mlp+attn", ActivationSparsity(0.5, ("mlp", "attn")), {}),
+                     ("teal-50%-masked-dense", ActivationSparsity(0.5, kernel="dense"), {})]  # fmt: skip
+        return rows
+    if method == "exit":
+        kls = [0.1] if quick else [0.05, 0.1, 0.2, 0.4, 0.8]
+        rows = [(f"exit-cosine-kl{k}", EarlyExit("cosine", target_kl=k), {}) for k in kls]
+        if not quick:
+            rows += [("exit-softmax-kl0.1", EarlyExit("softmax", target_kl=0.1), {}),
+                     ("exit-cosine-overhead", EarlyExit("cosine", threshold=2.0), {})]  # fmt: skip
+        return rows
+    if method == "skip":
+        rates = [0.1] if quick else [0.05, 0.1, 0.2, 0.3]
+        rows = [(f"skip-{int(r * 100)}%", LayerSkip(r), {}) for r in rates]
+        rows.append(("skip-overhead", LayerSkip(0.2), {"threshold": float("-inf")}))
+        return rows
+    if method == "moe":
+        ps = [0.75] if quick else [0.95, 0.85, 0.75, 0.6, 0.4]
+        rows = [(f"moe-8x-p{p}", NeuronRouting(8, p), {}) for p in ps]
+        if not quick:
+            rows.append(("moe-8x-overhead", NeuronRouting(8, 0.999999), {}))
+        return rows
+    raise SystemExit(f"unknown method {method}; choose from {', '.join(METHODS)}")
+
+
+APPLY = {ActivationSparsity: apply_activation_sparsity, EarlyExit: apply_early_exit, LayerSkip: apply_layer_skip,
+         NeuronRouting: apply_neuron_routing}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of teal,exit,skip,moe")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=20, help="512-token WikiText-2 test windows (default 20)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=None, help="override every method's calibration windows")
+    ap.add_argument("--quick", action="store_true", help="one configuration per method, 4 windows, 2 runs")
+    ap.add_argument("--result-name", default="adaptive", help="results/NAME.json (default adaptive)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.windows, args.runs, args.new_tokens, args.prompt_len = min(args.windows, 4), min(args.runs, 2), 32, 128
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+    base, tok = leanlm.load(args.model, "float32")
+    windows = make_windows(tok, wikitext2_test(), 512, args.windows)
+    with torch.inference_mode():
+        base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
+
+    @torch.inference_mode()
+    def quality(model) -> dict:
+        kl = agree = nll_b = nll_c = 0.0
+        count = 0
+        with meter(model) as m:
+            for w, lb in zip(windows, base_lp):
+                lc = F.log_softmax(model(w)[0, :-1].float(), -1)
+                target = w[0, 1:]
+                kl += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
+                agree += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
+                nll_b -= lb.gather(-1, target[:, None]).sum().item()
+                nll_c -= lc.gather(-1, target[:, None]).sum().item()
+                count += target.numel()
+        return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
+                "top1_agreement": agree / count, "tokens": count, "windows": len(windows),
+                "compute": m.summary()}  # fmt: skip
+
+    q = perplexity(base, tok, wikitext2_test(), 512, args.windows, progress=False)
+    base_row = {"name": "base", "method": "base", "ppl": q["ppl"], "kl": 0.0, "top1_agreement": 1.0,
+                "compute": {"flops_fraction_layers": 1.0, "flops_fraction": 1.0}}  # fmt: skip
+    rows = [base_row]
+    vocab = base.config.vocab_size
+    prompt, short = fixed_prompt(vocab, args.prompt_len), fixed_prompt(vocab, 32, seed=1)
+    base_engine = LeanlmEngine(base, "base")
+    calib_cache: dict = {}
+    exit_profiles: dict = {}  # the exit profile (and lens) depends on confidence / min_layer, not the KL target
+    routed: dict = {}  # clusters + routers do not depend on p: trained once, copied per p
+
+    for method in methods:
+        for name, cfg, extra in configs(method, args.quick):
+            print(f"== {name}", flush=True)
+            if args.calib_samples:
+                cfg.calib_samples = args.calib_samples
+            key = (cfg.calib_samples, cfg.calib_seq_len)
+            if key not in calib_cache:
+                calib_cache[key] = calibration_tokens(tok, "wikitext2-valid", *key)
+            t0 = time.perf_counter()
+            if isinstance(cfg, NeuronRouting):
+                rkey = (cfg.groups, cfg.steps, key)
+                if rkey not in routed:
+                    routed[rkey] = copy.deepcopy(base)
+                    routed[rkey + ("report",)] = apply_neuron_routing(routed[rkey], cfg, calib_cache[key],
+                                                                      progress=False)  # fmt: skip
+                model = copy.deepcopy(routed[rkey])
+                set_routing_p(model, cfg.p)
+                rep = routed[rkey + ("report",)]
+            else:
+                model = copy.deepcopy(base)
+                if isinstance(cfg, EarlyExit) and cfg.threshold is None:
+                    L = base.config.n_layers
+                    ekey = (cfg.confidence, cfg.min_layer, cfg.every, cfg.lens, key)
+                    if ekey not in exit_profiles:
+                        first = L // 3 if cfg.min_layer is None else cfg.min_layer
+                        exit_profiles[ekey] = exit_profile(base, calib_cache[key], cfg, first, False)
+                    extra = {**extra, "profile": exit_profiles[ekey]}
+                rep = APPLY[type(cfg)](model, cfg, calib_cache[key], progress=False, **extra)
+            row = {"name": name, "method": method, "config": {k: v for k, v in vars(cfg).items()},
+                   "calibrate_s": time.perf_counter() - t0, **quality(model)}  # fmt: skip
+            row["report"] = json.loads(json.dumps(rep, default=str))
+            sp = interleaved_speed([base_engine, LeanlmEngine(model, name)], prompt, short, args.new_tokens, args.runs)
+            row["speed"] = {"decode_tok_s": sp[name]["decode_tok_s"], "base_decode_tok_s": sp["base"]["decode_tok_s"],
+                            "decode_speedup": sp[name]["decode_tok_s"] / sp["base"]["decode_tok_s"],
+                            "prefill_speedup": sp[name]["prefill_tok_s"] / sp["base"]["prefill_tok_s"],
+                            "decode_tok_s_runs": sp[name]["decode_tok_s_runs"],
+                            "base_decode_tok_s_runs": sp["base"]["decode_tok_s_runs"]}  # fmt: skip
+            # the decode meter: fraction of compute on the generated tokens of one speed run
+            with meter(model) as m:
+                LeanlmEngine(model, name).decode(short, args.new_tokens)
+            row["decode_compute"] = m.summary()
+            rows.append(row)
+            print(f"   ppl {row['ppl']:.3f} (base {q['ppl']:.3f})  KL {row['kl']:.4f}  flops "
+                  f"{row['compute'].get('flops_fraction_layers', 1):.3f}  decode x{row['speed']['decode_speedup']:.3f}",
+                  flush=True)  # fmt: skip
+            del model
+            gc.collect()
+
+    kernels = {}
+    if "teal" in methods:  # the kernel microbenchmark behind kernel="auto" (batch-1, weights from memory)
+        D = base.config.hidden_size
+        f = base.config.layers[0].ffn_dim
+        for K, N in ((D, 2 * f), (f, D)):
+            kernels[f"{K}x{N}"] = {str(s): time_kernels(K, N, s) for s in (0.0, 0.25, 0.5, 0.7, 0.9)}
+
+    table = [{"config": r["name"], "ppl": r["ppl"], "ppl_+%": 100 * (r["ppl"] / q["ppl"] - 1), "kl": r["kl"],
+              "top1": r["top1_agreement"], "flops_frac": r["compute"].get("flops_fraction_layers"),
+              "decode_flops_frac": r.get("decode_compute", {}).get("flops_fraction_layers"),
+              "decode_tok_s": r.get("speed", {}).get("decode_tok_s"),
+              "decode_x": r.get("speed", {}).get("decode_speedup")}
+             for r in rows]  # fmt: skip
+    print_table(table, ["config", "ppl", "ppl_+%", "kl", "top1", "flops_frac", "decode_flops_frac", "decode_tok_s",
+                        "decode_x"])  # fmt: skip
+    ok = [r for r in rows[1:] if r["ppl"] <= 1.05 * q["ppl"]]
+    best = max(ok, key=lambda r: r["speed"]["decode_speedup"], default=None)
+    checks = {"best_decode_speedup_within_5pct_ppl": None if best is None else {"config": best["name"],
+              "decode_speedup": best["speed"]["decode_speedup"], "ppl_increase": best["ppl"] / q["ppl"] - 1},
+              "target_1.3x_at_5pct_ppl_met": bool(best and best["speed"]["decode_speedup"] >= 1.3)}  # fmt: skip
+    entry = {"model": args.model, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "settings": vars(args), "calibration": "wikitext2-valid", "rows": rows, "table": table,
+             "kernel_us": kernels, "checks": checks}  # fmt: skip
+    path = RESULTS / f"{args.result_name}.json"
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    models = existing.get("models", {})
+    models[args.model + ("-quick" if args.quick else "")] = entry
+    write_result(args.result_name, {"models": models})
+    print(json.dumps(checks, indent=2))
+
+
+if __name__ == "__main__":
+    main()

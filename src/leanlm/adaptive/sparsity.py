@@ -1,0 +1,352 @@
+"""Training-free activation sparsity (TEAL / CATS style): drop small inputs of a matmul.
+
+Per layer and per matrix, a magnitude threshold t is calibrated on calibration text so that a
+`sparsity` fraction of that matrix's inputs fall below it; at inference inputs with |x| <= t
+are treated as zero. At batch-1 decode the matmul then only has to read the weight rows of
+the active inputs: with the weight stored transposed ([in, out], one contiguous row per input)
+`F.embedding_bag(active, W^T, per_sample_weights=x[active], mode="sum")` is exactly
+sum_i x_i W^T[i] over the active inputs, reading nothing else and copying nothing.
+
+Whether that beats a dense GEMV depends on the shape, the sparsity and the machine, so each
+shape is timed once at apply time (dense F.linear, dense x @ W^T, embedding_bag, and the native
+AVX2 kernel of kernels.py - threshold, index list and row sweep in one call - when it builds)
+and the fastest is kept (`kernel="auto"`); the timings are in the report. Multi-row inputs
+(prefill, scoring) use a dense product of the masked input, so quality is the same as at decode.
+
+`allocation="greedy"` (TEAL's idea, per FFN): the bytes skipped in an FFN are split between the
+w_gate_up and w_down inputs by the pair that minimises the FFN's output error on calibration.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeanlmError
+from ..model.runtime import upcast_for_matmul
+
+TARGETS = {"mlp": ("mlp.w_gate_up", "mlp.w_down"), "gate_up": ("mlp.w_gate_up",), "down": ("mlp.w_down",),
+           "attn": ("attn.wqkv", "attn.wo")}  # fmt: skip
+KERNELS = ("auto", "native", "bag", "dense", "dense_t")
+
+
+@dataclass
+class ActivationSparsity:
+    """sparsity: fraction of inputs zeroed per matrix; targets: 'mlp' (inputs of w_gate_up and
+    w_down; or 'gate_up' / 'down' alone: the FFN intermediate is the more heavy-tailed one) and/or
+    'attn' (inputs of wqkv and wo); kernel: auto (timed per shape), native (kernels.py), bag,
+    dense (F.linear on the original layout) or dense_t (x @ W^T)."""
+
+    sparsity: float = 0.5
+    targets: tuple[str, ...] = ("mlp",)
+    kernel: str = "auto"
+    allocation: str = "uniform"  # or "greedy": per FFN, split the skipped bytes between gate_up and down
+    calib_samples: int = 4
+    calib_seq_len: int = 512
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise LeanlmError(f"activation sparsity must be in [0, 1), got {self.sparsity}")
+        self.targets = tuple(self.targets)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise LeanlmError(f"activation-sparsity targets must be among {', '.join(TARGETS)}, got {self.targets}")
+        if self.allocation not in ("uniform", "greedy"):
+            raise LeanlmError(f"allocation must be uniform or greedy, got {self.allocation!r}")
+        if self.kernel not in KERNELS:
+            raise LeanlmError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+
+class SparseInputLinear(nn.Module):
+    """y = (x * (|x| > threshold)) W^T + b, with the decode kernel chosen per shape.
+
+    `last_flops` is the weight-matmul FLOPs of the last call per row (active inputs only)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float, kernel: str):
+        super().__init__()
+        if kernel == "native":
+            from .kernels import usable
+
+            if not usable(torch.empty(1, weight.shape[0], dtype=weight.dtype, device=weight.device)):
+                raise LeanlmError("the native sparse GEMV is not available here (needs AVX2/FMA, a C++ compiler, "
+                                  "fp32/bf16 weights, out_features % 8 == 0); use kernel=bag or auto")  # fmt: skip
+        self.out_features, self.in_features = weight.shape
+        self.threshold, self.kernel = float(threshold), kernel
+        w = weight.detach()
+        # one layout only (no second copy): [out, in] for F.linear, [in, out] for the others
+        self.weight = nn.Parameter(w if kernel == "dense" else w.t().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # embedding_bag runs its bags in parallel, not one bag: with n threads the output columns are
+        # cut into n bags over a [K*n, N/n] view of W^T (row r of W^T = rows r*n .. r*n+n-1 of the view)
+        threads = torch.get_num_threads()
+        self.splits = threads if kernel == "bag" and threads > 1 and self.out_features % threads == 0 else 1
+        self.register_buffer("part", torch.arange(self.splits, dtype=torch.int32), persistent=False)
+        self.last_flops = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in], as nn.Linear stores it."""
+        return self.weight if self.kernel == "dense" else self.weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 1 and self.kernel == "native":  # one call: threshold, index and row sweep (kernels.py)
+            from .kernels import native
+
+            y, n = native().sparse_gemv(x2[0], self.weight, self.threshold)
+            self.last_flops = 2.0 * n * self.out_features
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+        elif x2.shape[0] == 1 and self.kernel == "bag":
+            xv = x2[0]
+            idx = (xv.abs() > self.threshold).nonzero().view(-1)
+            n, s = idx.numel(), self.splits
+            self.last_flops = 2.0 * n * self.out_features
+            w = xv[idx]
+            if s == 1:
+                offsets = torch.tensor([0, n], dtype=torch.int32)
+                y = F.embedding_bag(idx.int(), self.weight, offsets, per_sample_weights=w, mode="sum",
+                                    include_last_offset=True)  # fmt: skip
+            else:
+                rows = (idx.int() * s).unsqueeze(0) + self.part.unsqueeze(1)  # [s, n]: bag j takes part j of each row
+                offsets = torch.arange(0, s * n + 1, n, dtype=torch.int32)
+                y = F.embedding_bag(rows.view(-1), self.weight.view(-1, self.out_features // s), offsets,
+                                    per_sample_weights=w.repeat(s), mode="sum",
+                                    include_last_offset=True).view(1, -1)  # fmt: skip
+        else:
+            if self.threshold < 0:  # sparsity 0: nothing to drop, no masking ops
+                xm, self.last_flops = x2, None
+            else:
+                mask = x2.abs() > self.threshold
+                self.last_flops = mask.sum(-1) * (2.0 * self.out_features)
+                xm = x2 * mask
+            w = self.dense_weight()
+            if upcast_for_matmul(x2):  # same rule as the runtime's Linear: bf16 GEMMs are slow on CPU
+                y = F.linear(xm.float(), w.float()).to(x.dtype)
+            elif self.kernel == "dense_t":
+                y = xm @ self.weight
+            elif xm.shape[0] == 1:
+                from .runtime import gemv
+
+                y = gemv(xm, w)  # the runtime's decode GEMV, as the dense model uses
+            else:
+                y = F.linear(xm, w)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold:.4g}, kernel={self.kernel}"
+
+
+# ---- kernel choice ------------------------------------------------------------------------
+def time_kernels(K: int, N: int, sparsity: float, dtype=torch.float32, copies: int = 8, reps: int = 30) -> dict:
+    """Median microseconds per batch-1 call of each kernel at this shape and sparsity.
+
+    Several weight copies are cycled so that the weights come from memory, as at decode."""
+    g = torch.Generator().manual_seed(0)
+    from .kernels import usable
+
+    kinds = ("dense", "dense_t", "bag") + (("native",) if usable(torch.empty(K, N, dtype=dtype)) else ())
+    mods = {k: [SparseInputLinear(torch.randn(N, K, generator=g).to(dtype), None, 0.0, k) for _ in range(copies)]
+            for k in kinds}  # fmt: skip
+    x = torch.randn(1, 1, K, generator=g).to(dtype)
+    thr = float(x.abs().float().quantile(sparsity)) if sparsity > 0 else -1.0
+    out = {}
+    for k, ms in mods.items():
+        for m in ms:
+            m.threshold = thr
+        times = []
+        for r in range(5):
+            t0 = time.perf_counter()
+            for i in range(reps):
+                ms[i % copies](x)
+            times.append((time.perf_counter() - t0) / reps * 1e6)
+        out[k] = sorted(times)[2]
+    return out
+
+
+def choose_kernels(model, names: list[str], sparsity: float) -> dict:
+    """(K, N) -> {"kernel": fastest, "us": {kernel: microseconds}} for the decoder's shapes."""
+    shapes = {}
+    for layer in model.layers:
+        for n in names:
+            mod = _get(layer, n)
+            shapes.setdefault((mod.in_features, mod.out_features), None)
+    out = {}
+    for K, N in shapes:
+        try:
+            us = time_kernels(K, N, sparsity, model.dtype)
+        except RuntimeError:  # e.g. a dtype embedding_bag lacks
+            us = {"dense": 0.0}
+        out[(K, N)] = {"kernel": min(us, key=us.get), "us": us}
+    return out
+
+
+# ---- calibration --------------------------------------------------------------------------
+def _get(root, name: str):
+    for part in name.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _set(root, name: str, module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(_get(root, parent), leaf, module)
+
+
+def quantile_abs(chunks: list[torch.Tensor], q: float, max_values: int = 1 << 24) -> float:
+    """q-quantile of |x| over the rows of `chunks` (subsampled to at most max_values numbers)."""
+    x = torch.cat([c.reshape(-1) for c in chunks]).abs()
+    if x.numel() > max_values:
+        g = torch.Generator().manual_seed(0)
+        x = x[torch.randint(0, x.numel(), (max_values,), generator=g)]
+    if q <= 0:
+        return -1.0  # nothing dropped (|x| > -1 always)
+    k = max(1, min(x.numel(), int(round(q * x.numel()))))
+    return float(x.kthvalue(k).values)
+
+
+@torch.no_grad()
+def split_mlp_sparsity(mlp, X: torch.Tensor, sparsity: float, grid: int = 10) -> tuple[float, float, float]:
+    """TEAL-style allocation inside one FFN: the (s_gate_up, s_down) pair with the same weight bytes
+    skipped as `sparsity` on both (gate_up holds 2/3 of the FFN's bytes) that minimises the FFN's
+    relative output error on calibration inputs X [n, D]. Returns (threshold_gate_up, threshold_down, error)."""
+    f = mlp.ffn_dim
+    w1, w2 = mlp.w_gate_up.weight.float(), mlp.w_down.weight.float()
+    bytes1, bytes2 = w1.numel(), w2.numel()
+    total = sparsity * (bytes1 + bytes2)
+
+    def ffn(x):
+        h = x @ w1.T
+        return mlp.act(h[:, :f]) * h[:, f:]
+
+    dense = ffn(X) @ w2.T
+    ref = dense.pow(2).sum()
+    best = None
+    for k in range(grid + 1):
+        s1 = min(0.95, k / grid)
+        s2 = (total - s1 * bytes1) / bytes2
+        if not 0 <= s2 <= 0.95:
+            continue
+        t1 = quantile_abs([X], s1)
+        a = ffn(X * (X.abs() > t1))
+        t2 = quantile_abs([a], s2)
+        err = float((((a * (a.abs() > t2)) @ w2.T) - dense).pow(2).sum() / ref)
+        if best is None or err < best[2]:
+            best = (t1, t2, err)
+    if best is None:  # sparsity too high to split: uniform
+        t1 = quantile_abs([X], sparsity)
+        return t1, quantile_abs([ffn(X * (X.abs() > t1))], sparsity), float("nan")
+    return best
+
+
+def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: list[str], kernel_of,
+                          progress: bool = True, allocation: str = "uniform") -> list[dict]:  # fmt: skip
+    """Per layer and matrix in `names` (in forward order), the |x| threshold below which `sparsity`
+    of its calibration inputs lie; each matrix is replaced as soon as its threshold is known, so
+    the next one is calibrated on the inputs it will really see (the sparsified model's, as
+    true-sequential GPTQ does). Layer-sequential through the quantization calibrator's driver:
+    one block's activations are held at a time, and each capture stops the block early."""
+    from ..quant.calibrate import LINEARS, StopForward, run_sequential
+
+    out: list[dict] = []
+    order = [n for n in LINEARS if n in names]
+
+    def per_block(i, layer, xs, rope, dtype):
+        th = {}
+        for n in order:
+            mod = _get(layer, n)
+            seen = []
+
+            def grab(m, args):
+                seen.append(args[0].detach().reshape(-1, m.in_features).float())
+                raise StopForward
+
+            if n in th:  # already set by the FFN split below
+                _set(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+                continue
+            handle = mod.register_forward_pre_hook(grab)
+            try:
+                for x in xs:
+                    try:
+                        layer(x, rope, 0, dtype)
+                    except StopForward:
+                        pass
+            finally:
+                handle.remove()
+            if allocation == "greedy" and n == "mlp.w_gate_up" and "mlp.w_down" in names:
+                X = torch.cat(seen)
+                X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(i))[:512]]
+                th[n], th["mlp.w_down"], th["ffn_error"] = split_mlp_sparsity(layer.mlp, X, sparsity)
+            else:
+                th[n] = quantile_abs(seen, sparsity)
+            _set(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+        out.append(th)
+        return [layer(x, rope, 0, dtype) for x in xs]
+
+    run_sequential(model, tokens, per_block, batch_size=4, progress=progress, desc="activation thresholds")
+    return out
+
+
+def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tensor | None = None, tokenizer=None,
+                              thresholds: list[dict] | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Calibrate thresholds (unless given) and replace the target matrices in place. Returns a report."""
+    from .runtime import make_adaptive
+
+    names = list(dict.fromkeys(n for t in cfg.targets for n in TARGETS[t]))
+    for layer in model.layers:
+        for n in names:
+            mod = _get(layer, n)
+            if isinstance(mod, SparseInputLinear):
+                raise LeanlmError("activation sparsity is already applied to this model")
+            if type(mod).__name__ != "Linear" or mod.weight.dim() != 2:
+                raise LeanlmError(f"activation sparsity needs plain Linear layers; {n} is {type(mod).__name__} "
+                                  "(apply it before quantization, packing or neuron routing)")  # fmt: skip
+    kernels = choose_kernels(model, names, cfg.sparsity) if cfg.kernel == "auto" else {}
+
+    def kernel_of(mod):
+        return kernels[(mod.in_features, mod.out_features)]["kernel"] if kernels else cfg.kernel
+
+    make_adaptive(model)
+    if thresholds is None:
+        if calib is None:
+            if tokenizer is None:
+                raise LeanlmError("activation sparsity needs calibration tokens (or a tokenizer to cut them)")
+            from ..prune.calibration import calibration_tokens
+
+            calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
+        thresholds = calibrate_and_replace(model, calib, cfg.sparsity, names, kernel_of, progress, cfg.allocation)
+    else:
+        for layer, th in zip(model.layers, thresholds):
+            for n in names:
+                mod = _get(layer, n)
+                _set(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+    model.activation_sparsity = cfg
+    return {"sparsity": cfg.sparsity, "targets": list(cfg.targets), "thresholds": thresholds,
+            "kernels": {f"{k[0]}x{k[1]}": v for k, v in kernels.items()}}  # fmt: skip
+
+
+def measured_sparsity(model, tokens: torch.Tensor) -> dict:
+    """Fraction of inputs actually dropped per matrix name on `tokens` (checks the calibration)."""
+    zero: dict[str, list] = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for n in ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down"):
+            mod = _get(layer, n)
+            if isinstance(mod, SparseInputLinear):
+                def h(m, args, key=f"{i}.{n}"):
+                    x = args[0]
+                    zero.setdefault(key, []).append(float((x.abs() <= m.threshold).float().mean()))
+
+                hooks.append(mod.register_forward_pre_hook(h))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for hd in hooks:
+            hd.remove()
+    return {k: sum(v) / len(v) for k, v in zero.items()}
