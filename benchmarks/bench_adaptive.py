@@ -54,8 +54,21 @@ from leanlm.prune.calibration import calibration_tokens
 METHODS = ("teal", "exit", "skip", "moe")
 
 
-def configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
+SHORT = {  # --short: a few points per curve (about a third of the full run's time)
+    "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-70%", "teal-30%-greedy", "teal-50%-greedy"],
+    "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4", "exit-cosine-overhead"],
+    "skip": ["skip-5%", "skip-20%", "skip-overhead"],
+    "moe": ["moe-8x-p0.85", "moe-8x-p0.6", "moe-8x-overhead"],
+}
+
+
+def configs(method: str, quick: bool, short: bool = False) -> list[tuple[str, object, dict]]:
     """(name, config, extra apply kwargs) per row of the curve."""
+    rows = _configs(method, quick)
+    return [r for r in rows if r[0] in SHORT[method]] if short and not quick else rows
+
+
+def _configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
     if method == "teal":
         levels = [0.5] if quick else [0.0, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]
         rows = [(f"teal-{int(s * 100)}%", ActivationSparsity(s), {}) for s in levels]
@@ -104,6 +117,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=None, help="override every method's calibration windows")
+    ap.add_argument("--short", action="store_true", help="a few points per method's curve (see SHORT)")
     ap.add_argument("--quick", action="store_true", help="one configuration per method, 4 windows, 2 runs")
     ap.add_argument("--result-name", default="adaptive", help="results/NAME.json (default adaptive)")
     args = ap.parse_args()
@@ -146,7 +160,7 @@ def main() -> None:
     routed: dict = {}  # clusters + routers do not depend on p: trained once, copied per p
 
     for method in methods:
-        for name, cfg, extra in configs(method, args.quick):
+        for name, cfg, extra in configs(method, args.quick, args.short):
             print(f"== {name}", flush=True)
             if args.calib_samples:
                 cfg.calib_samples = args.calib_samples

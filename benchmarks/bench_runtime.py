@@ -62,7 +62,11 @@ def main() -> None:
             "leanlm_bf16_rel_change_vs_fp32": ppl["leanlm-bf16"]["ppl"] / ppl["leanlm-fp32"]["ppl"] - 1,
         }
 
-    engines = [LeanlmEngine(m32, "leanlm-fp32"), LeanlmEngine(m16, "leanlm-bf16"),
+    # leanlm decodes fp32 with column-major weights (Transformer.set_decode_layout, as `leanlm
+    # generate` / `eval --speed` do); the row-major runtime is measured beside it for the record
+    m32_rows, _ = load(args.model, "float32")
+    m32.set_decode_layout(True)
+    engines = [LeanlmEngine(m32, "leanlm-fp32"), LeanlmEngine(m32_rows, "leanlm-fp32-rowmajor"), LeanlmEngine(m16, "leanlm-bf16"),
                HFEngine(m32.directory, torch.float32, "transformers-fp32"),
                HFEngine(m32.directory, torch.bfloat16, "transformers-bf16")]  # fmt: skip
     gguf = str(DEFAULT_MODELS[args.model]()) if args.model in DEFAULT_MODELS else None
@@ -82,7 +86,7 @@ def main() -> None:
 
     hf, hf16 = speed["transformers-fp32"], speed["transformers-bf16"]
     ratios = {}
-    for name in ("leanlm-fp32", "leanlm-bf16"):
+    for name in ("leanlm-fp32", "leanlm-fp32-rowmajor", "leanlm-bf16"):
         s = speed[name]
         ratios[name] = {
             "decode_vs_transformers_fp32": s["decode_tok_s"] / hf["decode_tok_s"],

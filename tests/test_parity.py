@@ -60,3 +60,26 @@ def test_bf16_close_to_fp32(tiny_dirs):
     assert b.dtype == torch.float32  # logits always come back in fp32
     assert m16.layers[0].attn.wqkv.weight.dtype == torch.bfloat16
     assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_untied"])
+def test_decode_layout_keeps_logits_and_round_trips(arch, tiny_dirs, tmp_path):
+    from leanlm.model import load_model as load_m
+    from leanlm.quant import RTN, quantize
+
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    ref_model = load_m(tiny_dirs[arch])
+    model = load_m(tiny_dirs[arch])
+    assert model.set_decode_layout(True) > 0
+    w = model.layers[0].attn.wqkv.weight
+    assert w.stride() == (1, w.shape[0])  # column-major storage, same shape and values
+    for m in (ref_model, model):
+        m.setup_cache(1, 16)
+    with torch.inference_mode():
+        assert torch.allclose(model(ids, 0), ref_model(ids, 0), atol=1e-5)
+        step = torch.tensor([[4]])
+        assert torch.allclose(model(step, 6), ref_model(step, 6), atol=1e-5)
+    assert model.set_decode_layout(False) > 0 and model.layers[0].attn.wqkv.weight.is_contiguous()
+    model.set_decode_layout(True)
+    quantize(model, RTN(bits=8, group=0, dtype="float32"), progress=False)  # puts rows back first
+    assert type(model.layers[0].attn.wqkv).__name__ == "QuantLinear"

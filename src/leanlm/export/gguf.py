@@ -199,6 +199,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
 
 def export_gguf(model, tokenizer, out: str | Path, wtype: str = "f16", force: bool = False, name: str | None = None) -> Path:
     """Write `model` as a llama.cpp-loadable GGUF file (atomically; no overwrite without force)."""
+    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     gguf = _gguf()
     wtype = wtype.lower()
     if wtype not in TYPES:

@@ -297,7 +297,7 @@ def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dt
         return save_quantized(model, tokenizer, out, force)
 
     cfg = model.config
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         sd = {k: v.to(parse_dtype(dtype)) for k, v in sd.items()}
     hf_sd = leanlm_to_hf(sd, cfg)

@@ -214,6 +214,7 @@ def _round_keep(n: int, ratio: float, multiple: int) -> int:
 # ---- entry point -----------------------------------------------------------------------------
 def prune_structured(model, cfg: Structured, tokens: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Shrink the model in place. Returns what was removed (indices per layer) and the params saved."""
+    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     before = sum(p.numel() for p in model.parameters())
     n_layers = len(model.layers)
     needs = cfg.kind == "layers" or cfg.importance != "magnitude"

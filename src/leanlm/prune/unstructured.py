@@ -133,6 +133,7 @@ def sparsity_report(model) -> dict:
 
 def prune_unstructured(model, cfg: Unstructured, tokens: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Prune in place; `tokens` [n, T] are calibration windows (see calibration_tokens)."""
+    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     if cfg.needs_calibration and tokens is None:
         raise LeanlmError(f"{cfg.method} pruning needs calibration tokens (calibration_tokens(tokenizer, ...))")
     n_layers = len(model.layers)

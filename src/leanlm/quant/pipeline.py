@@ -108,6 +108,7 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     calib_tokens: [n, seq_len] token ids (see calibration_tokens); required by GPTQ, AWQ and
     mixed precision. Calibration runs in float32 whatever the model's dtype.
     """
+    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     config.validate()
     if getattr(model, "quantization", None):
         raise LeanlmError("this model is already quantized; load the original checkpoint to quantize it again")

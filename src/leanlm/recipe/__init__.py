@@ -163,6 +163,7 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 def apply_recipe(model, tokenizer, recipe: Recipe, progress: bool = True) -> dict:
     """Apply the steps in order, in place. Returns a report per step (what changed, seconds)."""
+    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     import time
 
     import torch
