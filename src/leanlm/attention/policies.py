@@ -51,8 +51,8 @@ class KVPolicy:
     def capacity(self, max_len: int) -> int:
         if self.method == "full":
             return max_len
-        if self.method == "window":
-            return self.sinks + self.window
+        if self.method == "window":  # + 1: the ring keeps the oldest key a decode query still sees
+            return self.sinks + self.window + 1
         return self.budget
 
     def __call__(self, batch, n_kv_heads, max_len, head_dim, dtype, device=None) -> "PolicyCache":
@@ -143,6 +143,15 @@ class PolicyCache(KVCache):
         Hkv, G = k.shape[1], H // k.shape[1]
         dev = q.device
         new_pos = torch.arange(start, start + T, device=dev, dtype=torch.int32)
+        if T == 1 and self.method in ("full", "window") and attn.window is None:
+            # decode: every kept key is visible to the new query (a full cache, or sinks + a ring
+            # of window + 1 slots that after this write holds the last `window` keys and the new
+            # one), and attention does not depend on key order: store first, then attend over
+            # the store without a mask or a concatenated copy
+            self._insert(k, v, new_pos, start, None, None, None, None)
+            ck, cv = self.store.read(self.n, B)
+            out = F.scaled_dot_product_attention(q, ck.to(q.dtype), cv.to(q.dtype), scale=attn.scale, enable_gqa=G > 1)
+            return out
         if self.n:
             ck, cv = self.store.read(self.n, B)
             keys, vals = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)
@@ -156,6 +165,8 @@ class PolicyCache(KVCache):
         mask = (kpos[:, :, None, :] <= qpos) & (kpos[:, :, None, :] >= 0)
         if attn.window is not None:
             mask &= kpos[:, :, None, :] > qpos - attn.window
+        if self.method == "window":  # the ring's extra slot is for decode; a chunk sees sinks + last `window`
+            mask &= (kpos[:, :, None, :] >= start - self.policy.window) | (kpos[:, :, None, :] < self.policy.sinks)
         need_probs = self.method in ("h2o", "snapkv")
         dtype = q.dtype
         qf, kf, vf = (q.float(), keys.float(), vals.float()) if upcast_for_matmul(q) else (q, keys, vals)
@@ -194,10 +205,10 @@ class PolicyCache(KVCache):
     def _insert_window(self, k, v, new_pos, start) -> None:
         s, w = self.policy.sinks, self.policy.window
         end = start + k.shape[2]
-        keep = (new_pos < s) | (new_pos >= end - w)  # a chunk longer than the window keeps its tail
+        keep = (new_pos < s) | (new_pos >= end - w - 1)  # a chunk longer than the ring keeps its tail
         idx = keep.nonzero().squeeze(1)
         p = new_pos[idx].long()
-        slots = torch.where(p < s, p, s + (p - s) % w)
+        slots = torch.where(p < s, p, s + (p - s) % (w + 1))
         self.store.write_index(slots, k[:, :, idx], v[:, :, idx])
         self.pos[:, :, slots] = p.to(torch.int32)
         self.n = min(self.cap, max(self.n, end))
