@@ -12,10 +12,9 @@ no compiler or no AVX2 -> None, and SparseInputLinear uses embedding_bag instead
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
+
+from ..native import build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -82,34 +81,9 @@ std::tuple<torch::Tensor, int64_t> sparse_gemv(torch::Tensor x, torch::Tensor wt
 }
 """
 
-_module = "unset"
-
-
-def _cpu_has_avx2_fma() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = " " + next((line for line in f if line.startswith("flags")), "") + " "
-        return " avx2 " in flags and " fma " in flags
-    except OSError:
-        return False
-
-
 def native():
     """The compiled extension, or None (LEANLM_NATIVE=0, no AVX2/FMA, no compiler)."""
-    global _module
-    if _module == "unset":
-        _module = None
-        if os.environ.get("LEANLM_NATIVE", "1") != "0" and _cpu_has_avx2_fma():
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                _module = load_inline("leanlm_sparse_gemv_v1", cpp_sources=_SOURCE, functions=["sparse_gemv"],
-                                      extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)  # fmt: skip
-            except Exception as e:  # no compiler / headers: embedding_bag still works
-                warnings.warn(f"leanlm: native sparse GEMV unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                              "using embedding_bag")  # fmt: skip
-                _module = None
-    return _module
+    return build("leanlm_sparse_gemv_v1", _SOURCE, ["sparse_gemv"], fallback="embedding_bag")
 
 
 def usable(wt: torch.Tensor) -> bool:

@@ -23,8 +23,7 @@ are used.
 
 from __future__ import annotations
 
-import os
-import warnings
+from ..native import build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -167,32 +166,9 @@ torch::Tensor q_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, t
 }
 """
 
-_module = "unset"
 MAX_ROWS = 8
-
-
-def _cpu_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-        return " avx2 " in f" {flags} " and " fma " in f" {flags} "
-    except OSError:
-        return False
 
 
 def native():
     """The compiled extension module, or None (disabled, no AVX2, or no working compiler)."""
-    global _module
-    if _module == "unset":
-        _module = None
-        if os.environ.get("LEANLM_NATIVE", "1") != "0" and _cpu_has_avx2():
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                _module = load_inline("leanlm_qgemv_v4", cpp_sources=_SOURCE, functions=["q_linear"],
-                                      extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)  # fmt: skip
-            except Exception as e:  # no compiler / headers: torch's kernels still work
-                warnings.warn(f"leanlm: native int4/int8 kernel unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                              "using torch's kernels")  # fmt: skip
-                _module = None
-    return _module
+    return build("leanlm_qgemv_v4", _SOURCE, ["q_linear"], ("-mavx2", "-mfma", "-mf16c"), "torch's kernels")
