@@ -71,7 +71,7 @@ steps:
   - kv: "sinks:4,window:64,int8"
 """))
     p = plan_for(model, r)
-    assert (p.weight_dtype, p.compute_dtype, p.group_size, p.kv_window, p.kv_dtype) == ("int4", "bf16", 128, 68, "int8")
+    assert (p.weight_dtype, p.compute_dtype, p.group_size, p.kv_window, p.kv_dtype) == ("int4", "bf16", 128, 69, "int8")  # kv_window: keys a decode step reads: 4 sinks + 64 + itself
     assert plan_for(model).weight_dtype == "fp32"
 
 
