@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--greedy-tokens", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=20)
-    ap.add_argument("--pq-ratio", type=float, default=0.25,
+    ap.add_argument("--pq-ratio", type=float, default=0.125,
                     help="FFN neurons removed in the pruned+quantized row (0 = skip that row)")
     ap.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary folder)")
     args = ap.parse_args()
@@ -114,7 +114,7 @@ def main() -> None:
         engines.append(LlamaCppEngine(str(path), f"llama.cpp {label}", args.threads))
         return r
 
-    for t in args.types.split(","):
+    for t in filter(None, args.types.split(",")):
         result["types"][t] = check(model, t, t, ours, ref_ppl["ppl"])
 
     if args.pq_ratio > 0:
@@ -125,21 +125,31 @@ def main() -> None:
         import copy
 
         from leanlm.prune.structured import Structured, prune_structured
-        from leanlm.quant import RTN, quantize, read_calibration
+        from leanlm.quant import RTN, QuantLinear, quantize, read_calibration
 
         pq = copy.deepcopy(model)
         calib = read_calibration("wikitext2-valid", tok, 16, 512)
         prune_structured(pq, Structured("neurons", ratio=args.pq_ratio, multiple_of=32), calib, progress=False)
         quantize(pq, RTN(bits=8, group=0, dtype="float32"), progress=False)
+        # leanlm's int8 decode kernel rounds activations to int8 per 32 (as llama.cpp's Q8_0 does);
+        # the F32 file holds the dequantized weights, so its reference is the same model computed
+        # in float (QuantLinear's dequantize-then-matmul path)
+        pq_float = copy.deepcopy(pq)
+        for m in pq_float.modules():
+            if isinstance(m, QuantLinear):
+                m.backend = "none"
         pq_ours = [list(generate_tokens(pq, ids, args.greedy_tokens, Sampling(), set())) for ids in prompts]
+        pq_ours_float = [list(generate_tokens(pq_float, ids, args.greedy_tokens, Sampling(), set())) for ids in prompts]
         pq_ppl = perplexity(pq, tok, wikitext2_test(), args.seq_len, args.windows, progress=False)["ppl"]
         result["pruned_quantized"] = {"recipe": f"FFN neurons -{args.pq_ratio:.0%} (activation importance) + int8 RTN per channel",
                                       "ffn_dim": pq.config.layers[0].ffn_dim, "weight_mb": weight_bytes(pq) / 2**20,
                                       "base_weight_mb": weight_bytes(model) / 2**20, "leanlm_ppl": pq_ppl}  # fmt: skip
         engines.append(LeanlmEngine(pq, "leanlm pruned+int8"))
-        for t in ("f32", "q8_0"):
-            result["types"][f"pruned+int8/{t}"] = check(pq, f"pruned+int8-{t}", t, pq_ours, pq_ppl)
-    write_result("export", result)  # parity and ppl first: the speed runs below take longest
+        result["pruned_quantized"]["leanlm_int8_kernel_vs_float_greedy_equal"] = sum(
+            a == b for a, b in zip(pq_ours, pq_ours_float))
+        result["types"]["pruned+int8/f32"] = check(pq, "pruned+int8-f32", "f32", pq_ours_float, pq_ppl)
+        result["types"]["pruned+int8/q8_0"] = check(pq, "pruned+int8-q8_0", "q8_0", pq_ours, pq_ppl)
+    save(result, args)  # parity and ppl first: the speed runs below take longest
     prompt = fixed_prompt(model.config.vocab_size, args.prompt_len)
     short = fixed_prompt(model.config.vocab_size, 32, seed=1)
     speed = interleaved_speed(engines, prompt, short, args.new_tokens, args.runs)
@@ -153,6 +163,23 @@ def main() -> None:
         rows.append({"type": f"llama.cpp {t}", "ppl": f"{r['llama_cpp_ppl']:.3f}", "greedy": f"{r['greedy_equal']}/{r['greedy_prompts']}",
                      "MB": f"{r['file_mb']:.0f}", "prefill": f"{r['prefill_tok_s']:.0f}", "decode": f"{r['decode_tok_s']:.1f}"})  # fmt: skip
     print_table(rows, ["type", "ppl", "greedy", "MB", "prefill", "decode"])
+    save(result, args)
+
+
+def save(result: dict, args) -> None:
+    """results/export.json; a run with --types '' (the pruned+quantized row only) merges into it."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / "export.json"
+    if not args.types and path.exists():
+        old = json.loads(path.read_text())
+        old["types"].update(result["types"])
+        old.setdefault("speed", {}).update(result.get("speed", {}))
+        old["pruned_quantized"] = result.get("pruned_quantized")
+        old.setdefault("runs", []).append({"settings": result["settings"], "leanlm_fp32": result["leanlm_fp32"]})
+        result = old
     write_result("export", result)
 
 

@@ -175,7 +175,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     dequantized here; the requested GGUF type re-quantizes them with ggml's own block formats."""
     cfg = model.config
     out = {"token_embd.weight": dense_weight(model.tok_embeddings), "output_norm.weight": model.norm.weight.detach()}
-    if model.lm_head is not None:
+    if model.lm_head is not None and not cfg.tie_embeddings:  # a quantized tied head shares the table
         out["output.weight"] = dense_weight(model.lm_head)
     for i, (spec, layer) in enumerate(zip(cfg.layers, model.layers)):
         b = f"blk.{i}."
