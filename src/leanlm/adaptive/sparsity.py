@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import LeanlmError
 from ..model.runtime import upcast_for_matmul
+from ..quant.calibrate import get_module, set_module
 
 TARGETS = {"mlp": ("mlp.w_gate_up", "mlp.w_down"), "gate_up": ("mlp.w_gate_up",), "down": ("mlp.w_down",),
            "attn": ("attn.wqkv", "attn.wo")}  # fmt: skip
@@ -174,7 +175,7 @@ def choose_kernels(model, names: list[str], sparsity: float) -> dict:
     shapes = {}
     for layer in model.layers:
         for n in names:
-            mod = _get(layer, n)
+            mod = get_module(layer, n)
             shapes.setdefault((mod.in_features, mod.out_features), None)
     out = {}
     for K, N in shapes:
@@ -187,15 +188,6 @@ def choose_kernels(model, names: list[str], sparsity: float) -> dict:
 
 
 # ---- calibration --------------------------------------------------------------------------
-def _get(root, name: str):
-    for part in name.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def _set(root, name: str, module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(_get(root, parent), leaf, module)
 
 
 def quantile_abs(chunks: list[torch.Tensor], q: float, max_values: int = 1 << 24) -> float:
@@ -259,7 +251,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: l
     def per_block(i, layer, xs, rope, dtype):
         th = {}
         for n in order:
-            mod = _get(layer, n)
+            mod = get_module(layer, n)
             seen = []
 
             def grab(m, args):
@@ -267,7 +259,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: l
                 raise StopForward
 
             if n in th:  # already set by the FFN split below
-                _set(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+                set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
                 continue
             handle = mod.register_forward_pre_hook(grab)
             try:
@@ -284,7 +276,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: l
                 th[n], th["mlp.w_down"], th["ffn_error"] = split_mlp_sparsity(layer.mlp, X, sparsity)
             else:
                 th[n] = quantile_abs(seen, sparsity)
-            _set(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+            set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
         out.append(th)
         return [layer(x, rope, 0, dtype) for x in xs]
 
@@ -300,7 +292,7 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
     names = list(dict.fromkeys(n for t in cfg.targets for n in TARGETS[t]))
     for layer in model.layers:
         for n in names:
-            mod = _get(layer, n)
+            mod = get_module(layer, n)
             if isinstance(mod, SparseInputLinear):
                 raise LeanlmError("activation sparsity is already applied to this model")
             if type(mod).__name__ != "Linear" or mod.weight.dim() != 2:
@@ -323,8 +315,8 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
     else:
         for layer, th in zip(model.layers, thresholds):
             for n in names:
-                mod = _get(layer, n)
-                _set(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+                mod = get_module(layer, n)
+                set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
     model.activation_sparsity = cfg
     return {"sparsity": cfg.sparsity, "targets": list(cfg.targets), "thresholds": thresholds,
             "kernels": {f"{k[0]}x{k[1]}": v for k, v in kernels.items()}}  # fmt: skip
@@ -336,7 +328,7 @@ def measured_sparsity(model, tokens: torch.Tensor) -> dict:
     hooks = []
     for i, layer in enumerate(model.layers):
         for n in ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down"):
-            mod = _get(layer, n)
+            mod = get_module(layer, n)
             if isinstance(mod, SparseInputLinear):
                 def h(m, args, key=f"{i}.{n}"):
                     x = args[0]

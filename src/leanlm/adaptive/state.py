@@ -34,7 +34,8 @@ def save_adaptive(model, path: str | Path) -> Path:
     from .early_exit import ExitGate
     from .layer_skip import SkipGate
     from .routing import RoutedMLP
-    from .sparsity import SparseInputLinear, _get
+    from ..quant.calibrate import get_module
+    from .sparsity import SparseInputLinear
 
     path = Path(path)
     if path.is_dir():
@@ -46,7 +47,7 @@ def save_adaptive(model, path: str | Path) -> Path:
         th = {}
         for i, layer in enumerate(model.layers):
             for n in LINEARS:
-                mod = _get(layer, n)
+                mod = get_module(layer, n)
                 if isinstance(mod, SparseInputLinear):
                     th.setdefault(n, [None] * model.config.n_layers)[i] = mod.threshold
         meta["sparsity"] = {"config": asdict(sp), "thresholds": th}
