@@ -24,12 +24,10 @@ import argparse
 import copy
 import gc
 import json
-import math
 import time
 
 import torch
-import torch.nn.functional as F
-from common import RESULTS, LeanlmEngine, interleaved_speed, machine, print_table, write_result
+from common import RESULTS, LeanlmEngine, QualityRef, interleaved_speed, machine, print_table, write_result
 
 import leanlm
 from leanlm.adaptive import (
@@ -127,26 +125,12 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
     base, tok = leanlm.load(args.model, "float32")
-    windows = make_windows(tok, wikitext2_test(), 512, args.windows)
-    with torch.inference_mode():
-        base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
+    ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
 
-    @torch.inference_mode()
     def quality(model) -> dict:
-        kl = agree = nll_b = nll_c = 0.0
-        count = 0
         with meter(model) as m:
-            for w, lb in zip(windows, base_lp):
-                lc = F.log_softmax(model(w)[0, :-1].float(), -1)
-                target = w[0, 1:]
-                kl += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
-                agree += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
-                nll_b -= lb.gather(-1, target[:, None]).sum().item()
-                nll_c -= lc.gather(-1, target[:, None]).sum().item()
-                count += target.numel()
-        return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
-                "top1_agreement": agree / count, "tokens": count, "windows": len(windows),
-                "compute": m.summary()}  # fmt: skip
+            q = ref(model)
+        return {**q, "compute": m.summary()}
 
     q = perplexity(base, tok, wikitext2_test(), 512, args.windows, progress=False)
     base_row = {"name": "base", "method": "base", "ppl": q["ppl"], "kl": 0.0, "top1_agreement": 1.0,

@@ -23,14 +23,12 @@ import argparse
 import copy
 import gc
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from common import RESULTS, LeanlmEngine, interleaved_speed, machine, print_table, write_result
+from common import RESULTS, LeanlmEngine, QualityRef, interleaved_speed, machine, print_table, write_result
 
 import leanlm
 from leanlm.evaluate.data import wikitext2_test
@@ -118,24 +116,7 @@ def main() -> None:
 
     # The base model's log-probabilities are computed once and reused for every configuration
     # (the same windows and arithmetic as leanlm.evaluate.kl_divergence, which the base row checks).
-    windows = make_windows(tok, text, 512, args.windows)
-    with torch.inference_mode():
-        base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
-
-    @torch.inference_mode()
-    def quality(model) -> dict:
-        kl = agree = nll_b = nll_c = 0.0
-        count = 0
-        for w, lb in zip(windows, base_lp):
-            lc = F.log_softmax(model(w)[0, :-1].float(), -1)
-            target = w[0, 1:]
-            kl += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
-            agree += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
-            nll_b -= lb.gather(-1, target[:, None]).sum().item()
-            nll_c -= lc.gather(-1, target[:, None]).sum().item()
-            count += target.numel()
-        return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
-                "top1_agreement": agree / count, "tokens": count, "windows": len(windows)}  # fmt: skip
+    quality = QualityRef(base, make_windows(tok, text, 512, args.windows))
 
     if "base" not in cache:
         q = perplexity(base, tok, text, 512, args.windows)

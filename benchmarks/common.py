@@ -207,3 +207,35 @@ def _fmt(v) -> str:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+class QualityRef:
+    """A base model's log-probs on fixed windows, computed once; calling it on a candidate gives ppl,
+    KL(base || candidate) and top-1 agreement on the same windows (leanlm.evaluate.kl_divergence's
+    arithmetic), so a benchmark compares every configuration against one reference pass."""
+
+    def __init__(self, base, windows: list[torch.Tensor]):
+        import torch.nn.functional as F
+
+        self.windows = windows
+        with torch.inference_mode():
+            self.base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
+
+    @torch.inference_mode()
+    def __call__(self, model) -> dict:
+        import math
+
+        import torch.nn.functional as F
+
+        kl = agree = nll_b = nll_c = 0.0
+        count = 0
+        for w, lb in zip(self.windows, self.base_lp):
+            lc = F.log_softmax(model(w)[0, :-1].float(), -1)
+            target = w[0, 1:]
+            kl += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
+            agree += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
+            nll_b -= lb.gather(-1, target[:, None]).sum().item()
+            nll_c -= lc.gather(-1, target[:, None]).sum().item()
+            count += target.numel()
+        return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
+                "top1_agreement": agree / count, "tokens": count, "windows": len(self.windows)}  # fmt: skip
