@@ -280,8 +280,8 @@ class Transformer(nn.Module):
         """Store fp32 CPU weights column-major (a transposed copy viewed back), or row-major again.
 
         Batch-1 decode is a chain of GEMVs bound by how fast they stream the weight; with MKL on
-        this CPU a GEMV over a column-major fp32 weight streams ~20-30% faster than over the
-        row-major one (single-thread microbenchmark in README.md), while 512-row prefill GEMMs
+        this CPU a GEMV over a column-major fp32 weight streams faster than over the row-major one
+        (benchmarks/bench_runtime.py measures both layouts side by side), while 512-row prefill GEMMs
         run at the same speed and 2..8-row products get slower (speculative verification packs
         its own copy, decode/kernels.py). bf16 weights are left alone: there it is the reverse.
         The values and `weight.shape` are unchanged; code that needs contiguous rows (quantizers,
