@@ -21,12 +21,19 @@ def test_prefill_matches_transformers(arch, tiny_dirs):
     assert (ours - ref).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["python", "fused"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decode_after_prefill_matches_transformers(arch, tiny_dirs):
+def test_decode_after_prefill_matches_transformers(arch, fused, tiny_dirs):
     """Prefill 12 tokens into the cache, then decode one token at a time past the sliding
-    windows (6-7 tokens): each step's logits equal transformers' full-sequence logits."""
+    windows (6-7 tokens): each step's logits equal transformers' full-sequence logits, through
+    the Python block and through the fused C++ decode step (model/fused.py)."""
+    from leanlm.model import fused as fused_mod
+
+    if fused and not fused_mod.available():
+        pytest.skip("no C++ compiler for the fused decode kernels")
     hf = make_tiny_hf(arch)
     model = load_model(tiny_dirs[arch])
+    model.fused_decode = fused
     tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ref = hf(tokens).logits[0]

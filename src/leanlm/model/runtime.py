@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused as _fused
 from .config import LayerSpec, ModelConfig
 
 
@@ -256,6 +257,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.fused_decode = True  # single-token steps through model/fused.py (C++ glue) where it builds
         self.init_rope()
 
     def init_rope(self, device=None) -> None:
@@ -359,6 +361,10 @@ class Transformer(nn.Module):
         dtype = self.dtype
         x = self.embed(tokens)
         ropes = {name: table.get(start, T, dtype) for name, table in self.rope.items()}
+        fused = T == 1 and self.fused_decode and _fused.available()
         for layer, rope_name in zip(self.layers, self._rope_names):
-            x = layer(x, ropes[rope_name], start, dtype)
+            if fused and _fused.can_fuse(layer, dtype):  # norms, RoPE, KV write, GLU in C++ (model/fused.py)
+                x = _fused.decode_layer(layer, x, ropes[rope_name], start, dtype)
+            else:
+                x = layer(x, ropes[rope_name], start, dtype)
         return x

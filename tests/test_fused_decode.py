@@ -1,0 +1,75 @@
+"""The fused single-token decode step (model/fused.py) against the Python block it replaces."""
+
+import pytest
+import torch
+
+from leanlm.model import fused, load_model
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C++ compiler for the fused decode kernels")
+
+
+def _decode_logits(model, tokens, fused_on: bool, prompt: int = 6):
+    """Prefill `prompt` tokens, then decode the rest one at a time; logits of every decode step."""
+    model.fused_decode = fused_on
+    model.setup_cache(tokens.shape[0], 32)
+    with torch.inference_mode():
+        model(tokens[:, :prompt], 0)
+        out = [model(tokens[:, p : p + 1], p)[:, -1] for p in range(prompt, tokens.shape[1])]
+    model.clear_cache()
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bf16_fused_matches_python_path(arch, tiny_dirs):
+    """bf16 rounds where the Python path rounds: logits agree to bf16 noise (and both stay near fp32)."""
+    m16 = load_model(tiny_dirs[arch], dtype="bfloat16")
+    m32 = load_model(tiny_dirs[arch])
+    tokens = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(4))
+    ref = _decode_logits(m32, tokens, False).softmax(-1)
+    py, fz = (_decode_logits(m16, tokens, on).softmax(-1) for on in (False, True))
+    assert (py - fz).abs().max() < 0.02
+    assert (fz - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_batch_of_two_and_both_weight_layouts(column_major, tiny_dirs):
+    model = load_model(tiny_dirs["llama"])
+    assert model.fused_decode  # the default decode step
+    model.set_decode_layout(column_major)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    a = _decode_logits(model, tokens, True)
+    b = _decode_logits(model, tokens, False)
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs, monkeypatch):
+    """Quantized linears go through their own forward between the C++ glue; a KV cache policy
+    falls back to its own attention; both give the Python path's logits."""
+    from leanlm.attention.policies import KVPolicy
+    from leanlm.decode.generate import generate_tokens
+    from leanlm.quant import RTN, quantize
+
+    model = load_model(tiny_dirs["gemma3"])
+    quantize(model, RTN(bits=8, group=0, dtype="float32"), progress=False)
+    assert type(model.layers[0].attn.wqkv).__name__ == "QuantLinear"
+    calls = []
+    native = fused._native()
+
+    class Counting:  # the real kernels, counting the fused attention calls
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def attend(self, *args):
+            calls.append(1)
+            return native.attend(*args)
+
+    monkeypatch.setattr(fused, "_native", Counting)
+    tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
+    a, b = _decode_logits(model, tokens, True), _decode_logits(model, tokens, False)
+    assert calls and (a - b).abs().max() <= 1e-4
+
+    def gen(on):
+        model.fused_decode = on
+        return list(generate_tokens(model, [5, 6, 7], max_new_tokens=20, eos_ids=set(), kv=KVPolicy.parse("sinks:2,window:6")))
+
+    assert gen(True) == gen(False)
