@@ -91,3 +91,22 @@ def test_calibration_pieces_measure_something():
     assert cal._gemm_tflops(torch.float32, repeats=2) > 0.001
     per_layer, per_step = cal._overheads(torch.float32, steps=3)
     assert per_layer > 0 and per_step >= 0
+    assert cal._quant_bandwidth(4, total_mb=2, repeats=2) > 0.1  # through leanlm's quantized layer
+    assert cal._quant_gemm_tflops(8, repeats=1) > 0.001
+    from leanlm.hardware import BUILTIN
+
+    hw = BUILTIN["a100"]  # any profile: the overhead is what a measured prefill has beyond its pricing
+    assert cal._prefill_token_overhead(hw, torch.float32, tokens=64) > 0
+
+
+def test_quantized_prefill_uses_the_measured_weight_only_rate():
+    from dataclasses import replace
+
+    from leanlm.hardware import BUILTIN
+
+    base = replace(BUILTIN["a100"], weight_only_tflops={})
+    slow = replace(base, weight_only_tflops={"int4": 1.0}, token_overhead_us=5.0)
+    plan = Plan(weight_dtype="int4", compute_dtype="bf16", group_size=128)
+    a, b = estimate(cfg(), base, plan), estimate(cfg(), slow, plan)
+    assert b["prefill_tok_s"] < a["prefill_tok_s"] / 2  # 1 TFLOP/s dequantize-and-multiply + per-token work
+    assert abs(b["decode_step_ms"] - a["decode_step_ms"]) < 1e-9  # decode: one row, the GEMV path

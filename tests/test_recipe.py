@@ -91,6 +91,15 @@ def test_search_candidates_and_prediction(tiny_dirs):
     assert predict(model, lean, h100)["predicted_weight_mb"] < predict(model, cands[0], h100)["predicted_weight_mb"]
 
 
+def test_search_spreads_trials_over_the_predicted_speed_range():
+    from leanlm.recipe.search import spread
+
+    cands = [(f"r{i}", {"predicted_decode_tok_s": float(v)}) for i, v in enumerate([5, 1, 9, 3, 7])]
+    picked = spread(cands, 3)
+    assert [c[1]["predicted_decode_tok_s"] for c in picked] == [1.0, 5.0, 9.0]  # mildest, middle, fastest
+    assert len(spread(cands, 10)) == 5 and spread(cands, 1)[0][0] == "r2"
+
+
 def test_search_returns_a_non_dominated_front(tiny_dirs, capsys):
     from conftest import DATA
 

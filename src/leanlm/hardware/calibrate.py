@@ -1,10 +1,14 @@
 """`leanlm hw calibrate`: measure this machine's profile with micro-benchmarks of the runtime.
 
-- weight streaming: batch-1 GEMVs over ~200 MB of weights (far beyond the caches) per dtype,
-  through the runtime's own Linear (and torch's int8 weight-only kernel when it exists);
-- matrix throughput: 512-row products (prefill) per dtype, through the same Linear;
+- weight streaming: batch-1 GEMVs over ~100-200 MB of weights (far beyond the caches) per
+  format, through the runtime's own layers: Linear for fp32/bf16, QuantLinear (leanlm's AVX2
+  kernels) for int8 per-channel and int4 group-128;
+- matrix throughput: 512-row products (prefill) per dtype through the same layers (quantized
+  layers dequantize first, so they get their own figure);
 - fixed overheads: decode steps of narrow 2- and 30-layer models (their matmuls are tiny, so
-  what remains is op dispatch), split into per-layer and per-step parts.
+  what remains is op dispatch), split into per-layer and per-step parts;
+- prefill overhead per token and layer: a 512-token prefill of narrow 2- and 8-layer models,
+  minus what the roofline prices for them (norms, RoPE, casts, attention inefficiency).
 """
 
 from __future__ import annotations
@@ -45,24 +49,41 @@ def _gemv_bandwidth(dtype: torch.dtype, total_mb: int = 200, repeats: int = 7) -
         return nbytes / _median_time(run, repeats) / 1e9
 
 
-def _int8_bandwidth(total_mb: int = 200, repeats: int = 7) -> float | None:
-    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
-    if op is None:
-        return None
-    n = max(1, int(total_mb * 2**20 / (1536 * 576)))
-    ws = [torch.randint(-128, 127, (1536, 576), dtype=torch.int8) for _ in range(n)]
-    scales = torch.rand(1536, dtype=torch.bfloat16)
-    x = torch.randn(1, 576, dtype=torch.bfloat16)
-    try:
-        op(x, ws[0], scales)
-    except RuntimeError:
-        return None
+def _quant_layers(bits: int, n: int) -> list:
+    """n SmolLM2-shaped (576 -> 1536) weight-only quantized layers, as the quantizers build them."""
+    from ..quant.config import QSpec
+    from ..quant.packed import QuantLinear
+    from ..quant.rtn import rtn
+
+    spec = QSpec(8, 0, True) if bits == 8 else QSpec(4, 128, False)  # the recipes' int8 / int4 settings
+    return [QuantLinear(rtn(torch.randn(1536, 576) * 0.02, spec)) for _ in range(n)], spec
+
+
+def _quant_bandwidth(bits: int, total_mb: int = 100, repeats: int = 7) -> float:
+    """Weight bytes/s of batch-1 GEMVs through the runtime's quantized layer (leanlm's own AVX2
+    kernel where it builds), bytes counted as the cost model counts them (codes + scales/zeros)."""
+    from .cost import _weight_bytes
+
+    n = max(1, int(total_mb * 2**20 / (1536 * 576 * bits / 8)))
+    layers, spec = _quant_layers(bits, n)
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
+    nbytes = n * _weight_bytes(1536 * 576, f"int{bits}", spec.group or None)
 
     def run():
-        for w in ws:
-            op(x, w, scales)
+        for l in layers:
+            l(x)
 
-    return n * 1536 * 576 / _median_time(run, repeats) / 1e9
+    with torch.inference_mode():
+        return nbytes / _median_time(run, repeats) / 1e9
+
+
+def _quant_gemm_tflops(bits: int, repeats: int = 5) -> float:
+    """512-row products through the quantized layer (they dequantize, then multiply)."""
+    (lin,), _ = _quant_layers(bits, 1)
+    x = torch.randn(1, 512, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        t = _median_time(lambda: lin(x), repeats)
+    return 2 * 512 * 576 * 1536 / t / 1e12
 
 
 def _gemm_tflops(dtype: torch.dtype, repeats: int = 5) -> float:
@@ -75,17 +96,23 @@ def _gemm_tflops(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * 512 * 576 * 1536 / t / 1e12
 
 
-def _overheads(dtype: torch.dtype, steps: int = 40) -> tuple[float, float]:
+def _narrow_model(n_layers: int, dtype: torch.dtype, hidden: int):
     from transformers import LlamaConfig
 
     from ..model.config import ModelConfig
     from ..model.runtime import Transformer
 
+    # SmolLM2's attention shape (9 q / 3 kv heads of 64), tiny FFN: the real op count, small matmuls
+    hf = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=64, num_hidden_layers=n_layers,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64)  # fmt: skip
+    return Transformer(ModelConfig.from_hf(hf)).to(dtype).eval()
+
+
+def _overheads(dtype: torch.dtype, steps: int = 40) -> tuple[float, float]:
+    """(per layer, per step) microseconds of a decode step that are not its matmuls."""
+
     def step_time(n_layers: int) -> float:
-        # SmolLM2's attention shape (9 q / 3 kv heads of 64) on a 72-wide residual: real op count, tiny matmuls
-        hf = LlamaConfig(vocab_size=256, hidden_size=72, intermediate_size=64, num_hidden_layers=n_layers,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64)  # fmt: skip
-        m = Transformer(ModelConfig.from_hf(hf)).to(dtype).eval()
+        m = _narrow_model(n_layers, dtype, hidden=72)
         m.setup_cache(1, steps + 40)
         tok = torch.tensor([[5]])
         with torch.inference_mode():
@@ -103,32 +130,58 @@ def _overheads(dtype: torch.dtype, steps: int = 40) -> tuple[float, float]:
     return per_layer * 1e6, max(0.0, t2 - 2 * per_layer) * 1e6
 
 
+def _prefill_token_overhead(hw: HardwareProfile, dtype: torch.dtype, tokens: int = 512) -> float:
+    """Microseconds per token per layer that a 512-token prefill spends beyond what the roofline
+    prices (norms, RoPE, casts, the attention kernel's own inefficiency): measured prefill of
+    a narrow 576-wide model minus the cost model's prediction for the same model."""
+    from .cost import Plan, forward_cost
+
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    times = {}
+    for n_layers in (2, 8):
+        m = _narrow_model(n_layers, dtype, hidden=576)
+        ids = torch.randint(0, 256, (1, tokens))
+        with torch.inference_mode():
+            t = _median_time(lambda: m(ids, last_only=True), 3)  # noqa: B023
+        plan = Plan(weight_dtype=name, compute_dtype=name)
+        ops = forward_cost(m.config, hw, plan, 1, tokens, tokens, last_only=True)
+        priced = sum(o.seconds for o in ops if not o.name.endswith("overhead"))
+        times[n_layers] = (t, priced)
+    (t2, p2), (t8, p8) = times[2], times[8]
+    return max(0.0, ((t8 - p8) - (t2 - p2)) / 6 / tokens * 1e6)
+
+
 def calibrate(threads: int | None = None, progress: bool = True) -> HardwareProfile:
     if threads:
         torch.set_num_threads(threads)
-    steps = ["fp32 GEMV", "bf16 GEMV", "int8 GEMV", "fp32 GEMM", "bf16 GEMM", "overheads fp32", "overheads bf16"]
+    steps = ["fp32 GEMV", "bf16 GEMV", "int8 GEMV", "int4 GEMV", "fp32 GEMM", "bf16 GEMM", "int8 GEMM", "int4 GEMM",
+             "overheads fp32", "overheads bf16", "prefill fp32", "prefill bf16"]  # fmt: skip
     bar = tqdm(steps, desc="calibrating", disable=not progress)
-    bw32 = _gemv_bandwidth(torch.float32); bar.update()  # noqa: E702
-    bw16 = _gemv_bandwidth(torch.bfloat16); bar.update()  # noqa: E702
-    bw8 = _int8_bandwidth(); bar.update()  # noqa: E702
-    tf32 = _gemm_tflops(torch.float32); bar.update()  # noqa: E702
-    tf16 = _gemm_tflops(torch.bfloat16); bar.update()  # noqa: E702
-    lo32, so32 = _overheads(torch.float32); bar.update()  # noqa: E702
-    lo16, so16 = _overheads(torch.bfloat16); bar.update()  # noqa: E702
-    bar.close()
+
+    def step(fn, *args):
+        out = fn(*args)
+        bar.update()
+        return out
+
+    bw = {"fp32": step(_gemv_bandwidth, torch.float32), "bf16": step(_gemv_bandwidth, torch.bfloat16),
+          "int8": step(_quant_bandwidth, 8), "int4": step(_quant_bandwidth, 4)}  # fmt: skip
+    tf32, tf16 = step(_gemm_tflops, torch.float32), step(_gemm_tflops, torch.bfloat16)
+    quant_tf = {"int8": step(_quant_gemm_tflops, 8), "int4": step(_quant_gemm_tflops, 4)}
+    lo32, so32 = step(_overheads, torch.float32)
+    lo16, so16 = step(_overheads, torch.bfloat16)
     cpu = ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    weight_bw = {"fp32": bw32, "bf16": bw16}
-    if bw8:
-        weight_bw["int8"] = bw8
-    return HardwareProfile(
-        name="cpu", mem_bw_gbs=bw32, mem_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+    hw = HardwareProfile(
+        name="cpu", mem_bw_gbs=bw["fp32"], mem_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
         peak_tflops={"fp32": tf32, "bf16": tf16, "fp16": tf16}, bw_efficiency=1.0, compute_efficiency=1.0,
         layer_overhead_us=statistics.mean([lo32, lo16]), step_overhead_us=statistics.mean([so32, so16]),
-        weight_bw_gbs=weight_bw, source=f"measured by leanlm hw calibrate on {cpu or 'this CPU'}, "
+        weight_bw_gbs=bw, weight_only_tflops=quant_tf, source=f"measured by leanlm hw calibrate on {cpu or 'this CPU'}, "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}",
     )  # fmt: skip
-
+    hw.token_overhead_us = statistics.mean([step(_prefill_token_overhead, hw, torch.float32),
+                                            step(_prefill_token_overhead, hw, torch.bfloat16)])  # fmt: skip
+    bar.close()
+    return hw

@@ -1,7 +1,8 @@
 """Roofline cost of the leanlm runtime for a model + compression plan on a hardware profile.
 
 Every op of a forward pass is priced as max(bytes / bandwidth, flops / throughput), plus the
-fixed per-layer and per-step overheads of the profile (op dispatch / kernel launches). The
+fixed per-layer and per-step overheads of the profile (op dispatch / kernel launches) and a
+per-layer cost per extra row for multi-token forwards (elementwise work the roofline misses). The
 ops are the runtime's own: fused qkv, o, fused gate_up, down projections per layer (with the
 layer's own widths, so pruned shapes count), attention over the (possibly windowed) KV cache,
 and the LM head (last position only at prefill, as the runtime does).
@@ -68,7 +69,10 @@ def _linear(hw: HardwareProfile, plan: Plan, name: str, n_in: int, n_out: int, r
     dense_bytes = _weight_bytes(params, dtype, plan.group_size)
     flops = 2 * params * rows
     # weight-only quantization: low-bit weights are widened, the math runs in the compute dtype
+    # (at the measured rate of the quantized layer's multi-row path, where calibrated)
     bytes_, flop_rate = dense_bytes, hw.flops(plan.compute_dtype)
+    if rows > 8 and dtype in hw.weight_only_tflops:  # up to 8 rows run the GEMV kernel
+        flop_rate = hw.weight_only_tflops[dtype] * 1e12
     if plan.sparsity_pattern in ("2:4", "4:8") and plan.sparsity:
         # N:M: values + 2-bit indices stream; tensor cores run at nm_sparse_speedup
         bytes_ = dense_bytes * (1 - plan.sparsity) * (1 + 2 / BITS[dtype])
@@ -105,7 +109,7 @@ def forward_cost(cfg: ModelConfig, hw: HardwareProfile, plan: Plan, batch: int, 
         att_bytes = batch * keys * 2 * kv * kv_bytes + rows * (q + 2 * kv) * act_bytes
         ops.append(OpCost(f"layers.{i}.attn.sdpa", att_bytes, att_flops,
                           max(att_bytes / hw.bandwidth("fp32"), att_flops / hw.flops(plan.compute_dtype))))  # fmt: skip
-        ops.append(OpCost(f"layers.{i}.overhead", 0, 0, hw.layer_overhead_us * 1e-6))
+        ops.append(OpCost(f"layers.{i}.overhead", 0, 0, (hw.layer_overhead_us + (rows - 1) * hw.token_overhead_us) * 1e-6))
     head_rows = batch if last_only else rows
     ops.append(_linear(hw, Plan(compute_dtype=plan.compute_dtype), "lm_head", cfg.hidden_size, cfg.vocab_size,
                        head_rows, plan.embed_dtype or plan.compute_dtype))  # fmt: skip

@@ -26,9 +26,11 @@ class HardwareProfile:
     # CPUs running eager PyTorch at batch 1, negligible for graphs on GPUs
     layer_overhead_us: float = 0.0
     step_overhead_us: float = 0.0  # per forward pass (embedding, LM head launch, sampling)
+    token_overhead_us: float = 0.0  # per layer per extra row of a multi-token forward (prefill elementwise work)
     nm_sparse_speedup: float = 1.0  # 2:4 structured sparsity on matmuls (sparse tensor cores: 2x peak)
     unstructured_sparse_min: float = 1.0  # sparsity above which unstructured sparse kernels pay off
     weight_bw_gbs: dict[str, float] = field(default_factory=dict)  # measured GEMV bytes/s per weight dtype
+    weight_only_tflops: dict[str, float] = field(default_factory=dict)  # measured multi-row products, quantized weights
     price_per_hour: float = 0.0  # USD, on-demand cloud list price
     power_w: float = 0.0
     source: str = ""

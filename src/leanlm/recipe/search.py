@@ -3,7 +3,8 @@
 1. Enumerate a recipe space (dtype x quantization x structured pruning).
 2. Price every candidate with the cost model (no model is built): predicted decode tok/s
    and weight MB. Candidates predicted to be dominated on (weight MB, tok/s) by a candidate
-   with an equal-or-milder compression are dropped, then the `--trials` fastest remain.
+   with an equal-or-milder compression are dropped; `--trials` of the rest are taken evenly
+   spaced over the predicted speed range (mildest to fastest), with the fp32 baseline.
 3. Measure each survivor for real: apply the recipe, perplexity on a few WikiText-2
    windows, decode tok/s (median of runs). Keep those within `--max-ppl-increase`.
 4. The measured Pareto front (ppl vs decode tok/s) is the answer.
@@ -51,6 +52,17 @@ def candidates() -> list[Recipe]:
                         steps.append(Step("dtype", "bfloat16"))
                     out.append(Recipe("+".join(name), steps))
     return out
+
+
+def spread(cands: list, n: int) -> list:
+    """n candidates evenly spaced over the predicted speed range, mildest to fastest: a front needs
+    points all along it, not only the most aggressive recipes."""
+    cands = sorted(cands, key=lambda c: c[1]["predicted_decode_tok_s"])
+    if n >= len(cands):
+        return cands
+    if n == 1:
+        return cands[-1:]
+    return [cands[round(i * (len(cands) - 1) / (n - 1))] for i in range(n)]
 
 
 def predicted_config(cfg, recipe: Recipe):
@@ -117,8 +129,7 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
         o[1]["predicted_decode_tok_s"] > c[1]["predicted_decode_tok_s"] * 1.02
         and o[1]["predicted_weight_mb"] < c[1]["predicted_weight_mb"] * 0.98
         and len(o[0].steps) <= len(c[0].steps) for o in cands)]  # fmt: skip
-    keep.sort(key=lambda c: -c[1]["predicted_decode_tok_s"])
-    chosen = [base] + [c for c in keep if c is not base][: trials - 1]
+    chosen = [base] + spread([c for c in keep if c is not base], trials - 1)
     results = []
     base_ppl = None
     for recipe, pred in tqdm(chosen, desc="search trials", disable=not progress):
