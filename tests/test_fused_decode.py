@@ -73,3 +73,19 @@ def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs
         return list(generate_tokens(model, [5, 6, 7], max_new_tokens=20, eos_ids=set(), kv=KVPolicy.parse("sinks:2,window:6")))
 
     assert gen(True) == gen(False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "mistral"])
+def test_multi_token_steps_match_python_path(arch, tiny_dirs):
+    """Verification-sized forwards (2..8 new tokens, causal and sliding-window masks over the
+    cache) give the Python path's logits."""
+    model = load_model(tiny_dirs[arch])
+    tokens = torch.randint(0, 97, (1, 26), generator=torch.Generator().manual_seed(7))
+    chunks = [(0, 4), (4, 7), (7, 15), (15, 17), (17, 26)]  # the 9-token chunk takes the Python path
+    logits = {}
+    for on in (False, True):
+        model.fused_decode = on
+        model.setup_cache(1, 32)
+        with torch.inference_mode():
+            logits[on] = torch.cat([model(tokens[:, a:b], a) for a, b in chunks], 1)
+    assert (logits[True] - logits[False]).abs().max() <= 1e-4

@@ -1,4 +1,4 @@
-"""Fused single-token decode: a block in one C++ call instead of ~55 torch ops.
+"""Fused decode step (1 to 8 new tokens): a block in one C++ call instead of ~55 torch ops.
 
 Why: at batch-1 decode the GEMVs of SmolLM2-135M take ~20 ms per token at 2 threads in bf16,
 but the Python block dispatches ~1,650 small ops per token around them (norms, RoPE, the cache
@@ -8,6 +8,9 @@ add fused with the next norm, (QK-norm +) RoPE + KV write + SDPA, and the gated 
 When the block's four linears are plain dense weights, the whole block is one call (GEMVs via
 ATen); otherwise the same C++ glue runs between the linear modules, so whatever a method put
 there (quantized, sparse, packed) keeps working at a few calls per block.
+
+Forwards of up to MAX_ROWS new tokens take this path (decode, and speculative verification of
+a few drafted tokens); longer prefills stay in Python, where the big matmuls dominate anyway.
 
 Numerics follow the Python path (runtime.Block): fp32 residual stream and norm math, every
 intermediate rounded to the compute dtype where the Python path rounds it, so the two agree
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..native import build
+
+MAX_ROWS = 8  # new positions per forward taken here: decode, and speculative verification of k <= 7 drafts
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -46,6 +51,15 @@ static void norm_row(const float* h, const float* w, int64_t D, float eps, bool 
 }
 
 static Tensor as_float(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
+
+// runtime.Linear's rule: multi-row bf16 products run widened to fp32 on CPU (much faster there)
+static Tensor project(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  if (x.scalar_type() != at::kFloat && x.size(0) > 4) {
+    std::optional<Tensor> bf = b ? std::optional<Tensor>(b->to(at::kFloat)) : std::nullopt;
+    return at::linear(x.to(at::kFloat), w.to(at::kFloat), bf).to(x.scalar_type());
+  }
+  return at::linear(x, w, b);
+}
 
 // x[b] (fp32) += h[b], after the optional sandwich norm of h (rounded to T, as the Python path does)
 template <typename T>
@@ -81,13 +95,11 @@ template <typename T>
 static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
                           Tensor cache_k, Tensor cache_v, const Tensor& cos, const Tensor& sin, int64_t pos,
                           int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
-  Tensor qkv = qkv_in.contiguous();
-  const int64_t B = qkv.size(0), hd = cache_k.size(3), L = cache_k.size(2), half = hd / 2;
+  Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd] for positions pos .. pos+T-1
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), hd = cache_k.size(3), L = cache_k.size(2), half = hd / 2;
   const at::ScalarType dt = qkv.scalar_type();
-  Tensor q = at::empty({B, nh, 1, hd}, qkv.options());
+  Tensor q = at::empty({B, nh, Tn, hd}, qkv.options());
   const T* qkvp = qkv.data_ptr<T>();
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
   T* qp = q.data_ptr<T>();
   T* kc = cache_k.data_ptr<T>();
   T* vc = cache_v.data_ptr<T>();
@@ -95,32 +107,45 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
   std::vector<float> v(hd);
   std::vector<T> vn(hd);
   const int64_t row = (nh + 2 * nkv) * hd;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < nh + nkv; ++h) {
-      const T* src = qkvp + b * row + h * hd;
-      for (int64_t d = 0; d < hd; ++d) v[d] = f(src[d]);
-      if (q_norm) {  // Gemma: per-head RMSNorm of q and k before RoPE, rounded to T
-        norm_row<T>(v.data(), (h < nh ? qnw : knw).data_ptr<float>(), hd, eps, plus_one, vn.data());
-        for (int64_t d = 0; d < hd; ++d) v[d] = f(vn[d]);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tn; ++t) {
+      const T* cp = cos.data_ptr<T>() + t * hd;
+      const T* sp = sin.data_ptr<T>() + t * hd;
+      const T* src_row = qkvp + (b * Tn + t) * row;
+      for (int64_t h = 0; h < nh + nkv; ++h) {
+        const T* src = src_row + h * hd;
+        for (int64_t d = 0; d < hd; ++d) v[d] = f(src[d]);
+        if (q_norm) {  // Gemma: per-head RMSNorm of q and k before RoPE, rounded to T
+          norm_row<T>(v.data(), (h < nh ? qnw : knw).data_ptr<float>(), hd, eps, plus_one, vn.data());
+          for (int64_t d = 0; d < hd; ++d) v[d] = f(vn[d]);
+        }
+        T* dst = h < nh ? qp + ((b * nh + h) * Tn + t) * hd : kc + ((b * nkv + (h - nh)) * L + pos + t) * hd;
+        for (int64_t d = 0; d < hd; ++d) {  // x*cos + rotate_half(x)*sin (sign folded into sin)
+          const float sw = v[d < half ? d + half : d - half];
+          dst[d] = rnd<T>(f(rnd<T>(v[d] * f(cp[d]))) + sw * f(sp[d]));
+        }
       }
-      T* dst = h < nh ? qp + (b * nh + h) * hd : kc + ((b * nkv + (h - nh)) * L + pos) * hd;
-      for (int64_t d = 0; d < hd; ++d) {  // x*cos + rotate_half(x)*sin (sign folded into sin)
-        const float sw = v[d < half ? d + half : d - half];
-        dst[d] = rnd<T>(f(rnd<T>(v[d] * f(cp[d]))) + sw * f(sp[d]));
+      for (int64_t h = 0; h < nkv; ++h) {
+        const T* src = src_row + (nh + nkv + h) * hd;
+        std::copy(src, src + hd, vc + ((b * nkv + h) * L + pos + t) * hd);
       }
     }
-    for (int64_t h = 0; h < nkv; ++h) {
-      const T* src = qkvp + b * row + (nh + nkv + h) * hd;
-      std::copy(src, src + hd, vc + ((b * nkv + h) * L + pos) * hd);
-    }
+  const int64_t S = pos + Tn;
+  int64_t lo = 0;
+  std::optional<Tensor> mask;
+  if (Tn == 1) {  // one query sees every cached key, except outside a window
+    if (window > 0 && S > window) lo = S - window;
+  } else {  // causal (and windowed) over the new rows, as runtime.attention_mask builds it
+    Tensor qpos = at::arange(pos, S, at::kLong).unsqueeze(1), kpos = at::arange(0, S, at::kLong).unsqueeze(0);
+    Tensor m = kpos.le(qpos);
+    if (window > 0) m = m.logical_and(kpos.gt(qpos - window));
+    mask = m;
   }
-  int64_t lo = 0, S = pos + 1;
-  if (window > 0 && S > window) lo = S - window;
   Tensor k = cache_k.narrow(0, 0, B).narrow(2, lo, S - lo), vv = cache_v.narrow(0, 0, B).narrow(2, lo, S - lo);
-  if (dt != at::kFloat && B * nh > 4) { q = q.to(at::kFloat); k = k.to(at::kFloat); vv = vv.to(at::kFloat); }
-  Tensor att = at::scaled_dot_product_attention(q, k, vv, std::nullopt, 0.0, false, scale, nh != nkv);
+  if (dt != at::kFloat && B * nh * Tn > 4) { q = q.to(at::kFloat); k = k.to(at::kFloat); vv = vv.to(at::kFloat); }
+  Tensor att = at::scaled_dot_product_attention(q, k, vv, mask, 0.0, false, scale, nh != nkv);
   if (att.scalar_type() != dt) att = att.to(dt);
-  return att.reshape({B, nh * hd});
+  return att.transpose(1, 2).reshape({B * Tn, nh * hd});
 }
 
 template <typename T>
@@ -160,15 +185,16 @@ Tensor residual_norm(Tensor x, Tensor h, std::optional<Tensor> post, std::option
   return rms_norm(x, *next_w, eps, plus_one, bf16);
 }
 
-// one decode position: (QK-norm) + RoPE of q and k, K/V written to the cache at pos, SDPA over the
-// cache (its last `window` keys when window > 0); qkv [B, (nh+2nkv)*hd] -> [B, nh*hd]
+// T new positions pos..pos+T-1: (QK-norm) + RoPE of q and k, K/V written to the cache, SDPA over
+// the cache (causal, windowed when window > 0); qkv [B, T, (nh+2nkv)*hd] -> [B*T, nh*hd]
 Tensor attend(Tensor qkv, std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, Tensor cache_k, Tensor cache_v,
               Tensor cos, Tensor sin, int64_t pos, int64_t nh, int64_t nkv, int64_t window, double eps, bool plus_one,
               double scale) {
-  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && pos < cache_k.size(2), "cache");
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "cache");
   TORCH_CHECK(qkv.scalar_type() == cache_k.scalar_type() && cos.scalar_type() == cache_k.scalar_type(), "dtypes");
   const bool bf16 = qkv.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || qkv.scalar_type() == at::kFloat, "fp32 or bf16");
+  TORCH_CHECK(qkv.dim() == 3 && pos + qkv.size(1) <= cache_k.size(2), "qkv [B, T, row] within the cache");
   Tensor c = cos.contiguous(), s = sin.contiguous();
   return bf16 ? attend_impl<c10::BFloat16>(qkv, q_norm, k_norm, cache_k, cache_v, c, s, pos, nh, nkv, window, (float)eps, plus_one, scale)
               : attend_impl<float>(qkv, q_norm, k_norm, cache_k, cache_v, c, s, pos, nh, nkv, window, (float)eps, plus_one, scale);
@@ -181,17 +207,19 @@ Tensor glu(Tensor gu, bool gelu) {
   return glu_impl<float>(gu, gelu);
 }
 
-// the whole block in one call when its four linears are plain dense weights (B <= 4 rows)
+// the whole block in one call when its four linears are plain dense weights; x [B*T, D]
 Tensor decode_layer(Tensor x, Tensor attn_norm, Tensor wqkv, std::optional<Tensor> bqkv, Tensor wo,
                     std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, std::optional<Tensor> attn_post,
                     Tensor mlp_norm, Tensor w_gate_up, Tensor w_down, std::optional<Tensor> mlp_post,
-                    Tensor cache_k, Tensor cache_v, Tensor cos, Tensor sin, int64_t pos, int64_t nh, int64_t nkv,
-                    int64_t window, double eps, bool plus_one, double scale, bool gelu) {
+                    Tensor cache_k, Tensor cache_v, Tensor cos, Tensor sin, int64_t pos, int64_t batch, int64_t nh,
+                    int64_t nkv, int64_t window, double eps, bool plus_one, double scale, bool gelu) {
   const bool bf16 = wqkv.scalar_type() == at::kBFloat16;
-  Tensor qkv = at::linear(rms_norm(x, attn_norm, eps, plus_one, bf16), wqkv, bqkv);
-  Tensor att = attend(qkv, q_norm, k_norm, cache_k, cache_v, cos, sin, pos, nh, nkv, window, eps, plus_one, scale);
-  Tensor xn = residual_norm(x, at::linear(att, wo), attn_post, mlp_norm, eps, plus_one);
-  residual_norm(x, at::linear(glu(at::linear(xn, w_gate_up), gelu), w_down), mlp_post, std::nullopt, eps, plus_one);
+  Tensor qkv = project(rms_norm(x, attn_norm, eps, plus_one, bf16), wqkv, bqkv);
+  Tensor att = attend(qkv.view({batch, x.size(0) / batch, -1}), q_norm, k_norm, cache_k, cache_v, cos, sin, pos, nh,
+                      nkv, window, eps, plus_one, scale);
+  Tensor xn = residual_norm(x, project(att, wo, std::nullopt), attn_post, mlp_norm, eps, plus_one);
+  residual_norm(x, project(glu(project(xn, w_gate_up, std::nullopt), gelu), w_down, std::nullopt), mlp_post,
+                std::nullopt, eps, plus_one);
   return x;
 }
 """
@@ -214,11 +242,11 @@ def can_fuse(layer, dtype: torch.dtype) -> bool:
 
 
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """x [B, K] through a linear layer: plain ones as one GEMV call, replaced ones (quantized,
+    """x [rows, K] through a linear layer: plain ones as one GEMV call, replaced ones (quantized,
     sparse, packed) through their own forward."""
     if x.shape[0] <= 4 and _plain(mod, x.dtype):
         return F.linear(x, mod.weight, mod.bias)
-    return mod(x.unsqueeze(1)).squeeze(1)
+    return mod(x.unsqueeze(0)).squeeze(0)
 
 
 def _plain(mod, dtype) -> bool:
@@ -235,38 +263,37 @@ def _plain_cache(attn, dtype) -> bool:
 
 
 def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -> torch.Tensor:
-    """One block at one position: x [B, 1, D] fp32 (updated in place and returned)."""
+    """One block for T <= MAX_ROWS new positions: x [B, T, D] fp32 (updated in place, returned)."""
     from .runtime import MLP, Attention
 
     N = _native()
-    B, _, D = x.shape
-    x2 = x.view(B, D)
+    B, T, D = x.shape
+    x = x.contiguous()  # (a quantized embedding's rows may come strided)
+    x2 = x.view(B * T, D)
     a, m = layer.attn, layer.mlp
     eps, plus_one = layer.attn_norm.eps, layer.attn_norm.plus_one
     bf16 = dtype == torch.bfloat16
     post = lambda norm: None if norm is None else norm.weight  # noqa: E731
-    plain = type(a) is Attention and type(m) is MLP and B <= 4
-    if plain and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)) and _plain_cache(a, dtype):
-        cos, sin = rope
+    cos, sin = (t.reshape(T, -1) for t in rope)
+    plain = type(a) is Attention and type(m) is MLP and _plain_cache(a, dtype)
+    if plain and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)):
         N.decode_layer(x2, layer.attn_norm.weight, a.wqkv.weight, a.wqkv.bias, a.wo.weight, post(a.q_norm),
                        post(a.k_norm), post(layer.attn_post_norm), layer.mlp_norm.weight, m.w_gate_up.weight,
-                       m.w_down.weight, post(layer.mlp_post_norm), a.cache.k, a.cache.v, cos.reshape(-1),
-                       sin.reshape(-1), start, a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale,
-                       m.act is not F.silu)  # fmt: skip
+                       m.w_down.weight, post(layer.mlp_post_norm), a.cache.k, a.cache.v, cos, sin, start, B,
+                       a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale, m.act is not F.silu)  # fmt: skip
         return x
     # general path: the same C++ glue, with the linear layers called as modules
     if type(a) is Attention and _plain_cache(a, dtype):
         qkv = _linear(a.wqkv, N.rms_norm(x2, layer.attn_norm.weight, eps, plus_one, bf16))
-        cos, sin = rope
-        att = N.attend(qkv.to(dtype), post(a.q_norm), post(a.k_norm), a.cache.k, a.cache.v, cos.reshape(-1),
-                       sin.reshape(-1), start, a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale)  # fmt: skip
+        att = N.attend(qkv.to(dtype).view(B, T, -1), post(a.q_norm), post(a.k_norm), a.cache.k, a.cache.v, cos, sin,
+                       start, a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale)  # fmt: skip
         h = _linear(a.wo, att)
     else:  # a cache policy or replaced attention: its own forward
-        h = a(layer.attn_norm(x, dtype), rope, start).view(B, D)
+        h = a(layer.attn_norm(x, dtype), rope, start).view(B * T, D)
     xn = N.residual_norm(x2, h.to(dtype), post(layer.attn_post_norm), layer.mlp_norm.weight, eps, plus_one)
     if type(m) is MLP:
         h = _linear(m.w_down, N.glu(_linear(m.w_gate_up, xn).to(dtype), m.act is not F.silu))
     else:
-        h = m(xn.view(B, 1, D)).view(B, D)
+        h = m(xn.view(B, T, D)).view(B * T, D)
     N.residual_norm(x2, h.to(dtype), post(layer.mlp_post_norm), None, eps, plus_one)
     return x

@@ -361,7 +361,7 @@ class Transformer(nn.Module):
         dtype = self.dtype
         x = self.embed(tokens)
         ropes = {name: table.get(start, T, dtype) for name, table in self.rope.items()}
-        fused = T == 1 and self.fused_decode and _fused.available()
+        fused = T <= _fused.MAX_ROWS and self.fused_decode and _fused.available()
         for layer, rope_name in zip(self.layers, self._rope_names):
             if fused and _fused.can_fuse(layer, dtype):  # norms, RoPE, KV write, GLU in C++ (model/fused.py)
                 x = _fused.decode_layer(layer, x, ropes[rope_name], start, dtype)
