@@ -35,8 +35,10 @@ def build(name: str, source: str, functions: list[str], cflags: tuple[str, ...] 
             try:
                 from torch.utils.cpp_extension import load_inline
 
+                # -fopenmp: at::parallel_for is a header template that runs serially without it
                 module = load_inline(name, cpp_sources=source, functions=functions,
-                                     extra_cflags=["-O3", *cflags], verbose=False)  # fmt: skip
+                                     extra_cflags=["-O3", "-fopenmp", *cflags], extra_ldflags=["-fopenmp"],
+                                     verbose=False)  # fmt: skip
             except Exception as e:  # no compiler / headers: the caller's fallback still works
                 warnings.warn(f"leanlm: native kernel {name} unavailable ({type(e).__name__}: {str(e)[:200]}); "
                               f"using {fallback}")  # fmt: skip

@@ -33,6 +33,8 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 
+static constexpr int64_t PF_TILES = 4;
+
 static inline float bf16f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
 static inline float hsum8(__m256 v) {
@@ -50,6 +52,10 @@ static void gemv_tile(const uint8_t* w, const int8_t* qx, const float* sx, const
   const int64_t NB = G * BPG, Kp = NB * 32, row_bytes = BITS == 4 ? Kp / 2 : Kp;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
+  {  // software prefetch a few tiles ahead: many short row streams defeat the hardware prefetcher
+    const char* ahead = (const char*)(w + (n + PF_TILES * R) * row_bytes);
+    for (int64_t off = 0; off < R * row_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  }
   __m256 acc[M][R];
   float ysc[M][R];
   for (int m = 0; m < M; ++m)
@@ -171,4 +177,4 @@ MAX_ROWS = 8
 
 def native():
     """The compiled extension module, or None (disabled, no AVX2, or no working compiler)."""
-    return build("leanlm_qgemv_v4", _SOURCE, ["q_linear"], ("-mavx2", "-mfma", "-mf16c"), "torch's kernels")
+    return build("leanlm_qgemv_v5", _SOURCE, ["q_linear"], ("-mavx2", "-mfma", "-mf16c"), "torch's kernels")
