@@ -7,7 +7,10 @@ KL(base || candidate) and top-1 agreement, with the definitions of
 leanlm.evaluate.perplexity.kl_divergence (the base perplexity is cross-checked against
 leanlm.evaluate.perplexity.perplexity). Speed: prefill tok/s at 512 tokens and batch-1 decode
 tok/s over 128 new tokens, all engines interleaved run by run (benchmarks/common.py), medians.
-Memory: weight MB (parameters + buffers: packed sizes) and size on disk of the saved directory.
+Memory: weight MB (parameters + buffers: packed sizes), size on disk of the saved directory, and
+peak RSS of a fresh process that loads the saved model and generates 32 tokens. When
+llama-cpp-python is installed, llama.cpp runs Q8_0 and Q4_0 GGUFs exported from the same base
+weights (leanlm.export) in the same interleaved speed runs.
 Calibration: --calib (default wikitext2-valid, never the test split).
 
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py                      # both models
@@ -20,15 +23,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, LeanlmEngine, interleaved_speed, machine, median, print_table, write_result
+from common import RESULTS, LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, median, print_table, write_result
 from tqdm.auto import tqdm
 
 from leanlm import load
@@ -116,6 +122,16 @@ def kernel_timings(threads: int, reps: int = 7) -> dict:
     return {"threads": threads, "us_median": out}
 
 
+def peak_rss_mb(spec: str, dtype: str, threads: int) -> float:
+    """Peak RSS of a fresh process that loads `spec` and generates 32 tokens (what a user pays)."""
+    code = (f"import resource, torch, leanlm; from leanlm.decode.generate import generate_tokens; "
+            f"torch.set_num_threads({threads}); m, _ = leanlm.load({spec!r}, {dtype!r}); "
+            f"list(generate_tokens(m, list(range(100, 132)), 32, eos_ids=set())); "
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def run_model(name: str, args, text: str) -> dict:
     base, tok = load(name, "float32")
     bf16, _ = load(name, "bfloat16")
@@ -152,8 +168,21 @@ def run_model(name: str, args, text: str) -> dict:
             info[label].update(qual[label])
             info[label]["ppl_change"] = qual[label]["ppl"] / qual["base"]["ppl"] - 1
         info["fp32"]["ppl"] = qual["base"]["ppl"]
+    if args.rss:
+        for label in info:
+            spec, dtype = (name, "float32" if label == "fp32" else "bfloat16") if label in ("fp32", "bf16") else (
+                str(tmp / label), "float32")  # fmt: skip
+            info[label]["peak_rss_mb"] = peak_rss_mb(spec, dtype, args.threads)
+            print(f"{name} {label}: peak RSS {info[label]['peak_rss_mb']:.0f} MB", flush=True)
     if args.runs:
         engines = [LeanlmEngine(base, "fp32")] + [LeanlmEngine(m, label) for label, m in models.items()]
+        if args.llama_cpp and importlib.util.find_spec("llama_cpp"):
+            from leanlm.export import export_gguf
+
+            for t in ("q8_0", "q4_0"):  # llama.cpp's own formats of the same base weights, same run
+                path = export_gguf(base, tok, tmp / f"{name}-{t}.gguf", t, force=True)
+                info[f"llama.cpp-{t}"] = {"weight_mb": path.stat().st_size / 2**20, "disk_mb": path.stat().st_size / 2**20}
+                engines.append(LlamaCppEngine(str(path), f"llama.cpp-{t}", args.threads))
         prompt = fixed_prompt(base.config.vocab_size, 512)
         short = fixed_prompt(base.config.vocab_size, 32, seed=1)
         speed = interleaved_speed(engines, prompt, short, 128, args.runs)
@@ -163,11 +192,10 @@ def run_model(name: str, args, text: str) -> dict:
         for label in models:
             info[label]["decode_vs_bf16"] = speed[label]["decode_tok_s"] / speed["bf16"]["decode_tok_s"]
             info[label]["prefill_vs_fp32"] = speed[label]["prefill_tok_s"] / speed["fp32"]["prefill_tok_s"]
-    rows = [{"config": k, **{c: v.get(c) for c in ("bits_per_weight", "ppl", "kl", "top1_agreement", "decode_tok_s",
-                                                   "prefill_tok_s", "weight_mb", "quantize_wall_s")}}
-            for k, v in info.items()]  # fmt: skip
-    print_table(rows, ["config", "bits_per_weight", "ppl", "kl", "top1_agreement", "decode_tok_s", "prefill_tok_s",
-                       "weight_mb", "quantize_wall_s"])  # fmt: skip
+    cols = ("bits_per_weight", "ppl", "kl", "top1_agreement", "decode_tok_s", "prefill_tok_s", "weight_mb",
+            "peak_rss_mb", "quantize_wall_s")  # fmt: skip
+    rows = [{"config": k, **{c: v.get(c) for c in cols}} for k, v in info.items()]
+    print_table(rows, ["config", *cols])
     return result
 
 
@@ -184,6 +212,9 @@ def main() -> None:
     ap.add_argument("--check-ppl", action="store_true", help="also run leanlm.evaluate.perplexity on the base model")
     ap.add_argument("--kernels", action="store_true", help="also time the kernels per weight shape")
     ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocess per config")
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                    help="skip llama.cpp Q8_0/Q4_0 (exported from the same base weights) in the speed runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / "quant.json"
