@@ -100,6 +100,15 @@ def test_search_spreads_trials_over_the_predicted_speed_range():
     assert len(spread(cands, 10)) == 5 and spread(cands, 1)[0][0] == "r2"
 
 
+def test_search_never_lets_a_harsher_recipe_rule_out_a_milder_one():
+    from leanlm.recipe.search import candidates, milder_or_equal, severity
+
+    by = {c.name: c for c in candidates()}
+    assert severity(by["awq4+ffn-25%+drop2"]) == (4, 0.25, 2) and severity(by["bf16"]) == (16, 0.0, 0)
+    assert milder_or_equal(by["int8"], by["rtn4"]) and not milder_or_equal(by["rtn4"], by["int8"])
+    assert milder_or_equal(by["gptq4"], by["awq4+ffn-12%"]) and not milder_or_equal(by["int8+drop2"], by["int8"])
+
+
 def test_search_returns_a_non_dominated_front(tiny_dirs, capsys):
     from conftest import DATA
 

@@ -3,8 +3,10 @@
 1. Enumerate a recipe space (dtype x quantization x structured pruning).
 2. Price every candidate with the cost model (no model is built): predicted decode tok/s
    and weight MB. Candidates predicted to be dominated on (weight MB, tok/s) by a candidate
-   with an equal-or-milder compression are dropped; `--trials` of the rest are taken evenly
-   spaced over the predicted speed range (mildest to fastest), with the fp32 baseline.
+   that compresses no harder (as many bits or more, no more pruning) are dropped.
+   Stage 1 measures the fp32 baseline and every weight format unpruned (bf16, int8, int4 by
+   RTN/GPTQ/AWQ); stage 2 spends the rest of `--trials` on structured pruning of the best-
+   measured quantized format of each bit width, spread over the predicted speed range.
 3. Measure each survivor for real: apply the recipe, perplexity on a few WikiText-2
    windows, decode tok/s (median of runs). Keep those within `--max-ppl-increase`.
 4. The measured Pareto front (ppl vs decode tok/s) is the answer.
@@ -52,6 +54,26 @@ def candidates() -> list[Recipe]:
                         steps.append(Step("dtype", "bfloat16"))
                     out.append(Recipe("+".join(name), steps))
     return out
+
+
+def severity(recipe: Recipe) -> tuple[int, float, int]:
+    """(weight bits, FFN fraction removed, layers removed) of a candidate recipe."""
+    bits, ratio, drop = 32, 0.0, 0
+    for s in recipe.steps:
+        if s.kind == "quantize":
+            bits = s.params["bits"]
+        elif s.kind == "dtype":
+            bits = 16
+        elif s.kind == "prune" and s.params.get("structured") == "neurons":
+            ratio = s.params["ratio"]
+        elif s.kind == "prune" and s.params.get("structured") == "layers":
+            drop = s.params["remove"]
+    return bits, ratio, drop
+
+
+def milder_or_equal(a: Recipe, b: Recipe) -> bool:
+    (ba, ra, da), (bb, rb, db) = severity(a), severity(b)
+    return ba >= bb and ra <= rb and da <= db
 
 
 def spread(cands: list, n: int) -> list:
@@ -124,22 +146,40 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
     cands = [(r, predict(model, r, hw)) for r in candidates()]
     del model
     base = next(c for c in cands if c[0].name == "fp32")
-    # cost-model pruning: drop candidates another one beats on both predicted speed and size
+    # cost-model pruning: drop a candidate when one that compresses no harder (as many bits or more,
+    # no more neurons or layers removed) is predicted faster and smaller; quality is not predicted,
+    # so a faster but harsher recipe never rules out a milder one
     keep = [c for c in cands if c is base or not any(
         o[1]["predicted_decode_tok_s"] > c[1]["predicted_decode_tok_s"] * 1.02
         and o[1]["predicted_weight_mb"] < c[1]["predicted_weight_mb"] * 0.98
-        and len(o[0].steps) <= len(c[0].steps) for o in cands)]  # fmt: skip
-    chosen = [base] + spread([c for c in keep if c is not base], trials - 1)
-    results = []
-    base_ppl = None
-    for recipe, pred in tqdm(chosen, desc="search trials", disable=not progress):
-        r = measure_trial(spec, recipe, windows, runs, base_ppl)
-        r.update(pred)
-        if base_ppl is None:
-            base_ppl = r["ppl"]
-            r["ppl_increase"] = 0.0
-        r["within_budget"] = r["ppl_increase"] <= max_ppl_increase
-        results.append(r)
+        and milder_or_equal(o[0], c[0]) for o in cands)]  # fmt: skip
+    # stage 1: every weight format unpruned (mildest first); stage 2: the remaining trials prune
+    # the best-measured quantized format of each bit width, spread over the predicted speed range
+    plain = sorted((c for c in keep if c is not base and severity(c[0])[1:] == (0.0, 0)),
+                   key=lambda c: (-severity(c[0])[0], c[1]["predicted_decode_tok_s"]))  # fmt: skip
+    results: list[dict] = []
+    bar = tqdm(total=trials, desc="search trials", disable=not progress)
+
+    def run(batch):
+        for recipe, pred in batch:
+            base_ppl = results[0]["ppl"] if results else None
+            r = measure_trial(spec, recipe, windows, runs, base_ppl)
+            r.update(pred)
+            r["ppl_increase"] = 0.0 if base_ppl is None else r["ppl_increase"]
+            r["within_budget"] = r["ppl_increase"] <= max_ppl_increase
+            r["bits"] = severity(recipe)[0]
+            results.append(r)
+            bar.update()
+
+    run(([base] + plain)[:trials])
+    best: dict[int, dict] = {}
+    for r in results:
+        if r["bits"] <= 8 and (r["bits"] not in best or r["ppl"] < best[r["bits"]]["ppl"]):
+            best[r["bits"]] = r
+    formats = {r["name"] for r in best.values()}
+    pruned = [c for c in keep if severity(c[0])[1:] != (0.0, 0) and c[0].name.split("+")[0] in formats]
+    run(spread(pruned, trials - len(results)))
+    bar.close()
     ok = [r for r in results if r["within_budget"]]
     for i in pareto_front([(r["ppl"], r["decode_tok_s"]) for r in ok]):
         ok[i]["pareto"] = True
@@ -150,5 +190,6 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
         "candidates_priced": len(cands),
         "candidates_after_cost_model": len(keep),
         "trials": results,
+        "stages": {"formats": min(trials, 1 + len(plain)), "pruned": max(0, len(results) - 1 - len(plain))},
         "pareto": [r["name"] for r in results if r.get("pareto")],
     }
