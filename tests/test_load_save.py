@@ -130,3 +130,28 @@ def test_config_from_hf_fields():
     assert [l.sliding_window for l in cfg.layers] == [6, 6, None, 6]
     assert {l.rope_key for l in cfg.layers} == {"sliding_attention", "full_attention"}
     assert cfg.kv_bytes_per_token(4) == 4 * 2 * 2 * 8 * 4
+
+
+def test_pruned_head_count_that_transformers_rejects_still_loads(tmp_path, word_tokenizer):
+    """Gemma 3 configs must have hidden_size % num_attention_heads == 0 in transformers; keeping 4
+    of 6 query heads of a 42-wide model (42 % 4 != 0) is leanlm's own shape and must load back."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    import leanlm
+    from leanlm.prune.structured import shrink_attention
+
+    cfg = Gemma3TextConfig(vocab_size=97, hidden_size=42, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, sliding_window=6,
+                           layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=8)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base", safe_serialization=True)
+    word_tokenizer.save_pretrained(tmp_path / "base")
+    model, tok = leanlm.load(tmp_path / "base")
+    for i in range(len(model.layers)):  # 2 KV groups of 3 query heads -> 2 + 2
+        shrink_attention(model, i, keep_q=[0, 1, 3, 4], keep_kv=[0, 1])
+    save(model, tok, tmp_path / "m")
+    back, tok2 = leanlm.load(tmp_path / "m")
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        assert torch.allclose(back(ids), model(ids), atol=1e-5)
+    assert back.config.layers[0].n_heads == 4 and tok2 is not None

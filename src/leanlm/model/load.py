@@ -232,13 +232,23 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hf_config(directory: Path):
+    """transformers' config of a model directory (fills defaults, normalises rope parameters)."""
+    from transformers import AutoConfig
+
+    raw = json.loads((directory / "config.json").read_text())
+    if "leanlm_layers" in raw:
+        # per-layer shapes are leanlm's own; a pruned head count may fail transformers' global
+        # checks (Gemma 3: hidden_size % num_attention_heads), so give it one that passes
+        n = max(l["n_heads"] for l in raw["leanlm_layers"])
+        return AutoConfig.for_model(**{**raw, "num_attention_heads": n if raw["hidden_size"] % n == 0 else 1})
+    return AutoConfig.from_pretrained(directory)
+
+
 def load_config(directory: Path) -> ModelConfig:
     raw = json.loads((directory / "config.json").read_text())
     ModelConfig.from_hf(raw)  # clear error for unsupported architectures before transformers sees it
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(directory)  # fills defaults, normalises rope parameters
-    return apply_layer_overrides(ModelConfig.from_hf(hf), raw)
+    return apply_layer_overrides(ModelConfig.from_hf(hf_config(directory)), raw)
 
 
 def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu") -> Transformer:
@@ -276,7 +286,8 @@ def load_tokenizer(spec: str | Path):
 
     directory = resolve(spec)
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        config = hf_config(directory) if (directory / "config.json").exists() else None
+        return AutoTokenizer.from_pretrained(directory, config=config)
     except (OSError, ValueError) as e:
         raise LeanlmError(f"{directory} has no usable tokenizer ({e}); add tokenizer files next to config.json") from e
 
