@@ -181,8 +181,14 @@ def run_model(name: str, args, text: str) -> dict:
         if args.llama_cpp and importlib.util.find_spec("llama_cpp"):
             from leanlm.export import export_gguf
 
+            from leanlm import LeanlmError
+
             for t in ("q8_0", "q4_0"):  # llama.cpp's own formats of the same base weights, same run
-                path = export_gguf(base, tok, tmp / f"{name}-{t}.gguf", t, force=True)
+                try:
+                    path = export_gguf(base, tok, tmp / f"{name}-{t}.gguf", t, force=True)
+                except LeanlmError as e:  # GGUF export covers the Llama family only
+                    result["llama_cpp_skipped"] = str(e)
+                    break
                 info[f"llama.cpp-{t}"] = {"weight_mb": path.stat().st_size / 2**20, "disk_mb": path.stat().st_size / 2**20}
                 engines.append(LlamaCppEngine(str(path), f"llama.cpp-{t}", args.threads))
         prompt = fixed_prompt(base.config.vocab_size, 512)
