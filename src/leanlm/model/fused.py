@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..native import build
+from . import runtime as _rt  # runtime imports this module first; its classes are looked up at call time
 
 MAX_ROWS = 8  # new positions per forward taken here: decode, and speculative verification of k <= 7 drafts
 
@@ -236,9 +237,7 @@ def available() -> bool:
 
 def can_fuse(layer, dtype: torch.dtype) -> bool:
     """True for the stock Block on CPU in fp32/bf16 (its linears, attention or MLP may be replaced)."""
-    from .runtime import Block
-
-    return type(layer) is Block and dtype in (torch.float32, torch.bfloat16) and layer.attn_norm.weight.device.type == "cpu"
+    return type(layer) is _rt.Block and dtype in (torch.float32, torch.bfloat16) and layer.attn_norm.weight.device.type == "cpu"
 
 
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
@@ -250,22 +249,16 @@ def _linear(mod, x: torch.Tensor) -> torch.Tensor:
 
 
 def _plain(mod, dtype) -> bool:
-    from .runtime import Linear
-
-    return type(mod) is Linear and mod.weight.dtype == dtype and not (mod._forward_pre_hooks or mod._forward_hooks)
+    return type(mod) is _rt.Linear and mod.weight.dtype == dtype and not (mod._forward_pre_hooks or mod._forward_hooks)
 
 
 def _plain_cache(attn, dtype) -> bool:
-    from .runtime import KVCache
-
     c = attn.cache
-    return type(c) is KVCache and c.k.dtype == dtype and c.k.is_contiguous()
+    return type(c) is _rt.KVCache and c.k.dtype == dtype and c.k.is_contiguous()
 
 
 def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -> torch.Tensor:
     """One block for T <= MAX_ROWS new positions: x [B, T, D] fp32 (updated in place, returned)."""
-    from .runtime import MLP, Attention
-
     N = _native()
     B, T, D = x.shape
     x = x.contiguous()  # (a quantized embedding's rows may come strided)
@@ -275,15 +268,16 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     bf16 = dtype == torch.bfloat16
     post = lambda norm: None if norm is None else norm.weight  # noqa: E731
     cos, sin = (t.reshape(T, -1) for t in rope)
-    plain = type(a) is Attention and type(m) is MLP and _plain_cache(a, dtype)
-    if plain and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)):
+    attn_ok = type(a) is _rt.Attention and _plain_cache(a, dtype)
+    mlp_ok = type(m) is _rt.MLP
+    if attn_ok and mlp_ok and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)):
         N.decode_layer(x2, layer.attn_norm.weight, a.wqkv.weight, a.wqkv.bias, a.wo.weight, post(a.q_norm),
                        post(a.k_norm), post(layer.attn_post_norm), layer.mlp_norm.weight, m.w_gate_up.weight,
                        m.w_down.weight, post(layer.mlp_post_norm), a.cache.k, a.cache.v, cos, sin, start, B,
                        a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale, m.act is not F.silu)  # fmt: skip
         return x
     # general path: the same C++ glue, with the linear layers called as modules
-    if type(a) is Attention and _plain_cache(a, dtype):
+    if attn_ok:
         qkv = _linear(a.wqkv, N.rms_norm(x2, layer.attn_norm.weight, eps, plus_one, bf16))
         att = N.attend(qkv.to(dtype).view(B, T, -1), post(a.q_norm), post(a.k_norm), a.cache.k, a.cache.v, cos, sin,
                        start, a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale)  # fmt: skip
@@ -291,7 +285,7 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     else:  # a cache policy or replaced attention: its own forward
         h = a(layer.attn_norm(x, dtype), rope, start).view(B * T, D)
     xn = N.residual_norm(x2, h.to(dtype), post(layer.attn_post_norm), layer.mlp_norm.weight, eps, plus_one)
-    if type(m) is MLP:
+    if mlp_ok:
         h = _linear(m.w_down, N.glu(_linear(m.w_gate_up, xn).to(dtype), m.act is not F.silu))
     else:
         h = m(xn.view(B, T, D)).view(B * T, D)

@@ -257,7 +257,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.fused_decode = True  # single-token steps through model/fused.py (C++ glue) where it builds
+        self.fused_decode = True  # forwards of <= 8 new tokens through model/fused.py (C++ glue) where it builds
         self.init_rope()
 
     def init_rope(self, device=None) -> None:

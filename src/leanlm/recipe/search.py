@@ -172,6 +172,7 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
             bar.update()
 
     run(([base] + plain)[:trials])
+    stage1 = len(results)
     best: dict[int, dict] = {}
     for r in results:
         if r["bits"] <= 8 and (r["bits"] not in best or r["ppl"] < best[r["bits"]]["ppl"]):
@@ -190,6 +191,6 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
         "candidates_priced": len(cands),
         "candidates_after_cost_model": len(keep),
         "trials": results,
-        "stages": {"formats": min(trials, 1 + len(plain)), "pruned": max(0, len(results) - 1 - len(plain))},
+        "stages": {"formats": stage1, "pruned": len(results) - stage1},
         "pareto": [r["name"] for r in results if r.get("pareto")],
     }
