@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, median, print_table, write_result
+from common import (RESULTS, LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, median, print_table,
+                    window_scores, write_result)  # fmt: skip
 from tqdm.auto import tqdm
 
 from leanlm import load
@@ -73,12 +74,10 @@ def quality(base, models: dict, tok, text: str, seq_len: int, windows: int) -> d
         lb = F.log_softmax(base(w)[0, :-1].float(), -1)
         target = w[0, 1:]
         nll_base -= lb.gather(-1, target[:, None]).sum().item()
-        for name, m in models.items():
-            lc = F.log_softmax(m(w)[0, :-1].float(), -1)
+        for name, m in models.items():  # window by window: one window's log-probs held at a time
+            k, agree, nll = window_scores(lb, F.log_softmax(m(w)[0, :-1].float(), -1), target)
             a = acc[name]
-            a["kl"] += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
-            a["agree"] += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
-            a["nll"] -= lc.gather(-1, target[:, None]).sum().item()
+            a["kl"], a["agree"], a["nll"] = a["kl"] + k, a["agree"] + agree, a["nll"] + nll
         count += target.numel()
     out = {"base": {"ppl": math.exp(nll_base / count), "tokens": count, "windows": len(wins), "seq_len": seq_len}}
     for name, a in acc.items():

@@ -209,6 +209,16 @@ def dump(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
+def window_scores(lb: torch.Tensor, lc: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
+    """One window's sums for base log-probs lb and candidate log-probs lc ([T, V]) against the next
+    tokens: (KL(base || candidate), top-1 agreements, candidate NLL), as leanlm.evaluate.kl_divergence."""
+    import torch.nn.functional as F
+
+    kl = F.kl_div(lc, lb, log_target=True, reduction="sum").item()
+    agree = (lb.argmax(-1) == lc.argmax(-1)).sum().item()
+    return kl, agree, -lc.gather(-1, target[:, None]).sum().item()
+
+
 class QualityRef:
     """A base model's log-probs on fixed windows, computed once; calling it on a candidate gives ppl,
     KL(base || candidate) and top-1 agreement on the same windows (leanlm.evaluate.kl_divergence's
@@ -230,12 +240,10 @@ class QualityRef:
         kl = agree = nll_b = nll_c = 0.0
         count = 0
         for w, lb in zip(self.windows, self.base_lp):
-            lc = F.log_softmax(model(w)[0, :-1].float(), -1)
             target = w[0, 1:]
-            kl += F.kl_div(lc, lb, log_target=True, reduction="sum").item()
-            agree += (lb.argmax(-1) == lc.argmax(-1)).sum().item()
+            k, a, n = window_scores(lb, F.log_softmax(model(w)[0, :-1].float(), -1), target)
+            kl, agree, nll_c = kl + k, agree + a, nll_c + n
             nll_b -= lb.gather(-1, target[:, None]).sum().item()
-            nll_c -= lc.gather(-1, target[:, None]).sum().item()
             count += target.numel()
         return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
                 "top1_agreement": agree / count, "tokens": count, "windows": len(self.windows)}  # fmt: skip
