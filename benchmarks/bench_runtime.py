@@ -62,11 +62,15 @@ def main() -> None:
             "leanlm_bf16_rel_change_vs_fp32": ppl["leanlm-bf16"]["ppl"] / ppl["leanlm-fp32"]["ppl"] - 1,
         }
 
-    # leanlm decodes fp32 with column-major weights (Transformer.set_decode_layout, as `leanlm
-    # generate` / `eval --speed` do); the row-major runtime is measured beside it for the record
-    m32_rows, _ = load(args.model, "float32")
-    m32.set_decode_layout(True)
-    engines = [LeanlmEngine(m32, "leanlm-fp32"), LeanlmEngine(m32_rows, "leanlm-fp32-rowmajor"), LeanlmEngine(m16, "leanlm-bf16"),
+    # leanlm decodes with its native small-row kernel on row-major weights (prepare_decode, as
+    # `leanlm generate` / `eval --speed` do); beside it, for a same-run A/B, the same models with
+    # ATen's GEMVs (fp32 on the column-major layout ATen streams fastest)
+    m32.prepare_decode()
+    m32_aten, _ = load(args.model, "float32")
+    m32_aten.set_decode_layout(True)
+    engines = [LeanlmEngine(m32, "leanlm-fp32"), LeanlmEngine(m16, "leanlm-bf16"),
+               LeanlmEngine(m32_aten, "leanlm-fp32-aten-gemv", small_kernel=False),
+               LeanlmEngine(m16, "leanlm-bf16-aten-gemv", small_kernel=False),
                HFEngine(m32.directory, torch.float32, "transformers-fp32"),
                HFEngine(m32.directory, torch.bfloat16, "transformers-bf16")]  # fmt: skip
     gguf = str(DEFAULT_MODELS[args.model]()) if args.model in DEFAULT_MODELS else None
@@ -86,7 +90,7 @@ def main() -> None:
 
     hf, hf16 = speed["transformers-fp32"], speed["transformers-bf16"]
     ratios = {}
-    for name in ("leanlm-fp32", "leanlm-fp32-rowmajor", "leanlm-bf16"):
+    for name in ("leanlm-fp32", "leanlm-bf16", "leanlm-fp32-aten-gemv", "leanlm-bf16-aten-gemv"):
         s = speed[name]
         ratios[name] = {
             "decode_vs_transformers_fp32": s["decode_tok_s"] / hf["decode_tok_s"],

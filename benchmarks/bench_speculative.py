@@ -1,7 +1,7 @@
 """Exact speculative decoding on one target: decode tok/s vs plain leanlm decoding, same run.
 
 For every prompt, every configuration (draft kind x gamma policy) generates greedily from the
-same fp32 target and its output is asserted token-for-token identical to plain greedy decoding
+same target (--dtype, bf16 by default: leanlm's fastest unquantized decode) and its output is asserted token-for-token identical to plain greedy decoding
 (leanlm's stock decode loop, `generate_tokens`). Configurations run back to back per prompt,
 so machine noise hits all of them alike; tok/s of a configuration is its decode tokens over its
 decode seconds summed over the prompts of a category, median over --runs runs; speedup is that
@@ -11,12 +11,13 @@ Prompts, through the chat template: chat (first turns of MT-Bench and Vicuna-Ben
 input-grounded kinds built from WikiText-2 / Gutenberg passages: summarization ("Summarize the
 following passage." + passage) and proofreading ("Correct the spelling mistakes ..." + the
 passage with two letters swapped in every 7th word, so the answer copies most of the input).
-"grounded" pools the two. Also measured: v(k), the time of a k-token verification forward over a 1-token step,
-for the stock fp32 runtime, fp32 with packed (oneDNN) weights, and bf16.
+"grounded" pools the two. Also measured: v(k), the time of a k-token verification forward over a
+1-token step, for the target's dtype and the other one, each with leanlm's native small-row kernel
+(the runtime's default) and with ATen's products (model/fused.py explains the difference).
 
     LEANLM_DATA=../shared/data python benchmarks/bench_speculative.py
     LEANLM_DATA=../shared/data python benchmarks/bench_speculative.py --quick   # 2+2+2 prompts, 32 tokens
-Writes benchmarks/results/speculative.json.
+Writes benchmarks/results/speculative.json (speculative_fp32.json for --dtype float32).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from common import machine, print_table, write_result
 from leanlm import load
 from leanlm.decode.drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
 from leanlm.decode.generate import GenerationStats, encode_prompt, generate_tokens
-from leanlm.decode.kernels import pack_model
 from leanlm.decode.speculative import AdaptiveGamma, Target, self_draft_model, speculative_generate_tokens
 from leanlm.evaluate.data import data_file, read_jsonl, read_text
+from leanlm.model.runtime import Linear
 
 
 # ---- prompts ----------------------------------------------------------------------------------
@@ -76,10 +77,11 @@ def build_prompts(n_chat: int, n_summ: int, n_edit: int) -> list[tuple[str, str]
 # ---- v(k) ---------------------------------------------------------------------------------------
 @torch.inference_mode()
 def verify_cost(models: dict, ks: list[int], reps: int, ctx: int = 300) -> dict:
-    """ms of a k-token forward at context `ctx`, per model; interleaved, median of reps x 3 calls."""
+    """ms of a k-token forward at context `ctx`, per (model, native small-row kernel on/off);
+    interleaved, median of reps x 3 calls."""
     prompt = torch.randint(100, 30000, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()
     targets = {}
-    for name, m in models.items():
+    for name, (m, _) in models.items():
         m.setup_cache(1, ctx + max(ks) + 1)
         targets[name] = Target(m)
         targets[name].forward(prompt, 0)
@@ -87,13 +89,15 @@ def verify_cost(models: dict, ks: list[int], reps: int, ctx: int = 300) -> dict:
     g = torch.Generator().manual_seed(1)
     for _ in range(reps):
         for n, tg in targets.items():
+            Linear.fused_small = models[n][1]
             for k in ks:
                 toks = torch.randint(100, 30000, (k,), generator=g).tolist()
                 t0 = time.perf_counter()
                 for _ in range(3):
                     tg.forward(toks, ctx)
                 t[(n, k)].append((time.perf_counter() - t0) / 3 * 1e3)
-    for m in models.values():
+    Linear.fused_small = True
+    for m, _ in models.values():
         m.clear_cache()
     out = {}
     for n in models:
@@ -119,6 +123,7 @@ def run_config(cfg: dict, ids: list[int], n: int) -> tuple[list[int], Generation
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the target's dtype")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -134,11 +139,11 @@ def main() -> None:
         args.chat, args.summarize, args.edit, args.new_tokens, args.runs, args.vk_reps = 2, 2, 2, 32, 1, 2
     torch.set_num_threads(args.threads)
 
-    target, tok = load(args.model, "float32")  # plain decoding: the stock runtime, unmodified
-    bf16 = self_draft_model(target, "bfloat16")
-    packed, _ = load(args.model, "float32")
-    pack_model(packed)  # the speculative target: same weights, packed kernels for k-token verification
-    drafts = {"bf16": bf16}
+    target, tok = load(args.model, args.dtype)  # plain and speculative decoding run this same model
+    target.prepare_decode()
+    other = "float32" if args.dtype == "bfloat16" else "bfloat16"
+    sibling = self_draft_model(target, other)  # for v(k) in the other dtype; the bf16 self-draft of an fp32 target
+    drafts = {"bf16": sibling} if args.dtype == "float32" else {}
     result = {"model": args.model, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "settings": vars(args)}  # fmt: skip
     if not args.no_int4:
@@ -153,7 +158,10 @@ def main() -> None:
 
     print("measuring v(k) ...", flush=True)
     ks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    result["verify_cost"] = verify_cost({"fp32": target, "fp32-packed": packed, "bf16": bf16}, ks, args.vk_reps)
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    vk_models = {short[args.dtype]: (target, True), f"{short[args.dtype]}-aten": (target, False),
+                 short[other]: (sibling, True), f"{short[other]}-aten": (sibling, False)}  # fmt: skip
+    result["verify_cost"] = verify_cost(vk_models, ks, args.vk_reps)
     for n, r in result["verify_cost"].items():
         print(f"  {n:12s} step {r['step_ms']:6.1f} ms  " + " ".join(f"v({k})={v:.2f}" for k, v in r["v"].items()))
 
@@ -165,25 +173,25 @@ def main() -> None:
         C.append({"name": name, "kind": kind, "policy": policy, "model": model, "draft": draft, "gamma": gamma})
 
     add("plain", "none", "-", target, None, None)
-    add("plain-packed", "none", "gamma 0", packed, lambda: Draft(), fixed(0))
+    add("plain-loop", "none", "gamma 0", target, lambda: Draft(), fixed(0))  # the speculative loop, no drafts
     for g in (2, 4, 8):
-        add(f"lookup g{g}", "lookup", f"fixed {g}", packed, lambda: LookupDraft(), fixed(g))
-    add("lookup auto", "lookup", "auto", packed, lambda: LookupDraft(), lambda: "auto")
-    add("lookup heuristic", "lookup", "heuristic", packed, lambda: LookupDraft(), lambda: "heuristic")
-    for g in (2, 4, 6):
-        add(f"self-bf16 g{g}", "self-bf16", f"fixed {g}", packed, lambda: ModelDraft(bf16, sync_kv=True), fixed(g))
-    add("self-bf16 auto", "self-bf16", "auto", packed, lambda: ModelDraft(bf16, sync_kv=True), lambda: "auto")
-    add("self-bf16 heuristic", "self-bf16", "heuristic", packed, lambda: ModelDraft(bf16, sync_kv=True), lambda: "heuristic")
-    add("self-bf16 g8 thr0.3", "self-bf16", "fixed 8 + confidence 0.3", packed,
-        lambda: ModelDraft(bf16, threshold=0.3, sync_kv=True), fixed(8))  # fmt: skip
-    add("lookup+self-bf16 auto", "lookup+self-bf16", "auto", packed,
-        lambda: LookupDraft(fallback=ModelDraft(bf16, sync_kv=True)), lambda: "auto")  # fmt: skip
-    if "int4" in drafts:
-        q4 = drafts["int4"]
-        add("self-int4 g4", "self-int4", "fixed 4", packed, lambda: ModelDraft(q4, sync_kv=True), fixed(4))
-        add("self-int4 auto", "self-int4", "auto", packed, lambda: ModelDraft(q4, sync_kv=True), lambda: AdaptiveGamma())
-    add(f"self-{L}L g2", f"self-{L}L", "fixed 2", packed, lambda: EarlyExitDraft(L), fixed(2))
-    add(f"self-{L}L auto", f"self-{L}L", "auto", packed, lambda: EarlyExitDraft(L), lambda: "auto")
+        add(f"lookup g{g}", "lookup", f"fixed {g}", target, lambda: LookupDraft(), fixed(g))
+    add("lookup auto", "lookup", "auto", target, lambda: LookupDraft(), lambda: "auto")
+    add("lookup heuristic", "lookup", "heuristic", target, lambda: LookupDraft(), lambda: "heuristic")
+    for name, dm in drafts.items():  # compressed copies of the target
+        for g in (2, 4, 6):
+            add(f"self-{name} g{g}", f"self-{name}", f"fixed {g}", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
+                fixed(g))  # fmt: skip
+        add(f"self-{name} auto", f"self-{name}", "auto", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
+            lambda: "auto")  # fmt: skip
+        add(f"self-{name} heuristic", f"self-{name}", "heuristic", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
+            lambda: "heuristic")  # fmt: skip
+        add(f"lookup+self-{name} auto", f"lookup+self-{name}", "auto", target,
+            lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), lambda: "auto")  # fmt: skip
+        add(f"lookup+self-{name} g4", f"lookup+self-{name}", "fixed 4", target,
+            lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), fixed(4))  # fmt: skip
+    add(f"self-{L}L g2", f"self-{L}L", "fixed 2", target, lambda: EarlyExitDraft(L), fixed(2))
+    add(f"self-{L}L auto", f"self-{L}L", "auto", target, lambda: EarlyExitDraft(L), lambda: "auto")
 
     prompts = build_prompts(args.chat, args.summarize, args.edit)
     enc = [(cat, encode_prompt(tok, p)) for cat, p in prompts]
@@ -238,11 +246,16 @@ def main() -> None:
         return max(cand, key=lambda r: r[key]) if cand else None
 
     lk = best(lambda r: r["draft"] == "lookup", "grounded_speedup")
+    lkh = best(lambda r: r["draft"].startswith("lookup"), "grounded_speedup")  # lookup, or lookup + a model fallback
     sd = best(lambda r: r["draft"].startswith("self") or r["draft"].startswith("lookup+self"), "all_speedup")
     targets = {
         "lookup_grounded_speedup": {"target": 1.5, "config": lk["config"], "value": lk["grounded_speedup"],
                                     "summarize": lk["summarize_speedup"], "edit": lk["edit_speedup"],
                                     "met": lk["grounded_speedup"] >= 1.5},
+        "lookup_with_fallback_grounded_speedup": {"target": 1.5, "config": lkh["config"],
+                                                  "value": lkh["grounded_speedup"],
+                                                  "summarize": lkh["summarize_speedup"], "edit": lkh["edit_speedup"],
+                                                  "met": lkh["grounded_speedup"] >= 1.5},
         "best_self_draft_overall_speedup": {"target": 1.3, "config": sd["config"], "value": sd["all_speedup"],
                                             "met": sd["all_speedup"] >= 1.3},
     }  # fmt: skip
@@ -260,7 +273,7 @@ def main() -> None:
                        "all_speedup", "acceptance_rate", "mean_accepted", "identical"])  # fmt: skip
     for k, v in targets.items():
         print(k, v)
-    write_result("speculative", result)
+    write_result("speculative" if args.dtype == "bfloat16" else "speculative_fp32", result)
     assert result["all_identical"], "speculative output differs from plain greedy (see mismatch_prompts)"
 
 

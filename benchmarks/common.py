@@ -62,24 +62,30 @@ class Engine:
 
 
 class LeanlmEngine(Engine):
-    def __init__(self, model, name: str):
-        self.model, self.name = model, name
+    """leanlm's decode loop; small_kernel=False runs its <= 8-row products on ATen instead of
+    leanlm's native kernel (model/fused.py), for a same-run A/B."""
+
+    def __init__(self, model, name: str, small_kernel: bool = True):
+        self.model, self.name, self.small_kernel = model, name, small_kernel
+
+    def _run(self, ids, n):
+        from leanlm.decode.generate import GenerationStats, generate_tokens
+        from leanlm.model.runtime import Linear
+
+        st, saved = GenerationStats(), Linear.fused_small
+        Linear.fused_small = self.small_kernel
+        try:
+            for _ in generate_tokens(self.model, ids, n, eos_ids=set(), stats=st):
+                pass
+        finally:
+            Linear.fused_small = saved
+        return st
 
     def prefill(self, ids):
-        from leanlm.decode.generate import GenerationStats, generate_tokens
-
-        st = GenerationStats()
-        for _ in generate_tokens(self.model, ids, 1, eos_ids=set(), stats=st):
-            pass
-        return st.prefill_s
+        return self._run(ids, 1).prefill_s
 
     def decode(self, ids, n):
-        from leanlm.decode.generate import GenerationStats, generate_tokens
-
-        st = GenerationStats()
-        for _ in generate_tokens(self.model, ids, n, eos_ids=set(), stats=st):
-            pass
-        return st.decode_tok_s
+        return self._run(ids, n).decode_tok_s
 
 
 class HFEngine(Engine):

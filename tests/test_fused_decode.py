@@ -89,3 +89,37 @@ def test_multi_token_steps_match_python_path(arch, tiny_dirs):
         with torch.inference_mode():
             logits[on] = torch.cat([model(tokens[:, a:b], a) for a, b in chunks], 1)
     assert (logits[True] - logits[False]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_linear_matches_f_linear(dtype):
+    """leanlm's small-row kernel = F.linear for 1..MAX_ROWS rows, with a K that is not a multiple of 8 and a bias."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 83, generator=g).to(dtype)
+    b = torch.randn(37, generator=g)
+    for rows in range(1, fused.MAX_ROWS + 1):
+        x = torch.randn(rows, 83, generator=g).to(dtype)
+        y = fused.small_linear(x, w, b)
+        ref = torch.nn.functional.linear(x.float(), w.float(), b)
+        assert y.dtype == dtype and y.shape == (rows, 37)
+        assert (y.float() - ref).abs().max() <= (1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max())
+    assert fused.small_linear(torch.randn(fused.MAX_ROWS + 1, 83), w.float()) is None  # more rows: not this kernel
+    assert fused.small_linear(torch.randn(2, 83), w.float().t().contiguous().t()) is None  # column-major weight
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_k_token_forward_equals_k_single_steps_bitwise(arch, dtype, tiny_dirs):
+    """Batch invariance: verifying k tokens in one forward gives exactly the logits of k decode
+    steps (what keeps greedy speculative decoding exact in bf16), including sliding windows."""
+    model = load_model(tiny_dirs[arch], dtype=dtype)
+    if arch == "gemma3":
+        assert any(layer.attn.window for layer in model.layers)  # the tiny Gemma has sliding-window layers
+    tokens = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(6)).tolist()[0]
+    with torch.inference_mode():
+        model.setup_cache(1, 40)
+        model(torch.tensor([tokens[:16]]), 0)
+        steps = torch.cat([model(torch.tensor([[t]]), 16 + i) for i, t in enumerate(tokens[16:])], 1)
+        batch = model(torch.tensor([tokens[16:]]), 16)
+    model.clear_cache()
+    assert torch.equal(steps, batch)

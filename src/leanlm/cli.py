@@ -104,7 +104,7 @@ def _speculative_decoder(args, model):
 
     from .decode.kernels import pack_model
     from .decode.speculative import make_draft, make_policy, self_draft_model, speculative_generate_tokens
-    from .model import load
+    from .model import fused, load
 
     policy = make_policy(args.gamma)  # validate before loading anything more
     kind = args.speculate
@@ -118,7 +118,8 @@ def _speculative_decoder(args, model):
     elif kind.endswith("self") and args.draft_layers is None:
         draft_model = self_draft_model(model, args.draft_dtype)  # a compressed copy, made before packing
     draft = make_draft(kind, model, draft_model, args.draft_layers, threshold=args.draft_threshold)
-    pack_model(model)  # fp32 on CPU: verification of k tokens costs about one decode step
+    if not fused.available():  # fp32 on CPU without the native kernel: verify k tokens at ~one step's cost
+        pack_model(model)
     return functools.partial(speculative_generate_tokens, draft=draft, gamma=policy)
 
 
@@ -134,7 +135,7 @@ def cmd_generate(args) -> int:
     chat = None if args.chat is None else args.chat
     decode_fn = _speculative_decoder(args, model) if getattr(args, "speculate", None) else None
     if decode_fn is None:
-        model.set_decode_layout(True)  # fp32 on CPU: column-major weights stream faster at batch 1
+        model.prepare_decode()  # the weight layout batch-1 decoding streams fastest
     text = generate(model, tok, prompt, args.max_new_tokens, sampling, chat, args.stop,
                     stream=None if args.json else sys.stdout, stats=stats, kv=kv, decode_fn=decode_fn)  # fmt: skip
     summary = {
@@ -202,7 +203,7 @@ def run_eval(args) -> dict:
     if names:
         result["tasks"] = {t: tasks.evaluate_task(model, tok, t, args.data_dir, args.limit) for t in names}
     if args.speed or not want_any:
-        model.set_decode_layout(True)  # as `leanlm generate` decodes (fp32 CPU: column-major weights)
+        model.prepare_decode()  # as `leanlm generate` decodes
         result["speed"] = speed.measure_speed(model, args.prompt_len, args.new_tokens, args.runs)
     if args.memory or not want_any:
         result["memory"] = speed.memory_report(model)

@@ -27,18 +27,6 @@ from ..errors import LeanlmError
 from .generate import Sampling, filtered_probs
 
 
-def run_layers(model, x: torch.Tensor, start: int, lo: int, hi: int) -> torch.Tensor:
-    """Residual stream x [B, T, D] (fp32) through layers lo..hi-1 at positions start.."""
-    T, dtype = x.shape[1], model.dtype
-    ropes: dict = {}
-    for i in range(lo, hi):
-        name = model._rope_names[i]
-        if name not in ropes:
-            ropes[name] = model.rope[name].get(start, T, dtype)
-        x = model.layers[i](x, ropes[name], start, dtype)
-    return x
-
-
 def _pick(logits: torch.Tensor, sampling: Sampling, gen) -> tuple[int, torch.Tensor | None, float]:
     """(token, distribution it came from or None when greedy, draft confidence in it)."""
     if sampling.temperature == 0:
@@ -185,7 +173,7 @@ class EarlyExitDraft(Draft):
 
     def _prefix(self, tok: int, pos: int) -> torch.Tensor:
         m = self.target.model
-        return run_layers(m, m.embed(torch.tensor([[tok]], device=m.device)), pos, 0, self.n_layers)
+        return m.run_layers(m.embed(torch.tensor([[tok]], device=m.device)), pos, 0, self.n_layers)
 
     def propose(self, seq, gamma, sampling, gen):
         # the target's verification pass already wrote layers [0, N) for every committed
@@ -210,7 +198,7 @@ class EarlyExitDraft(Draft):
         # layers [0, N) of every token but the last drafted one were computed while drafting
         hs = self.hidden + [self._prefix(tokens[-1], start + len(tokens) - 1)]
         self.hidden = []
-        x = run_layers(m, torch.cat(hs, dim=1), start, n, m.config.n_layers)
+        x = m.run_layers(torch.cat(hs, dim=1), start, n)
         return self.target.head(x)[0]
 
 
@@ -280,4 +268,4 @@ class LookupDraft(Draft):
             self.fallback.finish()
 
 
-__all__ = ["Draft", "ModelDraft", "EarlyExitDraft", "LookupDraft", "run_layers"]
+__all__ = ["Draft", "ModelDraft", "EarlyExitDraft", "LookupDraft"]

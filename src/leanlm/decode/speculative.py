@@ -9,8 +9,10 @@ One round, with `cur` the last committed token (not yet in the target's cache) a
      target's own next token. Sampling: accept d_i with probability min(1, p(d_i)/q(d_i));
      at the first rejection sample from norm(max(0, p - q)); when all are accepted sample a
      bonus token from p at P+g. Either way each new token has exactly the target's
-     (filtered) distribution, so the output is that of plain decoding (greedy: token for
-     token, up to floating-point ties; see README);
+     (filtered) distribution, so the output is that of plain decoding. Greedy: token for
+     token, because the runtime's kernels for up to MAX_ROWS tokens (model/fused.py) give each
+     position the same logits bit for bit whether it is verified in a chunk or decoded alone
+     (without the native kernels, equal up to floating-point ties);
   4. rollback: the target's cache is valid for [0, P + n + 1) and the next round writes from
      there; the draft is told the same (`Draft.rollback`).
 
@@ -28,6 +30,7 @@ from typing import Iterator
 import torch
 
 from ..errors import LeanlmError
+from ..model import fused as _fused
 from ..model.runtime import Transformer
 from .drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
 from .generate import GenerationStats, Sampling, check_context, filtered_probs, sample
@@ -268,7 +271,9 @@ def speculative_generate_tokens(
             return
         while stats.new_tokens < max_new_tokens:
             pos = len(seq) - 1
-            g = min(policy.next(), max_new_tokens - stats.new_tokens - 1)
+            # a verification forward of <= MAX_ROWS tokens runs the decode step's kernels, which are
+            # batch-invariant: its logits are bit for bit those of plain one-token decoding
+            g = min(policy.next(), max_new_tokens - stats.new_tokens - 1, _fused.MAX_ROWS - 1)
             ta = clock()
             drafts, q = draft.propose(seq, g, sampling, gen) if g > 0 else ([], None)
             drafts, q = drafts[: max(g, 0)], (None if q is None else q[: max(g, 0)])

@@ -1,16 +1,26 @@
-"""Fused decode step (1 to 8 new tokens): a block in one C++ call instead of ~55 torch ops.
+"""Fused decode step (1 to 16 new tokens): a block in one C++ call instead of ~55 torch ops.
 
 Why: at batch-1 decode the GEMVs of SmolLM2-135M take ~20 ms per token at 2 threads in bf16,
 but the Python block dispatches ~1,650 small ops per token around them (norms, RoPE, the cache
 write, casts, residual adds), each costing microseconds on this CPU, and none of that shrinks
 with more threads. Here the glue between the GEMVs is C++ over one row: RMSNorm, the residual
 add fused with the next norm, (QK-norm +) RoPE + KV write + SDPA, and the gated activation.
-When the block's four linears are plain dense weights, the whole block is one call (GEMVs via
-ATen); otherwise the same C++ glue runs between the linear modules, so whatever a method put
-there (quantized, sparse, packed) keeps working at a few calls per block.
+When the block's four linears are plain dense weights, the whole block is one call; otherwise
+the same C++ glue runs between the linear modules, so whatever a method put there (quantized,
+sparse, packed) keeps working at a few calls per block.
+
+The products and the attention are leanlm's own AVX2 loops (`small_linear`, attend), not ATen:
+- ATen's fp32 GEMV runs on one thread here, its 2..16-row products repack the weight, and its
+  bf16 products have no native kernel (a 4-row bf16 product cost 3x one row). `small_linear`
+  streams each weight row once for all rows: measured per forward of SmolLM2-135M at 1 thread,
+  bf16 steps went from ~39 to ~25 ms, and 4-token forwards cost ~1.4x one token instead of ~3x.
+- Both are batch-invariant: each row's result is computed in the same order whatever the number
+  of rows, so a k-token speculative verification reproduces k one-token steps bit for bit
+  (tests/test_fused_decode.py). ATen's SDPA and GEMMs are not (their blocking depends on the
+  shape), which flipped near-tied greedy choices in bf16.
 
 Forwards of up to MAX_ROWS new tokens take this path (decode, and speculative verification of
-a few drafted tokens); longer prefills stay in Python, where the big matmuls dominate anyway.
+drafted tokens); longer prefills stay in Python, where ATen's big GEMMs win.
 
 Numerics follow the Python path (runtime.Block): fp32 residual stream and norm math, every
 intermediate rounded to the compute dtype where the Python path rounds it, so the two agree
@@ -28,12 +38,15 @@ import torch.nn.functional as F
 from ..native import build
 from . import runtime as _rt  # runtime imports this module first; its classes are looked up at call time
 
-MAX_ROWS = 8  # new positions per forward taken here: decode, and speculative verification of k <= 7 drafts
+MAX_ROWS = 16  # new positions per forward taken here: decode, and speculative verification of k <= 15 drafts
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <immintrin.h>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -53,8 +66,99 @@ static void norm_row(const float* h, const float* w, int64_t D, float eps, bool 
 
 static Tensor as_float(const Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
 
+// ---- small-row products: y [M <= 16, N] = x [M, K] . w [N, K]^T, w row-major fp32 or bf16 ----
+// Why: at decode and speculative verification the weights stream from memory once per forward.
+// ATen's fp32 GEMV runs on one thread here (MKL), its 2..8-row products repack the weight, and
+// bf16 products have no native kernel (they scale with the rows). This streams each weight row
+// once and accumulates all M dot products from it, so 8 rows cost ~1.6x one (bf16, one thread).
+static inline float sk_hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+template <typename W> static inline __m256 sk_load(const W* p);
+template <> inline __m256 sk_load<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 sk_load<uint16_t>(const uint16_t* p) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline float sk_f(float v) { return v; }
+static inline float sk_f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float r; std::memcpy(&r, &u, 4); return r; }
+
+// Every output is a sum of K/8 lane products in SK_U independent chains (hiding the FMA latency),
+// combined in a fixed order: a row's result does not depend on how many rows share the call, so a
+// k-token verification forward reproduces k one-token decode steps bit for bit (speculative
+// decoding stays exact in bf16, where one rounding step apart flips near-tied greedy choices).
+// Rows are taken in pairs per pass over a weight row; the passes after the first read it from L1.
+// PF > 0 prefetches the weight PF rows ahead (helps bf16 and multi-row fp32, not the fp32 GEMV).
+static constexpr int SK_U = 4;
+
+template <typename W, int P>
+static inline void sk_dot(const W* wr, const float* x, float* y, int64_t K, int64_t N, int64_t n) {
+  const int64_t KU = K / (8 * SK_U) * (8 * SK_U), K8 = K & ~int64_t(7);
+  __m256 acc[SK_U][P];
+  for (int u = 0; u < SK_U; ++u)
+    for (int p = 0; p < P; ++p) acc[u][p] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k < KU; k += 8 * SK_U)
+    for (int u = 0; u < SK_U; ++u) {
+      const __m256 wv = sk_load<W>(wr + k + 8 * u);
+      for (int p = 0; p < P; ++p) acc[u][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + p * K + k + 8 * u), acc[u][p]);
+    }
+  for (; k < K8; k += 8) {
+    const __m256 wv = sk_load<W>(wr + k);
+    for (int p = 0; p < P; ++p) acc[0][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + p * K + k), acc[0][p]);
+  }
+  for (int p = 0; p < P; ++p) {
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0][p], acc[1][p]), _mm256_add_ps(acc[2][p], acc[3][p]));
+    float s = sk_hsum(a);
+    for (int64_t j = K8; j < K; ++j) s += sk_f(wr[j]) * x[p * K + j];
+    y[p * N + n] = s;
+  }
+}
+
+template <typename W, int PF>
+static void sk_rows(int64_t M, const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* wr = w + n * K;
+    if (PF > 0 && n + PF < N) {
+      const char* ahead = (const char*)(wr + PF * K);
+      for (int64_t off = 0; off < K * (int64_t)sizeof(W); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) sk_dot<W, 2>(wr, x + m * K, y + m * N, K, N, n);
+    if (m < M) sk_dot<W, 1>(wr, x + m * K, y + m * N, K, N, n);
+  }
+}
+
+static bool small_ok(const Tensor& x, const Tensor& w) {
+  return x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 16 && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
+         (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && x.size(1) == w.size(1);
+}
+
+// x [M <= 16, K] (fp32/bf16) times w [N, K] row-major (fp32/bf16) + b: fp32 accumulation, result
+// rounded to x's dtype (as F.linear rounds a bf16 product)
+Tensor small_linear(Tensor x, Tensor w, std::optional<Tensor> b) {
+  TORCH_CHECK(small_ok(x, w), "small_linear: x [1..16, K], w contiguous [N, K] fp32/bf16 on CPU");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  Tensor xf = as_float(x);
+  Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const void* wp = w.data_ptr();
+  const bool bf = w.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    if (bf) sk_rows<uint16_t, 4>(M, (const uint16_t*)wp, xp, yp, K, N, n0, n1);
+    else if (M == 1) sk_rows<float, 0>(M, (const float*)wp, xp, yp, K, N, n0, n1);
+    else sk_rows<float, 4>(M, (const float*)wp, xp, yp, K, N, n0, n1);
+  });
+  if (b) y.add_(*b);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 // runtime.Linear's rule: multi-row bf16 products run widened to fp32 on CPU (much faster there)
 static Tensor project(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  if (small_ok(x, w)) return small_linear(x, w, b);
   if (x.scalar_type() != at::kFloat && x.size(0) > 4) {
     std::optional<Tensor> bf = b ? std::optional<Tensor>(b->to(at::kFloat)) : std::nullopt;
     return at::linear(x.to(at::kFloat), w.to(at::kFloat), bf).to(x.scalar_type());
@@ -90,6 +194,38 @@ static Tensor normed(const Tensor& x, const Tensor& w, float eps, bool plus_one,
   for (int64_t b = 0; b < B; ++b)
     norm_row<T>(x.data_ptr<float>() + b * D, wf.data_ptr<float>(), D, eps, plus_one, out.data_ptr<T>() + b * D);
   return out;
+}
+
+// q . k over one head (fp32 accumulate) and acc += p * v, for fp32 or bf16 rows
+static inline float dot_row(const float* a, const float* b, int64_t n) {
+  __m256 s = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s);
+  float r = sk_hsum(s);
+  for (; d < n; ++d) r += a[d] * b[d];
+  return r;
+}
+static inline float dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int64_t n) {
+  const uint16_t *pa = (const uint16_t*)a, *pb = (const uint16_t*)b;
+  __m256 s = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) s = _mm256_fmadd_ps(sk_load<uint16_t>(pa + d), sk_load<uint16_t>(pb + d), s);
+  float r = sk_hsum(s);
+  for (; d < n; ++d) r += sk_f(pa[d]) * sk_f(pb[d]);
+  return r;
+}
+static inline void axpy_row(float p, const float* v, float* acc, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
+  for (; d < n; ++d) acc[d] += p * v[d];
+}
+static inline void axpy_row(float p, const c10::BFloat16* v, float* acc, int64_t n) {
+  const uint16_t* pv16 = (const uint16_t*)v;
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, sk_load<uint16_t>(pv16 + d), _mm256_loadu_ps(acc + d)));
+  for (; d < n; ++d) acc[d] += p * sk_f(pv16[d]);
 }
 
 template <typename T>
@@ -131,22 +267,36 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
         std::copy(src, src + hd, vc + ((b * nkv + h) * L + pos + t) * hd);
       }
     }
-  const int64_t S = pos + Tn;
-  int64_t lo = 0;
-  std::optional<Tensor> mask;
-  if (Tn == 1) {  // one query sees every cached key, except outside a window
-    if (window > 0 && S > window) lo = S - window;
-  } else {  // causal (and windowed) over the new rows, as runtime.attention_mask builds it
-    Tensor qpos = at::arange(pos, S, at::kLong).unsqueeze(1), kpos = at::arange(0, S, at::kLong).unsqueeze(0);
-    Tensor m = kpos.le(qpos);
-    if (window > 0) m = m.logical_and(kpos.gt(qpos - window));
-    mask = m;
-  }
-  Tensor k = cache_k.narrow(0, 0, B).narrow(2, lo, S - lo), vv = cache_v.narrow(0, 0, B).narrow(2, lo, S - lo);
-  if (dt != at::kFloat && B * nh * Tn > 4) { q = q.to(at::kFloat); k = k.to(at::kFloat); vv = vv.to(at::kFloat); }
-  Tensor att = at::scaled_dot_product_attention(q, k, vv, mask, 0.0, false, scale, nh != nkv);
-  if (att.scalar_type() != dt) att = att.to(dt);
-  return att.transpose(1, 2).reshape({B * Tn, nh * hd});
+  // attention per (row, head, new position) over its own keys: query pos+t sees cached positions
+  // [lo, pos+t] (lo > 0 outside a sliding window). Each query's result is computed the same way
+  // whatever Tn is, so a k-token verification forward equals k one-token steps bit for bit.
+  Tensor out = at::empty({B * Tn, nh * hd}, qkv.options());
+  T* op = out.data_ptr<T>();
+  const int64_t group = nh / nkv;
+  const float sc = (float)scale;
+  at::parallel_for(0, B * nh * Tn, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(pos + Tn), acc(hd);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (nh * Tn), h = (i / Tn) % nh, t = i % Tn, qpos = pos + t;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, qpos - window + 1) : 0;
+      const T* qr = qp + ((b * nh + h) * Tn + t) * hd;
+      const T* kb = kc + (b * nkv + h / group) * L * hd;
+      const T* vb = vc + (b * nkv + h / group) * L * hd;
+      float mx = -INFINITY;
+      for (int64_t j = lo; j <= qpos; ++j) {
+        p[j] = dot_row(qr, kb + j * hd, hd) * sc;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = lo; j <= qpos; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = lo; j <= qpos; ++j) axpy_row(p[j], vb + j * hd, acc.data(), hd);
+      T* o = op + (b * Tn + t) * nh * hd + h * hd;
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < hd; ++d) o[d] = rnd<T>(acc[d] * inv);
+    }
+  });
+  return out;
 }
 
 template <typename T>
@@ -227,7 +377,8 @@ Tensor decode_layer(Tensor x, Tensor attn_norm, Tensor wqkv, std::optional<Tenso
 
 
 def _native():
-    return build("leanlm_fused_decode", _SOURCE, ["rms_norm", "residual_norm", "attend", "glu", "decode_layer"],
+    return build("leanlm_fused_decode_v5", _SOURCE,
+                 ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear"],
                  fallback="the Python decode path")  # fmt: skip
 
 
@@ -240,11 +391,31 @@ def can_fuse(layer, dtype: torch.dtype) -> bool:
     return type(layer) is _rt.Block and dtype in (torch.float32, torch.bfloat16) and layer.attn_norm.weight.device.type == "cpu"
 
 
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [..., K] @ weight.T (+ bias) through the native small-row kernel when it applies: at most
+    MAX_ROWS rows, a row-major fp32/bf16 weight on CPU, no autograd. None otherwise (use F.linear)."""
+    if not _rt.Linear.fused_small or x.device.type != "cpu" or x.dim() < 2 or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # the kernel has no backward
+        return None
+    rows = x.numel() // x.shape[-1]
+    if not 1 <= rows <= MAX_ROWS or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != weight.shape[1]:
+        return None
+    N = _native()
+    if N is None:
+        return None
+    y = N.small_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def _linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """x [rows, K] through a linear layer: plain ones as one GEMV call, replaced ones (quantized,
-    sparse, packed) through their own forward."""
-    if x.shape[0] <= 4 and _plain(mod, x.dtype):
-        return F.linear(x, mod.weight, mod.bias)
+    """x [rows, K] through a linear layer: plain ones as one native call, replaced ones
+    (quantized, sparse, packed) through their own forward."""
+    if _plain(mod, x.dtype):
+        y = small_linear(x, mod.weight, mod.bias)
+        return y if y is not None else F.linear(x, mod.weight, mod.bias)
     return mod(x.unsqueeze(0)).squeeze(0)
 
 
@@ -270,7 +441,8 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     cos, sin = (t.reshape(T, -1) for t in rope)
     attn_ok = type(a) is _rt.Attention and _plain_cache(a, dtype)
     mlp_ok = type(m) is _rt.MLP
-    if attn_ok and mlp_ok and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)):
+    whole = attn_ok and mlp_ok and _rt.Linear.fused_small  # (fused_small False: ATen GEMVs, general path)
+    if whole and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)):
         N.decode_layer(x2, layer.attn_norm.weight, a.wqkv.weight, a.wqkv.bias, a.wo.weight, post(a.q_norm),
                        post(a.k_norm), post(layer.attn_post_norm), layer.mlp_norm.weight, m.w_gate_up.weight,
                        m.w_down.weight, post(layer.mlp_post_norm), a.cache.k, a.cache.v, cos, sin, start, B,

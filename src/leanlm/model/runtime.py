@@ -91,9 +91,16 @@ def upcast_for_matmul(x: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that keeps bf16 weights but runs multi-row products in fp32 on CPU."""
+    """nn.Linear that keeps bf16 weights but runs multi-row products in fp32 on CPU, and runs
+    products of at most 8 rows (decode, verification) through leanlm's native kernel there."""
+
+    fused_small = True  # class-wide switch; False: ATen for every product (A/B measurements)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] * _fused.MAX_ROWS >= x.numel():  # decode / verification rows
+            y = _fused.small_linear(x, self.weight, self.bias)
+            if y is not None:
+                return y
         if upcast_for_matmul(x):
             b = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), b).to(x.dtype)
@@ -278,11 +285,17 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
 
+    def prepare_decode(self) -> int:
+        """Store weights the way batch-1 decoding streams them fastest: row-major for leanlm's
+        native small-row kernel (model/fused.py), column-major fp32 when only ATen's GEMV runs."""
+        return self.set_decode_layout(column_major=not _fused.available())
+
     def set_decode_layout(self, column_major: bool = True) -> int:
         """Store fp32 CPU weights column-major (a transposed copy viewed back), or row-major again.
 
         Batch-1 decode is a chain of GEMVs bound by how fast they stream the weight; with MKL on
-        this CPU a GEMV over a column-major fp32 weight streams faster than over the row-major one
+        this CPU (and no native kernel: `prepare_decode` picks) a GEMV over a column-major fp32
+        weight streams faster than over the row-major one
         (benchmarks/bench_runtime.py measures both layouts side by side), while 512-row prefill GEMMs
         run at the same speed and 2..8-row products get slower (speculative verification packs
         its own copy, decode/kernels.py). bf16 weights are left alone: there it is the reverse.
@@ -335,6 +348,8 @@ class Transformer(nn.Module):
         h = self.norm(h, self.dtype)
         if self.lm_head is not None:
             out = self.lm_head(h)
+        elif (small := _fused.small_linear(h, self.tok_embeddings.weight)) is not None:
+            out = small  # the tied head: the biggest GEMV of a decode step
         elif upcast_for_matmul(h):
             out = F.linear(h.float(), self.tok_embeddings.weight.float())
         else:
@@ -357,14 +372,21 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Final hidden states [B, T, D] before the output norm (score only what you need)."""
-        T = tokens.shape[1]
-        dtype = self.dtype
-        x = self.embed(tokens)
-        ropes = {name: table.get(start, T, dtype) for name, table in self.rope.items()}
+        return self.run_layers(self.embed(tokens), start)
+
+    def run_layers(self, x: torch.Tensor, start: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Residual stream x [B, T, D] (fp32) through layers lo..hi-1 at positions start.. (a
+        self-draft runs the first layers, its verification the rest, on the same kernels)."""
+        T, dtype = x.shape[1], self.dtype
+        hi = len(self.layers) if hi is None else hi
+        ropes: dict = {}
         fused = T <= _fused.MAX_ROWS and self.fused_decode and _fused.available()
-        for layer, rope_name in zip(self.layers, self._rope_names):
+        for i in range(lo, hi):
+            layer, name = self.layers[i], self._rope_names[i]
+            if name not in ropes:
+                ropes[name] = self.rope[name].get(start, T, dtype)
             if fused and _fused.can_fuse(layer, dtype):  # norms, RoPE, KV write, GLU in C++ (model/fused.py)
-                x = _fused.decode_layer(layer, x, ropes[rope_name], start, dtype)
+                x = _fused.decode_layer(layer, x, ropes[name], start, dtype)
             else:
-                x = layer(x, ropes[rope_name], start, dtype)
+                x = layer(x, ropes[name], start, dtype)
         return x
