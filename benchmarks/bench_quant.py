@@ -222,9 +222,10 @@ def main() -> None:
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocess per config")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                     help="skip llama.cpp Q8_0/Q4_0 (exported from the same base weights) in the speed runs")
+    ap.add_argument("--out", default="quant", help="results name: benchmarks/results/<out>.json (partial runs elsewhere)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = RESULTS / "quant.json"
+    path = RESULTS / f"{args.out}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result.setdefault("models", {})
@@ -237,9 +238,9 @@ def main() -> None:
             r["settings"] = {k: v for k, v in vars(args).items()}
             r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             result["models"][name] = r
-            write_result("quant", result)  # after each model, so a long run keeps what it measured
+            write_result(args.out, result)  # after each model, so a long run keeps what it measured
     else:
-        write_result("quant", result)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def test_batch_of_two_and_both_weight_layouts(column_major, tiny_dirs):
 
 
 def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs, monkeypatch):
-    """Quantized linears go through their own forward between the C++ glue; a KV cache policy
-    falls back to its own attention; both give the Python path's logits."""
+    """A block with leanlm.quant's packed linears runs as one C++ call (q_linear inside); a KV cache
+    policy falls back to its own attention between the C++ glue; both give the Python path's logits."""
     from leanlm.attention.policies import KVPolicy
     from leanlm.decode.generate import generate_tokens
     from leanlm.quant import RTN, quantize
@@ -55,18 +55,18 @@ def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs
     calls = []
     native = fused._native()
 
-    class Counting:  # the real kernels, counting the fused attention calls
+    class Counting:  # the real kernels, counting whole-block calls
         def __getattr__(self, name):
             return getattr(native, name)
 
-        def attend(self, *args):
+        def decode_layer(self, *args):
             calls.append(1)
-            return native.attend(*args)
+            return native.decode_layer(*args)
 
     monkeypatch.setattr(fused, "_native", Counting)
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
     a, b = _decode_logits(model, tokens, True), _decode_logits(model, tokens, False)
-    assert calls and (a - b).abs().max() <= 1e-4
+    assert len(calls) == 9 * len(model.layers) and (a - b).abs().max() <= 1e-4  # 6-token prefill + 8 steps, every block
 
     def gen(on):
         model.fused_decode = on

@@ -358,28 +358,46 @@ Tensor glu(Tensor gu, bool gelu) {
   return glu_impl<float>(gu, gelu);
 }
 
-// the whole block in one call when its four linears are plain dense weights; x [B*T, D]
-Tensor decode_layer(Tensor x, Tensor attn_norm, Tensor wqkv, std::optional<Tensor> bqkv, Tensor wo,
+// one linear of the block: L = {weight, bias, scales, zeros} (empty tensors where absent); bits 0 is
+// a dense fp32/bf16 weight, 4/8 leanlm.quant's packed weight through q_linear (quant/native.py),
+// with QuantLinear.forward's numerics: fp32 product, + fp32 bias, rounded to x's dtype
+static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int64_t i, const std::vector<int64_t>& meta) {
+  const Tensor &w = lins[4 * i], &b = lins[4 * i + 1];
+  const int64_t bits = meta[2 * i], group = meta[2 * i + 1];
+  std::optional<Tensor> bias = b.numel() ? std::optional<Tensor>(b) : std::nullopt;
+  if (bits == 0) return project(x, w, bias);
+  Tensor y = q_linear(x, w, lins[4 * i + 2], lins[4 * i + 3], bits, group);
+  if (bias) y.add_(*bias);
+  return y.to(x.scalar_type());
+}
+
+// the whole block in one call when its four linears are dense or packed-quantized; x [B*T, D];
+// lins/meta: wqkv, wo, w_gate_up, w_down as lin_forward takes them
+Tensor decode_layer(Tensor x, Tensor attn_norm, std::vector<Tensor> lins, std::vector<int64_t> meta,
                     std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, std::optional<Tensor> attn_post,
-                    Tensor mlp_norm, Tensor w_gate_up, Tensor w_down, std::optional<Tensor> mlp_post,
+                    Tensor mlp_norm, std::optional<Tensor> mlp_post,
                     Tensor cache_k, Tensor cache_v, Tensor cos, Tensor sin, int64_t pos, int64_t batch, int64_t nh,
                     int64_t nkv, int64_t window, double eps, bool plus_one, double scale, bool gelu) {
-  const bool bf16 = wqkv.scalar_type() == at::kBFloat16;
-  Tensor qkv = project(rms_norm(x, attn_norm, eps, plus_one, bf16), wqkv, bqkv);
+  TORCH_CHECK(lins.size() == 16 && meta.size() == 8, "decode_layer: 4 linears");
+  const bool bf16 = cache_k.scalar_type() == at::kBFloat16;
+  Tensor qkv = lin_forward(rms_norm(x, attn_norm, eps, plus_one, bf16), lins, 0, meta);
   Tensor att = attend(qkv.view({batch, x.size(0) / batch, -1}), q_norm, k_norm, cache_k, cache_v, cos, sin, pos, nh,
                       nkv, window, eps, plus_one, scale);
-  Tensor xn = residual_norm(x, project(att, wo, std::nullopt), attn_post, mlp_norm, eps, plus_one);
-  residual_norm(x, project(glu(project(xn, w_gate_up, std::nullopt), gelu), w_down, std::nullopt), mlp_post,
-                std::nullopt, eps, plus_one);
+  Tensor xn = residual_norm(x, lin_forward(att, lins, 1, meta), attn_post, mlp_norm, eps, plus_one);
+  residual_norm(x, lin_forward(glu(lin_forward(xn, lins, 2, meta), gelu), lins, 3, meta), mlp_post, std::nullopt, eps,
+                plus_one);
   return x;
 }
 """
 
 
 def _native():
-    return build("leanlm_fused_decode_v5", _SOURCE,
-                 ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear"],
-                 fallback="the Python decode path")  # fmt: skip
+    """The compiled extension (this file's kernels + leanlm.quant's q_linear), or None."""
+    from ..quant.native import Q_LINEAR_SOURCE  # at call time: the quant package imports the runtime
+
+    return build("leanlm_fused_decode_v6", Q_LINEAR_SOURCE + _SOURCE,
+                 ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear", "q_linear"],
+                 ("-mavx2", "-mfma", "-mf16c"), fallback="the Python decode path")  # fmt: skip
 
 
 def available() -> bool:
@@ -419,6 +437,27 @@ def _linear(mod, x: torch.Tensor) -> torch.Tensor:
     return mod(x.unsqueeze(0)).squeeze(0)
 
 
+_EMPTY = torch.empty(0)
+
+
+def _block_linears(mods, dtype, rows: int):
+    """([weight, bias, scales, zeros] x 4, [bits, group] x 4) for decode_layer when every linear is
+    a plain dense weight or leanlm.quant's packed weight on the native kernel; else None."""
+    lins, meta = [], []
+    for mod in mods:
+        if _plain(mod, dtype) and mod.weight.is_contiguous():
+            lins += [mod.weight, _EMPTY if mod.bias is None else mod.bias, _EMPTY, _EMPTY]
+            meta += [0, 0]
+        elif type(mod).__name__ == "QuantLinear" and mod.backend == "native" and rows <= mod.max_kernel_rows \
+                and not (mod._forward_pre_hooks or mod._forward_hooks):  # fmt: skip
+            lins += [mod.qweight, _EMPTY if mod.bias is None else mod.bias, mod.scales,
+                     _EMPTY if mod.zeros is None else mod.zeros]  # fmt: skip
+            meta += [mod.spec.bits, mod.kgroup]
+        else:
+            return None
+    return lins, meta
+
+
 def _plain(mod, dtype) -> bool:
     return type(mod) is _rt.Linear and mod.weight.dtype == dtype and not (mod._forward_pre_hooks or mod._forward_hooks)
 
@@ -442,11 +481,12 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     attn_ok = type(a) is _rt.Attention and _plain_cache(a, dtype)
     mlp_ok = type(m) is _rt.MLP
     whole = attn_ok and mlp_ok and _rt.Linear.fused_small  # (fused_small False: ATen GEMVs, general path)
-    if whole and all(_plain(mod, dtype) for mod in (a.wqkv, a.wo, m.w_gate_up, m.w_down)):
-        N.decode_layer(x2, layer.attn_norm.weight, a.wqkv.weight, a.wqkv.bias, a.wo.weight, post(a.q_norm),
-                       post(a.k_norm), post(layer.attn_post_norm), layer.mlp_norm.weight, m.w_gate_up.weight,
-                       m.w_down.weight, post(layer.mlp_post_norm), a.cache.k, a.cache.v, cos, sin, start, B,
-                       a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale, m.act is not F.silu)  # fmt: skip
+    lins = _block_linears((a.wqkv, a.wo, m.w_gate_up, m.w_down), dtype, B * T) if whole else None
+    if lins is not None:
+        N.decode_layer(x2, layer.attn_norm.weight, lins[0], lins[1], post(a.q_norm), post(a.k_norm),
+                       post(layer.attn_post_norm), layer.mlp_norm.weight, post(layer.mlp_post_norm), a.cache.k,
+                       a.cache.v, cos, sin, start, B, a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale,
+                       m.act is not F.silu)  # fmt: skip
         return x
     # general path: the same C++ glue, with the linear layers called as modules
     if attn_ok:

@@ -23,9 +23,8 @@ are used.
 
 from __future__ import annotations
 
-from ..native import build
 
-_SOURCE = r"""
+Q_LINEAR_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -176,5 +175,10 @@ MAX_ROWS = 8
 
 
 def native():
-    """The compiled extension module, or None (disabled, no AVX2, or no working compiler)."""
-    return build("leanlm_qgemv_v5", _SOURCE, ["q_linear"], ("-mavx2", "-mfma", "-mf16c"), "torch's kernels")
+    """The compiled extension holding q_linear, or None (disabled, no AVX2, or no working compiler).
+
+    It is the runtime's decode extension (model/fused.py compiles this source with its own), so the
+    fused decode step calls q_linear from C++ and one build serves both."""
+    from ..model import fused
+
+    return fused._native()
