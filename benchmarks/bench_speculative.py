@@ -178,6 +178,9 @@ def main() -> None:
         add(f"lookup g{g}", "lookup", f"fixed {g}", target, lambda: LookupDraft(), fixed(g))
     add("lookup auto", "lookup", "auto", target, lambda: LookupDraft(), lambda: "auto")
     add("lookup heuristic", "lookup", "heuristic", target, lambda: LookupDraft(), lambda: "heuristic")
+    # matches of a single token are weak evidence; proposing only after 2-3 matching tokens wastes fewer verifications
+    add("lookup-n2 g4", "lookup-n2", "fixed 4", target, lambda: LookupDraft(min_ngram=2), fixed(4))
+    add("lookup-n2 auto", "lookup-n2", "auto", target, lambda: LookupDraft(min_ngram=2), lambda: "auto")
     for name, dm in drafts.items():  # compressed copies of the target
         for g in (2, 4, 6):
             add(f"self-{name} g{g}", f"self-{name}", f"fixed {g}", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
@@ -245,7 +248,7 @@ def main() -> None:
         cand = [r for r in rows if pred(r)]
         return max(cand, key=lambda r: r[key]) if cand else None
 
-    lk = best(lambda r: r["draft"] == "lookup", "grounded_speedup")
+    lk = best(lambda r: r["draft"] in ("lookup", "lookup-n2"), "grounded_speedup")
     lkh = best(lambda r: r["draft"].startswith("lookup"), "grounded_speedup")  # lookup, or lookup + a model fallback
     sd = best(lambda r: r["draft"].startswith("self") or r["draft"].startswith("lookup+self"), "all_speedup")
     targets = {
