@@ -1,8 +1,9 @@
 """`leanlm hw calibrate`: measure this machine's profile with micro-benchmarks of the runtime.
 
 - weight streaming: batch-1 GEMVs over ~100-200 MB of weights (far beyond the caches) per
-  format, through the runtime's own layers: Linear for fp32/bf16, QuantLinear (leanlm's AVX2
-  kernels) for int8 per-channel and int4 group-128;
+  format, through the kernels the fused decode step calls (leanlm's small-row product for
+  fp32/bf16, q_linear for int8 per-channel and int4 group-128), called directly: the per-call
+  cost of a Python module is not paid at decode, and the per-layer overhead below covers the rest;
 - matrix throughput: 512-row products (prefill) per dtype through the same layers (quantized
   layers dequantize first, so they get their own figure);
 - fixed overheads: decode steps of narrow 2- and 30-layer models (their matmuls are tiny, so
@@ -37,13 +38,16 @@ def _gemv_bandwidth(dtype: torch.dtype, total_mb: int = 200, repeats: int = 7) -
     from ..model.runtime import Linear
 
     n = max(1, int(total_mb * 2**20 / (1536 * 576 * torch.tensor([], dtype=dtype).element_size())))
+    from ..model import fused
+
     layers = [Linear(576, 1536, bias=False).to(dtype) for _ in range(n)]
     x = torch.randn(1, 1, 576, dtype=dtype)
     nbytes = sum(l.weight.numel() * l.weight.element_size() for l in layers)
+    native = fused._native()
 
-    def run():
+    def run():  # the kernel the decode step calls from C++, without a Python module call per layer
         for l in layers:
-            l(x)
+            l(x) if native is None else native.small_linear(x[0], l.weight, None)
 
     with torch.inference_mode():
         return nbytes / _median_time(run, repeats) / 1e9
@@ -68,10 +72,18 @@ def _quant_bandwidth(bits: int, total_mb: int = 100, repeats: int = 7) -> float:
     layers, spec = _quant_layers(bits, n)
     x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
     nbytes = n * _weight_bytes(1536 * 576, f"int{bits}", spec.group or None)
+    direct = all(l.backend == "native" for l in layers)
+    if direct:
+        from ..quant.native import native
 
-    def run():
+        q, empty = native().q_linear, torch.empty(0)
+
+    def run():  # as the fused decode step calls q_linear (from C++), without QuantLinear.forward's overhead
         for l in layers:
-            l(x)
+            if direct:
+                q(x[0], l.qweight, l.scales, empty if l.zeros is None else l.zeros, l.spec.bits, l.kgroup)
+            else:
+                l(x)
 
     with torch.inference_mode():
         return nbytes / _median_time(run, repeats) / 1e9

@@ -4,10 +4,11 @@ Why: at batch-1 decode the GEMVs of SmolLM2-135M take ~20 ms per token at 2 thre
 but the Python block dispatches ~1,650 small ops per token around them (norms, RoPE, the cache
 write, casts, residual adds), each costing microseconds on this CPU, and none of that shrinks
 with more threads. Here the glue between the GEMVs is C++ over one row: RMSNorm, the residual
-add fused with the next norm, (QK-norm +) RoPE + KV write + SDPA, and the gated activation.
-When the block's four linears are plain dense weights, the whole block is one call; otherwise
-the same C++ glue runs between the linear modules, so whatever a method put there (quantized,
-sparse, packed) keeps working at a few calls per block.
+add fused with the next norm, (QK-norm +) RoPE + KV write + attention, and the gated activation.
+When the block's four linears are plain dense weights or leanlm.quant's packed int8/int4 weights
+(q_linear, compiled into this extension), the whole block is one call; otherwise the same C++
+glue runs between the linear modules, so whatever a method put there (sparse, packed, hooked)
+keeps working at a few calls per block.
 
 The products and the attention are leanlm's own AVX2 loops (`small_linear`, attend), not ATen:
 - ATen's fp32 GEMV runs on one thread here, its 2..16-row products repack the weight, and its
@@ -234,7 +235,6 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
                           int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
   Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd] for positions pos .. pos+T-1
   const int64_t B = qkv.size(0), Tn = qkv.size(1), hd = cache_k.size(3), L = cache_k.size(2), half = hd / 2;
-  const at::ScalarType dt = qkv.scalar_type();
   Tensor q = at::empty({B, nh, Tn, hd}, qkv.options());
   const T* qkvp = qkv.data_ptr<T>();
   T* qp = q.data_ptr<T>();
@@ -336,7 +336,7 @@ Tensor residual_norm(Tensor x, Tensor h, std::optional<Tensor> post, std::option
   return rms_norm(x, *next_w, eps, plus_one, bf16);
 }
 
-// T new positions pos..pos+T-1: (QK-norm) + RoPE of q and k, K/V written to the cache, SDPA over
+// T new positions pos..pos+T-1: (QK-norm) + RoPE of q and k, K/V written to the cache, attention over
 // the cache (causal, windowed when window > 0); qkv [B, T, (nh+2nkv)*hd] -> [B*T, nh*hd]
 Tensor attend(Tensor qkv, std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, Tensor cache_k, Tensor cache_v,
               Tensor cos, Tensor sin, int64_t pos, int64_t nh, int64_t nkv, int64_t window, double eps, bool plus_one,
