@@ -203,9 +203,11 @@ def leanlm_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_safetensors(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors files; floating ones cast to `dtype` as they are
+    read, one at a time, so a bf16 load never holds the whole fp32 checkpoint (the cast is
+    elementwise: the same values as casting after hf_to_leanlm's concatenations)."""
+    from safetensors import SafetensorError, safe_open
 
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -222,7 +224,10 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     sd = {}
     for name in files:
         try:
-            sd.update(load_file(directory / name))
+            with safe_open(directory / name, framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    sd[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
         except (SafetensorError, OSError, ValueError) as e:
             raise LeanlmError(f"cannot read {directory / name} ({e}); the file may be truncated or corrupt") from e
     if any(k.endswith(".sparse_bitmask") for k in sd):  # pruned model saved compressed (leanlm.prune)
@@ -274,8 +279,8 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "float32", device: s
 
         model = load_quantized(directory, cfg, parse_dtype(dtype), device)
     else:
-        sd = hf_to_leanlm(_read_safetensors(directory), cfg)
-        model = build_model(cfg, sd, parse_dtype(dtype), device)
+        dt = parse_dtype(dtype)
+        model = build_model(cfg, hf_to_leanlm(_read_safetensors(directory, dt), cfg), dt, device)
     model.source = str(spec)
     model.directory = str(directory)
     return model
