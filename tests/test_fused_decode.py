@@ -123,3 +123,21 @@ def test_k_token_forward_equals_k_single_steps_bitwise(arch, dtype, tiny_dirs):
         batch = model(torch.tensor([tokens[16:]]), 16)
     model.clear_cache()
     assert torch.equal(steps, batch)
+
+
+def test_quantized_k_token_forward_equals_k_single_steps_bitwise(tiny_dirs):
+    """The same batch invariance for a model with leanlm.quant's packed int4 weights (q_linear
+    from C++), up to the fused step's MAX_ROWS tokens, so a quantized target verifies exactly."""
+    from leanlm.quant import RTN, quantize
+
+    model = load_model(tiny_dirs["llama"], dtype="bfloat16")
+    quantize(model, RTN(bits=4, group=32), progress=False)
+    T = fused.MAX_ROWS
+    tokens = torch.randint(0, 97, (1, 8 + T), generator=torch.Generator().manual_seed(7)).tolist()[0]
+    with torch.inference_mode():
+        model.setup_cache(1, 8 + T + 1)
+        model(torch.tensor([tokens[:8]]), 0)
+        steps = torch.cat([model(torch.tensor([[t]]), 8 + i) for i, t in enumerate(tokens[8:])], 1)
+        batch = model(torch.tensor([tokens[8:]]), 8)
+    model.clear_cache()
+    assert torch.equal(steps, batch)

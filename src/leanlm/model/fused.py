@@ -395,7 +395,7 @@ def _native():
     """The compiled extension (this file's kernels + leanlm.quant's q_linear), or None."""
     from ..quant.native import Q_LINEAR_SOURCE  # at call time: the quant package imports the runtime
 
-    return build("leanlm_fused_decode_v6", Q_LINEAR_SOURCE + _SOURCE,
+    return build("leanlm_fused_decode_v7", Q_LINEAR_SOURCE + _SOURCE,
                  ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear", "q_linear"],
                  ("-mavx2", "-mfma", "-mf16c"), fallback="the Python decode path")  # fmt: skip
 

@@ -92,7 +92,7 @@ def upcast_for_matmul(x: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear that keeps bf16 weights but runs multi-row products in fp32 on CPU, and runs
-    products of at most 8 rows (decode, verification) through leanlm's native kernel there."""
+    products of at most fused.MAX_ROWS rows (decode, verification) through leanlm's native kernel there."""
 
     fused_small = True  # class-wide switch; False: ATen for every product (A/B measurements)
 
@@ -297,8 +297,9 @@ class Transformer(nn.Module):
         this CPU (and no native kernel: `prepare_decode` picks) a GEMV over a column-major fp32
         weight streams faster than over the row-major one
         (benchmarks/bench_runtime.py measures both layouts side by side), while 512-row prefill GEMMs
-        run at the same speed and 2..8-row products get slower (speculative verification packs
-        its own copy, decode/kernels.py). bf16 weights are left alone: there it is the reverse.
+        run at the same speed and 2..8-row products get slower (without the native kernel,
+        speculative verification packs its own copy, decode/kernels.py). bf16 weights are left
+        alone: there it is the reverse.
         The values and `weight.shape` are unchanged; code that needs contiguous rows (quantizers,
         pruners, export) should call this with False first. Returns the number of weights moved.
         """

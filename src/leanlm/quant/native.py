@@ -13,7 +13,7 @@ asymmetric zero are applied per group in float:
 
 Weight layout (int4): per row, per block of 32 columns, 16 bytes; byte j holds column j (low
 nibble) and column j + 16 (high nibble). int8: plain rows of (code - 128). Scales/zeros bf16
-[N, G]. Up to 8 activation rows per call (decode, speculative verification).
+[N, G]. Up to 16 activation rows per call (decode, speculative verification), in chunks of 8.
 
 The activation rounding adds a relative error of about 1/254 of each block's largest entry
 (the same as llama.cpp's Q8 activations); bench_quant.py reports the KL between this path and
@@ -134,7 +134,7 @@ torch::Tensor q_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, t
   TORCH_CHECK(w.is_contiguous() && (bits == 4 || bits == 8), "q_linear: bad weight");
   const int64_t M = x.size(0), K = x.size(1), N = scales.size(0), G = scales.size(1);
   const int64_t BPG = group / 32, NB = G * BPG, Kp = NB * 32;
-  TORCH_CHECK(M >= 1 && M <= 8 && K <= Kp && w.size(0) == N, "q_linear: at most 8 rows, K <= padded K");
+  TORCH_CHECK(M >= 1 && M <= 16 && K <= Kp && w.size(0) == N, "q_linear: at most 16 rows, K <= padded K");
   TORCH_CHECK(w.numel() == N * (bits == 4 ? Kp / 2 : Kp), "q_linear: weight size does not match the scales");
   const bool has_zero = zeros.numel() > 0;
   if (has_zero) TORCH_CHECK(zeros.scalar_type() == at::kBFloat16 && zeros.is_contiguous() && zeros.numel() == N * G);
@@ -164,14 +164,19 @@ torch::Tensor q_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, t
   const uint8_t* wp = (const uint8_t*)w.data_ptr();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (bits == 4) gemv_rows<4>(M, wp, qx.data(), sx.data(), corr.data(), sumx.data(), sp, zp, yp, N, G, BPG, n0, n1);
-    else gemv_rows<8>(M, wp, qx.data(), sx.data(), corr.data(), sumx.data(), sp, zp, yp, N, G, BPG, n0, n1);
+    // rows in chunks of 8 (the second chunk re-reads the weights); each row's sums run in the
+    // same order whatever M is, so a k-row call equals k one-row calls bit for bit
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mc = std::min<int64_t>(8, M - m0);
+      const int8_t* q = qx.data() + m0 * Kp;
+      const float *s = sx.data() + m0 * NB, *c = corr.data() + m0 * G, *sm = sumx.data() + m0 * G;
+      if (bits == 4) gemv_rows<4>(mc, wp, q, s, c, sm, sp, zp, yp + m0 * N, N, G, BPG, n0, n1);
+      else gemv_rows<8>(mc, wp, q, s, c, sm, sp, zp, yp + m0 * N, N, G, BPG, n0, n1);
+    }
   });
   return y;
 }
 """
-
-MAX_ROWS = 8
 
 
 def native():

@@ -28,7 +28,7 @@ from .config import QSpec
 from .rtn import QuantizedWeight
 
 KERNEL_MAX_ROWS = 4  # rows up to which torch's low-bit kernels beat dequantize + fp32 GEMM (measured)
-NATIVE_MAX_ROWS = 8  # the native kernel takes up to 8 rows per call
+NATIVE_MAX_ROWS = 16  # the native kernel takes up to 16 rows per call (the fused decode step's MAX_ROWS)
 CHUNK_ELEMENTS = 1 << 23  # dequantize at most this many weights at a time in the fallback path
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 
