@@ -28,14 +28,13 @@ import statistics
 import time
 
 import torch
-from common import machine, print_table, write_result
+from common import machine, print_table, small_kernel, write_result
 
 from leanlm import load
 from leanlm.decode.drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
 from leanlm.decode.generate import GenerationStats, encode_prompt, generate_tokens
 from leanlm.decode.speculative import AdaptiveGamma, Target, self_draft_model, speculative_generate_tokens
 from leanlm.evaluate.data import data_file, read_jsonl, read_text
-from leanlm.model.runtime import Linear
 
 
 # ---- prompts ----------------------------------------------------------------------------------
@@ -89,14 +88,13 @@ def verify_cost(models: dict, ks: list[int], reps: int, ctx: int = 300) -> dict:
     g = torch.Generator().manual_seed(1)
     for _ in range(reps):
         for n, tg in targets.items():
-            Linear.fused_small = models[n][1]
-            for k in ks:
-                toks = torch.randint(100, 30000, (k,), generator=g).tolist()
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    tg.forward(toks, ctx)
-                t[(n, k)].append((time.perf_counter() - t0) / 3 * 1e3)
-    Linear.fused_small = True
+            with small_kernel(models[n][1]):
+                for k in ks:
+                    toks = torch.randint(100, 30000, (k,), generator=g).tolist()
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        tg.forward(toks, ctx)
+                    t[(n, k)].append((time.perf_counter() - t0) / 3 * 1e3)
     for m, _ in models.values():
         m.clear_cache()
     out = {}

@@ -6,6 +6,7 @@ so that machine noise hits all engines alike; we report the median of the runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -61,8 +62,21 @@ class Engine:
     def decode(self, ids: list[int], n: int) -> float: ...
 
 
+@contextlib.contextmanager
+def small_kernel(enabled: bool):
+    """Within: leanlm's native small-row products (model/fused.py) on or off (ATen's GEMVs), for
+    same-run A/B measurements; the previous setting is restored on exit."""
+    from leanlm.model.runtime import Linear
+
+    saved, Linear.fused_small = Linear.fused_small, enabled
+    try:
+        yield
+    finally:
+        Linear.fused_small = saved
+
+
 class LeanlmEngine(Engine):
-    """leanlm's decode loop; small_kernel=False runs its <= 8-row products on ATen instead of
+    """leanlm's decode loop; small_kernel=False runs its small-row products on ATen instead of
     leanlm's native kernel (model/fused.py), for a same-run A/B."""
 
     def __init__(self, model, name: str, small_kernel: bool = True):
@@ -70,15 +84,11 @@ class LeanlmEngine(Engine):
 
     def _run(self, ids, n):
         from leanlm.decode.generate import GenerationStats, generate_tokens
-        from leanlm.model.runtime import Linear
 
-        st, saved = GenerationStats(), Linear.fused_small
-        Linear.fused_small = self.small_kernel
-        try:
+        st = GenerationStats()
+        with small_kernel(self.small_kernel):
             for _ in generate_tokens(self.model, ids, n, eos_ids=set(), stats=st):
                 pass
-        finally:
-            Linear.fused_small = saved
         return st
 
     def prefill(self, ids):

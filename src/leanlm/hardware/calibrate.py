@@ -35,11 +35,10 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _gemv_bandwidth(dtype: torch.dtype, total_mb: int = 200, repeats: int = 7) -> float:
+    from ..model import fused
     from ..model.runtime import Linear
 
     n = max(1, int(total_mb * 2**20 / (1536 * 576 * torch.tensor([], dtype=dtype).element_size())))
-    from ..model import fused
-
     layers = [Linear(576, 1536, bias=False).to(dtype) for _ in range(n)]
     x = torch.randn(1, 1, 576, dtype=dtype)
     nbytes = sum(l.weight.numel() * l.weight.element_size() for l in layers)

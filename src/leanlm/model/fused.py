@@ -47,7 +47,6 @@ _SOURCE = r"""
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -72,19 +71,14 @@ static Tensor as_float(const Tensor& t) { return t.scalar_type() == at::kFloat ?
 // ATen's fp32 GEMV runs on one thread here (MKL), its 2..8-row products repack the weight, and
 // bf16 products have no native kernel (they scale with the rows). This streams each weight row
 // once and accumulates all M dot products from it, so 8 rows cost ~1.6x one (bf16, one thread).
-static inline float sk_hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+// (hsum8 and bf16f come from quant/native.py's source, compiled ahead of this one)
 template <typename W> static inline __m256 sk_load(const W* p);
 template <> inline __m256 sk_load<float>(const float* p) { return _mm256_loadu_ps(p); }
 template <> inline __m256 sk_load<uint16_t>(const uint16_t* p) {  // bf16 -> fp32 is a 16-bit shift
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 static inline float sk_f(float v) { return v; }
-static inline float sk_f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float r; std::memcpy(&r, &u, 4); return r; }
+static inline float sk_f(uint16_t v) { return bf16f(v); }
 
 // Every output is a sum of K/8 lane products in SK_U independent chains (hiding the FMA latency),
 // combined in a fixed order: a row's result does not depend on how many rows share the call, so a
@@ -112,7 +106,7 @@ static inline void sk_dot(const W* wr, const float* x, float* y, int64_t K, int6
   }
   for (int p = 0; p < P; ++p) {
     const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0][p], acc[1][p]), _mm256_add_ps(acc[2][p], acc[3][p]));
-    float s = sk_hsum(a);
+    float s = hsum8(a);
     for (int64_t j = K8; j < K; ++j) s += sk_f(wr[j]) * x[p * K + j];
     y[p * N + n] = s;
   }
@@ -202,7 +196,7 @@ static inline float dot_row(const float* a, const float* b, int64_t n) {
   __m256 s = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s);
-  float r = sk_hsum(s);
+  float r = hsum8(s);
   for (; d < n; ++d) r += a[d] * b[d];
   return r;
 }
@@ -211,7 +205,7 @@ static inline float dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int6
   __m256 s = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) s = _mm256_fmadd_ps(sk_load<uint16_t>(pa + d), sk_load<uint16_t>(pb + d), s);
-  float r = sk_hsum(s);
+  float r = hsum8(s);
   for (; d < n; ++d) r += sk_f(pa[d]) * sk_f(pb[d]);
   return r;
 }
