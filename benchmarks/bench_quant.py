@@ -26,16 +26,14 @@ import copy
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (RESULTS, LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, median, print_table,
-                    window_scores, write_result)  # fmt: skip
+from common import (RESULTS, LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, median, peak_rss_mb,
+                    print_table, window_scores, write_result)  # fmt: skip
 from tqdm.auto import tqdm
 
 from leanlm import load
@@ -119,18 +117,6 @@ def kernel_timings(threads: int, reps: int = 7) -> dict:
             out[f"{N}x{K} rows={rows}"] = {k: round(median(v), 1) for k, v in res.items()}
             print(f"{N}x{K} rows={rows} (us):", out[f"{N}x{K} rows={rows}"], flush=True)
     return {"threads": threads, "us_median": out}
-
-
-def peak_rss_mb(spec: str, dtype: str, threads: int) -> float:
-    """Peak RSS of a fresh process that loads `spec` and generates 32 tokens (what a user pays)."""
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child would report this
-    # (large) benchmark process's peak
-    code = (f"import re, torch, leanlm; from leanlm.decode.generate import generate_tokens; "
-            f"torch.set_num_threads({threads}); m, _ = leanlm.load({spec!r}, {dtype!r}); "
-            f"list(generate_tokens(m, list(range(100, 132)), 32, eos_ids=set())); "
-            f"print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def run_model(name: str, args, text: str) -> dict:

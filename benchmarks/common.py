@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,18 @@ class Engine:
     def prefill(self, ids: list[int]) -> float: ...
 
     def decode(self, ids: list[int], n: int) -> float: ...
+
+
+def peak_rss_mb(spec: str, dtype: str, threads: int) -> float:
+    """Peak RSS of a fresh process that loads `spec` and generates 32 tokens (what a user pays)."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child would report this
+    # (large) benchmark process's peak
+    code = (f"import re, torch, leanlm; from leanlm.decode.generate import generate_tokens; "
+            f"torch.set_num_threads({threads}); m, _ = leanlm.load({spec!r}, {dtype!r}); "
+            f"list(generate_tokens(m, list(range(100, 132)), 32, eos_ids=set())); "
+            f"print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 @contextlib.contextmanager

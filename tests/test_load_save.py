@@ -88,7 +88,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
         load_model(tmp_path)
 
 
-def test_truncated_safetensors(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 casts each tensor as it is read
+def test_truncated_safetensors(tiny_dirs, tmp_path, dtype):
     import shutil
 
     d = tmp_path / "broken"
@@ -96,7 +97,7 @@ def test_truncated_safetensors(tiny_dirs, tmp_path):
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(LeanlmError, match="truncated or corrupt"):
-        load_model(d)
+        load_model(d, dtype=dtype)
 
 
 def test_pickled_weights_are_refused(tiny_dirs, tmp_path):

@@ -12,9 +12,10 @@ keeps working at a few calls per block.
 
 The products and the attention are leanlm's own AVX2 loops (`small_linear`, attend), not ATen:
 - ATen's fp32 GEMV runs on one thread here, its 2..16-row products repack the weight, and its
-  bf16 products have no native kernel (a 4-row bf16 product cost 3x one row). `small_linear`
-  streams each weight row once for all rows: measured per forward of SmolLM2-135M at 1 thread,
-  bf16 steps went from ~39 to ~25 ms, and 4-token forwards cost ~1.4x one token instead of ~3x.
+  bf16 products have no native kernel (they scale with the rows). `small_linear` streams each
+  weight row once for all rows: benchmarks/bench_speculative.py's v(k) (results/speculative.json)
+  has a SmolLM2 bf16 step at 25.8 vs 39.1 ms with ATen, and a 4-token forward at 1.47x one token
+  vs 3.18x (1 thread).
 - Both are batch-invariant: each row's result is computed in the same order whatever the number
   of rows, so a k-token speculative verification reproduces k one-token steps bit for bit
   (tests/test_fused_decode.py). ATen's SDPA and GEMMs are not (their blocking depends on the
@@ -68,9 +69,9 @@ static Tensor as_float(const Tensor& t) { return t.scalar_type() == at::kFloat ?
 
 // ---- small-row products: y [M <= 16, N] = x [M, K] . w [N, K]^T, w row-major fp32 or bf16 ----
 // Why: at decode and speculative verification the weights stream from memory once per forward.
-// ATen's fp32 GEMV runs on one thread here (MKL), its 2..8-row products repack the weight, and
+// ATen's fp32 GEMV runs on one thread here (MKL), its 2..16-row products repack the weight, and
 // bf16 products have no native kernel (they scale with the rows). This streams each weight row
-// once and accumulates all M dot products from it, so 8 rows cost ~1.6x one (bf16, one thread).
+// once and accumulates all M dot products from it (v(k) measured in results/speculative.json).
 // (hsum8 and bf16f come from quant/native.py's source, compiled ahead of this one)
 template <typename W> static inline __m256 sk_load(const W* p);
 template <> inline __m256 sk_load<float>(const float* p) { return _mm256_loadu_ps(p); }
