@@ -75,6 +75,29 @@ def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs
     assert gen(True) == gen(False)
 
 
+def test_cached_layer_plans_follow_replaced_modules_weights_and_layouts(tiny_dirs):
+    """The whole-block call's arguments are cached per layer between steps; replacing a weight, a
+    linear (quantizing), the cache or the weight layout after decoding must be seen by the next step."""
+    from leanlm.quant import RTN, quantize
+
+    model = load_model(tiny_dirs["llama"])
+    tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(8))
+    before = _decode_logits(model, tokens, True)  # plans built and cached
+    down = model.layers[1].mlp.w_down
+    down.weight = torch.nn.Parameter(down.weight.detach() * 0.5)  # a new weight object
+    a, b = _decode_logits(model, tokens, True), _decode_logits(model, tokens, False)
+    assert (a - b).abs().max() <= 1e-4 and (a - before).abs().max() > 1e-3
+    model.set_decode_layout(True)  # same Parameters, storage moved to column-major
+    assert (_decode_logits(model, tokens, True) - b).abs().max() <= 1e-4
+    model.set_decode_layout(False)
+    quantize(model, RTN(bits=4, group=32, dtype="float32"), progress=False)  # new linear modules
+    fresh = load_model(tiny_dirs["llama"])  # the same edits on a model that never decoded
+    fresh.layers[1].mlp.w_down.weight.data.mul_(0.5)
+    quantize(fresh, RTN(bits=4, group=32, dtype="float32"), progress=False)
+    a = _decode_logits(model, tokens, True)
+    assert torch.equal(a, _decode_logits(fresh, tokens, True)) and (a - b).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "mistral"])
 def test_multi_token_steps_match_python_path(arch, tiny_dirs):
     """Verification-sized forwards (2..8 new tokens, causal and sliding-window masks over the

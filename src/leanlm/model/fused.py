@@ -81,49 +81,62 @@ template <> inline __m256 sk_load<uint16_t>(const uint16_t* p) {  // bf16 -> fp3
 static inline float sk_f(float v) { return v; }
 static inline float sk_f(uint16_t v) { return bf16f(v); }
 
-// Every output is a sum of K/8 lane products in SK_U independent chains (hiding the FMA latency),
-// combined in a fixed order: a row's result does not depend on how many rows share the call, so a
-// k-token verification forward reproduces k one-token decode steps bit for bit (speculative
-// decoding stays exact in bf16, where one rounding step apart flips near-tied greedy choices).
-// Rows are taken in pairs per pass over a weight row; the passes after the first read it from L1.
-// PF > 0 prefetches the weight PF rows ahead (helps bf16 and multi-row fp32, not the fp32 GEMV).
-static constexpr int SK_U = 4;
-
-template <typename W, int P>
-static inline void sk_dot(const W* wr, const float* x, float* y, int64_t K, int64_t N, int64_t n) {
-  const int64_t KU = K / (8 * SK_U) * (8 * SK_U), K8 = K & ~int64_t(7);
-  __m256 acc[SK_U][P];
-  for (int u = 0; u < SK_U; ++u)
-    for (int p = 0; p < P; ++p) acc[u][p] = _mm256_setzero_ps();
+// Every output is a sum of its 8-wide chunk products in two chains (chunk i goes to chain i % 2,
+// which hides the FMA latency at one row), combined in a fixed order: a row's result does not depend
+// on how many rows share the call, so a k-token verification forward reproduces k one-token decode
+// steps bit for bit (speculative decoding stays exact in bf16, where one rounding step apart flips
+// near-tied greedy choices). One weight row streams at a time (several rows at once defeat the
+// hardware prefetcher here) and feeds up to 4 activation rows per pass; further passes over the
+// same block of 8 weight rows read it from L1. PF prefetches 4 rows ahead (helps bf16 and multi-row
+// fp32, not the fp32 GEMV). Against per-pair passes with 4 chains this took the SmolLM2 products
+// at 8 rows from 48.5 to 42.4 ms in bf16 and 65.2 to 62.1 ms in fp32 (1 thread, a same-run
+// micro-benchmark; bench_speculative.py's v(k) has the end-to-end effect).
+template <typename W, int R>
+static inline void sk_tile(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
+  const int64_t K8 = K & ~int64_t(7), K16 = K & ~int64_t(15);
+  const float* xm = x + m * K;
+  const W* wr = w + n * K;
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k < KU; k += 8 * SK_U)
-    for (int u = 0; u < SK_U; ++u) {
-      const __m256 wv = sk_load<W>(wr + k + 8 * u);
-      for (int p = 0; p < P; ++p) acc[u][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + p * K + k + 8 * u), acc[u][p]);
+  for (; k < K16; k += 16) {
+    const __m256 w0 = sk_load<W>(wr + k), w1 = sk_load<W>(wr + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + r * K + k), a0[r]);
+      a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + r * K + k + 8), a1[r]);
     }
-  for (; k < K8; k += 8) {
-    const __m256 wv = sk_load<W>(wr + k);
-    for (int p = 0; p < P; ++p) acc[0][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + p * K + k), acc[0][p]);
   }
-  for (int p = 0; p < P; ++p) {
-    const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0][p], acc[1][p]), _mm256_add_ps(acc[2][p], acc[3][p]));
-    float s = hsum8(a);
-    for (int64_t j = K8; j < K; ++j) s += sk_f(wr[j]) * x[p * K + j];
-    y[p * N + n] = s;
+  if (k < K8) {
+    const __m256 w0 = sk_load<W>(wr + k);
+    for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + r * K + k), a0[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum8(_mm256_add_ps(a0[r], a1[r]));
+    for (int64_t j = K8; j < K; ++j) s += sk_f(wr[j]) * xm[r * K + j];
+    y[(m + r) * N + n] = s;
+  }
+}
+
+template <typename W, int R, int PF>
+static inline void sk_pass(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t nb, int64_t ne, int64_t m) {
+  for (int64_t n = nb; n < ne; ++n) {
+    if (PF > 0 && n + PF < N) {
+      const char* ahead = (const char*)(w + (n + PF) * K);
+      for (int64_t off = 0; off < K * (int64_t)sizeof(W); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
+    sk_tile<W, R>(w, x, y, K, N, n, m);
   }
 }
 
 template <typename W, int PF>
 static void sk_rows(int64_t M, const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* wr = w + n * K;
-    if (PF > 0 && n + PF < N) {
-      const char* ahead = (const char*)(wr + PF * K);
-      for (int64_t off = 0; off < K * (int64_t)sizeof(W); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
-    }
+  for (int64_t nb = n0; nb < n1; nb += 8) {
+    const int64_t ne = std::min(nb + 8, n1);
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) sk_dot<W, 2>(wr, x + m * K, y + m * N, K, N, n);
-    if (m < M) sk_dot<W, 1>(wr, x + m * K, y + m * N, K, N, n);
+    for (; M - m >= 4; m += 4) sk_pass<W, 4, PF>(w, x, y, K, N, nb, ne, m);
+    if (M - m == 3) sk_pass<W, 3, PF>(w, x, y, K, N, nb, ne, m);
+    else if (M - m == 2) sk_pass<W, 2, PF>(w, x, y, K, N, nb, ne, m);
+    else if (M - m == 1) sk_pass<W, 1, PF>(w, x, y, K, N, nb, ne, m);
   }
 }
 
@@ -390,7 +403,7 @@ def _native():
     """The compiled extension (this file's kernels + leanlm.quant's q_linear), or None."""
     from ..quant.native import Q_LINEAR_SOURCE  # at call time: the quant package imports the runtime
 
-    return build("leanlm_fused_decode_v7", Q_LINEAR_SOURCE + _SOURCE,
+    return build("leanlm_fused_decode_v8", Q_LINEAR_SOURCE + _SOURCE,
                  ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear", "q_linear"],
                  ("-mavx2", "-mfma", "-mf16c"), fallback="the Python decode path")  # fmt: skip
 
@@ -457,9 +470,67 @@ def _plain(mod, dtype) -> bool:
     return type(mod) is _rt.Linear and mod.weight.dtype == dtype and not (mod._forward_pre_hooks or mod._forward_hooks)
 
 
-def _plain_cache(attn, dtype) -> bool:
-    c = attn.cache
+def _plain_cache(c, dtype) -> bool:
     return type(c) is _rt.KVCache and c.k.dtype == dtype and c.k.is_contiguous()
+
+
+class _Reads:
+    """Module attributes read without nn.Module.__getattr__, each remembered by identity, so a
+    cached layer plan can tell cheaply whether anything it holds was replaced since."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def get(self, mod, name):
+        for d in (mod._parameters, mod._buffers, mod._modules, mod.__dict__):
+            if name in d:
+                self.seen.append((d, name, d[name]))
+                return d[name]
+        return getattr(mod, name)  # a property or class attribute: not something a method replaces
+
+
+def _plan_fresh(plan, dtype) -> bool:
+    if plan is None or plan[0] is not dtype:
+        return False
+    if not all(d.get(name) is obj for d, name, obj in plan[1]):
+        return False
+    return all(not (m._forward_hooks or m._forward_pre_hooks) and (w is None or w.is_contiguous()) for m, w in plan[2])
+
+
+def _layer_plan(layer, dtype):
+    """decode_layer's per-layer arguments when the whole block runs as one C++ call, else None.
+
+    Why cached: rebuilding them (module attribute reads, type checks) cost ~50 us per layer, ~1.5
+    ms of a ~20 ms bf16 decode step. The plan is kept on the layer and reused while every module,
+    weight, buffer and cache it read is the same object, no hook was added and the plain weights
+    are still contiguous (checked by identity each step, a few us per layer)."""
+    plan = layer.__dict__.get("_fused_plan")
+    if _plan_fresh(plan, dtype):
+        return plan[3]
+    r = _Reads()
+    a, m = r.get(layer, "attn"), r.get(layer, "mlp")
+    args = None
+    cache = r.get(a, "cache") if type(a) is _rt.Attention else None
+    if cache is not None and type(m) is _rt.MLP and _plain_cache(cache, dtype):
+        k, v = r.get(cache, "k"), r.get(cache, "v")
+        mods = [r.get(a, "wqkv"), r.get(a, "wo"), r.get(m, "w_gate_up"), r.get(m, "w_down")]
+        for mod in mods:  # the linears' tensors (weights or packed codes, scales, zeros)
+            for name in ("weight", "bias", "qweight", "scales", "zeros", "backend"):
+                if name in mod._parameters or name in mod._buffers or name in mod.__dict__:
+                    r.get(mod, name)
+        lins = _block_linears(mods, dtype, MAX_ROWS)
+        if lins is not None:
+            norm = lambda mod, name: r.get(r.get(mod, name), "weight") if r.get(mod, name) is not None else None  # noqa: E731
+            head = (norm(layer, "attn_norm"), lins[0], lins[1], norm(a, "q_norm"), norm(a, "k_norm"),
+                    norm(layer, "attn_post_norm"), norm(layer, "mlp_norm"), norm(layer, "mlp_post_norm"), k, v)
+            an = r.get(layer, "attn_norm")
+            tail = (a.n_heads, a.n_kv_heads, a.window or 0, an.eps, an.plus_one, a.scale, m.act is not F.silu)
+            args = (head, tail)
+        watch = [(mod, mod._parameters.get("weight")) for mod in mods]
+    else:
+        watch = []
+    layer.__dict__["_fused_plan"] = (dtype, r.seen, watch, args)
+    return args
 
 
 def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -> torch.Tensor:
@@ -468,21 +539,18 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     B, T, D = x.shape
     x = x.contiguous()  # (a quantized embedding's rows may come strided)
     x2 = x.view(B * T, D)
+    cos, sin = (t.reshape(T, -1) for t in rope)
+    whole = _rt.Linear.fused_small and B * T <= MAX_ROWS  # (fused_small False: ATen GEMVs, general path)
+    plan = _layer_plan(layer, dtype) if whole else None
+    if plan is not None:
+        N.decode_layer(x2, *plan[0], cos, sin, start, B, *plan[1])
+        return x
     a, m = layer.attn, layer.mlp
     eps, plus_one = layer.attn_norm.eps, layer.attn_norm.plus_one
     bf16 = dtype == torch.bfloat16
     post = lambda norm: None if norm is None else norm.weight  # noqa: E731
-    cos, sin = (t.reshape(T, -1) for t in rope)
-    attn_ok = type(a) is _rt.Attention and _plain_cache(a, dtype)
+    attn_ok = type(a) is _rt.Attention and _plain_cache(a.cache, dtype)
     mlp_ok = type(m) is _rt.MLP
-    whole = attn_ok and mlp_ok and _rt.Linear.fused_small  # (fused_small False: ATen GEMVs, general path)
-    lins = _block_linears((a.wqkv, a.wo, m.w_gate_up, m.w_down), dtype, B * T) if whole else None
-    if lins is not None:
-        N.decode_layer(x2, layer.attn_norm.weight, lins[0], lins[1], post(a.q_norm), post(a.k_norm),
-                       post(layer.attn_post_norm), layer.mlp_norm.weight, post(layer.mlp_post_norm), a.cache.k,
-                       a.cache.v, cos, sin, start, B, a.n_heads, a.n_kv_heads, a.window or 0, eps, plus_one, a.scale,
-                       m.act is not F.silu)  # fmt: skip
-        return x
     # general path: the same C++ glue, with the linear layers called as modules
     if attn_ok:
         qkv = _linear(a.wqkv, N.rms_norm(x2, layer.attn_norm.weight, eps, plus_one, bf16))
