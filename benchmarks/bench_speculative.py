@@ -189,8 +189,9 @@ def main() -> None:
             lambda: "heuristic")  # fmt: skip
         add(f"lookup+self-{name} auto", f"lookup+self-{name}", "auto", target,
             lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), lambda: "auto")  # fmt: skip
-        add(f"lookup+self-{name} g4", f"lookup+self-{name}", "fixed 4", target,
-            lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), fixed(4))  # fmt: skip
+        for g in (2, 4, 6):
+            add(f"lookup+self-{name} g{g}", f"lookup+self-{name}", f"fixed {g}", target,
+                lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), fixed(g))  # fmt: skip
     add(f"self-{L}L g2", f"self-{L}L", "fixed 2", target, lambda: EarlyExitDraft(L), fixed(2))
     add(f"self-{L}L auto", f"self-{L}L", "auto", target, lambda: EarlyExitDraft(L), lambda: "auto")
 

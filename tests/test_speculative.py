@@ -264,6 +264,42 @@ def test_adaptive_gamma_follows_acceptance_and_costs():
     assert costly.next() <= 2
 
 
+def test_adaptive_gamma_learns_each_context_and_a_staircase_verify_cost():
+    pol = AdaptiveGamma(max_gamma=10)
+    verify = lambda g: 1.0 if g <= 3 else 3.0  # noqa: E731  (rows in fours: a step up after 3 drafts)
+    for _ in range(40):
+        for ctx, ok in (("copying", True), ("free", False)):
+            g = pol.next(ctx)
+            pol.update(g, g if ok else 0, g * 0.01, verify(g), ctx)
+    assert pol.next("copying") == 3  # a line through the costs would pick 10
+    assert pol.next("free") == 0
+    assert pol.stats["copying"][2] == pytest.approx(0.01)
+
+
+def test_lookup_context_names_match_length_and_running_copy():
+    d = LookupDraft()
+    d.start(None, [], 0)
+    seq = [1, 2, 3, 4, 5, 9, 1, 2, 3]
+    assert d.context(seq) == ("lookup", 3, False)
+    out, _ = d.propose(seq, 2, None, None)
+    assert out == [4, 5]
+    d.rollback(len(seq) + 2)  # both accepted
+    assert d.context(seq + [4, 5, 9]) == ("lookup", 3, True)
+    both = LookupDraft(fallback=Draft())
+    both.start(None, [], 0)
+    assert both.context([7, 8]) == ("model", None)  # no match: the model drafts
+
+
+def test_adaptive_gamma_costs_carry_over_to_the_next_generation(tiny_dirs):
+    model = load_model(tiny_dirs["llama"])
+    first = AdaptiveGamma()
+    list(speculative_generate_tokens(model, [5, 6, 7, 5, 6], 12, draft=LookupDraft(), gamma=first, eos_ids=set()))
+    second = AdaptiveGamma()
+    second.warm_start(model, "lookup")
+    assert second.verify_s == first.verify_s and second.verify_s
+    assert second.acceptance() == pytest.approx(2 / 3)  # acceptance is about the text: not carried
+
+
 def test_make_draft_kinds(tiny_dirs):
     target = load_model(tiny_dirs["llama"])
     assert isinstance(make_draft("lookup", target), LookupDraft)

@@ -46,6 +46,11 @@ class Draft:
     def start(self, target, prompt_ids: list[int], max_len: int) -> None:
         self.target = target
 
+    def context(self, seq: list[int]):
+        """A hashable label for the kind of proposal the next `propose(seq, ...)` will make, or
+        None (one kind). speculative.AdaptiveGamma learns acceptance and cost per label."""
+        return None
+
     def propose(self, seq: list[int], gamma: int, sampling: Sampling, gen) -> tuple[list[int], torch.Tensor | None]:
         return [], None
 
@@ -206,6 +211,7 @@ class LookupDraft(Draft):
     """Prompt lookup: propose what followed the most recent earlier occurrence of the last n-gram."""
 
     name = "lookup"
+    LONGEST = 15  # tokens a match may propose (the verification forward takes 16)
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, fallback: Draft | None = None,
                  fallback_below: int = 2):  # fmt: skip
@@ -217,11 +223,14 @@ class LookupDraft(Draft):
         self.index: list[dict] = []
         self.indexed = 0
         self.used_fallback = False
+        self._match = (-1, [], 0)  # (len(seq), proposal, n) of the last match
+        self._last = (0, 0, False)  # last lookup proposal: (len(seq) then, tokens proposed, all accepted)
 
     def start(self, target, prompt_ids, max_len):
         super().start(target, prompt_ids, max_len)
         self.index = [dict() for _ in range(self.max_ngram + 1)]  # n -> {n-gram: where its continuation starts}
         self.indexed = 0
+        self._match, self._last = (-1, [], 0), (0, 0, False)
         if self.fallback is not None:
             self.fallback.start(target, prompt_ids, max_len)
 
@@ -235,24 +244,37 @@ class LookupDraft(Draft):
 
     def match(self, seq: list[int], gamma: int) -> tuple[list[int], int]:
         """(proposed tokens, length of the matched n-gram); ([], 0) when nothing matches."""
-        self._update_index(seq)
-        for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
-            j = self.index[n].get(tuple(seq[-n:]))
-            if j is not None:
-                return seq[j : j + gamma], n
-        return [], 0
+        if self._match[0] != len(seq):  # (the sequence only grows: its length identifies it)
+            self._update_index(seq)
+            self._match = (len(seq), [], 0)
+            for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
+                j = self.index[n].get(tuple(seq[-n:]))
+                if j is not None:
+                    self._match = (len(seq), seq[j : j + self.LONGEST], n)
+                    break
+        return self._match[1][:gamma], self._match[2]
+
+    def _uses_fallback(self, out: list[int], n: int) -> bool:
+        return self.fallback is not None and (not out or n < self.fallback_below)
+
+    def context(self, seq):
+        out, n = self.match(seq, self.LONGEST)
+        if self._uses_fallback(out, n):
+            return ("model", self.fallback.context(seq))
+        # a longer match, and a copy that has been running (last proposal taken whole), are
+        # accepted far more often: the length policy learns each case apart
+        return ("lookup", min(n, 3), self._last[2]) if out else None
 
     def propose(self, seq, gamma, sampling, gen):
         self.used_fallback = False
         if gamma <= 0:
             return [], None
         out, n = self.match(seq, gamma)
-        if out and (self.fallback is None or n >= self.fallback_below):
+        if not self._uses_fallback(out, n):
+            self._last = (len(seq), len(out), False)
             return out, None  # point proposals: q is one-hot on each proposed token
-        if self.fallback is not None:
-            self.used_fallback = True
-            return self.fallback.propose(seq, gamma, sampling, gen)
-        return [], None
+        self.used_fallback = True
+        return self.fallback.propose(seq, gamma, sampling, gen)
 
     def verify(self, tokens, start):
         if self.used_fallback:
@@ -260,6 +282,9 @@ class LookupDraft(Draft):
         return self.target.forward(tokens, start)
 
     def rollback(self, valid):
+        at, proposed, _ = self._last
+        if not self.used_fallback and proposed and at:
+            self._last = (at, proposed, valid - at >= proposed)  # valid = at + accepted (+ 1 new token)
         if self.fallback is not None:
             self.fallback.rollback(valid)
 

@@ -97,10 +97,10 @@ class FixedGamma:
             raise LeanlmError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.name = gamma, f"fixed-{gamma}"
 
-    def next(self) -> int:
+    def next(self, context=None) -> int:
         return self.gamma
 
-    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float, context=None) -> None:
         pass
 
 
@@ -111,7 +111,7 @@ class HeuristicGamma(FixedGamma):
         super().__init__(gamma)
         self.max_gamma, self.name = max_gamma, "heuristic"
 
-    def update(self, drafted, accepted, draft_s, verify_s):
+    def update(self, drafted, accepted, draft_s, verify_s, context=None):
         if drafted == 0:
             return
         self.gamma = min(self.max_gamma, self.gamma + 2) if accepted == drafted else max(1, self.gamma - 1)
@@ -121,26 +121,59 @@ class AdaptiveGamma:
     """Online draft length: pick g maximizing expected new tokens per second of a round,
 
         E[tokens](g) = 1 + a + a^2 + ... + a^g            (per-token acceptance a, geometric)
-        time(g)      = g * c + t0 + t1 * g                 (draft cost c, verify line t0 + t1 k)
+        time(g)      = g * c + v(g)                        (draft cost c, verification cost v)
 
-    a is learned from accepted / rejected draft tokens, c from timed draft steps, and the
-    verify line by least squares on timed verification passes (k = drafted tokens), all with
-    exponential forgetting so the policy follows the text (copying a passage vs free text).
-    A ridge term pulls the slope t1 towards `slope_prior * t0` until several k were seen.
-    When g = 0 wins (drafts useless), one round in `explore` still drafts 1 token.
+    a is learned from accepted / rejected draft tokens, c from timed draft steps and v(g) from
+    timed verification passes with g drafts, all with exponential forgetting so the policy
+    follows the text (copying a passage vs free text). v is kept per g: it is a staircase here
+    (the kernels take rows in fours: verifying 4 drafts costs ~v(3), 4 -> 5 jumps), which a line
+    fits badly. A g never timed yet is read off a line fitted by least squares to all passes,
+    with a ridge term pulling its slope towards `slope_prior` x its intercept.
+
+    a and c are learned per context when the draft names one before proposing
+    (`Draft.context`): prompt lookup reports the matched n-gram length and whether its last
+    proposal was taken whole (a 3-token match inside a passage being copied is accepted far
+    more often than a 1-token match in free text), and lookup with a model fallback also says
+    which of the two proposes (free vs ~0.6 of a step per token). The verify line is the
+    target's and is shared. When g = 0 wins (drafts useless), one round in `explore` still
+    drafts 1 token.
+
+    Costs are facts about the target, the draft and the machine, not about the text: the
+    verify times and draft costs learned in one generation seed the next one with the same
+    model and draft (`remember` / `warm_start`); acceptance starts from its prior every time.
     """
 
     def __init__(self, max_gamma: int = 8, start: int = 3, decay: float = 0.85, slope_prior: float = 0.1,
                  explore: int = 8):  # fmt: skip
         self.max_gamma, self.gamma, self.decay, self.slope_prior, self.explore = max_gamma, start, decay, slope_prior, explore
         self.name = "auto"
-        self.acc, self.rej = 1.0, 0.5  # prior: acceptance 2/3 worth 1.5 tokens
-        self.c: float | None = None
+        self.stats: dict = {}  # context -> [accepted, rejected, draft cost per token or None]
         self.fit = [0.0] * 5  # decayed sums: w, x, t, xx, xt
+        self.verify_s: dict[int, float] = {}  # drafts verified -> decayed mean seconds
         self.zero_rounds = 0
 
-    def acceptance(self) -> float:
-        return self.acc / (self.acc + self.rej)
+    def warm_start(self, model, draft_name: str) -> None:
+        mem = model.__dict__.get("_speculative_costs", {})
+        if "verify_s" in mem:
+            self.verify_s, self.fit = dict(mem["verify_s"]), list(mem["fit"])
+        for context, c in mem.get(draft_name, {}).items():
+            self._ctx(context)[2] = c
+
+    def remember(self, model, draft_name: str) -> None:
+        if not self.verify_s:
+            return
+        mem = model.__dict__.setdefault("_speculative_costs", {})  # (a plain attribute: not state_dict)
+        mem.update(verify_s=dict(self.verify_s), fit=list(self.fit))
+        mem[draft_name] = {k: st[2] for k, st in self.stats.items() if st[2] is not None}
+
+    def _ctx(self, context) -> list:
+        if context not in self.stats:
+            self.stats[context] = [1.0, 0.5, None]  # prior: acceptance 2/3 worth 1.5 tokens; cost unknown
+        return self.stats[context]
+
+    def acceptance(self, context=None) -> float:
+        acc, rej, _ = self._ctx(context)
+        return acc / (acc + rej)
 
     def verify_line(self) -> tuple[float, float]:
         w, x, t, xx, xt = self.fit
@@ -150,14 +183,17 @@ class AdaptiveGamma:
         t0, t1 = (a22 * t - a12 * xt) / det, (a11 * xt - a12 * t) / det
         return max(t0, 1e-6), max(t1, 0.0)
 
-    def next(self) -> int:
-        if self.fit[0] == 0.0 or self.c is None:
+    def next(self, context=None) -> int:
+        st = self._ctx(context)
+        if self.fit[0] == 0.0:
             return self.gamma  # nothing timed yet
-        a = min(self.acceptance(), 0.999)
+        a = min(st[0] / (st[0] + st[1]), 0.999)
+        c = st[2] if st[2] is not None else 0.0  # a new kind of proposal: optimistic once, then measured
         t0, t1 = self.verify_line()
         best, best_rate = 0, 0.0
         for g in range(self.max_gamma + 1):
-            rate = (1 - a ** (g + 1)) / (1 - a) / (g * self.c + t0 + t1 * g)
+            v = self.verify_s.get(g, t0 + t1 * g)
+            rate = (1 - a ** (g + 1)) / (1 - a) / (g * c + v)
             if rate > best_rate:
                 best, best_rate = g, rate
         if best == 0:
@@ -167,15 +203,18 @@ class AdaptiveGamma:
         self.gamma = best
         return best
 
-    def update(self, drafted, accepted, draft_s, verify_s):
+    def update(self, drafted, accepted, draft_s, verify_s, context=None):
         d = self.decay
         if drafted:
-            self.acc = d * self.acc + accepted
-            self.rej = d * self.rej + (1.0 if accepted < drafted else 0.0)
+            st = self._ctx(context)
+            st[0] = d * st[0] + accepted
+            st[1] = d * st[1] + (1.0 if accepted < drafted else 0.0)
             c = draft_s / drafted
-            self.c = c if self.c is None else d * self.c + (1 - d) * c
+            st[2] = c if st[2] is None else d * st[2] + (1 - d) * c
         x, t = float(drafted), verify_s
         self.fit = [d * f + v for f, v in zip(self.fit, (1.0, x, t, x * x, x * t))]
+        prev = self.verify_s.get(drafted)
+        self.verify_s[drafted] = t if prev is None else d * prev + (1 - d) * t
 
 
 def make_policy(gamma) -> FixedGamma | HeuristicGamma | AdaptiveGamma:
@@ -251,6 +290,8 @@ def speculative_generate_tokens(
     stats.prompt_tokens = len(prompt_ids)
     draft = draft if draft is not None else Draft()
     policy = make_policy(gamma)
+    if isinstance(policy, AdaptiveGamma):
+        policy.warm_start(model, draft.name)
     spec = SpecStats(draft=draft.name, policy=policy.name)
     stats.extra["speculative"] = spec
     target = Target(model)
@@ -273,7 +314,8 @@ def speculative_generate_tokens(
             pos = len(seq) - 1
             # a verification forward of <= MAX_ROWS tokens runs the decode step's kernels, which are
             # batch-invariant: its logits are bit for bit those of plain one-token decoding
-            g = min(policy.next(), max_new_tokens - stats.new_tokens - 1, _fused.MAX_ROWS - 1)
+            ctx = draft.context(seq)  # what kind of proposal comes next (the policy learns each apart)
+            g = min(policy.next(ctx), max_new_tokens - stats.new_tokens - 1, _fused.MAX_ROWS - 1)
             ta = clock()
             drafts, q = draft.propose(seq, g, sampling, gen) if g > 0 else ([], None)
             drafts, q = drafts[: max(g, 0)], (None if q is None else q[: max(g, 0)])
@@ -285,7 +327,7 @@ def speculative_generate_tokens(
                 n, nxt = accept_sampled(drafts, q, logits, sampling, gen)
             tc = clock()
             draft.rollback(pos + n + 1)  # cache entries from here on are stale
-            policy.update(len(drafts), n, tb - ta, tc - tb)
+            policy.update(len(drafts), n, tb - ta, tc - tb, ctx)
             spec.record(len(drafts), n, tb - ta, tc - tb)
             for t in drafts[:n] + [nxt]:
                 seq.append(t)
@@ -298,6 +340,8 @@ def speculative_generate_tokens(
     finally:
         draft.finish()
         model.clear_cache()
+        if isinstance(policy, AdaptiveGamma):
+            policy.remember(model, draft.name)
 
 
 # ---- building drafts -------------------------------------------------------------------------
