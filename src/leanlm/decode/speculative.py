@@ -117,63 +117,77 @@ class HeuristicGamma(FixedGamma):
         self.gamma = min(self.max_gamma, self.gamma + 2) if accepted == drafted else max(1, self.gamma - 1)
 
 
+class _Context:
+    """What AdaptiveGamma learns about one kind of proposal (decayed counts)."""
+
+    def __init__(self, depth: int):
+        self.acc, self.rej = 1.0, 0.5  # pooled prior: acceptance 2/3, worth 1.5 tokens
+        self.tried, self.taken = [0.0] * depth, [0.0] * depth  # per draft position
+        self.cost: float | None = None  # seconds per drafted token
+
+
 class AdaptiveGamma:
     """Online draft length: pick g maximizing expected new tokens per second of a round,
 
-        E[tokens](g) = 1 + a + a^2 + ... + a^g            (per-token acceptance a, geometric)
-        time(g)      = g * c + v(g)                        (draft cost c, verification cost v)
+        E[tokens](g) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_g   (a_i: P(draft i accepted | 1..i-1 were))
+        time(g)      = g * c + v(g)                            (draft cost c, verification cost v)
 
-    a is learned from accepted / rejected draft tokens, c from timed draft steps and v(g) from
-    timed verification passes with g drafts, all with exponential forgetting so the policy
-    follows the text (copying a passage vs free text). v is kept per g: it is a staircase here
-    (the kernels take rows in fours: verifying 4 drafts costs ~v(3), 4 -> 5 jumps), which a line
-    fits badly. A g never timed yet is read off a line fitted by least squares to all passes,
-    with a ridge term pulling its slope towards `slope_prior` x its intercept.
-
-    a and c are learned per context when the draft names one before proposing
-    (`Draft.context`): prompt lookup reports the matched n-gram length and whether its last
-    proposal was taken whole (a 3-token match inside a passage being copied is accepted far
-    more often than a 1-token match in free text), and lookup with a model fallback also says
-    which of the two proposes (free vs ~0.6 of a step per token). The verify line is the
-    target's and is shared. When g = 0 wins (drafts useless), one round in `explore` still
-    drafts 1 token.
-
-    Costs are facts about the target, the draft and the machine, not about the text: the
-    verify times and draft costs learned in one generation seed the next one with the same
-    model and draft (`remember` / `warm_start`); acceptance starts from its prior every time.
+    a_i is learned from which draft positions were accepted and which was rejected, c from timed
+    draft steps and v(g) from timed verification passes with g drafts, all with exponential
+    forgetting so the policy follows the text (copying a passage vs free text).
+    - Acceptance is learned per position because it is bursty: once a draft agrees it tends to
+      keep agreeing (a_i grows with i), which a single geometric rate misses and then drafts
+      too short. A position seldom tried leans on the pooled rate (2 pseudo-counts).
+    - v is kept per g: it is a staircase here (the kernels take rows in fours), which a line fits
+      badly. A g never timed yet is read off a line fitted by least squares to all passes, with
+      a ridge term pulling its slope towards `slope_prior` x its intercept.
+    - a and c are learned per context when the draft names one before proposing
+      (`Draft.context`): prompt lookup reports the matched n-gram length and whether its last
+      proposal was taken whole (a 3-token match inside a passage being copied is accepted far
+      more often than a 1-token match in free text), and lookup with a model fallback also says
+      which of the two proposes (free vs a good fraction of a step per token).
+    - Costs are facts about the target, the draft and the machine, not about the text: those
+      learned in one generation seed the next one with the same model and draft (`remember` /
+      `warm_start`); acceptance starts from its prior every time.
+    When g = 0 wins (drafts useless), one round in `explore` still drafts 1 token.
     """
 
     def __init__(self, max_gamma: int = 8, start: int = 3, decay: float = 0.85, slope_prior: float = 0.1,
                  explore: int = 8):  # fmt: skip
         self.max_gamma, self.gamma, self.decay, self.slope_prior, self.explore = max_gamma, start, decay, slope_prior, explore
         self.name = "auto"
-        self.stats: dict = {}  # context -> [accepted, rejected, draft cost per token or None]
+        self.stats: dict = {}  # context -> _Context
         self.fit = [0.0] * 5  # decayed sums: w, x, t, xx, xt
         self.verify_s: dict[int, float] = {}  # drafts verified -> decayed mean seconds
         self.zero_rounds = 0
 
     def warm_start(self, model, draft_name: str) -> None:
-        mem = model.__dict__.get("_speculative_costs", {})
-        if "verify_s" in mem:
+        mem = model.__dict__.get("_speculative_costs", {}).get(draft_name)
+        if mem:
             self.verify_s, self.fit = dict(mem["verify_s"]), list(mem["fit"])
-        for context, c in mem.get(draft_name, {}).items():
-            self._ctx(context)[2] = c
+            for context, c in mem["cost"].items():
+                self._ctx(context).cost = c
 
     def remember(self, model, draft_name: str) -> None:
-        if not self.verify_s:
-            return
-        mem = model.__dict__.setdefault("_speculative_costs", {})  # (a plain attribute: not state_dict)
-        mem.update(verify_s=dict(self.verify_s), fit=list(self.fit))
-        mem[draft_name] = {k: st[2] for k, st in self.stats.items() if st[2] is not None}
+        if self.verify_s:  # per draft: some drafts verify on part of the target only (early exit)
+            model.__dict__.setdefault("_speculative_costs", {})[draft_name] = {  # (plain attribute, not state)
+                "verify_s": dict(self.verify_s), "fit": list(self.fit),
+                "cost": {k: st.cost for k, st in self.stats.items() if st.cost is not None}}  # fmt: skip
 
-    def _ctx(self, context) -> list:
+    def _ctx(self, context) -> _Context:
         if context not in self.stats:
-            self.stats[context] = [1.0, 0.5, None]  # prior: acceptance 2/3 worth 1.5 tokens; cost unknown
+            self.stats[context] = _Context(max(self.max_gamma, _fused.MAX_ROWS))
         return self.stats[context]
 
     def acceptance(self, context=None) -> float:
-        acc, rej, _ = self._ctx(context)
-        return acc / (acc + rej)
+        st = self._ctx(context)
+        return st.acc / (st.acc + st.rej)
+
+    def position_acceptance(self, context=None) -> list[float]:
+        """a_i for draft positions 1..max_gamma."""
+        st = self._ctx(context)
+        pooled = min(st.acc / (st.acc + st.rej), 0.999)
+        return [min((st.taken[i] + 2 * pooled) / (st.tried[i] + 2), 0.999) for i in range(self.max_gamma)]
 
     def verify_line(self) -> tuple[float, float]:
         w, x, t, xx, xt = self.fit
@@ -187,13 +201,14 @@ class AdaptiveGamma:
         st = self._ctx(context)
         if self.fit[0] == 0.0:
             return self.gamma  # nothing timed yet
-        a = min(st[0] / (st[0] + st[1]), 0.999)
-        c = st[2] if st[2] is not None else 0.0  # a new kind of proposal: optimistic once, then measured
+        c = st.cost if st.cost is not None else 0.0  # a new kind of proposal: optimistic once, then measured
         t0, t1 = self.verify_line()
-        best, best_rate = 0, 0.0
-        for g in range(self.max_gamma + 1):
-            v = self.verify_s.get(g, t0 + t1 * g)
-            rate = (1 - a ** (g + 1)) / (1 - a) / (g * c + v)
+        best, best_rate, expect, p = 0, 0.0, 1.0, 1.0
+        for g, a in enumerate([None] + self.position_acceptance(context)):
+            if g:
+                p *= a
+                expect += p
+            rate = expect / (g * c + self.verify_s.get(g, t0 + t1 * g))
             if rate > best_rate:
                 best, best_rate = g, rate
         if best == 0:
@@ -207,10 +222,16 @@ class AdaptiveGamma:
         d = self.decay
         if drafted:
             st = self._ctx(context)
-            st[0] = d * st[0] + accepted
-            st[1] = d * st[1] + (1.0 if accepted < drafted else 0.0)
+            st.acc = d * st.acc + accepted
+            st.rej = d * st.rej + (1.0 if accepted < drafted else 0.0)
+            for i in range(len(st.tried)):
+                st.tried[i] *= d
+                st.taken[i] *= d
+            for i in range(min(accepted + 1, drafted)):  # positions 1..accepted taken, the next one refused
+                st.tried[i] += 1.0
+                st.taken[i] += 1.0 if i < accepted else 0.0
             c = draft_s / drafted
-            st[2] = c if st[2] is None else d * st[2] + (1 - d) * c
+            st.cost = c if st.cost is None else d * st.cost + (1 - d) * c
         x, t = float(drafted), verify_s
         self.fit = [d * f + v for f, v in zip(self.fit, (1.0, x, t, x * x, x * t))]
         prev = self.verify_s.get(drafted)

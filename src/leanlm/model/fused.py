@@ -117,6 +117,41 @@ static inline void sk_tile(const W* w, const float* x, float* y, int64_t K, int6
   }
 }
 
+// The same sums (same chains, same order) for C weight rows at once: more independent chains
+template <typename W, int R, int C>
+static inline void sk_tile_c(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
+  const int64_t K8 = K & ~int64_t(7), K16 = K & ~int64_t(15);
+  const float* xm = x + m * K;
+  const W* wr = w + n * K;
+  __m256 a0[C][R], a1[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) a0[c][r] = a1[c][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k < K16; k += 16)
+    for (int c = 0; c < C; ++c) {
+      const __m256 w0 = sk_load<W>(wr + c * K + k), w1 = sk_load<W>(wr + c * K + k + 8);
+      for (int r = 0; r < R; ++r) {
+        a0[c][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + r * K + k), a0[c][r]);
+        a1[c][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + r * K + k + 8), a1[c][r]);
+      }
+    }
+  if (k < K8)
+    for (int c = 0; c < C; ++c) {
+      const __m256 w0 = sk_load<W>(wr + c * K + k);
+      for (int r = 0; r < R; ++r) a0[c][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + r * K + k), a0[c][r]);
+    }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum8(_mm256_add_ps(a0[c][r], a1[c][r]));
+      for (int64_t j = K8; j < K; ++j) s += sk_f(wr[c * K + j]) * xm[r * K + j];
+      y[(m + r) * N + n + c] = s;
+    }
+}
+
+// One pass of R activation rows over weight rows [nb, ne). The first pass over a block streams
+// it from memory one row at a time (PF: prefetch ahead); later passes find it in L1/L2 and take
+// C rows at once, so that a pass of 1-3 rows still has 8-12 independent FMA chains (with one
+// weight row, 2R chains leave the FMA units idle on latency: a fifth row cost half a step).
 template <typename W, int R, int PF>
 static inline void sk_pass(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t nb, int64_t ne, int64_t m) {
   for (int64_t n = nb; n < ne; ++n) {
@@ -128,15 +163,27 @@ static inline void sk_pass(const W* w, const float* x, float* y, int64_t K, int6
   }
 }
 
+template <typename W, int R, int C>
+static inline void sk_pass_c(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t nb, int64_t ne, int64_t m) {
+  int64_t n = nb;
+  for (; n + C <= ne; n += C) sk_tile_c<W, R, C>(w, x, y, K, N, n, m);
+  for (; n < ne; ++n) sk_tile<W, R>(w, x, y, K, N, n, m);
+}
+
 template <typename W, int PF>
 static void sk_rows(int64_t M, const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int64_t ne = std::min(nb + 8, n1);
-    int64_t m = 0;
+    const int64_t first = std::min<int64_t>(M, 4);
+    if (first == 4) sk_pass<W, 4, PF>(w, x, y, K, N, nb, ne, 0);
+    else if (first == 3) sk_pass<W, 3, PF>(w, x, y, K, N, nb, ne, 0);
+    else if (first == 2) sk_pass<W, 2, PF>(w, x, y, K, N, nb, ne, 0);
+    else sk_pass<W, 1, PF>(w, x, y, K, N, nb, ne, 0);
+    int64_t m = first;
     for (; M - m >= 4; m += 4) sk_pass<W, 4, PF>(w, x, y, K, N, nb, ne, m);
-    if (M - m == 3) sk_pass<W, 3, PF>(w, x, y, K, N, nb, ne, m);
-    else if (M - m == 2) sk_pass<W, 2, PF>(w, x, y, K, N, nb, ne, m);
-    else if (M - m == 1) sk_pass<W, 1, PF>(w, x, y, K, N, nb, ne, m);
+    if (M - m == 3) sk_pass_c<W, 3, 2>(w, x, y, K, N, nb, ne, m);
+    else if (M - m == 2) sk_pass_c<W, 2, 2>(w, x, y, K, N, nb, ne, m);
+    else if (M - m == 1) sk_pass_c<W, 1, 4>(w, x, y, K, N, nb, ne, m);
   }
 }
 
@@ -403,7 +450,7 @@ def _native():
     """The compiled extension (this file's kernels + leanlm.quant's q_linear), or None."""
     from ..quant.native import Q_LINEAR_SOURCE  # at call time: the quant package imports the runtime
 
-    return build("leanlm_fused_decode_v8", Q_LINEAR_SOURCE + _SOURCE,
+    return build("leanlm_fused_decode_v11", Q_LINEAR_SOURCE + _SOURCE,
                  ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear", "q_linear"],
                  ("-mavx2", "-mfma", "-mf16c"), fallback="the Python decode path")  # fmt: skip
 
