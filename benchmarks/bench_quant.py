@@ -50,6 +50,8 @@ CONFIGS = {
         "int4-g128-gptq": lambda: GPTQ(bits=4, group=128),
         "int4-g128-gptq-actorder": lambda: GPTQ(bits=4, group=128, act_order=True),
         "int4-g128-awq": lambda: AWQ(bits=4, group=128),
+        "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
+        "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
         "int4-g32-rtn": lambda: RTN(bits=4, group=32),
         "mixed-5bit-gptq": lambda: GPTQ(bits=4, group=128, mixed=MixedPrecision(target_bits=5.0)),
     },
@@ -58,6 +60,8 @@ CONFIGS = {
         "int4-g128-rtn": lambda: RTN(bits=4, group=128),
         "int4-g128-gptq": lambda: GPTQ(bits=4, group=128),
         "int4-g128-awq": lambda: AWQ(bits=4, group=128),
+        "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
+        "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
     },
 }
 

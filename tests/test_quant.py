@@ -98,6 +98,25 @@ def test_gptq_beats_rtn_on_correlated_inputs():
             assert qw.q.max() <= spec.qmax
 
 
+def test_gptq_with_clipped_static_grids_beats_clipping_alone():
+    """GPTQ on grids clipped by the output-error search (what GPTQ(clip=True) and AWQ(gptq=True)
+    run) keeps GPTQ's gain over rounding to nearest on the same clipped grids."""
+    torch.manual_seed(4)
+    x = _correlated()
+    H = x.t() @ x / x.shape[0]
+    w = torch.randn(64, 128) * 0.1
+    w[:, 5] *= 6.0  # an outlier column: clipping matters
+    spec = QSpec(4, 32, False)
+    shrink = search_clip(w, H, spec)
+    assert shrink.min() < 1.0
+    e_clip = output_error(w - rtn(w, spec, shrink).dequantize(), H)
+    e_rtn = output_error(w - rtn(w, spec).dequantize(), H)
+    for act_order in (False, True):
+        qw = gptq(w, H, spec, act_order=act_order, shrink=shrink)
+        assert torch.equal(qw.scale, rtn(w, spec, shrink).scale)  # the clipped grid, fixed up front
+        assert output_error(w - qw.dequantize(), H) < 0.8 * e_clip < e_rtn
+
+
 def test_awq_scales_reduce_error_with_outlier_channels():
     torch.manual_seed(3)
     x = torch.randn(2048, 128)
@@ -184,12 +203,15 @@ def test_gptq_and_awq_beat_rtn_on_tiny_model(tiny64):
     with torch.inference_mode():
         ref = base(x)
     kls = {}
-    for cfg in (RTN(bits=4, group=32, head_bits=0), GPTQ(bits=4, group=32, head_bits=0),
-                AWQ(bits=4, group=32, head_bits=0)):  # fmt: skip
+    for name, cfg in (("rtn", RTN(bits=4, group=32, head_bits=0)), ("gptq", GPTQ(bits=4, group=32, head_bits=0)),
+                      ("gptq-clip", GPTQ(bits=4, group=32, head_bits=0, act_order=True, clip=True)),
+                      ("awq", AWQ(bits=4, group=32, head_bits=0)),
+                      ("awq-gptq", AWQ(bits=4, group=32, head_bits=0, gptq=True))):  # fmt: skip
         model = quantize(load_model(tiny64["llama"]), cfg, calib, progress=False)
         with torch.inference_mode():
-            kls[cfg.method] = _kl(ref.flatten(0, 1)[None], model(x).flatten(0, 1)[None])
-    assert kls["gptq"] < kls["rtn"] and kls["awq"] < kls["rtn"], kls
+            kls[name] = _kl(ref.flatten(0, 1)[None], model(x).flatten(0, 1)[None])
+    assert max(kls[n] for n in ("gptq", "gptq-clip", "awq", "awq-gptq")) < kls["rtn"], kls
+    assert kls["awq-gptq"] < kls["awq"], kls
 
 
 def test_mixed_precision_meets_target(tiny64):

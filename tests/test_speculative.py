@@ -275,6 +275,11 @@ def test_adaptive_gamma_learns_each_context_and_a_staircase_verify_cost():
     assert pol.next("copying") == 3  # a line through the costs would pick 10
     assert [pol.next("free") for _ in range(8)].count(0) >= 7  # (one round in 8 explores)
     assert pol.stats["copying"].cost == pytest.approx(0.01)
+    split = AdaptiveGamma()  # a per-round draft cost (KV sync) is not charged per token
+    for g in (2, 6) * 20:
+        split.update(g, g, 0.5 + 0.1 * g, 1.0, "copy")
+    c0, c1 = split.stats["copy"].draft_cost()
+    assert c0 == pytest.approx(0.5, rel=0.05) and c1 == pytest.approx(0.1, rel=0.05)
 
 
 def test_lookup_context_names_match_length_and_running_copy():

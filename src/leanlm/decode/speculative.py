@@ -118,29 +118,52 @@ class HeuristicGamma(FixedGamma):
 
 
 class _Context:
-    """What AdaptiveGamma learns about one kind of proposal (decayed counts)."""
+    """What AdaptiveGamma learns about one kind of proposal (decayed counts and sums)."""
 
     def __init__(self, depth: int):
         self.acc, self.rej = 1.0, 0.5  # pooled prior: acceptance 2/3, worth 1.5 tokens
         self.tried, self.taken = [0.0] * depth, [0.0] * depth  # per draft position
-        self.cost: float | None = None  # seconds per drafted token
+        self.fit: list[float] | None = None  # draft seconds vs drafted tokens: w, x, t, xx, xt
+
+    def draft_cost(self) -> tuple[float, float]:
+        """(seconds per round, seconds per drafted token): a ridge fit pulling the per-round part to
+        0 until several lengths were seen. The per-round part matters: a compressed copy first
+        copies the target's new KV entries, which a per-token rate would charge g times."""
+        if self.fit is None:
+            return 0.0, 0.0  # a new kind of proposal: optimistic once, then measured
+        w, x, t, xx, xt = self.fit
+        mu = 0.05  # (any mu > 0 gives a = 0 while every round drafted the same length)
+        det = (w + mu) * xx - x * x
+        a = (xx * t - x * xt) / det
+        b = ((w + mu) * xt - x * t) / det
+        return max(a, 0.0), max(b, 0.0)
+
+    @property
+    def cost(self) -> float:
+        """Seconds per drafted token at the mean draft length seen."""
+        if self.fit is None:
+            return 0.0
+        a, b = self.draft_cost()
+        return a / max(self.fit[1] / self.fit[0], 1.0) + b
 
 
 class AdaptiveGamma:
     """Online draft length: pick g maximizing expected new tokens per second of a round,
 
         E[tokens](g) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_g   (a_i: P(draft i accepted | 1..i-1 were))
-        time(g)      = g * c + v(g)                            (draft cost c, verification cost v)
+        time(g)      = c0 + c1 g + v(g)                        (draft cost, verification cost v)
 
-    a_i is learned from which draft positions were accepted and which was rejected, c from timed
-    draft steps and v(g) from timed verification passes with g drafts, all with exponential
+    a_i is learned from which draft positions were accepted and which was rejected, the draft
+    cost from timed draft calls (a line in g: a per-round part, e.g. a compressed copy syncing
+    its KV cache, and a per-token part) and v(g) from timed verification passes, all with exponential
     forgetting so the policy follows the text (copying a passage vs free text).
     - Acceptance is learned per position because it is bursty: once a draft agrees it tends to
       keep agreeing (a_i grows with i), which a single geometric rate misses and then drafts
       too short. A position seldom tried leans on the pooled rate (2 pseudo-counts).
     - v is kept per g: it is a staircase here (the kernels take rows in fours), which a line fits
-      badly. A g never timed yet is read off a line fitted by least squares to all passes, with
-      a ridge term pulling its slope towards `slope_prior` x its intercept.
+      badly. A g never timed yet is priced at the dearest shorter length timed (optimistic, so
+      it gets tried), or before any, off a line fitted by least squares to all passes, with a
+      ridge term pulling its slope towards `slope_prior` x its intercept.
     - a and c are learned per context when the draft names one before proposing
       (`Draft.context`): prompt lookup reports the matched n-gram length and whether its last
       proposal was taken whole (a 3-token match inside a passage being copied is accepted far
@@ -165,14 +188,14 @@ class AdaptiveGamma:
         mem = model.__dict__.get("_speculative_costs", {}).get(draft_name)
         if mem:
             self.verify_s, self.fit = dict(mem["verify_s"]), list(mem["fit"])
-            for context, c in mem["cost"].items():
-                self._ctx(context).cost = c
+            for context, fit in mem["draft_fit"].items():
+                self._ctx(context).fit = list(fit)
 
     def remember(self, model, draft_name: str) -> None:
         if self.verify_s:  # per draft: some drafts verify on part of the target only (early exit)
             model.__dict__.setdefault("_speculative_costs", {})[draft_name] = {  # (plain attribute, not state)
                 "verify_s": dict(self.verify_s), "fit": list(self.fit),
-                "cost": {k: st.cost for k, st in self.stats.items() if st.cost is not None}}  # fmt: skip
+                "draft_fit": {k: list(st.fit) for k, st in self.stats.items() if st.fit is not None}}  # fmt: skip
 
     def _ctx(self, context) -> _Context:
         if context not in self.stats:
@@ -201,14 +224,21 @@ class AdaptiveGamma:
         st = self._ctx(context)
         if self.fit[0] == 0.0:
             return self.gamma  # nothing timed yet
-        c = st.cost if st.cost is not None else 0.0  # a new kind of proposal: optimistic once, then measured
+        c0, c1 = st.draft_cost()
         t0, t1 = self.verify_line()
-        best, best_rate, expect, p = 0, 0.0, 1.0, 1.0
+        best, best_rate, expect, p, floor = 0, 0.0, 1.0, 1.0, 0.0
         for g, a in enumerate([None] + self.position_acceptance(context)):
             if g:
                 p *= a
                 expect += p
-            rate = expect / (g * c + self.verify_s.get(g, t0 + t1 * g))
+            # a length never verified yet is priced optimistically, at the dearest shorter one seen
+            # (v does not decrease with g): otherwise a step up in the staircase, extrapolated, would
+            # keep the policy from ever trying the cheap lengths beyond it
+            v = self.verify_s.get(g)
+            if v is None:
+                v = floor if floor > 0 else t0 + t1 * g
+            floor = max(floor, v)
+            rate = expect / ((c0 + c1 * g if g else 0.0) + v)
             if rate > best_rate:
                 best, best_rate = g, rate
         if best == 0:
@@ -230,8 +260,9 @@ class AdaptiveGamma:
             for i in range(min(accepted + 1, drafted)):  # positions 1..accepted taken, the next one refused
                 st.tried[i] += 1.0
                 st.taken[i] += 1.0 if i < accepted else 0.0
-            c = draft_s / drafted
-            st.cost = c if st.cost is None else d * st.cost + (1 - d) * c
+            x = float(drafted)
+            st.fit = [(0.0 if st.fit is None else d * f) + v for f, v in
+                      zip(st.fit or [0.0] * 5, (1.0, x, draft_s, x * x, x * draft_s))]  # fmt: skip
         x, t = float(drafted), verify_s
         self.fit = [d * f + v for f, v in zip(self.fit, (1.0, x, t, x * x, x * t))]
         prev = self.verify_s.get(drafted)

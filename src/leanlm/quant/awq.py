@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import QSpec
+from .gptq import gptq
 from .rtn import fake_quantize, rtn
 
 
@@ -140,13 +141,18 @@ def awq_block(layer, stats: dict, specs: dict, cfg, make_linear) -> dict:
         if name not in specs:
             continue
         W = module.weight.data.float()
-        shrink = None
-        if cfg.clip and name in stats:
+        shrink, H = None, None
+        if name in stats:
             H = stats[name][0]
-            if name in scales:
+            if name in scales:  # the Hessian of the scaled inputs x / s
                 s = scales[name]
                 H = H / s[:, None] / s[None, :]
+        if cfg.clip and H is not None:
             shrink = search_clip(W, H, specs[name], cfg.clip_grid, cfg.max_shrink)
             report.setdefault(name, {})["mean_clip"] = float(shrink.mean())
-        make_linear(name, rtn(W, specs[name], shrink), module.bias)
+        if getattr(cfg, "gptq", False) and H is not None:
+            qw = gptq(W, H, specs[name], act_order=True, shrink=shrink)
+        else:
+            qw = rtn(W, specs[name], shrink)
+        make_linear(name, qw, module.bias)
     return report

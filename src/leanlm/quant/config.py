@@ -154,12 +154,17 @@ class GPTQ(QuantConfig):
     block_size: columns per lazy batch update (rounded to a multiple of the group).
     true_sequential: within a block, quantize wqkv, then wo, gate_up, down, each calibrated on
         inputs that already went through the quantized earlier Linears.
+    clip: clip each (row, group) grid by the shrink factor that minimises the group's output error
+        (AWQ's clipping search, on this Linear's Hessian); the grids are then static.
     """
 
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
     true_sequential: bool = True
+    clip: bool = False
+    clip_grid: int = 20
+    max_shrink: float = 0.5
     method = "gptq"
 
     def validate(self):
@@ -175,12 +180,15 @@ class AWQ(QuantConfig):
     folded into the preceding norm / Linear, chosen to minimise the layer's output error; then
     an optional per-group clipping search. Output errors use the calibration Hessian X^T X,
     so each candidate costs one small matrix product instead of a forward pass.
+    gptq: round the scaled (and clipped) weights with GPTQ's error feedback (act-order, static
+    groups) instead of to nearest: AWQ + GPTQ.
     """
 
     grid: int = 20
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+    gptq: bool = False
     method = "awq"
 
     def validate(self):

@@ -7,7 +7,8 @@ applied lazily per block of columns, so the big matrix is touched once per block
 
 Options: dampening (a fraction of the mean diagonal added to H), act-order (columns in order
 of decreasing H diagonal; group grids then come from the unmodified weights up front, "static
-groups", so storage and kernels keep the natural column order).
+groups", so storage and kernels keep the natural column order), and `shrink`: per (row, group)
+clipping factors of those static grids (awq.search_clip's output-error search; AWQ + GPTQ).
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def single_thread():
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QSpec, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False) -> QuantizedWeight:  # fmt: skip
-    """Quantize W [N, K] with Hessian H [K, K] (mean of x x^T over calibration rows)."""
+         act_order: bool = False, shrink: torch.Tensor | None = None) -> QuantizedWeight:  # fmt: skip
+    """Quantize W [N, K] with Hessian H [K, K] (mean of x x^T over calibration rows); shrink [N, G]
+    clips the (then static) group grids."""
     with single_thread():
-        return _gptq(W, H, spec, damp, block_size, act_order)
+        return _gptq(W, H, spec, damp, block_size, act_order, shrink)
 
 
-def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool) -> QuantizedWeight:
+def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shrink=None) -> QuantizedWeight:
     N, K = W.shape
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -70,12 +72,14 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool) -> Q
 
     scale = torch.empty(N, G)
     zero = None if spec.symmetric else torch.empty(N, G)
-    perm = None
-    if act_order:
-        s, z = grid_params(pad_columns(W, Kp).view(N, G, g), spec)  # static groups
+    perm, col_group = None, None
+    if act_order or shrink is not None:
+        s, z = grid_params(pad_columns(W, Kp).view(N, G, g), spec, shrink)  # static groups
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)
+        col_group = [c // g for c in range(K)]
+    if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         col_group = (perm // g).tolist()
@@ -83,7 +87,7 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool) -> Q
     del H
 
     bs = max(block_size // g, 1) * g if spec.group else block_size  # groups never straddle blocks
-    q = _columns(W, U, scale, zero, spec, bs, perm, col_group if perm is not None else None)
+    q = _columns(W, U, scale, zero, spec, bs, col_group)
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     if Kp > K:
@@ -92,8 +96,9 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool) -> Q
                            None if zero is None else zero.to(torch.bfloat16), spec, K)  # fmt: skip
 
 
-def _columns(W, U, scale, zero, spec: QSpec, bs: int, perm, col_group) -> torch.Tensor:
-    """The GPTQ column loop with lazy block updates; fills scale/zero (dynamic groups); returns codes."""
+def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group) -> torch.Tensor:
+    """The GPTQ column loop with lazy block updates; returns codes. col_group: the static group of
+    each (permuted) column, or None: dynamic groups, whose scale/zero are filled in here."""
     N, K = W.shape
     g = spec.group_size(K)
     q = torch.empty(N, K)
@@ -105,7 +110,7 @@ def _columns(W, U, scale, zero, spec: QSpec, bs: int, perm, col_group) -> torch.
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if perm is None:
+            if col_group is None:
                 gi = col // g
                 if col % g == 0:  # a new group: its grid from the columns as updated so far
                     cols = W1[:, i : i + g] if spec.group else W[:, col : col + g]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import LeanlmError
 from ..model.load import parse_dtype
 from ..model.runtime import RotaryTable
-from .awq import awq_block
+from .awq import awq_block, search_clip
 from .calibrate import LINEARS, collect, get_module, run_sequential, sequential_block, set_module
 from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
@@ -165,7 +165,10 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
                 return
             def quantize_one(n, stats):
                 lin = get_module(layer, n)
-                qw = gptq(lin.weight.data, stats.hessian(), local[n], config.damp, config.block_size, config.act_order)
+                H = stats.hessian()
+                shrink = search_clip(lin.weight.data.float(), H, local[n], config.clip_grid, config.max_shrink) \
+                    if config.clip else None  # fmt: skip
+                qw = gptq(lin.weight.data, H, local[n], config.damp, config.block_size, config.act_order, shrink)
                 install(layer, prefix, n, qw, lin.bias)
 
             if config.true_sequential:
