@@ -284,6 +284,11 @@ def test_cli_quantize_then_eval(tiny64, tmp_path, monkeypatch):
     assert (out / "model.safetensors").exists()
     assert main(args) == 2  # exists: refuses without --force
     assert main(args + ["--force"]) == 0
+    awq_gptq = ["quantize", str(tiny64["llama"]), "--method", "awq", "--gptq", "--group", "32", "--calib", str(calib),
+                "--samples", "4", "--seq-len", "32", "--out", str(tmp_path / "ag")]  # fmt: skip
+    assert main(awq_gptq) == 0
+    assert json.loads((tmp_path / "ag" / "config.json").read_text())["leanlm_quant"]["config"]["gptq"] is True
+    assert main(["quantize", str(tiny64["llama"]), "--method", "rtn", "--gptq", "--out", str(tmp_path / "z")]) == 2
     assert main(["quantize", str(tiny64["llama"]), "--bits", "3", "--out", str(tmp_path / "x")]) == 2
     assert main(["quantize", str(tiny64["llama"]), "--calib", "wikitext2", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -14,8 +14,8 @@ The products and the attention are leanlm's own AVX2 loops (`small_linear`, atte
 - ATen's fp32 GEMV runs on one thread here, its 2..16-row products repack the weight, and its
   bf16 products have no native kernel (they scale with the rows). `small_linear` streams each
   weight row once for all rows: benchmarks/bench_speculative.py's v(k) (results/speculative.json)
-  has a SmolLM2 bf16 step at 25.8 vs 39.1 ms with ATen, and a 4-token forward at 1.47x one token
-  vs 3.18x (1 thread).
+  has a SmolLM2 bf16 step at 22.4 vs 36.2 ms with ATen, and a 4-token forward at 1.57x one token
+  vs 3.36x (1 thread).
 - Both are batch-invariant: each row's result is computed in the same order whatever the number
   of rows, so a k-token speculative verification reproduces k one-token steps bit for bit
   (tests/test_fused_decode.py). ATen's SDPA and GEMMs are not (their blocking depends on the
@@ -87,10 +87,9 @@ static inline float sk_f(uint16_t v) { return bf16f(v); }
 // steps bit for bit (speculative decoding stays exact in bf16, where one rounding step apart flips
 // near-tied greedy choices). One weight row streams at a time (several rows at once defeat the
 // hardware prefetcher here) and feeds up to 4 activation rows per pass; further passes over the
-// same block of 8 weight rows read it from L1. PF prefetches 4 rows ahead (helps bf16 and multi-row
-// fp32, not the fp32 GEMV). Against per-pair passes with 4 chains this took the SmolLM2 products
-// at 8 rows from 48.5 to 42.4 ms in bf16 and 65.2 to 62.1 ms in fp32 (1 thread, a same-run
-// micro-benchmark; bench_speculative.py's v(k) has the end-to-end effect).
+// same block of 8 weight rows find it in L1 and take 2-4 weight rows at once (more independent
+// chains). PF prefetches 4 rows ahead (helps bf16 and multi-row fp32, not the fp32 GEMV).
+// bench_speculative.py's v(k) (results/speculative*.json) measures the end-to-end effect.
 template <typename W, int R>
 static inline void sk_tile(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
   const int64_t K8 = K & ~int64_t(7), K16 = K & ~int64_t(15);
@@ -547,8 +546,8 @@ def _plan_fresh(plan, dtype) -> bool:
 def _layer_plan(layer, dtype):
     """decode_layer's per-layer arguments when the whole block runs as one C++ call, else None.
 
-    Why cached: rebuilding them (module attribute reads, type checks) cost ~50 us per layer, ~1.5
-    ms of a ~20 ms bf16 decode step. The plan is kept on the layer and reused while every module,
+    Why cached: rebuilding them (module attribute reads, type checks) every step cost about as
+    much as the LM head's product in a profile of a bf16 step. The plan is kept on the layer and reused while every module,
     weight, buffer and cache it read is the same object, no hook was added and the plain weights
     are still contiguous (checked by identity each step, a few us per layer)."""
     plan = layer.__dict__.get("_fused_plan")

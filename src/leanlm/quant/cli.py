@@ -21,6 +21,10 @@ def config_from_args(args):
         kwargs["true_sequential"] = False
     if args.no_clip:
         kwargs["clip"] = False
+    if args.clip:
+        kwargs["clip"] = True
+    if args.gptq_rounding:
+        kwargs["gptq"] = True
     return make_config(args.method, **kwargs)
 
 
@@ -81,6 +85,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-true-sequential", action="store_true",
                    help="GPTQ: calibrate all four Linears of a block on the unquantized block")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
+    p.add_argument("--clip", action="store_true",
+                   help="GPTQ: clip each group's grid by an output-error search first (AWQ's clipping search)")  # fmt: skip
+    p.add_argument("--gptq", dest="gptq_rounding", action="store_true",
+                   help="AWQ: round the scaled weights with GPTQ instead of to nearest (AWQ + GPTQ, best g128 quality)")  # fmt: skip
     p.add_argument("--no-pad", dest="pad", action="store_false",
                    help="refuse layers whose in_features the group does not divide (default: shorter last group)")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the result: bfloat16 (default) | float32")
