@@ -274,7 +274,7 @@ def test_adaptive_gamma_learns_each_context_and_a_staircase_verify_cost():
             pol.update(g, g if ok else 0, g * 0.01, verify(g), ctx)
     assert pol.next("copying") == 3  # a line through the costs would pick 10
     assert [pol.next("free") for _ in range(8)].count(0) >= 7  # (one round in 8 explores)
-    assert pol.stats["copying"].cost == pytest.approx(0.01)
+    assert pol.stats["copying"].draft_cost() == pytest.approx((0.0, 0.01), abs=1e-6)  # 0.01 per token, none per round
     split = AdaptiveGamma()  # a per-round draft cost (KV sync) is not charged per token
     for g in (2, 6) * 20:
         split.update(g, g, 0.5 + 0.1 * g, 1.0, "copy")

@@ -138,14 +138,6 @@ class _Context:
         b = ((w + mu) * xt - x * t) / det
         return max(a, 0.0), max(b, 0.0)
 
-    @property
-    def cost(self) -> float:
-        """Seconds per drafted token at the mean draft length seen."""
-        if self.fit is None:
-            return 0.0
-        a, b = self.draft_cost()
-        return a / max(self.fit[1] / self.fit[0], 1.0) + b
-
 
 class AdaptiveGamma:
     """Online draft length: pick g maximizing expected new tokens per second of a round,
@@ -199,7 +191,7 @@ class AdaptiveGamma:
 
     def _ctx(self, context) -> _Context:
         if context not in self.stats:
-            self.stats[context] = _Context(max(self.max_gamma, _fused.MAX_ROWS))
+            self.stats[context] = _Context(self.max_gamma)  # (the loop never drafts more)
         return self.stats[context]
 
     def acceptance(self, context=None) -> float:
@@ -257,7 +249,7 @@ class AdaptiveGamma:
             for i in range(len(st.tried)):
                 st.tried[i] *= d
                 st.taken[i] *= d
-            for i in range(min(accepted + 1, drafted)):  # positions 1..accepted taken, the next one refused
+            for i in range(min(accepted + 1, drafted, len(st.tried))):  # 1..accepted taken, the next refused
                 st.tried[i] += 1.0
                 st.taken[i] += 1.0 if i < accepted else 0.0
             x = float(drafted)

@@ -150,7 +150,7 @@ def awq_block(layer, stats: dict, specs: dict, cfg, make_linear) -> dict:
         if cfg.clip and H is not None:
             shrink = search_clip(W, H, specs[name], cfg.clip_grid, cfg.max_shrink)
             report.setdefault(name, {})["mean_clip"] = float(shrink.mean())
-        if getattr(cfg, "gptq", False) and H is not None:
+        if cfg.gptq and H is not None:
             qw = gptq(W, H, specs[name], act_order=True, shrink=shrink)
         else:
             qw = rtn(W, specs[name], shrink)
