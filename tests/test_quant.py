@@ -249,6 +249,10 @@ def test_bad_input_errors(tiny_dirs):
         make_config("gptq", group=48)
     with pytest.raises(LeanlmError, match="act_order"):
         make_config("rtn", act_order=True)
+    with pytest.raises(LeanlmError, match="max_shrink=1.5"):
+        make_config("gptq", clip=True, max_shrink=1.5)
+    with pytest.raises(LeanlmError, match="gptq"):
+        make_config("rtn", gptq=True)
     model = load_model(tiny_dirs["llama"])  # in_features 48 and 80
     with pytest.raises(LeanlmError, match="does not divide in_features 48"):
         quantize(model, RTN(bits=4, group=32, pad=False), progress=False)

@@ -171,6 +171,9 @@ class GPTQ(QuantConfig):
         super().validate()
         if not 0 < self.damp < 1:
             raise LeanlmError(f"damp must be in (0, 1), got {self.damp}")
+        if self.clip_grid < 1 or not 0 < self.max_shrink < 1:
+            raise LeanlmError(f"GPTQ's clipping search needs clip_grid >= 1 and 0 < max_shrink < 1, got "
+                              f"clip_grid={self.clip_grid}, max_shrink={self.max_shrink}")  # fmt: skip
         return self
 
 
