@@ -9,8 +9,10 @@ interleaved with the base model (benchmarks/common.interleaved_speed: base, conf
 reported as a ratio. Router / confidence overhead is measured separately by configurations
 whose gate runs but never fires ("*-overhead": skip router with threshold -inf, exit check that
 never exits, MoE router keeping every group). Activation sparsity's decode kernel is chosen per
-shape by timing (dense F.linear, dense x @ W^T, embedding_bag); the timings are in the JSON and
-"teal-0%" (same kernels, no dropped inputs) separates the layout effect from the sparsity effect.
+shape by timing (dense F.linear, dense x @ W^T, embedding_bag, leanlm's native sweep, which also
+runs inside the fused decode block); the timings are in the JSON and "teal-0%" (same kernels, no
+dropped inputs) separates the layout effect from the sparsity effect. --dtype bfloat16 measures the
+runtime's fastest dense decode as the base.
 
     LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py                     # SmolLM2-135M, all methods
     LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --model gemma3-270m --methods teal
@@ -53,7 +55,8 @@ METHODS = ("teal", "exit", "skip", "moe")
 
 
 SHORT = {  # --short: a few points per curve (about a third of the full run's time)
-    "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-70%", "teal-30%-greedy", "teal-50%-greedy"],
+    "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-70%", "teal-30%-greedy", "teal-50%-greedy",
+             "teal-30%-mlp+attn-greedy", "teal-35%-mlp+attn-greedy", "teal-40%-mlp+attn-greedy", "teal-50%-mlp+attn"],
     "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4", "exit-cosine-overhead"],
     "skip": ["skip-5%", "skip-20%", "skip-overhead"],
     "moe": ["moe-8x-p0.85", "moe-8x-p0.6", "moe-8x-overhead"],
@@ -76,7 +79,7 @@ def _configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
                      for s in (0.2, 0.3, 0.4, 0.5)]  # fmt: skip
             both = ("mlp", "attn")
             rows += [(f"teal-{int(s * 100)}%-mlp+attn-greedy", ActivationSparsity(s, both, allocation="greedy"), {})
-                     for s in (0.2, 0.3)]  # fmt: skip
+                     for s in (0.2, 0.3, 0.35, 0.4)]  # fmt: skip
             rows += [("teal-50%-mlp+attn", ActivationSparsity(0.5, ("mlp", "attn")), {}),
                      ("teal-50%-masked-dense", ActivationSparsity(0.5, kernel="dense"), {})]  # fmt: skip
         return rows
@@ -110,12 +113,15 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of teal,exit,skip,moe")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the base model's dtype (and every adaptive copy's); results key gets -bf16 for bfloat16")
     ap.add_argument("--windows", type=int, default=20, help="512-token WikiText-2 test windows (default 20)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=None, help="override every method's calibration windows")
     ap.add_argument("--short", action="store_true", help="a few points per method's curve (see SHORT)")
+    ap.add_argument("--configs", default=None, help="comma list of configuration names to run (e.g. teal-30%%,teal-50%%)")
     ap.add_argument("--quick", action="store_true", help="one configuration per method, 4 windows, 2 runs")
     ap.add_argument("--result-name", default="adaptive", help="results/NAME.json (default adaptive)")
     args = ap.parse_args()
@@ -124,7 +130,7 @@ def main() -> None:
         args.windows, args.runs, args.new_tokens, args.prompt_len = min(args.windows, 4), min(args.runs, 2), 32, 128
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
-    base, tok = leanlm.load(args.model, "float32")
+    base, tok = leanlm.load(args.model, args.dtype)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
 
     def quality(model) -> dict:
@@ -145,6 +151,8 @@ def main() -> None:
 
     for method in methods:
         for name, cfg, extra in configs(method, args.quick, args.short):
+            if args.configs and name not in args.configs.split(","):
+                continue
             print(f"== {name}", flush=True)
             if args.calib_samples:
                 cfg.calib_samples = args.calib_samples
@@ -196,7 +204,7 @@ def main() -> None:
         D = base.config.hidden_size
         f = base.config.layers[0].ffn_dim
         for K, N in ((D, 2 * f), (f, D)):
-            kernels[f"{K}x{N}"] = {str(s): time_kernels(K, N, s) for s in (0.0, 0.25, 0.5, 0.7, 0.9)}
+            kernels[f"{K}x{N}"] = {str(s): time_kernels(K, N, s, base.dtype) for s in (0.0, 0.25, 0.5, 0.7, 0.9)}
 
     table = [{"config": r["name"], "ppl": r["ppl"], "ppl_+%": 100 * (r["ppl"] / q["ppl"] - 1), "kl": r["kl"],
               "top1": r["top1_agreement"], "flops_frac": r["compute"].get("flops_fraction_layers"),
@@ -217,7 +225,7 @@ def main() -> None:
     path = RESULTS / f"{args.result_name}.json"
     existing = json.loads(path.read_text()) if path.exists() else {}
     models = existing.get("models", {})
-    models[args.model + ("-quick" if args.quick else "")] = entry
+    models[args.model + ("-bf16" if args.dtype == "bfloat16" else "") + ("-quick" if args.quick else "")] = entry
     write_result(args.result_name, {"models": models})
     print(json.dumps(checks, indent=2))
 

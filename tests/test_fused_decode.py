@@ -19,6 +19,22 @@ def _decode_logits(model, tokens, fused_on: bool, prompt: int = 6):
     return torch.stack(out, 1)
 
 
+def _count_whole_block_calls(monkeypatch) -> list:
+    """Patch in the real kernels with decode_layer counted: the list grows by one per whole-block call."""
+    calls, native = [], fused._native()
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def decode_layer(self, *args):
+            calls.append(1)
+            return native.decode_layer(*args)
+
+    monkeypatch.setattr(fused, "_native", Counting)
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_bf16_fused_matches_python_path(arch, tiny_dirs):
     """bf16 rounds where the Python path rounds: logits agree to bf16 noise (and both stay near fp32)."""
@@ -52,18 +68,7 @@ def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs
     model = load_model(tiny_dirs["gemma3"])
     quantize(model, RTN(bits=8, group=0, dtype="float32"), progress=False)
     assert type(model.layers[0].attn.wqkv).__name__ == "QuantLinear"
-    calls = []
-    native = fused._native()
-
-    class Counting:  # the real kernels, counting whole-block calls
-        def __getattr__(self, name):
-            return getattr(native, name)
-
-        def decode_layer(self, *args):
-            calls.append(1)
-            return native.decode_layer(*args)
-
-    monkeypatch.setattr(fused, "_native", Counting)
+    calls = _count_whole_block_calls(monkeypatch)
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
     a, b = _decode_logits(model, tokens, True), _decode_logits(model, tokens, False)
     assert len(calls) == 9 * len(model.layers) and (a - b).abs().max() <= 1e-4  # 6-token prefill + 8 steps, every block
@@ -164,3 +169,40 @@ def test_quantized_k_token_forward_equals_k_single_steps_bitwise(tiny_dirs):
         batch = model(torch.tensor([tokens[8:]]), 8)
     model.clear_cache()
     assert torch.equal(steps, batch)
+
+
+def test_input_sparse_linears_run_inside_the_whole_block_call(tiny_dirs, monkeypatch):
+    """leanlm.adaptive's native input-sparse linears (activation sparsity) are compiled into the
+    block's one C++ call; its decode steps equal those of the glue path that calls each module."""
+    from leanlm.adaptive import ActivationSparsity, apply_activation_sparsity
+    from leanlm.adaptive.kernels import native as sparse_native
+
+    if sparse_native() is None:
+        pytest.skip("native sparse GEMV not built here")
+    model = load_model(tiny_dirs["llama"])
+    calib = torch.randint(3, 97, (4, 32), generator=torch.Generator().manual_seed(1))
+    apply_activation_sparsity(model, ActivationSparsity(0.5, ("mlp", "attn"), kernel="native"), calib, progress=False)
+    assert type(model.layers[0].mlp.w_down).__name__ == "SparseInputLinear"
+    calls = _count_whole_block_calls(monkeypatch)
+    tokens = torch.randint(0, 97, (1, 26), generator=torch.Generator().manual_seed(7))
+
+    def decode(whole_block: bool):
+        # an 18-token prefill runs the Python block on both sides (the glue path's modules take a
+        # multi-row product dense and masked; the whole-block call sweeps each row sparse)
+        for layer in model.layers:
+            layer.__dict__.pop("_fused_plan", None)
+        if not whole_block:
+            monkeypatch.setattr(fused, "_block_linears", lambda *a, **k: None)  # glue path: module calls
+        out = _decode_logits(model, tokens, True, prompt=18)
+        monkeypatch.setattr(fused, "_block_linears", block_linears)
+        return out
+
+    block_linears = fused._block_linears
+    glue = decode(False)
+    assert not calls
+    whole = decode(True)
+    assert len(calls) == 8 * len(model.layers)  # 8 steps, every block in one call
+    assert torch.equal(whole, glue)
+    model.layers[0].mlp.w_down.threshold = 1e9  # a changed threshold reaches the whole-block call
+    changed = _decode_logits(model, tokens, True, prompt=18)
+    assert not torch.equal(changed, whole) and torch.equal(changed, decode(False))

@@ -5,10 +5,11 @@ but the Python block dispatches ~1,650 small ops per token around them (norms, R
 write, casts, residual adds), each costing microseconds on this CPU, and none of that shrinks
 with more threads. Here the glue between the GEMVs is C++ over one row: RMSNorm, the residual
 add fused with the next norm, (QK-norm +) RoPE + KV write + attention, and the gated activation.
-When the block's four linears are plain dense weights or leanlm.quant's packed int8/int4 weights
-(q_linear, compiled into this extension), the whole block is one call; otherwise the same C++
-glue runs between the linear modules, so whatever a method put there (sparse, packed, hooked)
-keeps working at a few calls per block.
+When the block's four linears are plain dense weights, leanlm.quant's packed int8/int4 weights
+(q_linear) or leanlm.adaptive's input-sparse products (sparse_rows), all compiled into this
+extension, the whole block is one call; otherwise the same C++ glue runs between the linear
+modules, so whatever a method put there (pruned, routed, hooked) keeps working at a few calls
+per block.
 
 The products and the attention are leanlm's own AVX2 loops (`small_linear`, attend), not ATen:
 - ATen's fp32 GEMV runs on one thread here, its 2..16-row products repack the weight, and its
@@ -422,6 +423,12 @@ static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int6
   const int64_t bits = meta[2 * i], group = meta[2 * i + 1];
   std::optional<Tensor> bias = b.numel() ? std::optional<Tensor>(b) : std::nullopt;
   if (bits == 0) return project(x, w, bias);
+  if (bits < 0) {  // input-sparse (leanlm.adaptive's SparseInputLinear): w is W^T [K, N], threshold in slot 2
+    Tensor y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));
+    sparse_rows(x, w, lins[4 * i + 2].item<double>(), y.data_ptr<float>());
+    if (bias) y.add_(*bias);
+    return y.to(x.scalar_type());
+  }
   Tensor y = q_linear(x, w, lins[4 * i + 2], lins[4 * i + 3], bits, group);
   if (bias) y.add_(*bias);
   return y.to(x.scalar_type());
@@ -448,10 +455,12 @@ Tensor decode_layer(Tensor x, Tensor attn_norm, std::vector<Tensor> lins, std::v
 
 
 def _native():
-    """The compiled extension (this file's kernels + leanlm.quant's q_linear), or None."""
-    from ..quant.native import Q_LINEAR_SOURCE  # at call time: the quant package imports the runtime
+    """The compiled extension (this file's kernels + leanlm.quant's q_linear + leanlm.adaptive's
+    input-sparse product), or None."""
+    from ..adaptive.kernels import SPARSE_SOURCE  # at call time: both packages import the runtime
+    from ..quant.native import Q_LINEAR_SOURCE
 
-    return build("leanlm_fused_decode_v11", Q_LINEAR_SOURCE + _SOURCE,
+    return build("leanlm_fused_decode_v13", Q_LINEAR_SOURCE + SPARSE_SOURCE + _SOURCE,
                  ["rms_norm", "residual_norm", "attend", "glu", "decode_layer", "small_linear", "q_linear"],
                  ("-mavx2", "-mfma", "-mf16c"), fallback="the Python decode path")  # fmt: skip
 
@@ -498,7 +507,8 @@ _EMPTY = torch.empty(0)
 
 def _block_linears(mods, dtype, rows: int):
     """([weight, bias, scales, zeros] x 4, [bits, group] x 4) for decode_layer when every linear is
-    a plain dense weight or leanlm.quant's packed weight on the native kernel; else None."""
+    a plain dense weight, leanlm.quant's packed weight on the native kernel or leanlm.adaptive's
+    native input-sparse linear (bits -1, its threshold in the scales slot); else None."""
     lins, meta = [], []
     for mod in mods:
         if _plain(mod, dtype) and mod.weight.is_contiguous():
@@ -509,6 +519,10 @@ def _block_linears(mods, dtype, rows: int):
             lins += [mod.qweight, _EMPTY if mod.bias is None else mod.bias, mod.scales,
                      _EMPTY if mod.zeros is None else mod.zeros]  # fmt: skip
             meta += [mod.spec.bits, mod.kgroup]
+        elif type(mod).__name__ == "SparseInputLinear" and mod.kernel == "native" \
+                and not (mod._forward_pre_hooks or mod._forward_hooks):  # fmt: skip
+            lins += [mod.weight, _EMPTY if mod.bias is None else mod.bias, torch.tensor([mod.threshold]), _EMPTY]
+            meta += [-1, 0]
         else:
             return None
     return lins, meta
@@ -563,7 +577,7 @@ def _layer_plan(layer, dtype):
         k, v = r.get(cache, "k"), r.get(cache, "v")
         mods = [r.get(a, "wqkv"), r.get(a, "wo"), r.get(m, "w_gate_up"), r.get(m, "w_down")]
         for mod in mods:  # the linears' tensors (weights or packed codes, scales, zeros)
-            for name in ("weight", "bias", "qweight", "scales", "zeros", "backend"):
+            for name in ("weight", "bias", "qweight", "scales", "zeros", "backend", "threshold", "kernel"):
                 if name in mod._parameters or name in mod._buffers or name in mod.__dict__:
                     r.get(mod, name)
         lins = _block_linears(mods, dtype, MAX_ROWS)
