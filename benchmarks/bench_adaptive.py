@@ -129,6 +129,12 @@ def main() -> None:
     if args.quick:
         args.windows, args.runs, args.new_tokens, args.prompt_len = min(args.windows, 4), min(args.runs, 2), 32, 128
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.configs:
+        known = {name for m in methods for name, _, _ in configs(m, args.quick)}
+        unknown = sorted(set(args.configs.split(",")) - known)
+        if unknown:
+            raise SystemExit(f"--configs: unknown configuration(s) {', '.join(unknown)} for --methods "
+                             f"{','.join(methods)}; choose from {', '.join(sorted(known))}")  # fmt: skip
 
     base, tok = leanlm.load(args.model, args.dtype)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))

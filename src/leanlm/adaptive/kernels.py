@@ -6,10 +6,10 @@ but spends ~7 dispatched ops (abs, compare, nonzero, gather, ...) and reads a ro
 dense GEMV streams; this AVX2 loop does the thresholding, index list and row sweep in one call,
 keeping the output slice in L1 while each active row streams through once (fp32 accumulation;
 bf16 weights widened by a shift). With several threads each sweeps its share of the active rows.
-Measured on SmolLM2's 120 decoder products of one token (bf16, 1 thread, random inputs):
-dense small_linear 17.1 ms; this kernel 13.9 ms at 30% input sparsity and 10.7 ms at 50%
-(swept one row at a time without prefetch it took 18.7 / 16.2 ms). Gathering rows is dearer
-than streaming them, so sparsity pays back well below its fraction of skipped weights.
+benchmarks/bench_adaptive.py times it per shape ("kernel_us" in results/adaptive_s6.json, 2
+threads): SmolLM2's w_gate_up in bf16 at 0 / 25 / 50% sparsity 136 / 126 / 96 us against 234 us
+for the dense module. Gathering rows is dearer than streaming them, so sparsity pays back well
+below its fraction of skipped weights.
 Built once with the system compiler (cached by torch) like leanlm.model.gemv; LEANLM_NATIVE=0,
 no compiler or no AVX2 -> None, and SparseInputLinear uses embedding_bag instead.
 """
