@@ -26,6 +26,7 @@ import argparse
 import copy
 import gc
 import json
+import re
 import time
 
 import torch
@@ -56,11 +57,30 @@ METHODS = ("teal", "exit", "skip", "moe")
 
 SHORT = {  # --short: a few points per curve (about a third of the full run's time)
     "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-70%", "teal-30%-greedy", "teal-50%-greedy",
-             "teal-30%-mlp+attn-greedy", "teal-35%-mlp+attn-greedy", "teal-40%-mlp+attn-greedy", "teal-50%-mlp+attn"],
+             "teal-30%-mlp+attn-greedy", "teal-35%-mlp+attn-greedy", "teal-40%-mlp+attn-greedy", "teal-50%-mlp+attn",
+             "teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0", "teal-30%-greedy-head30", "teal-30%-mlp+attn-greedy-head30"],
     "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4", "exit-cosine-overhead"],
     "skip": ["skip-5%", "skip-20%", "skip-overhead"],
     "moe": ["moe-8x-p0.85", "moe-8x-p0.6", "moe-8x-overhead"],
 }
+
+
+TEAL_NAME = re.compile(r"teal-(\d+)%(-mlp\+attn)?(-greedy|-layers)?(-wina)?(-head(\d+))?")
+
+
+def teal_row(name: str):
+    """A TEAL row from its name, or None: teal-S%[-mlp+attn][-greedy|-layers][-wina][-headH]
+    (-head0: the head in the sparse kernel's layout, nothing dropped), or teal-headH (the LM
+    head alone, decoder layers untouched)."""
+    if (m := re.fullmatch(r"teal-head(\d+)", name)) is not None:
+        return (name, ActivationSparsity(0.0, (), head=int(m.group(1)) / 100), {})
+    m = TEAL_NAME.fullmatch(name)
+    if m is None:
+        return None
+    s, both, alloc, wina, _, head = m.groups()
+    return (name, ActivationSparsity(int(s) / 100, ("mlp", "attn") if both else ("mlp",),
+                                     allocation=(alloc or "-uniform")[1:], criterion="wina" if wina else "magnitude",
+                                     head=None if head is None else int(head) / 100), {})  # fmt: skip
 
 
 def configs(method: str, quick: bool, short: bool = False) -> list[tuple[str, object, dict]]:
@@ -80,6 +100,8 @@ def _configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
             both = ("mlp", "attn")
             rows += [(f"teal-{int(s * 100)}%-mlp+attn-greedy", ActivationSparsity(s, both, allocation="greedy"), {})
                      for s in (0.2, 0.3, 0.35, 0.4)]  # fmt: skip
+            rows += [teal_row(n) for n in ("teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0", "teal-30%-greedy-head30",
+                                           "teal-30%-mlp+attn-greedy-head30", "teal-0%-wina", "teal-30%-greedy-wina")]
             rows += [("teal-50%-mlp+attn", ActivationSparsity(0.5, ("mlp", "attn")), {}),
                      ("teal-50%-masked-dense", ActivationSparsity(0.5, kernel="dense"), {})]  # fmt: skip
         return rows
@@ -121,7 +143,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=None, help="override every method's calibration windows")
     ap.add_argument("--short", action="store_true", help="a few points per method's curve (see SHORT)")
-    ap.add_argument("--configs", default=None, help="comma list of configuration names to run (e.g. teal-30%%,teal-50%%)")
+    ap.add_argument("--configs", default=None, help="comma list of configuration names to run (e.g. teal-30%%,teal-50%%); any TEAL "
+                    "row can be named: teal-S%%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH, e.g. "
+                    "teal-30%%-mlp+attn-greedy-head30 (30%% of MLP and attention inputs, FFN split greedily, "
+                    "30%% of the LM head's inputs)")
     ap.add_argument("--quick", action="store_true", help="one configuration per method, 4 windows, 2 runs")
     ap.add_argument("--result-name", default="adaptive", help="results/NAME.json (default adaptive)")
     args = ap.parse_args()
@@ -129,12 +154,16 @@ def main() -> None:
     if args.quick:
         args.windows, args.runs, args.new_tokens, args.prompt_len = min(args.windows, 4), min(args.runs, 2), 32, 128
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    named: list = []  # --configs rows outside the fixed curves (any teal-... name, parsed)
     if args.configs:
         known = {name for m in methods for name, _, _ in configs(m, args.quick)}
-        unknown = sorted(set(args.configs.split(",")) - known)
+        parsed = [teal_row(n) if "teal" in methods else None for n in args.configs.split(",") if n not in known]
+        unknown = sorted(n for n, r in zip([n for n in args.configs.split(",") if n not in known], parsed) if r is None)
         if unknown:
             raise SystemExit(f"--configs: unknown configuration(s) {', '.join(unknown)} for --methods "
-                             f"{','.join(methods)}; choose from {', '.join(sorted(known))}")  # fmt: skip
+                             f"{','.join(methods)}; choose from {', '.join(sorted(known))} or name a TEAL row "
+                             "teal-S%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH")  # fmt: skip
+        named = parsed
 
     base, tok = leanlm.load(args.model, args.dtype)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
@@ -156,7 +185,7 @@ def main() -> None:
     routed: dict = {}  # clusters + routers do not depend on p: trained once, copied per p
 
     for method in methods:
-        for name, cfg, extra in configs(method, args.quick, args.short):
+        for name, cfg, extra in configs(method, args.quick, args.short) + (named if method == "teal" else []):
             if args.configs and name not in args.configs.split(","):
                 continue
             print(f"== {name}", flush=True)

@@ -11,7 +11,9 @@ Memory: weight MB (parameters + buffers: packed sizes), size on disk of the save
 peak RSS of a fresh process that loads the saved model and generates 32 tokens. When
 llama-cpp-python is installed, llama.cpp runs Q8_0 and Q4_0 GGUFs exported from the same base
 weights (leanlm.export) in the same interleaved speed runs.
-Calibration: --calib (default wikitext2-valid, never the test split).
+Calibration: --calib (default wikitext2-valid, never the test split). The "-tuned" rows then train
+every group's scale and zero (codes frozen) by KL distillation to the base model (quant/tune.py)
+on --tune-samples other windows of the same text; their quantize time includes the tuning.
 
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py                      # both models
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py --models gemma3-270m --windows 40
@@ -52,6 +54,7 @@ CONFIGS = {
         "int4-g128-awq": lambda: AWQ(bits=4, group=128),
         "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
         "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
+        "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
         "int4-g32-rtn": lambda: RTN(bits=4, group=32),
         "mixed-5bit-gptq": lambda: GPTQ(bits=4, group=128, mixed=MixedPrecision(target_bits=5.0)),
     },
@@ -62,8 +65,10 @@ CONFIGS = {
         "int4-g128-awq": lambda: AWQ(bits=4, group=128),
         "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
         "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
+        "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
     },
 }
+TUNE_STEPS = 300  # "-tuned" rows: grid tuning steps (quant/tune.py), --tune-steps overrides
 
 
 @torch.inference_mode()
@@ -127,6 +132,7 @@ def run_model(name: str, args, text: str) -> dict:
     base, tok = load(name, "float32")
     bf16, _ = load(name, "bfloat16")
     calib = read_calibration(args.calib, tok, args.samples, args.seq_len)
+    tune = read_calibration(args.calib, tok, args.tune_samples, args.seq_len, seed=1)  # for "-tuned" rows
     wanted = CONFIGS[name] if not args.only else {k: v for k, v in CONFIGS[name].items() if k in args.only.split(",")}
     models, info = {"bf16": bf16}, {"bf16": {"weight_mb": weight_bytes(bf16) / 2**20}}
     info["fp32"] = {"weight_mb": weight_bytes(base) / 2**20}
@@ -135,7 +141,9 @@ def run_model(name: str, args, text: str) -> dict:
         cfg = make()
         model = copy.deepcopy(base)
         t0, c0 = time.perf_counter(), time.process_time()
-        quantize(model, cfg, calib)
+        if cfg.tune_steps:
+            cfg.tune_steps = args.tune_steps
+        quantize(model, cfg, calib, tune_tokens=tune)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         out = save_quantized(model, tok, tmp / label)
         q = model.quantization
@@ -143,6 +151,11 @@ def run_model(name: str, args, text: str) -> dict:
                        "head_bits": cfg.head_bits, "bits_per_weight": q["bits_per_weight"],
                        "quantize_wall_s": wall, "quantize_cpu_s": cpu, "weight_mb": weight_bytes(model) / 2**20,
                        "disk_mb": disk_bytes(out) / 2**20}  # fmt: skip
+        if "tune" in q["report"]:
+            t = q["report"]["tune"]
+            info[label]["tune"] = {k: t[k] for k in ("steps", "lr", "batch_size", "seq_len", "seconds", "first_loss",
+                                                     "last_loss", "trained_parameters")}  # fmt: skip
+            info[label]["tune"]["samples"] = args.tune_samples
         if "mixed" in q["report"]:
             info[label]["mixed_high"] = q["report"]["mixed"]["high"]
         print(f"{name} {label}: {wall:.1f} s wall, {cpu:.1f} s CPU, {info[label]['weight_mb']:.1f} MB", flush=True)
@@ -206,6 +219,9 @@ def main() -> None:
     ap.add_argument("--calib", default="wikitext2-valid")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--tune-steps", type=int, default=TUNE_STEPS, help="grid tuning steps of the -tuned rows")
+    ap.add_argument("--tune-samples", type=int, default=128,
+                    help="grid tuning windows of --seq-len (drawn from --calib with another seed)")
     ap.add_argument("--check-ppl", action="store_true", help="also run leanlm.evaluate.perplexity on the base model")
     ap.add_argument("--kernels", action="store_true", help="also time the kernels per weight shape")
     ap.add_argument("--kernels-only", action="store_true")

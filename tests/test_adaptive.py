@@ -162,6 +162,90 @@ def test_sparsity_zero_is_the_dense_model(models):
     assert gen(model, prompt) == gen(models["llama"], prompt)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_wina_fold_keeps_the_function_and_ranks_by_weighted_magnitude(models, arch):
+    """criterion=wina folds column norms into the inputs' producers: at sparsity 0 the model is
+    the same function; each matrix's columns then have unit norm, so |x'_i| = |x_i| * ||W[:, i]||."""
+    from leanlm.adaptive.sparsity import fold_column_norms
+
+    base = models[arch]
+    tokens = calib(2, 16, seed=4)
+    model = copy.deepcopy(base)
+    fold_column_norms(model, ["attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down"])
+    torch.testing.assert_close(model(tokens), base(tokens), rtol=1e-4, atol=1e-4)
+    layer = model.layers[1]
+    for lin in (layer.attn.wqkv, layer.mlp.w_gate_up, layer.mlp.w_down):
+        torch.testing.assert_close(lin.weight.norm(dim=0), torch.ones(lin.in_features), rtol=1e-4, atol=1e-4)
+    a = layer.attn  # wo: one norm per value dimension of a GQA group (the group's mean)
+    norms = a.wo.weight.norm(dim=0).view(a.n_kv_heads, a.n_heads // a.n_kv_heads, a.head_dim)
+    torch.testing.assert_close(norms.mean(1), torch.ones(a.n_kv_heads, a.head_dim), rtol=1e-4, atol=1e-4)
+    model = copy.deepcopy(base)
+    apply_activation_sparsity(model, ActivationSparsity(0.3, ("mlp", "attn"), kernel="bag", criterion="wina"),
+                              calib(), progress=False)  # fmt: skip
+    got = measured_sparsity(model, calib())
+    assert got["0.attn.wqkv"] == pytest.approx(0.3, abs=0.01)
+    assert not torch.allclose(model(tokens), base(tokens), atol=1e-3)
+    assert parse_adaptive("teal:0.3,criterion=wina").criterion == "wina"
+    with pytest.raises(LeanlmError, match="criterion"):
+        ActivationSparsity(0.3, criterion="norm")
+
+
+def test_layer_allocation_is_the_optimum_and_keeps_the_average(models):
+    import itertools
+
+    from leanlm.adaptive.sparsity import allocate_layers
+
+    g = torch.Generator().manual_seed(0)
+    levels = [0.2, 0.3, 0.4]
+    kl = torch.rand(4, 3, generator=g).cumsum(1).tolist()  # KL grows with the level
+    picks = allocate_layers(kl, levels)
+    brute = min((c for c in itertools.product(range(3), repeat=4) if sum(c) == 4),
+                key=lambda c: sum(kl[i][k] for i, k in enumerate(c)))  # fmt: skip
+    assert picks == [levels[k] for k in brute] and sum(picks) / 4 == pytest.approx(0.3)
+    model = copy.deepcopy(models["llama"])
+    rep = apply_activation_sparsity(model, ActivationSparsity(0.4, ("mlp", "attn"), kernel="bag", allocation="layers"),
+                                    calib(), progress=False)  # fmt: skip
+    per_layer = rep["layer_allocation"]["per_layer"]
+    assert len(per_layer) == model.config.n_layers and sum(per_layer) / len(per_layer) == pytest.approx(0.4)
+    assert [t["sparsity"] for t in rep["thresholds"]] == per_layer
+    got = measured_sparsity(model, calib())
+    assert sum(got.values()) / len(got) == pytest.approx(0.4, abs=0.08)
+    with pytest.raises(LeanlmError, match="allocation"):
+        ActivationSparsity(0.3, allocation="global")
+
+
+@pytest.mark.parametrize("arch,kernel", [("llama", "bag"), ("gemma3", "bag"), ("llama", "native"), ("qwen2", "dense")])
+def test_head_sparsity_one_table_same_decode_and_saved_state(models, arch, kernel, tmp_path):
+    """head=FRACTION: the LM head drops that fraction of its inputs, decode equals masked scoring,
+    a tied embedding reads the head's table (no second copy), and the state reloads the threshold."""
+    if kernel == "native" and not _native_ok():
+        pytest.skip("native sparse GEMV not built here (no compiler / AVX2)")
+    from leanlm.adaptive import load_adaptive, save_adaptive
+    from leanlm.adaptive.sparsity import HeadTableEmbedding
+    from leanlm.evaluate.speed import weight_bytes
+
+    base = models[arch]
+    model = copy.deepcopy(base)
+    rep = apply_activation_sparsity(model, ActivationSparsity(0.0, (), kernel=kernel, head=0.3), calib(), progress=False)
+    assert isinstance(model.lm_head, SparseInputLinear) and rep["head_threshold"] > 0
+    if base.lm_head is None:
+        assert isinstance(model.tok_embeddings, HeadTableEmbedding)
+        assert weight_bytes(model) < weight_bytes(base) + 1024  # one table for lookups and the head
+    torch.testing.assert_close(model.output_weight(), base.output_weight())
+    tokens = calib(1, 12, seed=3)
+    full = model(tokens)
+    h = base.norm(base.hidden(tokens), base.dtype)
+    dropped = float((h.abs() <= rep["head_threshold"]).float().mean())
+    assert dropped == pytest.approx(0.3, abs=0.1)
+    torch.testing.assert_close(stepwise_logits(model, tokens), full, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(full, base(tokens), atol=1e-3)
+    path = save_adaptive(model, tmp_path)
+    again = copy.deepcopy(base)
+    load_adaptive(again, path)
+    assert again.lm_head.threshold == model.lm_head.threshold
+    torch.testing.assert_close(again(tokens), full)
+
+
 # ---- early exit ---------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
 def test_never_exit_equals_full_generation(models, arch):

@@ -214,6 +214,37 @@ def test_gptq_and_awq_beat_rtn_on_tiny_model(tiny64):
     assert kls["awq-gptq"] < kls["awq"], kls
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_grid_tuning_lowers_kl_keeps_codes_and_format(tiny64, arch):
+    """Tuning scales/zeros by distillation: held-out KL drops below GPTQ's, the integer codes and
+    storage are unchanged, and the tuned model saves and runs on the packed kernels."""
+    g = torch.Generator().manual_seed(3)
+    calib, x = torch.randint(0, 97, (128, 48), generator=g), torch.randint(0, 97, (4, 48), generator=g)
+    base = load_model(tiny64[arch])
+    with torch.inference_mode():
+        ref = base(x).flatten(0, 1)[None]
+    plain = quantize(load_model(tiny64[arch]), GPTQ(bits=4, group=32), calib, progress=False)
+    tuned = quantize(load_model(tiny64[arch]), GPTQ(bits=4, group=32, tune_steps=40, tune_lr=3e-3, tune_batch=4),
+                     calib, progress=False)  # fmt: skip
+    rep = tuned.quantization["report"]["tune"]
+    assert rep["last_loss"] < rep["first_loss"] and rep["trained_parameters"] > 0
+    with torch.inference_mode():
+        kl_plain, kl_tuned = _kl(ref, plain(x).flatten(0, 1)[None]), _kl(ref, tuned(x).flatten(0, 1)[None])
+    assert kl_tuned < kl_plain, (kl_plain, kl_tuned)  # (random weights and tokens: little to learn)
+    a, b = plain.layers[1].mlp.w_down, tuned.layers[1].mlp.w_down
+    assert isinstance(b, QuantLinear) and b.backend == a.backend
+    assert torch.equal(a.export()[0]["qweight"], b.export()[0]["qweight"])  # codes frozen
+    assert not torch.equal(a.export()[0]["scales"], b.export()[0]["scales"])  # grid trained
+    assert weight_bytes(tuned) == weight_bytes(plain)
+    assert all(not p.requires_grad for p in tuned.parameters())
+
+
+def test_grid_tuning_bad_settings():
+    for bad in (dict(tune_steps=-1), dict(tune_steps=5, tune_lr=0.0), dict(tune_steps=5, tune_batch=0)):
+        with pytest.raises(LeanlmError, match="grid tuning"):
+            make_config("gptq", **bad)
+
+
 def test_mixed_precision_meets_target(tiny64):
     calib = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(2))
     cfg = RTN(bits=4, group=32, mixed=MixedPrecision(target_bits=6.5, kl_samples=2, kl_seq_len=32))

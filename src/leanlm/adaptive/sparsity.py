@@ -13,8 +13,25 @@ AVX2 kernel of kernels.py - threshold, index list and row sweep in one call - wh
 and the fastest is kept (`kernel="auto"`); the timings are in the report. Multi-row inputs
 (prefill, scoring) use a dense product of the masked input, so quality is the same as at decode.
 
+`criterion="wina"` (WINA, Chen et al. 2025): rank inputs by |x_i| * ||W[:, i]|| instead of |x_i|,
+i.e. by how much each dropped input would move the output. Implemented by a reparametrization
+that leaves the model's function unchanged: each input channel's column norm c_i is folded into
+whatever produces that input (the RMSNorm weight before wqkv / w_gate_up, the `up` rows before
+w_down, the value rows before wo) and divided out of the weight's column, so the plain magnitude
+threshold and the same kernels then apply WINA's criterion at no run-time cost.
+
+`head` (a fraction; None = off, 0 = the layout alone, nothing dropped) also sparsifies the LM head's input, the final normed hidden
+state: the head is the biggest GEMV of a small model's decode step (SmolLM2: 28M of 135M weights,
+Gemma 3 270M: 168M of 268M) and its input is the one least hurt by dropping small entries. The
+head then keeps its table transposed ([hidden, vocab], one row per input); a tied embedding looks
+its rows up in that same table (`HeadTableEmbedding`), so no second copy is held.
+
 `allocation="greedy"` (TEAL's idea, per FFN): the bytes skipped in an FFN are split between the
 w_gate_up and w_down inputs by the pair that minimises the FFN's output error on calibration.
+`allocation="layers"` also moves sparsity between layers: each layer alone is sparsified at a few
+levels around the target and the model's KL to the dense model measured; a small dynamic
+program then picks one level per layer, averaging the target, that minimises the summed KL
+(first-order additivity), and each FFN is split greedily at its layer's level.
 """
 
 from __future__ import annotations
@@ -33,6 +50,8 @@ from ..quant.calibrate import get_module, set_module
 TARGETS = {"mlp": ("mlp.w_gate_up", "mlp.w_down"), "gate_up": ("mlp.w_gate_up",), "down": ("mlp.w_down",),
            "attn": ("attn.wqkv", "attn.wo")}  # fmt: skip
 KERNELS = ("auto", "native", "bag", "dense", "dense_t")
+ALLOCATIONS = ("uniform", "greedy", "layers")
+LAYER_STEPS = (-0.1, -0.05, 0.0, 0.05, 0.1)  # allocation="layers": levels tried around the target
 
 
 @dataclass
@@ -45,19 +64,25 @@ class ActivationSparsity:
     sparsity: float = 0.5
     targets: tuple[str, ...] = ("mlp",)
     kernel: str = "auto"
-    allocation: str = "uniform"  # or "greedy": per FFN, split the skipped bytes between gate_up and down
+    allocation: str = "uniform"  # "greedy": per FFN, split the skipped bytes between gate_up and down; "layers": also between layers
     calib_samples: int = 4
     calib_seq_len: int = 512
+    criterion: str = "magnitude"  # or "wina": |x_i| * (column norm of the weight), see the module docstring
+    head: float | None = None  # fraction of the LM head's inputs dropped (0: transposed head, nothing dropped)
 
     def __post_init__(self):
+        if self.head is not None and not 0.0 <= self.head < 1.0:
+            raise LeanlmError(f"head sparsity must be in [0, 1), got {self.head}")
+        if self.criterion not in ("magnitude", "wina"):
+            raise LeanlmError(f"criterion must be magnitude or wina, got {self.criterion!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise LeanlmError(f"activation sparsity must be in [0, 1), got {self.sparsity}")
         self.targets = tuple(self.targets)
         bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
+        if bad or not (self.targets or self.head is not None):
             raise LeanlmError(f"activation-sparsity targets must be among {', '.join(TARGETS)}, got {self.targets}")
-        if self.allocation not in ("uniform", "greedy"):
-            raise LeanlmError(f"allocation must be uniform or greedy, got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise LeanlmError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.kernel not in KERNELS:
             raise LeanlmError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
@@ -143,12 +168,35 @@ class SparseInputLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold:.4g}, kernel={self.kernel}"
 
 
+class HeadTableEmbedding(nn.Module):
+    """Token embeddings read from an input-sparse LM head's table (tied embeddings): `weight` is a
+    [vocab, hidden] view of the head's [hidden, vocab] weight, so one copy serves both."""
+
+    def __init__(self, head: SparseInputLinear):
+        super().__init__()
+        self.head = head
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.dense_weight()
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 # ---- kernel choice ------------------------------------------------------------------------
 def time_kernels(K: int, N: int, sparsity: float, dtype=torch.float32, copies: int = 8, reps: int = 30) -> dict:
     """Median microseconds per batch-1 call of each kernel at this shape and sparsity.
 
-    Several weight copies are cycled so that the weights come from memory, as at decode."""
+    Several weight copies are cycled so that the weights come from memory, as at decode (a
+    weight far bigger than the caches needs fewer)."""
     g = torch.Generator().manual_seed(0)
+    copies = max(1, min(copies, (64 << 20) // (K * N * 4)))
+    reps = max(3, min(reps, (1 << 29) // (K * N)))
     from .kernels import usable
 
     kinds = ("dense", "dense_t", "bag") + (("native",) if usable(torch.empty(K, N, dtype=dtype)) else ())
@@ -170,14 +218,19 @@ def time_kernels(K: int, N: int, sparsity: float, dtype=torch.float32, copies: i
     return out
 
 
-def choose_kernels(model, names: list[str], sparsity: float) -> dict:
-    """(K, N) -> {"kernel": fastest, "us": {kernel: microseconds}} for the decoder's shapes."""
+def choose_kernels(model, names: list[str], sparsity: float, head: float | None = None) -> dict:
+    """(K, N) -> {"kernel": fastest, "us": {kernel: microseconds}} for the decoder's shapes (and
+    the LM head's, at its own sparsity, when `head` is set)."""
     shapes = {}
     for layer in model.layers:
         for n in names:
             mod = get_module(layer, n)
             shapes.setdefault((mod.in_features, mod.out_features), None)
     out = {}
+    if head is not None:
+        V, D = model.output_weight().shape
+        out[("head", D, V)] = {"kernel": None, "us": time_kernels(D, V, head, model.dtype)}
+        out[("head", D, V)]["kernel"] = min(out[("head", D, V)]["us"], key=out[("head", D, V)]["us"].get)
     for K, N in shapes:
         try:
             us = time_kernels(K, N, sparsity, model.dtype)
@@ -185,6 +238,52 @@ def choose_kernels(model, names: list[str], sparsity: float) -> dict:
             us = {"dense": 0.0}
         out[(K, N)] = {"kernel": min(us, key=us.get), "us": us}
     return out
+
+
+# ---- WINA: fold column norms into the producers of the inputs -----------------------------
+@torch.no_grad()
+def _fold_into_norm(norm, c: torch.Tensor) -> None:
+    w = norm.weight.float()
+    eff = (1.0 + w) if norm.plus_one else w
+    eff = eff * c
+    norm.weight.copy_((eff - 1.0 if norm.plus_one else eff).to(norm.weight.dtype))
+
+
+@torch.no_grad()
+def _scale_columns(lin, c: torch.Tensor) -> None:
+    lin.weight.copy_((lin.weight.float() / c).to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def fold_column_norms(model, names: list[str]) -> None:
+    """Reparametrize so that |input| of each matrix in `names` is WINA's |x_i| * ||W[:, i]||:
+    the model computes the same function (up to rounding). wo's inputs come from values shared by
+    a group of query heads (GQA), so their scale is the group's mean column norm per dimension."""
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        if "attn.wo" in names:
+            nh, nkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+            c = attn.wo.weight.float().norm(dim=0).clamp_min(1e-6).view(nkv, nh // nkv, hd).mean(1)  # [nkv, hd]
+            v0 = (nh + nkv) * hd
+            w = attn.wqkv.weight
+            w[v0:] = (w[v0:].float() * c.reshape(-1, 1)).to(w.dtype)
+            if attn.wqkv.bias is not None:
+                attn.wqkv.bias[v0:] *= c.reshape(-1).to(attn.wqkv.bias.dtype)
+            _scale_columns(attn.wo, c.repeat_interleave(nh // nkv, dim=0).reshape(-1))
+        if "mlp.w_down" in names:
+            c = mlp.w_down.weight.float().norm(dim=0).clamp_min(1e-6)
+            f, w = mlp.ffn_dim, mlp.w_gate_up.weight
+            w[f:] = (w[f:].float() * c[:, None]).to(w.dtype)  # act(gate) * (up * c) = (act(gate) * up) * c
+            _scale_columns(mlp.w_down, c)
+        # after the folds above, which rescale rows of these two matrices
+        if "attn.wqkv" in names and layer.attn_norm is not None:
+            c = attn.wqkv.weight.float().norm(dim=0).clamp_min(1e-6)
+            _fold_into_norm(layer.attn_norm, c)
+            _scale_columns(attn.wqkv, c)
+        if "mlp.w_gate_up" in names:
+            c = mlp.w_gate_up.weight.float().norm(dim=0).clamp_min(1e-6)
+            _fold_into_norm(layer.mlp_norm, c)
+            _scale_columns(mlp.w_gate_up, c)
 
 
 # ---- calibration --------------------------------------------------------------------------
@@ -236,7 +335,71 @@ def split_mlp_sparsity(mlp, X: torch.Tensor, sparsity: float, grid: int = 10) ->
     return best
 
 
-def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: list[str], kernel_of,
+@torch.no_grad()
+def layer_sensitivity(model, tokens: torch.Tensor, names: list[str], levels: list[float],
+                      progress: bool = True) -> list[list[float]]:  # fmt: skip
+    """KL(dense || model with only layer i sparsified at level s) per layer i and level s, on
+    `tokens`; thresholds are the level's quantile of that matrix's inputs in the dense model."""
+    from tqdm.auto import tqdm
+
+    seen: dict = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for n in names:
+            def grab(m, args, key=(i, n)):
+                x = args[0].detach().reshape(-1, m.in_features).float()
+                seen.setdefault(key, []).append(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:256]])
+
+            hooks.append(get_module(layer, n).register_forward_pre_hook(grab))
+    hidden = []  # each layer's dense input: a layer's trial runs from there, not from the embedding
+    try:
+        h = model.embed(tokens)
+        for i in range(len(model.layers)):
+            hidden.append(h)
+            h = model.run_layers(h, 0, i, i + 1)
+        ref = F.log_softmax(model.logits(h), -1).flatten(0, 1)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = []
+    for i, layer in enumerate(tqdm(model.layers, desc="layer sensitivity", disable=not progress, leave=False)):
+        row = []
+        for s in levels:
+            hooks = []
+            for n in names:
+                t = quantile_abs(seen[(i, n)], s)
+                hooks.append(get_module(layer, n).register_forward_pre_hook(
+                    lambda m, args, t=t: (args[0] * (args[0].abs() > t),)))  # fmt: skip
+            try:
+                lp = F.log_softmax(model.logits(model.run_layers(hidden[i], 0, i)), -1).flatten(0, 1)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            row.append(float(F.kl_div(lp, ref, log_target=True, reduction="batchmean")))
+        out.append(row)
+    return out
+
+
+def allocate_layers(kl: list[list[float]], levels: list[float]) -> list[float]:
+    """One level per layer (equal-size layers), averaging the middle level (levels are evenly
+    spaced around it), minimising the summed KL: a dynamic program over the running
+    sum of level offsets, which must end at 0."""
+    mid, L = len(levels) // 2, len(kl)
+    best = {0: (0.0, [])}  # running offset sum -> (cost, choices)
+    for row in kl:
+        nxt: dict = {}
+        for total, (cost, picks) in best.items():
+            for k, v in enumerate(row):
+                key, c = total + k - mid, cost + v
+                if key not in nxt or c < nxt[key][0]:
+                    nxt[key] = (c, picks + [k])
+        best = nxt
+    picks = best[0][1]
+    assert len(picks) == L
+    return [levels[k] for k in picks]
+
+
+def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float | list[float], names: list[str], kernel_of,
                           progress: bool = True, allocation: str = "uniform") -> list[dict]:  # fmt: skip
     """Per layer and matrix in `names` (in forward order), the |x| threshold below which `sparsity`
     of its calibration inputs lie; each matrix is replaced as soon as its threshold is known, so
@@ -250,6 +413,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: l
 
     def per_block(i, layer, xs, rope, dtype):
         th = {}
+        s_i = sparsity[i] if isinstance(sparsity, list) else sparsity
         for n in order:
             mod = get_module(layer, n)
             seen = []
@@ -270,13 +434,15 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: l
                         pass
             finally:
                 handle.remove()
-            if allocation == "greedy" and n == "mlp.w_gate_up" and "mlp.w_down" in names:
+            if allocation != "uniform" and n == "mlp.w_gate_up" and "mlp.w_down" in names:
                 X = torch.cat(seen)
                 X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(i))[:512]]
-                th[n], th["mlp.w_down"], th["ffn_error"] = split_mlp_sparsity(layer.mlp, X, sparsity)
+                th[n], th["mlp.w_down"], th["ffn_error"] = split_mlp_sparsity(layer.mlp, X, s_i)
             else:
-                th[n] = quantile_abs(seen, sparsity)
+                th[n] = quantile_abs(seen, s_i)
             set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+        if isinstance(sparsity, list):
+            th["sparsity"] = s_i
         out.append(th)
         return [layer(x, rope, 0, dtype) for x in xs]
 
@@ -284,8 +450,33 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float, names: l
     return out
 
 
+@torch.no_grad()
+def sparsify_head(model, sparsity: float, calib: torch.Tensor | None, kernel: str, threshold: float | None = None) -> float:
+    """Make the LM head input-sparse: threshold = the `sparsity` quantile of |final normed hidden|
+    on `calib` (through the already sparsified layers) unless given. Returns the threshold."""
+    if model.lm_head is not None and type(model.lm_head).__name__ != "Linear":
+        raise LeanlmError(f"head sparsity needs a plain LM head; this one is {type(model.lm_head).__name__} "
+                          "(apply activation sparsity before quantizing the head)")  # fmt: skip
+    if threshold is None:
+        hs = [model.norm(model.hidden(calib[i : i + 1]), model.dtype).float() for i in range(calib.shape[0])]
+        threshold = quantile_abs(hs, sparsity)
+    tied = model.lm_head is None
+    bias = None if tied else model.lm_head.bias
+    w = model.output_weight()
+    if kernel == "native":
+        from .kernels import usable
+
+        if not usable(torch.empty(1, w.shape[0], dtype=w.dtype, device=w.device)):
+            kernel = "bag"  # e.g. a vocabulary that is not a multiple of 8
+    model.lm_head = SparseInputLinear(w, bias, threshold, kernel)
+    if tied:  # one table: the embedding lookups read the head's transposed copy
+        model.tok_embeddings = HeadTableEmbedding(model.lm_head)
+    return threshold
+
+
 def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tensor | None = None, tokenizer=None,
-                              thresholds: list[dict] | None = None, progress: bool = True) -> dict:  # fmt: skip
+                              thresholds: list[dict] | None = None, progress: bool = True,
+                              head_threshold: float | None = None) -> dict:  # fmt: skip
     """Calibrate thresholds (unless given) and replace the target matrices in place. Returns a report."""
     from .runtime import make_adaptive
 
@@ -298,12 +489,15 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
             if type(mod).__name__ != "Linear" or mod.weight.dim() != 2:
                 raise LeanlmError(f"activation sparsity needs plain Linear layers; {n} is {type(mod).__name__} "
                                   "(apply it before quantization, packing or neuron routing)")  # fmt: skip
-    kernels = choose_kernels(model, names, cfg.sparsity) if cfg.kernel == "auto" else {}
+    kernels = choose_kernels(model, names, cfg.sparsity, cfg.head) if cfg.kernel == "auto" else {}
 
     def kernel_of(mod):
         return kernels[(mod.in_features, mod.out_features)]["kernel"] if kernels else cfg.kernel
 
     make_adaptive(model)
+    layer_report = None
+    if cfg.criterion == "wina":  # deterministic from the weights, so saved thresholds still apply
+        fold_column_norms(model, names)
     if thresholds is None:
         if calib is None:
             if tokenizer is None:
@@ -311,15 +505,35 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
             from ..prune.calibration import calibration_tokens
 
             calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
-        thresholds = calibrate_and_replace(model, calib, cfg.sparsity, names, kernel_of, progress, cfg.allocation)
+        sparsity: float | list[float] = cfg.sparsity
+        if cfg.allocation == "layers" and cfg.sparsity > 0:
+            levels = [min(max(cfg.sparsity + d, 0.0), 0.95) for d in LAYER_STEPS]
+            if len(set(levels)) < len(levels):
+                raise LeanlmError(f"allocation=layers needs sparsity in [0.1, 0.85], got {cfg.sparsity}")
+            kl = layer_sensitivity(model, calib[:1], names, levels, progress)
+            sparsity = allocate_layers(kl, levels)
+            layer_report = {"levels": levels, "kl": kl, "per_layer": sparsity}
+        thresholds = calibrate_and_replace(model, calib, sparsity, names, kernel_of, progress, cfg.allocation) \
+            if names else [{} for _ in model.layers]  # fmt: skip
     else:
         for layer, th in zip(model.layers, thresholds):
             for n in names:
                 mod = get_module(layer, n)
                 set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+    if cfg.head is not None:
+        V, D = model.output_weight().shape
+        head_kernel = kernels[("head", D, V)]["kernel"] if kernels else cfg.kernel
+        if head_threshold is None and calib is None:
+            raise LeanlmError("head sparsity needs calibration tokens (or a saved head threshold)")
+        head_threshold = sparsify_head(model, cfg.head, calib, head_kernel, head_threshold)
     model.activation_sparsity = cfg
-    return {"sparsity": cfg.sparsity, "targets": list(cfg.targets), "thresholds": thresholds,
-            "kernels": {f"{k[0]}x{k[1]}": v for k, v in kernels.items()}}  # fmt: skip
+    rep = {"sparsity": cfg.sparsity, "targets": list(cfg.targets), "thresholds": thresholds,
+           "kernels": {"x".join(map(str, k)): v for k, v in kernels.items()}}  # fmt: skip
+    if cfg.head is not None:
+        rep["head_threshold"] = head_threshold
+    if layer_report:
+        rep["layer_allocation"] = layer_report
+    return rep
 
 
 def measured_sparsity(model, tokens: torch.Tensor) -> dict:

@@ -51,6 +51,8 @@ def save_adaptive(model, path: str | Path) -> Path:
                 if isinstance(mod, SparseInputLinear):
                     th.setdefault(n, [None] * model.config.n_layers)[i] = mod.threshold
         meta["sparsity"] = {"config": asdict(sp), "thresholds": th}
+        if sp.head is not None:
+            meta["sparsity"]["head_threshold"] = model.lm_head.threshold
     if getattr(model, "neuron_routing", None) is not None:
         meta["routing"] = {"config": asdict(model.neuron_routing)}
         for i, layer in enumerate(model.layers):
@@ -117,7 +119,7 @@ def load_adaptive(model, path: str | Path) -> dict:
         s = meta["sparsity"]
         cfg = sparsity.ActivationSparsity(**{**s["config"], "targets": tuple(s["config"]["targets"])})
         th = [{n: v[i] for n, v in s["thresholds"].items()} for i in range(model.config.n_layers)]
-        sparsity.apply_activation_sparsity(model, cfg, thresholds=th)
+        sparsity.apply_activation_sparsity(model, cfg, thresholds=th, head_threshold=s.get("head_threshold"))
     if "skip" in meta:
         s = meta["skip"]
         add_gate(model, layer_skip.SkipGate(t["skip.weight"], t["skip.bias"], s["routable"], s["threshold"]))

@@ -320,7 +320,11 @@ class Transformer(nn.Module):
         return n
 
     def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        """The LM head's [vocab, hidden] weight (an input-sparse head stores it transposed)."""
+        if self.lm_head is None:
+            return self.tok_embeddings.weight
+        dense = getattr(self.lm_head, "dense_weight", None)
+        return self.lm_head.weight if dense is None else dense()
 
     # ---- cache --------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int, cache_cls=KVCache) -> None:

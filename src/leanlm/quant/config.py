@@ -98,6 +98,9 @@ class QuantConfig:
     dtype: compute dtype of the quantized model (bf16 by default: the kernels take bf16 inputs).
     pad: allow a last group shorter than `group` (stored zero-padded); False raises instead.
     mixed: optional MixedPrecision assignment (per-layer 4/8 bits).
+    tune_steps: after quantizing, train every group's scale and zero (codes frozen) for this many
+        steps of KL distillation to the unquantized model (tune.py); 0 = off. tune_lr / tune_batch:
+        its learning rate (on log-scales and zero shifts in scale units) and windows per step.
     """
 
     bits: int = 4
@@ -109,6 +112,9 @@ class QuantConfig:
     dtype: str = "bfloat16"
     pad: bool = True
     mixed: MixedPrecision | None = None
+    tune_steps: int = 0
+    tune_lr: float = 1e-3
+    tune_batch: int = 1
     method = "rtn"
 
     @property
@@ -120,6 +126,9 @@ class QuantConfig:
         for name in ("head_bits", "embed_bits"):
             if getattr(self, name) not in (0, 4, 8):
                 raise LeanlmError(f"{name}={getattr(self, name)} is not supported; use 8, 4 or 0 (keep unquantized)")
+        if self.tune_steps < 0 or self.tune_batch < 1 or not 0 < self.tune_lr < 1:
+            raise LeanlmError(f"grid tuning needs tune_steps >= 0, tune_batch >= 1 and 0 < tune_lr < 1, got "
+                              f"{self.tune_steps}, {self.tune_batch}, {self.tune_lr}")  # fmt: skip
         if self.mixed is not None:
             self.mixed.high.validate()
             lo, hi = self.spec.bits_per_weight(4096), self.mixed.high.bits_per_weight(4096)

@@ -10,6 +10,7 @@ records what was done (saved with the model by save.py).
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -26,6 +27,7 @@ from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
 from .packed import QuantEmbedding, QuantLinear
 from .rtn import QuantizedWeight, rtn
+from .tune import tune_grids
 
 
 def quantizable(model, skip: list[str] = ()) -> list[str]:
@@ -102,17 +104,18 @@ def cast_unquantized(model, dtype: torch.dtype) -> None:
 
 
 def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = None, progress: bool = True,
-             batch_size: int = 16):  # fmt: skip
+             batch_size: int = 16, tune_tokens: torch.Tensor | None = None):  # fmt: skip
     """Quantize `model` in place with `config` (RTN, GPTQ or AWQ); returns the model.
 
-    calib_tokens: [n, seq_len] token ids (see calibration_tokens); required by GPTQ, AWQ and
-    mixed precision. Calibration runs in float32 whatever the model's dtype.
+    calib_tokens: [n, seq_len] token ids (see calibration_tokens); required by GPTQ, AWQ,
+    mixed precision and grid tuning. Calibration runs in float32 whatever the model's dtype.
+    tune_tokens: windows for grid tuning (config.tune_steps > 0); default calib_tokens.
     """
     model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     config.validate()
     if getattr(model, "quantization", None):
         raise LeanlmError("this model is already quantized; load the original checkpoint to quantize it again")
-    needs_calib = isinstance(config, (GPTQ, AWQ)) or config.mixed is not None
+    needs_calib = isinstance(config, (GPTQ, AWQ)) or config.mixed is not None or (config.tune_steps and tune_tokens is None)
     if needs_calib and (calib_tokens is None or calib_tokens.numel() == 0):
         raise LeanlmError(f"{config.method} needs calibration tokens (e.g. --calib wikitext2-valid)")
     dtype = parse_dtype(config.dtype)
@@ -122,6 +125,7 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     names = quantizable(model, config.skip)
     if not names:
         raise LeanlmError("nothing to quantize: no full-precision Linear left (check --skip)")
+    teacher = copy.deepcopy(model) if config.tune_steps else None  # grid tuning distils towards this
     shapes = {n: (get_module(model, n).out_features, get_module(model, n).in_features) for n in names}
     specs = {n: config.spec for n in names}
     for n in names:
@@ -192,6 +196,11 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
             install(model, "", n, rtn(lin.weight.data, specs[n]), lin.bias)
 
     quantize_head(model, config, dtype, layers)
+    if teacher is not None:
+        tokens = calib_tokens if tune_tokens is None else tune_tokens
+        report["tune"] = tune_grids(model, teacher, tokens, config.tune_steps, config.tune_lr, config.tune_batch,
+                                    progress=progress)  # fmt: skip
+        del teacher
     cast_unquantized(model, dtype)
     seconds = time.perf_counter() - t0
     bits = average_bits({n: m for n, m in layers.items() if n.startswith("layers.")})

@@ -1,0 +1,116 @@
+"""End-to-end tuning of quantization grids: integer codes frozen, scales and zeros trained.
+
+GPTQ and AWQ choose each layer's codes and grid from that layer's own output error; the errors
+of 30 layers then add up in the model's output. Here the codes stay as rounded, and every
+group's scale and zero (about 2 numbers per 128 weights) are trained by logit distillation
+towards the unquantized model (KL, model/distill.py), the idea of PEQA (Kim et al. 2023) and
+EfficientQAT's E2E-QP phase (Chen et al. 2024). The stored format is unchanged: the same
+codes, bf16 scales / zeros, the same kernels and bytes.
+
+The forward pass of the tuned model rebuilds each weight from codes and the current grid and
+rounds scale and zero to bfloat16 with a straight-through gradient, so training sees exactly
+the grid that will be stored. Scales are trained in log space (s = s0 * exp(a)) and zeros in
+units of the initial scale (z = z0 + s0 * b), so one learning rate fits every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeanlmError
+from ..model.distill import distill
+from .calibrate import get_module, set_module
+from .packed import QuantLinear, unpack_int4
+from .rtn import QuantizedWeight
+
+
+def _bf16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bfloat16 in the forward pass, identity in the backward pass."""
+    return x + (x.to(torch.bfloat16).float() - x).detach()
+
+
+class TunableQuantLinear(nn.Module):
+    """A QuantLinear's frozen codes with a trainable grid (float32 math, autograd-friendly)."""
+
+    def __init__(self, qlin: QuantLinear):
+        super().__init__()
+        t, meta = qlin.export()
+        self.spec, self.in_features, self.out_features = qlin.spec, meta["in_features"], meta["out_features"]
+        q = (t["qweight"].to(torch.int16) + 128).to(torch.uint8) if self.spec.bits == 8 else unpack_int4(t["qweight"])
+        N, Kp = q.shape
+        G = t["scales"].shape[1]
+        self.register_buffer("centered", (q.float() - self.spec.mid).view(N, G, Kp // G))
+        self.register_buffer("scale0", t["scales"].float())
+        self.register_buffer("zero0", t["zeros"].float() if "zeros" in t else None)
+        self.register_buffer("bias", t.get("bias"))
+        self.log_scale = nn.Parameter(torch.zeros(N, G), requires_grad=False)
+        self.zero_shift = nn.Parameter(torch.zeros(N, G), requires_grad=False) if self.zero0 is not None else None
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale, zero) float32 [N, G] on the bfloat16 grid (straight-through)."""
+        scale = _bf16_ste(self.scale0 * torch.exp(self.log_scale))
+        zero = None if self.zero0 is None else _bf16_ste(self.zero0 + self.scale0 * self.zero_shift)
+        return scale, zero
+
+    def weight(self) -> torch.Tensor:
+        scale, zero = self.grid()
+        w = self.centered * scale[..., None]
+        if zero is not None:
+            w = w + zero[..., None]
+        return w.view(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight(), self.bias).to(x.dtype)
+
+    def to_quant_linear(self) -> QuantLinear:
+        scale, zero = self.grid()
+        N = self.out_features
+        q = (self.centered + self.spec.mid).view(N, -1).to(torch.uint8)
+        qw = QuantizedWeight(q, scale.detach().to(torch.bfloat16),
+                             None if zero is None else zero.detach().to(torch.bfloat16), self.spec, self.in_features)  # fmt: skip
+        return QuantLinear(qw, self.bias)
+
+
+class _FrozenHead(nn.Module):
+    """A quantized LM head as a dense frozen weight: its many-row path writes with `out=`,
+    which autograd refuses; gradients must still reach the hidden states."""
+
+    def __init__(self, qlin: QuantLinear):
+        super().__init__()
+        self.register_buffer("weight", qlin.dequantize())
+        self.register_buffer("bias", qlin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight, self.bias).to(x.dtype)
+
+
+def tune_grids(model, teacher, tokens: torch.Tensor, steps: int = 200, lr: float = 1e-3, batch_size: int = 1,
+               seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
+    """Train the scales and zeros of every quantized decoder Linear of `model` (in place) so
+    that its next-token distributions match `teacher`'s on windows `tokens` [n, T]."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n.startswith("layers.")]
+    if not names:
+        raise LeanlmError("grid tuning needs a quantized model (no quantized decoder Linear found)")
+    head = model.lm_head
+    tunables = {}
+    for n in names:
+        tunables[n] = TunableQuantLinear(get_module(model, n))
+        set_module(model, n, tunables[n])
+    if isinstance(head, QuantLinear):
+        model.lm_head = _FrozenHead(head)
+    params = [p for t in tunables.values() for p in (t.log_scale, t.zero_shift) if p is not None]
+    fused = model.fused_decode
+    model.fused_decode = False  # training forwards are many-row anyway; keep the C++ path out of autograd
+    try:
+        report = distill(model, teacher, tokens, params, steps, lr, batch_size, seed, progress, desc="tune grids")
+    finally:
+        model.fused_decode = fused
+        for n, t in tunables.items():
+            set_module(model, n, t.to_quant_linear())
+        model.lm_head = head
+    with torch.no_grad():
+        report["mean_abs_log_scale_change"] = float(torch.cat([t.log_scale.abs().flatten() for t in tunables.values()]).mean())
+    report["trained_parameters"] = sum(p.numel() for p in params)
+    return report
