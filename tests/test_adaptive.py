@@ -186,6 +186,9 @@ def test_wina_fold_keeps_the_function_and_ranks_by_weighted_magnitude(models, ar
     assert got["0.attn.wqkv"] == pytest.approx(0.3, abs=0.01)
     assert not torch.allclose(model(tokens), base(tokens), atol=1e-3)
     assert parse_adaptive("teal:0.3,criterion=wina").criterion == "wina"
+    spec = parse_adaptive("teal:0.3,attn,allocation=layers,head=0.2")
+    assert (spec.head, spec.allocation, spec.targets) == (0.2, "layers", ("mlp", "attn"))
+    assert parse_adaptive("teal:0.3").head is None
     with pytest.raises(LeanlmError, match="criterion"):
         ActivationSparsity(0.3, criterion="norm")
 
@@ -239,6 +242,13 @@ def test_head_sparsity_one_table_same_decode_and_saved_state(models, arch, kerne
     assert dropped == pytest.approx(0.3, abs=0.1)
     torch.testing.assert_close(stepwise_logits(model, tokens), full, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(full, base(tokens), atol=1e-3)
+    with meter(model) as m:  # the meter counts the head's active inputs (decoder layers untouched here)
+        model(tokens)
+    s = m.summary()
+    cfg = base.config
+    head_share = cfg.vocab_size / (cfg.vocab_size + sum(f for f, _ in model._flops) / (2 * cfg.hidden_size))
+    assert s["flops_fraction_layers"] == 1.0
+    assert s["flops_fraction"] == pytest.approx(1 - dropped * head_share, abs=0.02)
     path = save_adaptive(model, tmp_path)
     again = copy.deepcopy(base)
     load_adaptive(again, path)

@@ -45,7 +45,7 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.used = self.full = self.head = 0.0
+        self.used = self.full = self.head = self.head_full = 0.0  # head: LM-head FLOPs used, head_full: dense
         self.tokens = 0
         self.skipped = 0.0  # layer-token pairs skipped (early exit or skip router)
 
@@ -55,7 +55,7 @@ class Meter:
         return {
             "tokens": self.tokens,
             "flops_fraction_layers": self.used / self.full,  # decoder blocks only (what adaptivity acts on)
-            "flops_fraction": (self.used + self.head) / (self.full + self.head),  # incl. one LM head per token
+            "flops_fraction": (self.used + self.head) / (self.full + self.head_full),  # incl. one LM head per token
             "layers_skipped_fraction": self.skipped / self.tokens,
         }
 
@@ -124,7 +124,13 @@ class AdaptiveTransformer(Transformer):
             x = x[:, -1:]
         if self._exit_logits is not None and x.shape[1] == 1:  # the exit test already ran the head
             return self._exit_logits
-        return self.logits(x)
+        out = self.logits(x)
+        m, used = self.adaptive_meter, getattr(self.lm_head, "last_flops", None)
+        if m.enabled and used is not None:  # an input-sparse head: count its active inputs, not the dense head
+            rows = x.shape[0] * x.shape[1]
+            m.head += float(used.sum() if torch.is_tensor(used) else used * rows) - \
+                2.0 * self.config.hidden_size * self.config.vocab_size * rows  # fmt: skip
+        return out
 
     def hidden(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         gate, m = self.adaptive_gate, self.adaptive_meter
@@ -169,6 +175,7 @@ class AdaptiveTransformer(Transformer):
         if m.enabled:
             m.full += sum(f for f, _ in self._flops) * B * T
             m.head += 2.0 * self.config.hidden_size * self.config.vocab_size * B * T
+            m.head_full += 2.0 * self.config.hidden_size * self.config.vocab_size * B * T
             m.tokens += B * T
             if gate is not None:
                 m.used += gate.take_overhead()
@@ -199,6 +206,7 @@ class AdaptiveTransformer(Transformer):
             m.used += used + gate.take_overhead()
             m.full += sum(f for f, _ in self._flops)
             m.head += 2.0 * self.config.hidden_size * self.config.vocab_size
+            m.head_full += 2.0 * self.config.hidden_size * self.config.vocab_size
             m.tokens += 1
             m.skipped += skipped
         return x
