@@ -58,7 +58,8 @@ METHODS = ("teal", "exit", "skip", "moe")
 SHORT = {  # --short: a few points per curve (about a third of the full run's time)
     "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-70%", "teal-30%-greedy", "teal-50%-greedy",
              "teal-30%-mlp+attn-greedy", "teal-35%-mlp+attn-greedy", "teal-40%-mlp+attn-greedy", "teal-50%-mlp+attn",
-             "teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0", "teal-30%-greedy-head30", "teal-30%-mlp+attn-greedy-head30"],
+             "teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0", "teal-30%-greedy-head30",
+             "teal-30%-mlp+attn-greedy-head30"],
     "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4", "exit-cosine-overhead"],
     "skip": ["skip-5%", "skip-20%", "skip-overhead"],
     "moe": ["moe-8x-p0.85", "moe-8x-p0.6", "moe-8x-overhead"],
@@ -100,8 +101,9 @@ def _configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
             both = ("mlp", "attn")
             rows += [(f"teal-{int(s * 100)}%-mlp+attn-greedy", ActivationSparsity(s, both, allocation="greedy"), {})
                      for s in (0.2, 0.3, 0.35, 0.4)]  # fmt: skip
-            rows += [teal_row(n) for n in ("teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0", "teal-30%-greedy-head30",
-                                           "teal-30%-mlp+attn-greedy-head30", "teal-0%-wina", "teal-30%-greedy-wina")]
+            rows += [teal_row(n) for n in ("teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0",
+                                           "teal-30%-greedy-head30", "teal-30%-mlp+attn-greedy-head30", "teal-0%-wina",
+                                           "teal-30%-greedy-wina")]
             rows += [("teal-50%-mlp+attn", ActivationSparsity(0.5, ("mlp", "attn")), {}),
                      ("teal-50%-masked-dense", ActivationSparsity(0.5, kernel="dense"), {})]  # fmt: skip
         return rows
@@ -143,7 +145,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=None, help="override every method's calibration windows")
     ap.add_argument("--short", action="store_true", help="a few points per method's curve (see SHORT)")
-    ap.add_argument("--configs", default=None, help="comma list of configuration names to run (e.g. teal-30%%,teal-50%%); any TEAL "
+    ap.add_argument("--configs", default=None,
+                    help="comma list of configuration names to run (e.g. teal-30%%,teal-50%%); any TEAL "
                     "row can be named: teal-S%%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH, e.g. "
                     "teal-30%%-mlp+attn-greedy-head30 (30%% of MLP and attention inputs, FFN split greedily, "
                     "30%% of the LM head's inputs)")

@@ -20,10 +20,10 @@ whatever produces that input (the RMSNorm weight before wqkv / w_gate_up, the `u
 w_down, the value rows before wo) and divided out of the weight's column, so the plain magnitude
 threshold and the same kernels then apply WINA's criterion at no run-time cost.
 
-`head` (a fraction; None = off, 0 = the layout alone, nothing dropped) also sparsifies the LM head's input, the final normed hidden
-state: the head is the biggest GEMV of a small model's decode step (SmolLM2: 28M of 135M weights,
-Gemma 3 270M: 168M of 268M) and its input is the one least hurt by dropping small entries. The
-head then keeps its table transposed ([hidden, vocab], one row per input); a tied embedding looks
+`head` (a fraction; None = off, 0 = the layout alone, nothing dropped) also sparsifies the LM head's
+input, the final normed hidden state: the head is the biggest GEMV of a small model's decode step
+(SmolLM2: 28M of 135M weights, Gemma 3 270M: 168M of 268M) and its input is the one least hurt by
+dropping small entries. The head then keeps its table transposed ([hidden, vocab], one row per input); a tied embedding looks
 its rows up in that same table (`HeadTableEmbedding`), so no second copy is held.
 
 `allocation="greedy"` (TEAL's idea, per FFN): the bytes skipped in an FFN are split between the
@@ -64,7 +64,7 @@ class ActivationSparsity:
     sparsity: float = 0.5
     targets: tuple[str, ...] = ("mlp",)
     kernel: str = "auto"
-    allocation: str = "uniform"  # "greedy": per FFN, split the skipped bytes between gate_up and down; "layers": also between layers
+    allocation: str = "uniform"  # "greedy": split each FFN's skipped bytes between its matrices; "layers": also layers
     calib_samples: int = 4
     calib_seq_len: int = 512
     criterion: str = "magnitude"  # or "wina": |x_i| * (column norm of the weight), see the module docstring

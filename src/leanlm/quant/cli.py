@@ -99,7 +99,8 @@ def add_arguments(p) -> None:
                    help="AWQ: round the scaled weights with GPTQ instead of to nearest (AWQ + GPTQ, best g128 quality)")  # fmt: skip
     p.add_argument("--tune-steps", type=int, default=0,
                    help="after quantizing, train every group's scale and zero (codes frozen) by KL distillation to "
-                        "the unquantized model for this many steps (e.g. 200; ~6.5 s per 512-token step for SmolLM2 on 2 cores); default 0 = off")  # fmt: skip
+                        "the unquantized model for this many steps (e.g. 200; ~6.5 s per 512-token step for "
+                        "SmolLM2 on 2 cores); default 0 = off")  # fmt: skip
     p.add_argument("--tune-samples", type=int, default=128, help="grid tuning: calibration windows (default 128)")
     p.add_argument("--tune-lr", type=float, default=1e-3, help="grid tuning: learning rate (default 1e-3)")
     p.add_argument("--tune-batch", type=int, default=1, help="grid tuning: windows per step (default 1)")

@@ -68,8 +68,8 @@ class TunableQuantLinear(nn.Module):
         scale, zero = self.grid()
         N = self.out_features
         q = (self.centered + self.spec.mid).view(N, -1).to(torch.uint8)
-        qw = QuantizedWeight(q, scale.detach().to(torch.bfloat16),
-                             None if zero is None else zero.detach().to(torch.bfloat16), self.spec, self.in_features)  # fmt: skip
+        zero = None if zero is None else zero.detach().to(torch.bfloat16)
+        qw = QuantizedWeight(q, scale.detach().to(torch.bfloat16), zero, self.spec, self.in_features)
         return QuantLinear(qw, self.bias)
 
 
@@ -111,6 +111,7 @@ def tune_grids(model, teacher, tokens: torch.Tensor, steps: int = 200, lr: float
             set_module(model, n, t.to_quant_linear())
         model.lm_head = head
     with torch.no_grad():
-        report["mean_abs_log_scale_change"] = float(torch.cat([t.log_scale.abs().flatten() for t in tunables.values()]).mean())
+        changes = torch.cat([t.log_scale.abs().flatten() for t in tunables.values()])
+        report["mean_abs_log_scale_change"] = float(changes.mean())
     report["trained_parameters"] = sum(p.numel() for p in params)
     return report
