@@ -157,16 +157,17 @@ def main() -> None:
     if args.quick:
         args.windows, args.runs, args.new_tokens, args.prompt_len = min(args.windows, 4), min(args.runs, 2), 32, 128
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    wanted = args.configs.split(",") if args.configs else None
     named: list = []  # --configs rows outside the fixed curves (any teal-... name, parsed)
-    if args.configs:
+    if wanted:
         known = {name for m in methods for name, _, _ in configs(m, args.quick)}
-        parsed = [teal_row(n) if "teal" in methods else None for n in args.configs.split(",") if n not in known]
-        unknown = sorted(n for n, r in zip([n for n in args.configs.split(",") if n not in known], parsed) if r is None)
+        extra = [n for n in wanted if n not in known]
+        named = [teal_row(n) if "teal" in methods else None for n in extra]
+        unknown = sorted(n for n, r in zip(extra, named) if r is None)
         if unknown:
             raise SystemExit(f"--configs: unknown configuration(s) {', '.join(unknown)} for --methods "
                              f"{','.join(methods)}; choose from {', '.join(sorted(known))} or name a TEAL row "
                              "teal-S%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH")  # fmt: skip
-        named = parsed
 
     base, tok = leanlm.load(args.model, args.dtype)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
@@ -189,7 +190,7 @@ def main() -> None:
 
     for method in methods:
         for name, cfg, extra in configs(method, args.quick, args.short) + (named if method == "teal" else []):
-            if args.configs and name not in args.configs.split(","):
+            if wanted and name not in wanted:
                 continue
             print(f"== {name}", flush=True)
             if args.calib_samples:

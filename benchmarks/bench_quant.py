@@ -132,8 +132,10 @@ def run_model(name: str, args, text: str) -> dict:
     base, tok = load(name, "float32")
     bf16, _ = load(name, "bfloat16")
     calib = read_calibration(args.calib, tok, args.samples, args.seq_len)
-    tune = read_calibration(args.calib, tok, args.tune_samples, args.seq_len, seed=1)  # for "-tuned" rows
     wanted = CONFIGS[name] if not args.only else {k: v for k, v in CONFIGS[name].items() if k in args.only.split(",")}
+    tune = None  # "-tuned" rows' windows: other windows of the same text
+    if any(make().tune_steps for make in wanted.values()):
+        tune = read_calibration(args.calib, tok, args.tune_samples, args.seq_len, seed=1)
     models, info = {"bf16": bf16}, {"bf16": {"weight_mb": weight_bytes(bf16) / 2**20}}
     info["fp32"] = {"weight_mb": weight_bytes(base) / 2**20}
     tmp = Path(tempfile.mkdtemp(prefix="bench_quant_"))

@@ -215,6 +215,9 @@ def test_layer_allocation_is_the_optimum_and_keeps_the_average(models):
     assert sum(got.values()) / len(got) == pytest.approx(0.4, abs=0.08)
     with pytest.raises(LeanlmError, match="allocation"):
         ActivationSparsity(0.3, allocation="global")
+    with pytest.raises(LeanlmError, match=r"allocation=layers needs sparsity in \[0.1, 0.85\]"):
+        low = ActivationSparsity(0.05, kernel="bag", allocation="layers")
+        apply_activation_sparsity(copy.deepcopy(models["llama"]), low, calib(), progress=False)
 
 
 @pytest.mark.parametrize("arch,kernel", [("llama", "bag"), ("gemma3", "bag"), ("llama", "native"), ("qwen2", "dense")])
@@ -229,7 +232,8 @@ def test_head_sparsity_one_table_same_decode_and_saved_state(models, arch, kerne
 
     base = models[arch]
     model = copy.deepcopy(base)
-    rep = apply_activation_sparsity(model, ActivationSparsity(0.0, (), kernel=kernel, head=0.3), calib(), progress=False)
+    spec = ActivationSparsity(0.0, (), kernel=kernel, head=0.3)
+    rep = apply_activation_sparsity(model, spec, calib(), progress=False)
     assert isinstance(model.lm_head, SparseInputLinear) and rep["head_threshold"] > 0
     if base.lm_head is None:
         assert isinstance(model.tok_embeddings, HeadTableEmbedding)
@@ -254,6 +258,11 @@ def test_head_sparsity_one_table_same_decode_and_saved_state(models, arch, kerne
     load_adaptive(again, path)
     assert again.lm_head.threshold == model.lm_head.threshold
     torch.testing.assert_close(again(tokens), full)
+    for bad in (1.0, -0.1):
+        with pytest.raises(LeanlmError, match="head sparsity must be in"):
+            ActivationSparsity(0.0, (), head=bad)
+    with pytest.raises(LeanlmError, match="targets"):
+        ActivationSparsity(0.3, ())  # neither decoder targets nor the head
 
 
 # ---- early exit ---------------------------------------------------------------------------

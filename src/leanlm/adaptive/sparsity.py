@@ -229,8 +229,8 @@ def choose_kernels(model, names: list[str], sparsity: float, head: float | None 
     out = {}
     if head is not None:
         V, D = model.output_weight().shape
-        out[("head", D, V)] = {"kernel": None, "us": time_kernels(D, V, head, model.dtype)}
-        out[("head", D, V)]["kernel"] = min(out[("head", D, V)]["us"], key=out[("head", D, V)]["us"].get)
+        us = time_kernels(D, V, head, model.dtype)
+        out[("head", D, V)] = {"kernel": min(us, key=us.get), "us": us}
     for K, N in shapes:
         try:
             us = time_kernels(K, N, sparsity, model.dtype)
@@ -506,7 +506,7 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
 
             calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
         sparsity: float | list[float] = cfg.sparsity
-        if cfg.allocation == "layers" and cfg.sparsity > 0:
+        if cfg.allocation == "layers" and cfg.sparsity > 0 and names:
             levels = [min(max(cfg.sparsity + d, 0.0), 0.95) for d in LAYER_STEPS]
             if len(set(levels)) < len(levels):
                 raise LeanlmError(f"allocation=layers needs sparsity in [0.1, 0.85], got {cfg.sparsity}")

@@ -60,8 +60,8 @@ def cmd_quantize(args) -> int:
           f"{q['bits_per_weight']:.2f} bits/weight in decoder Linears", file=sys.stderr)  # fmt: skip
     if "tune" in q["report"]:
         t = q["report"]["tune"]
-        print(f"grid tuning: KL {t['first_loss']:.4f} -> {t['last_loss']:.4f} in {t['steps']} steps ({t['seconds']:.0f} s)",
-              file=sys.stderr)  # fmt: skip
+        print(f"grid tuning: KL {t['first_loss']:.4f} -> {t['last_loss']:.4f} in {t['steps']} steps "
+              f"({t['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
     if "mixed" in q["report"]:
         print(f"mixed precision: {len(q['report']['mixed']['high'])} Linears at {config.mixed.high.label()}",
               file=sys.stderr)  # fmt: skip

@@ -136,6 +136,14 @@ def _round32(k: int) -> int:
 
 
 # ---- the module -------------------------------------------------------------------------------
+def exported_weight(t: dict[str, torch.Tensor], meta: dict) -> QuantizedWeight:
+    """The QuantizedWeight (codes in [0, 2**bits), bf16 scales / zeros) of QuantLinear.export()'s tensors."""
+    spec = QSpec(meta["bits"], meta["group"], meta["symmetric"])
+    q = (t["qweight"].to(torch.int16) + 128).to(torch.uint8) if spec.bits == 8 else unpack_int4(t["qweight"])
+    zero = t["zeros"].to(torch.bfloat16) if "zeros" in t else None
+    return QuantizedWeight(q, t["scales"].to(torch.bfloat16), zero, spec, meta["in_features"])
+
+
 class QuantLinear(nn.Module):
     """Weight-only quantized Linear (see module docstring). Inputs/outputs in the caller's dtype.
 
@@ -352,15 +360,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_export(cls, t: dict[str, torch.Tensor], meta: dict, backend: str = "auto") -> "QuantLinear":
-        spec = QSpec(meta["bits"], meta["group"], meta["symmetric"])
-        K = meta["in_features"]
-        if spec.bits == 8:
-            q = (t["qweight"].to(torch.int16) + 128).to(torch.uint8)
-        else:
-            q = unpack_int4(t["qweight"])
-        qw = QuantizedWeight(q, t["scales"].to(torch.bfloat16), t["zeros"].to(torch.bfloat16) if "zeros" in t else None,
-                             spec, K)  # fmt: skip
-        return cls(qw, t.get("bias"), backend)
+        return cls(exported_weight(t, meta), t.get("bias"), backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label()}, kernel={self.backend}"

@@ -115,7 +115,8 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     config.validate()
     if getattr(model, "quantization", None):
         raise LeanlmError("this model is already quantized; load the original checkpoint to quantize it again")
-    needs_calib = isinstance(config, (GPTQ, AWQ)) or config.mixed is not None or (config.tune_steps and tune_tokens is None)
+    needs_calib = (isinstance(config, (GPTQ, AWQ)) or config.mixed is not None
+                   or (config.tune_steps and tune_tokens is None))  # fmt: skip
     if needs_calib and (calib_tokens is None or calib_tokens.numel() == 0):
         raise LeanlmError(f"{config.method} needs calibration tokens (e.g. --calib wikitext2-valid)")
     dtype = parse_dtype(config.dtype)

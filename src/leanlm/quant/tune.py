@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import LeanlmError
 from ..model.distill import distill
 from .calibrate import get_module, set_module
-from .packed import QuantLinear, unpack_int4
+from .packed import QuantLinear, exported_weight
 from .rtn import QuantizedWeight
 
 
@@ -37,13 +37,13 @@ class TunableQuantLinear(nn.Module):
     def __init__(self, qlin: QuantLinear):
         super().__init__()
         t, meta = qlin.export()
-        self.spec, self.in_features, self.out_features = qlin.spec, meta["in_features"], meta["out_features"]
-        q = (t["qweight"].to(torch.int16) + 128).to(torch.uint8) if self.spec.bits == 8 else unpack_int4(t["qweight"])
-        N, Kp = q.shape
-        G = t["scales"].shape[1]
-        self.register_buffer("centered", (q.float() - self.spec.mid).view(N, G, Kp // G))
-        self.register_buffer("scale0", t["scales"].float())
-        self.register_buffer("zero0", t["zeros"].float() if "zeros" in t else None)
+        qw = exported_weight(t, meta)
+        self.spec, self.in_features, self.out_features = qw.spec, qw.in_features, qw.out_features
+        N, Kp = qw.q.shape
+        G = qw.scale.shape[1]
+        self.register_buffer("centered", (qw.q.float() - self.spec.mid).view(N, G, Kp // G))
+        self.register_buffer("scale0", qw.scale.float())
+        self.register_buffer("zero0", None if qw.zero is None else qw.zero.float())
         self.register_buffer("bias", t.get("bias"))
         self.log_scale = nn.Parameter(torch.zeros(N, G), requires_grad=False)
         self.zero_shift = nn.Parameter(torch.zeros(N, G), requires_grad=False) if self.zero0 is not None else None
