@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -160,15 +161,6 @@ def main() -> None:
         except Exception as e:  # optional extra: the quantization package may be absent
             result["int4_error"] = f"{type(e).__name__}: {e}"[:300]
 
-    print("measuring v(k) ...", flush=True)
-    ks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    short = {"float32": "fp32", "bfloat16": "bf16"}
-    vk_models = {short[args.dtype]: (target, True), f"{short[args.dtype]}-aten": (target, False),
-                 short[other]: (sibling, True), f"{short[other]}-aten": (sibling, False)}  # fmt: skip
-    result["verify_cost"] = verify_cost(vk_models, ks, args.vk_reps)
-    for n, r in result["verify_cost"].items():
-        print(f"  {n:12s} step {r['step_ms']:6.1f} ms  " + " ".join(f"v({k})={v:.2f}" for k, v in r["v"].items()))
-
     L = args.self_layers
     fixed = lambda g: (lambda: g)  # noqa: E731
     C = []  # name, kind, policy, model, draft factory, gamma factory
@@ -207,6 +199,15 @@ def main() -> None:
         if unknown:
             sys.exit(f"unknown --configs {sorted(unknown)}; choose from: {', '.join(c['name'] for c in C)}")
         C = [c for c in C if c["name"] in wanted | {"plain"}]
+
+    print("measuring v(k) ...", flush=True)
+    ks = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    vk_models = {short[args.dtype]: (target, True), f"{short[args.dtype]}-aten": (target, False),
+                 short[other]: (sibling, True), f"{short[other]}-aten": (sibling, False)}  # fmt: skip
+    result["verify_cost"] = verify_cost(vk_models, ks, args.vk_reps)
+    for n, r in result["verify_cost"].items():
+        print(f"  {n:12s} step {r['step_ms']:6.1f} ms  " + " ".join(f"v({k})={v:.2f}" for k, v in r["v"].items()))
 
     prompts = build_prompts(args.chat, args.summarize, args.edit)
     enc = [(cat, encode_prompt(tok, p)) for cat, p in prompts]
