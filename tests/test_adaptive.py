@@ -192,6 +192,8 @@ def test_wina_fold_keeps_the_function_and_ranks_by_weighted_magnitude(models, ar
     alone = parse_adaptive("teal:head=0.4")  # the LM head alone: no decoder matrix targeted
     assert (alone.targets, alone.sparsity, alone.head) == ((), 0.0, 0.4)
     assert parse_adaptive("teal:0.3,head=0.4").targets == ("mlp",)
+    both = parse_adaptive("teal:sparsity=0.3,head=0.4")
+    assert (both.targets, both.sparsity) == (("mlp",), 0.3)
     with pytest.raises(LeanlmError, match="criterion"):
         ActivationSparsity(0.3, criterion="norm")
 

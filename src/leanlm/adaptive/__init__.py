@@ -25,8 +25,8 @@ from .sparsity import ActivationSparsity, SparseInputLinear, apply_activation_sp
 from .state import load_adaptive, save_adaptive
 
 SPEC_HELP = ("adaptive computation: teal:SPARSITY[,mlp|gate_up|down][,attn][,kernel=auto|native|bag|dense|dense_t]"
-             "[,allocation=uniform|greedy|layers][,criterion=magnitude|wina][,head=FRACTION] | teal:head=FRACTION (the LM head "
-             "alone) | "
+             "[,allocation=uniform|greedy|layers][,criterion=magnitude|wina][,head=FRACTION] | "
+             "teal:head=FRACTION (the LM head alone) | "
              "exit:[cosine|softmax,]kl=TARGET|threshold=T[,min_layer=N,every=N] | "
              "skip:FRACTION[,keep_first=N,keep_last=N] | "
              "moe:groups=E,p=MASS[,steps=N] | PATH/adaptive.safetensors (a saved state)  (repeatable)")  # fmt: skip
@@ -61,12 +61,12 @@ def parse_adaptive(spec: str):
             targets = tuple(p for p in pos if p in TARGETS)
             if targets == ("attn",):
                 targets = ("mlp", "attn")  # "teal:0.5,attn" = the MLP and attention inputs
-            sparsity = _num(nums[0], where) if nums else _num(kw.get("sparsity", "0.5"), where)
-            kw.pop("sparsity", None)
+            given = bool(nums) or "sparsity" in kw
+            sparsity = _num(nums[0], where) if nums else _num(kw.pop("sparsity", "0.5"), where)
             kernel, allocation = kw.pop("kernel", "auto"), kw.pop("allocation", "uniform")
             criterion, head = kw.pop("criterion", "magnitude"), kw.pop("head", None)
             head = None if head is None else float(_num(head, where))
-            if head is not None and not nums and not targets and "sparsity" not in kw:
+            if head is not None and not given and not targets:
                 targets, sparsity = (), 0  # "teal:head=0.4": the LM head alone, decoder layers untouched
             elif not targets:
                 targets = ("mlp",)
