@@ -13,7 +13,8 @@ llama-cpp-python is installed, llama.cpp runs Q8_0 and Q4_0 GGUFs exported from 
 weights (leanlm.export) in the same interleaved speed runs.
 Calibration: --calib (default wikitext2-valid, never the test split). The "-tuned" rows then train
 every group's scale and zero (codes frozen) by KL distillation to the base model (quant/tune.py)
-on --tune-samples other windows of the same text; their quantize time includes the tuning.
+on --tune-samples other windows of the same text; "-tuned-codes" rows learn each weight's rounding
+too. Their quantize time includes the tuning.
 
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py                      # both models
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py --models gemma3-270m --windows 40
@@ -55,6 +56,8 @@ CONFIGS = {
         "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
         "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
         "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
+        "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS,
+                                                      tune_codes=True),  # fmt: skip
         "int4-g32-rtn": lambda: RTN(bits=4, group=32),
         "mixed-5bit-gptq": lambda: GPTQ(bits=4, group=128, mixed=MixedPrecision(target_bits=5.0)),
     },
@@ -66,6 +69,8 @@ CONFIGS = {
         "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
         "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
         "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
+        "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS,
+                                                      tune_codes=True),  # fmt: skip
     },
 }
 TUNE_STEPS = 300  # "-tuned" rows: grid tuning steps (quant/tune.py), --tune-steps overrides
@@ -145,6 +150,8 @@ def run_model(name: str, args, text: str) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         if cfg.tune_steps:
             cfg.tune_steps = args.tune_steps
+            if cfg.tune_codes and args.tune_codes_lr:
+                cfg.tune_codes_lr = args.tune_codes_lr
         quantize(model, cfg, calib, tune_tokens=tune)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         out = save_quantized(model, tok, tmp / label)
@@ -157,6 +164,8 @@ def run_model(name: str, args, text: str) -> dict:
             t = q["report"]["tune"]
             info[label]["tune"] = {k: t[k] for k in ("steps", "lr", "batch_size", "seq_len", "seconds", "first_loss",
                                                      "last_loss", "trained_parameters")}  # fmt: skip
+            if "codes_changed" in t:
+                info[label]["tune"].update(codes_lr=cfg.tune_codes_lr, codes_changed=t["codes_changed"])
             info[label]["tune"]["samples"] = args.tune_samples
         if "mixed" in q["report"]:
             info[label]["mixed_high"] = q["report"]["mixed"]["high"]
@@ -222,6 +231,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--tune-steps", type=int, default=TUNE_STEPS, help="grid tuning steps of the -tuned rows")
+    ap.add_argument("--tune-codes-lr", type=float, default=None,
+                    help="learning rate of the rounding offsets of the -tuned-codes rows (default: QuantConfig's)")
     ap.add_argument("--tune-samples", type=int, default=128,
                     help="grid tuning windows of --seq-len (drawn from --calib with another seed)")
     ap.add_argument("--check-ppl", action="store_true", help="also run leanlm.evaluate.perplexity on the base model")

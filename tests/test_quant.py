@@ -14,8 +14,8 @@ from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, ca
 from leanlm.quant.awq import output_error, search_clip, search_scale
 from leanlm.quant.gptq import gptq
 from leanlm.quant.native import native
-from leanlm.quant.packed import (_unpack_kernel_layout, int4_kernel_layout, int8_kernel_ok, pack_blocks,
-                                  unpack_blocks)  # fmt: skip
+from leanlm.quant.packed import (_unpack_kernel_layout, exported_weight, int4_kernel_layout, int8_kernel_ok,
+                                  pack_blocks, unpack_blocks)  # fmt: skip
 
 SPECS = [QSpec(4, 32, False), QSpec(4, 64, True), QSpec(4, 128, False), QSpec(4, 0, False), QSpec(4, 0, True),
          QSpec(8, 0, True), QSpec(8, 0, False), QSpec(8, 128, False)]  # fmt: skip
@@ -239,10 +239,34 @@ def test_grid_tuning_lowers_kl_keeps_codes_and_format(tiny64, arch):
     assert all(not p.requires_grad for p in tuned.parameters())
 
 
+def test_learned_rounding_moves_codes_one_step_and_beats_frozen_codes(tiny64):
+    """tune_codes: codes move (some), never by more than one step, and the held-out KL ends below
+    grid tuning with frozen codes from the same start, same steps and windows."""
+    g = torch.Generator().manual_seed(3)
+    calib, x = torch.randint(0, 97, (128, 48), generator=g), torch.randint(0, 97, (4, 48), generator=g)
+    with torch.inference_mode():
+        ref = load_model(tiny64["llama"])(x).flatten(0, 1)[None]
+    kw = dict(bits=4, group=32, tune_steps=60, tune_lr=3e-3, tune_batch=4)
+    plain = quantize(load_model(tiny64["llama"]), GPTQ(bits=4, group=32), calib, progress=False)
+    grid = quantize(load_model(tiny64["llama"]), GPTQ(**kw), calib, progress=False)
+    codes = quantize(load_model(tiny64["llama"]), GPTQ(**kw, tune_codes=True), calib, progress=False)
+    rep = codes.quantization["report"]["tune"]
+    assert 0 < rep["codes_changed"] < 0.5, rep["codes_changed"]
+    for a, b in ((plain.layers[1].attn.wqkv, codes.layers[1].attn.wqkv), (plain.layers[0].mlp.w_down, codes.layers[0].mlp.w_down)):
+        qa, qb = (exported_weight(*m.export()).q.int() for m in (a, b))
+        assert (qa - qb).abs().max() == 1  # moved, one step at most
+    with torch.inference_mode():
+        kl_grid, kl_codes = _kl(ref, grid(x).flatten(0, 1)[None]), _kl(ref, codes(x).flatten(0, 1)[None])
+    assert kl_codes < kl_grid, (kl_grid, kl_codes)
+    assert weight_bytes(codes) == weight_bytes(plain)
+
+
 def test_grid_tuning_bad_settings():
     for bad in (dict(tune_steps=-1), dict(tune_steps=5, tune_lr=0.0), dict(tune_steps=5, tune_batch=0)):
         with pytest.raises(LeanlmError, match="grid tuning"):
             make_config("gptq", **bad)
+    with pytest.raises(LeanlmError, match="tune_codes"):
+        make_config("gptq", tune_codes=True)
 
 
 def test_mixed_precision_meets_target(tiny64):
@@ -325,6 +349,10 @@ def test_cli_quantize_then_eval(tiny64, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "ag" / "config.json").read_text())["leanlm_quant"]["config"]["gptq"] is True
     assert main(["quantize", str(tiny64["llama"]), "--method", "rtn", "--gptq", "--out", str(tmp_path / "z")]) == 2
     assert main(["quantize", str(tiny64["llama"]), "--bits", "3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", str(tiny64["llama"]), "--tune-codes", "--out", str(tmp_path / "x")]) == 2  # no --tune-steps
+    tuned = awq_gptq[:-1] + [str(tmp_path / "tc"), "--tune-steps", "3", "--tune-samples", "4", "--tune-codes"]
+    assert main(tuned) == 0
+    assert json.loads((tmp_path / "tc" / "config.json").read_text())["leanlm_quant"]["config"]["tune_codes"] is True
     assert main(["quantize", str(tiny64["llama"]), "--calib", "wikitext2", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert main(["eval", str(out), "--text", str(calib), "--seq-len", "32", "--windows", "2", "--ppl",

@@ -311,6 +311,18 @@ def test_adaptive_gamma_learns_bursty_acceptance_per_position():
     assert sum(gs[-50:]) / 50 >= 5.5
 
 
+def test_adaptive_gamma_prices_an_untried_depth_like_the_one_before():
+    """Drafts of 2 that, once the first is right, are always right: depths 3+ were never drafted.
+    They are priced like depth 2 (~0.98), not at the pooled rate (~0.88), so that the policy tries
+    longer drafts and learns them."""
+    pol = AdaptiveGamma(max_gamma=8)
+    for i in range(60):
+        pol.update(2, 0 if i % 4 == 0 else 2, 0.0, 1.0)
+    a = pol.position_acceptance()
+    assert pol.acceptance() < 0.9 and a[1] > 0.95
+    assert min(a[2:]) >= a[1]
+
+
 def test_adaptive_gamma_costs_carry_over_to_the_next_generation(tiny_dirs):
     model = load_model(tiny_dirs["llama"])
     first = AdaptiveGamma()

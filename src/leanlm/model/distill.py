@@ -27,12 +27,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return F.kl_div(ls.flatten(0, -2), lt.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
-def distill(student, teacher, tokens: torch.Tensor, params: list[torch.Tensor], steps: int, lr: float,
+def distill(student, teacher, tokens: torch.Tensor, params: list[torch.Tensor] | list[dict], steps: int, lr: float,
             batch_size: int = 2, seed: int = 0, progress: bool = True, desc: str = "distill",
             after_step: Callable[[], None] | None = None) -> dict:  # fmt: skip
     """Train `params` of `student` (in place) to match `teacher`'s next-token distributions on
-    windows `tokens` [n, T]; every other parameter of the student is frozen. Returns a report with
-    the loss of every step."""
+    windows `tokens` [n, T]; every other parameter of the student is frozen. `params` is a list of
+    tensors or of optimizer parameter groups ({"params": [...], "lr": ...}) whose own learning
+    rates override `lr`. Returns a report with the loss of every step."""
     if steps < 0:
         raise LeanlmError(f"training steps must be >= 0, got {steps}")
     if batch_size < 1 or lr <= 0:
@@ -40,12 +41,14 @@ def distill(student, teacher, tokens: torch.Tensor, params: list[torch.Tensor], 
     report = {"steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": tokens.shape[1], "losses": []}
     if steps == 0:
         return report
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    params = [p for group in groups for p in group["params"]]
     ids = {id(p) for p in params}
     for p in student.parameters():
         p.requires_grad_(id(p) in ids)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))

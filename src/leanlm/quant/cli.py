@@ -26,7 +26,12 @@ def config_from_args(args):
     if args.gptq_rounding:
         kwargs["gptq"] = True
     if args.tune_steps:
-        kwargs.update(tune_steps=args.tune_steps, tune_lr=args.tune_lr, tune_batch=args.tune_batch)
+        kwargs.update(tune_steps=args.tune_steps, tune_lr=args.tune_lr, tune_batch=args.tune_batch,
+                      tune_codes=args.tune_codes, tune_codes_lr=args.tune_codes_lr)  # fmt: skip
+    elif args.tune_codes:
+        from ..errors import LeanlmError
+
+        raise LeanlmError("--tune-codes trains during grid tuning: give --tune-steps N too (e.g. 200)")
     return make_config(args.method, **kwargs)
 
 
@@ -60,8 +65,9 @@ def cmd_quantize(args) -> int:
           f"{q['bits_per_weight']:.2f} bits/weight in decoder Linears", file=sys.stderr)  # fmt: skip
     if "tune" in q["report"]:
         t = q["report"]["tune"]
+        moved = f", {t['codes_changed']:.2%} of codes moved" if "codes_changed" in t else ""
         print(f"grid tuning: KL {t['first_loss']:.4f} -> {t['last_loss']:.4f} in {t['steps']} steps "
-              f"({t['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
+              f"({t['seconds']:.0f} s){moved}", file=sys.stderr)  # fmt: skip
     if "mixed" in q["report"]:
         print(f"mixed precision: {len(q['report']['mixed']['high'])} Linears at {config.mixed.high.label()}",
               file=sys.stderr)  # fmt: skip
@@ -104,6 +110,11 @@ def add_arguments(p) -> None:
     p.add_argument("--tune-samples", type=int, default=128, help="grid tuning: calibration windows (default 128)")
     p.add_argument("--tune-lr", type=float, default=1e-3, help="grid tuning: learning rate (default 1e-3)")
     p.add_argument("--tune-batch", type=int, default=1, help="grid tuning: windows per step (default 1)")
+    p.add_argument("--tune-codes", action="store_true",
+                   help="grid tuning: also learn each weight's rounding (a code moves one step at most; same "
+                        "storage and kernels)")  # fmt: skip
+    p.add_argument("--tune-codes-lr", type=float, default=2e-3,
+                   help="grid tuning: learning rate of the rounding offsets, in code steps (default 2e-3)")  # fmt: skip
     p.add_argument("--no-pad", dest="pad", action="store_false",
                    help="refuse layers whose in_features the group does not divide (default: shorter last group)")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the result: bfloat16 (default) | float32")

@@ -101,6 +101,8 @@ class QuantConfig:
     tune_steps: after quantizing, train every group's scale and zero (codes frozen) for this many
         steps of KL distillation to the unquantized model (tune.py); 0 = off. tune_lr / tune_batch:
         its learning rate (on log-scales and zero shifts in scale units) and windows per step.
+    tune_codes: during that tuning, also learn each weight's rounding (codes move one step at most;
+        tune.py); tune_codes_lr: its learning rate, in code steps.
     """
 
     bits: int = 4
@@ -115,6 +117,8 @@ class QuantConfig:
     tune_steps: int = 0
     tune_lr: float = 1e-3
     tune_batch: int = 1
+    tune_codes: bool = False
+    tune_codes_lr: float = 2e-3
     method = "rtn"
 
     @property
@@ -129,6 +133,9 @@ class QuantConfig:
         if self.tune_steps < 0 or self.tune_batch < 1 or not 0 < self.tune_lr < 1:
             raise LeanlmError(f"grid tuning needs tune_steps >= 0, tune_batch >= 1 and 0 < tune_lr < 1, got "
                               f"{self.tune_steps}, {self.tune_batch}, {self.tune_lr}")  # fmt: skip
+        if self.tune_codes and not (self.tune_steps and 0 < self.tune_codes_lr < 1):
+            raise LeanlmError(f"tune_codes needs tune_steps > 0 and 0 < tune_codes_lr < 1, got {self.tune_steps}, "
+                              f"{self.tune_codes_lr}")  # fmt: skip
         if self.mixed is not None:
             self.mixed.high.validate()
             lo, hi = self.spec.bits_per_weight(4096), self.mixed.high.bits_per_weight(4096)

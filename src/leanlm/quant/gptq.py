@@ -87,21 +87,24 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
     del H
 
     bs = max(block_size // g, 1) * g if spec.group else block_size  # groups never straddle blocks
-    q = _columns(W, U, scale, zero, spec, bs, col_group)
+    q, residual = _columns(W, U, scale, zero, spec, bs, col_group)
     if perm is not None:
-        q = q[:, torch.argsort(perm)]
+        inverse = torch.argsort(perm)
+        q, residual = q[:, inverse], residual[:, inverse]
     if Kp > K:
         q = torch.nn.functional.pad(q, (0, Kp - K), value=float(spec.mid))
-    return QuantizedWeight(q.to(torch.uint8), scale.to(torch.bfloat16),
-                           None if zero is None else zero.to(torch.bfloat16), spec, K)  # fmt: skip
+        residual = torch.nn.functional.pad(residual, (0, Kp - K))
+    return QuantizedWeight(q.to(torch.uint8), scale.to(torch.bfloat16), None if zero is None else zero.to(torch.bfloat16),
+                           spec, K, residual.half())  # fmt: skip
 
 
-def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group) -> torch.Tensor:
-    """The GPTQ column loop with lazy block updates; returns codes. col_group: the static group of
-    each (permuted) column, or None: dynamic groups, whose scale/zero are filled in here."""
+def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop with lazy block updates; returns codes and rounding residuals (the
+    error-compensated weight's position on the code axis minus its code). col_group: the static
+    group of each (permuted) column, or None: dynamic groups, whose scale/zero are filled in here."""
     N, K = W.shape
     g = spec.group_size(K)
-    q = torch.empty(N, K)
+    q, residual = torch.empty(N, K), torch.empty(N, K)
     mid, qmax = float(spec.mid), float(spec.qmax)
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
@@ -122,17 +125,14 @@ def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group) -> torch.Tensor
                 gi = col_group[col]
             s = scale[:, gi]
             w = W1[:, i]
-            if zero is None:
-                c = torch.clamp(torch.round(w / s) + mid, 0, qmax)
-                wq = (c - mid) * s
-            else:
-                z = zero[:, gi]
-                c = torch.clamp(torch.round((w - z) / s) + mid, 0, qmax)
-                wq = (c - mid) * s + z
-            q[:, col] = c
+            z = 0.0 if zero is None else zero[:, gi]
+            x = (w - z) / s + mid
+            c = torch.clamp(torch.round(x), 0, qmax)
+            wq = (c - mid) * s + z
+            q[:, col], residual[:, col] = c, x - c
             err = (w - wq) / U1[i, i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err[:, i] = err
         if i2 < K:
             W[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1.0)
-    return q
+    return q, residual

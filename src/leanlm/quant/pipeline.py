@@ -145,11 +145,14 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
             specs[n].validate(shapes[n][1], config.pad, n)
 
     layers: dict = {}
+    residuals: dict = {}  # learnable rounding starts from each weight's rounding error
 
     def install(root, prefix: str, lin: str, qw: QuantizedWeight, bias) -> None:
         module = QuantLinear(qw, None if bias is None else bias.data)
         set_module(root, lin, module)
         layers[prefix + lin] = _meta(module)
+        if config.tune_codes and qw.residual is not None:
+            residuals[prefix + lin] = qw.residual
 
     if isinstance(config, GPTQ) or isinstance(config, AWQ):
         by_block: dict[int, dict[str, QSpec]] = {}
@@ -200,7 +203,9 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     if teacher is not None:
         tokens = calib_tokens if tune_tokens is None else tune_tokens
         report["tune"] = tune_grids(model, teacher, tokens, config.tune_steps, config.tune_lr, config.tune_batch,
-                                    progress=progress)  # fmt: skip
+                                    progress=progress, codes=residuals if config.tune_codes else None,
+                                    codes_lr=config.tune_codes_lr)  # fmt: skip
+        residuals.clear()
         del teacher
     cast_unquantized(model, dtype)
     seconds = time.perf_counter() - t0

@@ -26,6 +26,9 @@ class QuantizedWeight:
     zero: torch.Tensor | None  # bfloat16 [N, G], None when symmetric
     spec: QSpec
     in_features: int
+    # float16 [N, Kp]: where each weight sat on the code axis before rounding, minus its code (the
+    # rounding error, in code steps; learnable rounding starts from it). Not stored, not packed.
+    residual: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -101,5 +104,8 @@ def rtn(w: torch.Tensor, spec: QSpec, shrink: torch.Tensor | float | None = None
     g, Kp = spec.group_size(K), spec.padded(K)
     groups = pad_columns(w.float(), Kp).view(N, Kp // g, g)
     scale, zero = grid_params(groups, spec, shrink)
-    q = codes(groups, scale, zero, spec).view(N, Kp).to(torch.uint8)
-    return QuantizedWeight(q, scale.to(torch.bfloat16), None if zero is None else zero.to(torch.bfloat16), spec, K)
+    q = codes(groups, scale, zero, spec)
+    z = 0.0 if zero is None else zero[..., None]
+    residual = ((groups - z) / scale[..., None] + spec.mid - q).view(N, Kp).half()
+    return QuantizedWeight(q.view(N, Kp).to(torch.uint8), scale.to(torch.bfloat16),
+                           None if zero is None else zero.to(torch.bfloat16), spec, K, residual)  # fmt: skip
