@@ -102,7 +102,7 @@ class _FrozenHead(nn.Module):
     """A quantized LM head as a dense frozen weight: its many-row path writes with `out=`,
     which autograd refuses; gradients must still reach the hidden states."""
 
-    def __init__(self, qlin: QuantLinear, residual: torch.Tensor | None = None):
+    def __init__(self, qlin: QuantLinear):
         super().__init__()
         self.register_buffer("weight", qlin.dequantize())
         self.register_buffer("bias", qlin.bias)
