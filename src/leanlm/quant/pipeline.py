@@ -197,7 +197,7 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     else:
         for n in tqdm(names, desc="rtn", disable=not progress, leave=False):
             lin = get_module(model, n)
-            install(model, "", n, rtn(lin.weight.data, specs[n]), lin.bias)
+            install(model, "", n, rtn(lin.weight.data, specs[n], residual=config.tune_codes), lin.bias)
 
     quantize_head(model, config, dtype, layers)
     if teacher is not None:

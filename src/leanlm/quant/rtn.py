@@ -98,14 +98,19 @@ def fake_quantize(w: torch.Tensor, spec: QSpec, shrink=None) -> torch.Tensor:
     return rtn(w, spec, shrink).dequantize()
 
 
-def rtn(w: torch.Tensor, spec: QSpec, shrink: torch.Tensor | float | None = None) -> QuantizedWeight:
-    """Round-to-nearest on the min/max grid of each group (optionally shrunk)."""
+def rtn(w: torch.Tensor, spec: QSpec, shrink: torch.Tensor | float | None = None,
+        residual: bool = False) -> QuantizedWeight:  # fmt: skip
+    """Round-to-nearest on the min/max grid of each group (optionally shrunk); `residual` also
+    returns the rounding errors (learnable rounding starts from them; searches that call this
+    many times skip them)."""
     N, K = w.shape
     g, Kp = spec.group_size(K), spec.padded(K)
     groups = pad_columns(w.float(), Kp).view(N, Kp // g, g)
     scale, zero = grid_params(groups, spec, shrink)
     q = codes(groups, scale, zero, spec)
-    z = 0.0 if zero is None else zero[..., None]
-    residual = ((groups - z) / scale[..., None] + spec.mid - q).view(N, Kp).half()
+    err = None
+    if residual:
+        z = 0.0 if zero is None else zero[..., None]
+        err = ((groups - z) / scale[..., None] + spec.mid - q).view(N, Kp).half()
     return QuantizedWeight(q.view(N, Kp).to(torch.uint8), scale.to(torch.bfloat16),
-                           None if zero is None else zero.to(torch.bfloat16), spec, K, residual)  # fmt: skip
+                           None if zero is None else zero.to(torch.bfloat16), spec, K, err)  # fmt: skip
