@@ -14,7 +14,9 @@ weights (leanlm.export) in the same interleaved speed runs.
 Calibration: --calib (default wikitext2-valid, never the test split). The "-tuned" rows then train
 every group's scale and zero (codes frozen) by KL distillation to the base model (quant/tune.py)
 on --tune-samples other windows of the same text; "-tuned-codes" rows learn each weight's rounding
-too. Their quantize time includes the tuning.
+too. "-recon" rows train each block's grids and rounding, right after quantizing it, to reproduce the
+unquantized block's outputs on the calibration windows (quant/reconstruct.py; give them --samples 64);
+"-recon-tuned" then also runs the grid tuning. Their quantize time includes the training.
 
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py                      # both models
     LEANLM_DATA=../shared/data python benchmarks/bench_quant.py --models gemma3-270m --windows 40
@@ -58,6 +60,11 @@ CONFIGS = {
         "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
         "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS,
                                                       tune_codes=True),  # fmt: skip
+        "int4-g128-awq-gptq-recon": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS),
+        "int4-g128-awq-gptq-recon-ch": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
+                                                   recon_loss="channel"),  # fmt: skip
+        "int4-g128-awq-gptq-recon-tuned": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
+                                                      tune_steps=TUNE_STEPS),  # fmt: skip
         "int4-g32-rtn": lambda: RTN(bits=4, group=32),
         "mixed-5bit-gptq": lambda: GPTQ(bits=4, group=128, mixed=MixedPrecision(target_bits=5.0)),
     },
@@ -71,9 +78,15 @@ CONFIGS = {
         "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
         "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS,
                                                       tune_codes=True),  # fmt: skip
+        "int4-g128-awq-gptq-recon": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS),
+        "int4-g128-awq-gptq-recon-ch": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
+                                                   recon_loss="channel"),  # fmt: skip
+        "int4-g128-awq-gptq-recon-tuned": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
+                                                      tune_steps=TUNE_STEPS),  # fmt: skip
     },
 }
 TUNE_STEPS = 300  # "-tuned" rows: grid tuning steps (quant/tune.py), --tune-steps overrides
+RECON_STEPS = 100  # "-recon" rows: block reconstruction steps per block (quant/reconstruct.py), --recon-steps overrides
 
 
 @torch.inference_mode()
@@ -152,6 +165,8 @@ def run_model(name: str, args, text: str) -> dict:
             cfg.tune_steps = args.tune_steps
             if cfg.tune_codes and args.tune_codes_lr:
                 cfg.tune_codes_lr = args.tune_codes_lr
+        if cfg.recon_steps:
+            cfg.recon_steps, cfg.recon_lr = args.recon_steps, args.recon_lr
         quantize(model, cfg, calib, tune_tokens=tune)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         out = save_quantized(model, tok, tmp / label)
@@ -167,6 +182,10 @@ def run_model(name: str, args, text: str) -> dict:
             if "codes_changed" in t:
                 info[label]["tune"].update(codes_lr=cfg.tune_codes_lr, codes_changed=t["codes_changed"])
             info[label]["tune"]["samples"] = args.tune_samples
+        if "recon" in q["report"]:
+            r = q["report"]["recon"]
+            info[label]["recon"] = {"steps": cfg.recon_steps, "lr": cfg.recon_lr, "batch": cfg.recon_batch,
+                                    "samples": args.samples, "per_block": r}  # fmt: skip
         if "mixed" in q["report"]:
             info[label]["mixed_high"] = q["report"]["mixed"]["high"]
         print(f"{name} {label}: {wall:.1f} s wall, {cpu:.1f} s CPU, {info[label]['weight_mb']:.1f} MB", flush=True)
@@ -233,6 +252,8 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=TUNE_STEPS, help="grid tuning steps of the -tuned rows")
     ap.add_argument("--tune-codes-lr", type=float, default=None,
                     help="learning rate of the rounding offsets of the -tuned-codes rows (default: QuantConfig's)")
+    ap.add_argument("--recon-steps", type=int, default=RECON_STEPS, help="block reconstruction steps of the -recon rows")
+    ap.add_argument("--recon-lr", type=float, default=1e-3, help="block reconstruction learning rate of the -recon rows")
     ap.add_argument("--tune-samples", type=int, default=128,
                     help="grid tuning windows of --seq-len (drawn from --calib with another seed)")
     ap.add_argument("--check-ppl", action="store_true", help="also run leanlm.evaluate.perplexity on the base model")

@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--extract", type=int, default=5, help="MT-Bench extraction prompts (0-10, file order)")
     ap.add_argument("--self-layers", type=int, default=24, help="early-exit self-draft depth")
     ap.add_argument("--vk-reps", type=int, default=5)
+    ap.add_argument("--conf", type=float, default=0.3,
+                    help="confidence threshold of the 'conf' configurations (a model draft stops below it)")  # fmt: skip
     ap.add_argument("--no-int4", action="store_true", help="skip the int4 (leanlm.quant RTN) self-draft")
     ap.add_argument("--quick", action="store_true", help="2+2+2 prompts, 32 tokens, 1 run (smoke test)")
     ap.add_argument("--configs", default=None,
@@ -183,19 +185,20 @@ def main() -> None:
     # matches of a single token are weak evidence; proposing only after 2-3 matching tokens wastes fewer verifications
     add("lookup-n2 g4", "lookup-n2", "fixed 4", target, lambda: LookupDraft(min_ngram=2), fixed(4))
     add("lookup-n2 auto", "lookup-n2", "auto", target, lambda: LookupDraft(min_ngram=2), lambda: "auto")
-    for name, dm in drafts.items():  # compressed copies of the target
+    for name, dm in drafts.items():  # compressed copies of the target, each named: `auto` remembers per draft name
+        copy = lambda dm=dm, name=name, t=None: ModelDraft(dm, t, f"self-{name}" + (f"-conf{t}" if t else ""), sync_kv=True)  # noqa: E731
+        with_lookup = lambda copy=copy: LookupDraft(fallback=copy())  # noqa: E731
         for g in (2, 4, 6):
-            add(f"self-{name} g{g}", f"self-{name}", f"fixed {g}", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
-                fixed(g))  # fmt: skip
-        add(f"self-{name} auto", f"self-{name}", "auto", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
-            lambda: "auto")  # fmt: skip
-        add(f"self-{name} heuristic", f"self-{name}", "heuristic", target, lambda dm=dm: ModelDraft(dm, sync_kv=True),
-            lambda: "heuristic")  # fmt: skip
-        add(f"lookup+self-{name} auto", f"lookup+self-{name}", "auto", target,
-            lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), lambda: "auto")  # fmt: skip
+            add(f"self-{name} g{g}", f"self-{name}", f"fixed {g}", target, copy, fixed(g))
+        add(f"self-{name} auto", f"self-{name}", "auto", target, copy, lambda: "auto")
+        add(f"self-{name} heuristic", f"self-{name}", "heuristic", target, copy, lambda: "heuristic")
+        # the draft's own confidence (top-1 probability) ends a draft early, below --conf
+        conf = lambda copy=copy, t=args.conf: copy(t=t)  # noqa: E731
+        add(f"self-{name} conf{args.conf} g8", f"self-{name}-conf", "fixed 8", target, conf, fixed(8))
+        add(f"self-{name} conf{args.conf} auto", f"self-{name}-conf", "auto", target, conf, lambda: "auto")
+        add(f"lookup+self-{name} auto", f"lookup+self-{name}", "auto", target, with_lookup, lambda: "auto")
         for g in (2, 4, 6):
-            add(f"lookup+self-{name} g{g}", f"lookup+self-{name}", f"fixed {g}", target,
-                lambda dm=dm: LookupDraft(fallback=ModelDraft(dm, sync_kv=True)), fixed(g))  # fmt: skip
+            add(f"lookup+self-{name} g{g}", f"lookup+self-{name}", f"fixed {g}", target, with_lookup, fixed(g))
     add(f"self-{L}L g2", f"self-{L}L", "fixed 2", target, lambda: EarlyExitDraft(L), fixed(2))
     add(f"self-{L}L auto", f"self-{L}L", "auto", target, lambda: EarlyExitDraft(L), lambda: "auto")
 

@@ -323,14 +323,21 @@ def test_adaptive_gamma_prices_an_untried_depth_like_the_one_before():
     assert min(a[2:]) >= a[1]
 
 
-def test_adaptive_gamma_costs_carry_over_to_the_next_generation(tiny_dirs):
+def test_adaptive_gamma_carries_costs_and_some_acceptance_to_the_next_generation(tiny_dirs):
     model = load_model(tiny_dirs["llama"])
     first = AdaptiveGamma()
     list(speculative_generate_tokens(model, [5, 6, 7, 5, 6], 12, draft=LookupDraft(), gamma=first, eos_ids=set()))
     second = AdaptiveGamma()
     second.warm_start(model, "lookup")
     assert second.verify_s == first.verify_s and second.verify_s
-    assert second.acceptance() == pytest.approx(2 / 3)  # acceptance is about the text: not carried
+    # acceptance carries over at half weight: between the prior (2/3) and what the first one learned
+    fresh = AdaptiveGamma(carry=0.0)
+    fresh.warm_start(model, "lookup")
+    assert fresh.acceptance() == pytest.approx(2 / 3)
+    learned = {k: first.acceptance(k) for k in first.stats}
+    for k, a in learned.items():
+        lo, hi = sorted((2 / 3, a))
+        assert lo - 1e-9 <= second.acceptance(k) <= hi + 1e-9 and (a == pytest.approx(2 / 3) or second.acceptance(k) != pytest.approx(2 / 3))
 
 
 def test_make_draft_kinds(tiny_dirs):

@@ -162,15 +162,17 @@ class AdaptiveGamma:
       proposal was taken whole (a 3-token match inside a passage being copied is accepted far
       more often than a 1-token match in free text), and lookup with a model fallback also says
       which of the two proposes (free vs a good fraction of a step per token).
-    - Costs are facts about the target, the draft and the machine, not about the text: those
-      learned in one generation seed the next one with the same model and draft (`remember` /
-      `warm_start`); acceptance starts from its prior every time.
+    - What one generation learned seeds the next one with the same model and draft (`remember` /
+      `warm_start`): costs in full (facts about the target, the draft and the machine), acceptance
+      scaled by `carry` (it also depends on the text; decay forgets it within a few rounds). With
+      64-token answers a fresh start spent several rounds re-learning what the last answer knew.
     When g = 0 wins (drafts useless), one round in `explore` still drafts 1 token.
     """
 
     def __init__(self, max_gamma: int = 8, start: int = 3, decay: float = 0.85, slope_prior: float = 0.1,
-                 explore: int = 8):  # fmt: skip
+                 explore: int = 8, carry: float = 0.5):  # fmt: skip
         self.max_gamma, self.gamma, self.decay, self.slope_prior, self.explore = max_gamma, start, decay, slope_prior, explore
+        self.carry = carry
         self.name = "auto"
         self.stats: dict = {}  # context -> _Context
         self.fit = [0.0] * 5  # decayed sums: w, x, t, xx, xt
@@ -183,12 +185,18 @@ class AdaptiveGamma:
             self.verify_s, self.fit = dict(mem["verify_s"]), list(mem["fit"])
             for context, fit in mem["draft_fit"].items():
                 self._ctx(context).fit = list(fit)
+            for context, (acc, rej, tried, taken) in mem.get("accept", {}).items():
+                st, c = self._ctx(context), self.carry  # (the decayed prior in the carried sums is small)
+                st.acc, st.rej = st.acc + c * acc, st.rej + c * rej
+                st.tried = [a + c * b for a, b in zip(st.tried, tried)]
+                st.taken = [a + c * b for a, b in zip(st.taken, taken)]
 
     def remember(self, model, draft_name: str) -> None:
         if self.verify_s:  # per draft: some drafts verify on part of the target only (early exit)
             model.__dict__.setdefault("_speculative_costs", {})[draft_name] = {  # (plain attribute, not state)
                 "verify_s": dict(self.verify_s), "fit": list(self.fit),
-                "draft_fit": {k: list(st.fit) for k, st in self.stats.items() if st.fit is not None}}  # fmt: skip
+                "draft_fit": {k: list(st.fit) for k, st in self.stats.items() if st.fit is not None},
+                "accept": {k: (st.acc, st.rej, list(st.tried), list(st.taken)) for k, st in self.stats.items()}}  # fmt: skip
 
     def _ctx(self, context) -> _Context:
         if context not in self.stats:

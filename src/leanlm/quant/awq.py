@@ -153,6 +153,6 @@ def awq_block(layer, stats: dict, specs: dict, cfg, make_linear) -> dict:
         if cfg.gptq and H is not None:
             qw = gptq(W, H, specs[name], act_order=True, shrink=shrink)
         else:
-            qw = rtn(W, specs[name], shrink, residual=cfg.tune_codes)
+            qw = rtn(W, specs[name], shrink, residual=cfg.tune_codes or cfg.recon_steps > 0)
         make_linear(name, qw, module.bias)
     return report

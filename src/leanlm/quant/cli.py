@@ -32,6 +32,9 @@ def config_from_args(args):
         from ..errors import LeanlmError
 
         raise LeanlmError("--tune-codes trains during grid tuning: give --tune-steps N too (e.g. 200)")
+    if args.recon_steps:
+        kwargs.update(recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_batch=args.recon_batch,
+                      recon_loss=args.recon_loss)  # fmt: skip
     return make_config(args.method, **kwargs)
 
 
@@ -68,6 +71,12 @@ def cmd_quantize(args) -> int:
         moved = f", {t['codes_changed']:.2%} of codes moved" if "codes_changed" in t else ""
         print(f"grid tuning: KL {t['first_loss']:.4f} -> {t['last_loss']:.4f} in {t['steps']} steps "
               f"({t['seconds']:.0f} s){moved}", file=sys.stderr)  # fmt: skip
+    if "recon" in q["report"]:
+        r = list(q["report"]["recon"].values())
+        before, after = (sum(x[k] for x in r) / len(r) for k in ("loss_before", "loss_after"))
+        moved = sum(x["codes_changed"] for x in r) / len(r)
+        print(f"block reconstruction: relative output error {before:.4f} -> {after:.4f} (mean over {len(r)} blocks), "
+              f"{moved:.2%} of codes moved", file=sys.stderr)  # fmt: skip
     if "mixed" in q["report"]:
         print(f"mixed precision: {len(q['report']['mixed']['high'])} Linears at {config.mixed.high.label()}",
               file=sys.stderr)  # fmt: skip
@@ -115,6 +124,15 @@ def add_arguments(p) -> None:
                         "storage and kernels)")  # fmt: skip
     p.add_argument("--tune-codes-lr", type=float, default=2e-3,
                    help="grid tuning: learning rate of the rounding offsets, in code steps (default 2e-3)")  # fmt: skip
+    p.add_argument("--recon-steps", type=int, default=0,
+                   help="GPTQ/AWQ: after each block is quantized, train its grids and rounding (one code step at "
+                        "most) for this many steps so that its output matches the unquantized block's "
+                        "(AutoRound-style block reconstruction; e.g. 100, with --samples 64); default 0 = off")  # fmt: skip
+    p.add_argument("--recon-lr", type=float, default=1e-3, help="block reconstruction: learning rate (default 1e-3)")
+    p.add_argument("--recon-batch", type=int, default=4, help="block reconstruction: windows per step (default 4)")
+    p.add_argument("--recon-loss", default="mse", choices=["mse", "channel"],
+                   help="block reconstruction: squared error (mse, default), or per residual channel relative to its "
+                        "mean square (channel)")  # fmt: skip
     p.add_argument("--no-pad", dest="pad", action="store_false",
                    help="refuse layers whose in_features the group does not divide (default: shorter last group)")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the result: bfloat16 (default) | float32")

@@ -103,6 +103,10 @@ class QuantConfig:
         its learning rate (on log-scales and zero shifts in scale units) and windows per step.
     tune_codes: during that tuning, also learn each weight's rounding (codes move one step at most;
         tune.py); tune_codes_lr: its learning rate, in code steps.
+    recon_steps: GPTQ / AWQ only: after each block is quantized, train its grids and rounding for this
+        many steps to reproduce the unquantized block's outputs (reconstruct.py; 0 = off), on
+        `recon_batch` calibration windows per step at learning rate `recon_lr`; recon_loss "mse" or
+        "channel" (each residual channel's error relative to its mean square).
     """
 
     bits: int = 4
@@ -119,6 +123,10 @@ class QuantConfig:
     tune_batch: int = 1
     tune_codes: bool = False
     tune_codes_lr: float = 2e-3
+    recon_steps: int = 0
+    recon_lr: float = 1e-3
+    recon_batch: int = 4
+    recon_loss: str = "mse"
     method = "rtn"
 
     @property
@@ -136,6 +144,16 @@ class QuantConfig:
         if self.tune_codes and not (self.tune_steps and 0 < self.tune_codes_lr < 1):
             raise LeanlmError(f"tune_codes needs tune_steps > 0 and 0 < tune_codes_lr < 1, got {self.tune_steps}, "
                               f"{self.tune_codes_lr}")  # fmt: skip
+        if self.recon_steps < 0 or self.recon_batch < 1 or not 0 < self.recon_lr < 1:
+            raise LeanlmError(f"block reconstruction needs recon_steps >= 0, recon_batch >= 1 and 0 < recon_lr < 1, "
+                              f"got {self.recon_steps}, {self.recon_batch}, {self.recon_lr}")  # fmt: skip
+        if self.recon_loss not in ("mse", "channel"):
+            raise LeanlmError(f"recon_loss must be 'mse' or 'channel', got {self.recon_loss!r}")
+        if self.recon_steps and self.method == "rtn":
+            raise LeanlmError("block reconstruction (recon_steps) runs on calibration activations: use GPTQ or AWQ")
+        if self.recon_steps and self.tune_codes:
+            raise LeanlmError("recon_steps already learns the rounding block by block; drop tune_codes (grid tuning "
+                              "with tune_steps may follow it)")  # fmt: skip
         if self.mixed is not None:
             self.mixed.high.validate()
             lo, hi = self.spec.bits_per_weight(4096), self.mixed.high.bits_per_weight(4096)

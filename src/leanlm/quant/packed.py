@@ -167,7 +167,10 @@ class QuantLinear(nn.Module):
         self.layout, self.backend = "plain", "none"
         want_native = backend in ("auto", "native") and native() is not None
         if spec.bits == 8:
-            Kn = _round32(Kp) if want_native and G == 1 else Kp  # native: whole blocks of 32 (code 128 = 0)
+            torch_ok = backend in ("auto", "torch") and G == 1 and int8_kernel_ok()
+            # native: whole blocks of 32 (code 128 = 0); torch's AVX-512 kernel reads past a width that is not
+            # a multiple of 16 (garbage, even a segfault, with torch 2.13 on an AVX-512 CPU): pad to 16
+            Kn = _round32(Kp) if want_native and G == 1 else -(-Kp // 16) * 16 if torch_ok else Kp
             if Kn > Kp:
                 q = F.pad(q, (0, Kn - Kp), value=128)
             self.register_buffer("qweight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
@@ -176,7 +179,7 @@ class QuantLinear(nn.Module):
             self.kgroup, self.stored_in = Kn // G, Kn
             if want_native and Kn % 32 == 0:
                 self.backend = "native"
-            elif backend in ("auto", "torch") and G == 1 and int8_kernel_ok():
+            elif torch_ok:
                 self.backend = "torch"
             return
         if want_native:  # int4, leanlm's block layout; per-channel widths padded to 32 columns
@@ -315,14 +318,14 @@ class QuantLinear(nn.Module):
             z = self.zeros if self.zeros is not None else _EMPTY
             return native().q_linear(x2, self.qweight, self.scales, z, self.spec.bits, self.kgroup)
         xb = x2.to(torch.bfloat16)
+        if self.stored_in > self.in_features:
+            xb = F.pad(xb, (0, self.stored_in - self.in_features))
         if self.spec.bits == 8:
             s = self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, s.view(-1))
             if self.zeros is not None:
                 y = torch.addcmul(y.float(), x2.float().sum(-1, keepdim=True), self.zeros.view(1, -1).float())
             return y
-        if self.stored_in > self.in_features:
-            xb = F.pad(xb, (0, self.stored_in - self.in_features))
         sz = self.scales_zeros if self.scales_zeros.dtype == torch.bfloat16 else self.scales_zeros.to(torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, self.kgroup, sz)
 

@@ -2,7 +2,8 @@
 
 Steps: pick the Linears to quantize (decoder-layer wqkv / wo / gate_up / down minus `skip`),
 optionally assign per-layer bits from measured sensitivity, quantize the decoder blocks
-(RTN: each weight alone; GPTQ / AWQ: layer-sequentially on calibration activations), quantize
+(RTN: each weight alone; GPTQ / AWQ: layer-sequentially on calibration activations, each block
+optionally reconstructed right after: reconstruct.py), quantize
 the LM head and embeddings (RTN) unless kept, and cast what stays unquantized (norms, kept
 tables) to the compute dtype. The model is modified in place and returned; `model.quantization`
 records what was done (saved with the model by save.py).
@@ -26,6 +27,7 @@ from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
 from .packed import QuantEmbedding, QuantLinear
+from .reconstruct import reconstruct_block
 from .rtn import QuantizedWeight, rtn
 from .tune import tune_grids
 
@@ -151,7 +153,7 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
         module = QuantLinear(qw, None if bias is None else bias.data)
         set_module(root, lin, module)
         layers[prefix + lin] = _meta(module)
-        if config.tune_codes and qw.residual is not None:
+        if (config.tune_codes or config.recon_steps) and qw.residual is not None:
             residuals[prefix + lin] = qw.residual
 
     if isinstance(config, GPTQ) or isinstance(config, AWQ):
@@ -160,7 +162,26 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
             _, i, lin = n.split(".", 2)
             by_block.setdefault(int(i), {})[lin] = s
 
+        fp_stream: list = []  # block reconstruction: the unquantized model's inputs to block i
+
         def per_block(i, layer, xs, rope, dtype_):
+            if not config.recon_steps:
+                return quantize_block(i, layer, xs, rope, dtype_)
+            fp_layer = copy.deepcopy(layer)  # before AWQ folds its scales or any Linear is swapped
+            xfp = fp_stream.pop() if fp_stream else xs
+            out = quantize_block(i, layer, xs, rope, dtype_)
+            yfp = [fp_layer(x, rope, 0, dtype_) for x in xfp]
+            if by_block.get(i):
+                prefix = f"layers.{i}."
+                mine = {n.removeprefix(prefix): residuals.pop(n) for n in list(residuals) if n.startswith(prefix)}
+                report.setdefault("recon", {})[i] = reconstruct_block(
+                    layer, xs, yfp, rope, dtype_, mine, config.recon_steps, config.recon_lr, config.recon_batch,
+                    loss=config.recon_loss)  # fmt: skip
+                out = None  # the block changed: run_sequential recomputes its outputs
+            fp_stream.append(yfp)
+            return out
+
+        def quantize_block(i, layer, xs, rope, dtype_):
             local = by_block.get(i, {})
             if not local:
                 return
