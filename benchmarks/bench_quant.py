@@ -47,6 +47,17 @@ from leanlm.evaluate.perplexity import make_windows, perplexity
 from leanlm.evaluate.speed import disk_bytes, fixed_prompt, weight_bytes
 from leanlm.quant import AWQ, GPTQ, RTN, MixedPrecision, quantize, read_calibration, save_quantized
 
+# rows that train on top of AWQ + GPTQ (the same for every model)
+TRAINED = {
+    "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
+    "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
+    "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS, tune_codes=True),
+    "int4-g128-awq-gptq-recon": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS),
+    "int4-g128-awq-gptq-recon-ch": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
+                                               recon_loss="channel"),  # fmt: skip
+    "int4-g128-awq-gptq-recon-tuned": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
+                                                  tune_steps=TUNE_STEPS),  # fmt: skip
+}
 # name -> config; the int4 g128 rows are the general result, g32 asym reproduces SmolLM2's Q4_1 source
 CONFIGS = {
     "smollm2-135m": {
@@ -56,15 +67,7 @@ CONFIGS = {
         "int4-g128-gptq-actorder": lambda: GPTQ(bits=4, group=128, act_order=True),
         "int4-g128-awq": lambda: AWQ(bits=4, group=128),
         "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
-        "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
-        "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
-        "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS,
-                                                      tune_codes=True),  # fmt: skip
-        "int4-g128-awq-gptq-recon": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS),
-        "int4-g128-awq-gptq-recon-ch": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
-                                                   recon_loss="channel"),  # fmt: skip
-        "int4-g128-awq-gptq-recon-tuned": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
-                                                      tune_steps=TUNE_STEPS),  # fmt: skip
+        **TRAINED,
         "int4-g32-rtn": lambda: RTN(bits=4, group=32),
         "mixed-5bit-gptq": lambda: GPTQ(bits=4, group=128, mixed=MixedPrecision(target_bits=5.0)),
     },
@@ -74,15 +77,7 @@ CONFIGS = {
         "int4-g128-gptq": lambda: GPTQ(bits=4, group=128),
         "int4-g128-awq": lambda: AWQ(bits=4, group=128),
         "int4-g128-gptq-clip": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
-        "int4-g128-awq-gptq": lambda: AWQ(bits=4, group=128, gptq=True),
-        "int4-g128-awq-gptq-tuned": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS),
-        "int4-g128-awq-gptq-tuned-codes": lambda: AWQ(bits=4, group=128, gptq=True, tune_steps=TUNE_STEPS,
-                                                      tune_codes=True),  # fmt: skip
-        "int4-g128-awq-gptq-recon": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS),
-        "int4-g128-awq-gptq-recon-ch": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
-                                                   recon_loss="channel"),  # fmt: skip
-        "int4-g128-awq-gptq-recon-tuned": lambda: AWQ(bits=4, group=128, gptq=True, recon_steps=RECON_STEPS,
-                                                      tune_steps=TUNE_STEPS),  # fmt: skip
+        **TRAINED,
     },
 }
 TUNE_STEPS = 300  # "-tuned" rows: grid tuning steps (quant/tune.py), --tune-steps overrides
