@@ -240,16 +240,23 @@ def test_grid_tuning_lowers_kl_keeps_codes_and_format(tiny64, arch):
 
 
 def test_learned_rounding_moves_codes_one_step_and_beats_frozen_codes(tiny64):
-    """tune_codes: codes move (some), never by more than one step, and the held-out KL ends below
-    grid tuning with frozen codes from the same start, same steps and windows."""
+    """tune_codes: codes move (some), never by more than one step, and the held-out KL ends at least
+    10% below grid tuning with frozen codes from the same start, same steps and windows.
+
+    The setting is chosen so that rounding is what limits quality, which makes the effect large and
+    the margin hold on any CPU: per-channel int4 round-to-nearest codes (no error feedback, so many
+    weights sit on the wrong side of a midpoint; GPTQ's compensated codes leave learned rounding a gain
+    of only 2-5% on this model, within what floating-point differences between machines move),
+    80 steps at a code learning rate of 5e-3 (Adam moves an offset up to ~0.4 code steps), and 16
+    held-out windows. On calibration seeds 3, 4 and 5 learned rounding ends 24-26% below frozen codes."""
     g = torch.Generator().manual_seed(3)
-    calib, x = torch.randint(0, 97, (128, 48), generator=g), torch.randint(0, 97, (4, 48), generator=g)
+    calib, x = torch.randint(0, 97, (128, 48), generator=g), torch.randint(0, 97, (16, 48), generator=g)
     with torch.inference_mode():
         ref = load_model(tiny64["llama"])(x).flatten(0, 1)[None]
-    kw = dict(bits=4, group=32, tune_steps=60, tune_lr=3e-3, tune_batch=4)
-    plain = quantize(load_model(tiny64["llama"]), GPTQ(bits=4, group=32), calib, progress=False)
-    grid = quantize(load_model(tiny64["llama"]), GPTQ(**kw), calib, progress=False)
-    codes = quantize(load_model(tiny64["llama"]), GPTQ(**kw, tune_codes=True), calib, progress=False)
+    kw = dict(bits=4, group=0, tune_steps=80, tune_lr=3e-3, tune_batch=4)
+    plain = quantize(load_model(tiny64["llama"]), RTN(bits=4, group=0), calib, progress=False)
+    grid = quantize(load_model(tiny64["llama"]), RTN(**kw), calib, progress=False)
+    codes = quantize(load_model(tiny64["llama"]), RTN(**kw, tune_codes=True, tune_codes_lr=5e-3), calib, progress=False)
     rep = codes.quantization["report"]["tune"]
     assert 0 < rep["codes_changed"] < 0.5, rep["codes_changed"]
     for a, b in ((plain.layers[1].attn.wqkv, codes.layers[1].attn.wqkv), (plain.layers[0].mlp.w_down, codes.layers[0].mlp.w_down)):
@@ -257,7 +264,7 @@ def test_learned_rounding_moves_codes_one_step_and_beats_frozen_codes(tiny64):
         assert (qa - qb).abs().max() == 1  # moved, one step at most
     with torch.inference_mode():
         kl_grid, kl_codes = _kl(ref, grid(x).flatten(0, 1)[None]), _kl(ref, codes(x).flatten(0, 1)[None])
-    assert kl_codes < kl_grid, (kl_grid, kl_codes)
+    assert kl_codes <= 0.9 * kl_grid, (kl_grid, kl_codes)  # at least 10% lower
     assert weight_bytes(codes) == weight_bytes(plain)
 
 
