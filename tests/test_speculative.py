@@ -390,3 +390,25 @@ def test_smollm2_speculative_greedy_identical(smollm2):
         assert list(speculative_generate_tokens(model, ids, 20, stats=st, draft=draft, gamma=3)) == ref, draft.name
         if isinstance(draft, ModelDraft):  # a bf16 copy agrees with its fp32 target almost always
             assert st.extra["speculative"].summary()["acceptance_rate"] > 0.7
+
+
+@pytest.mark.real_model
+@needs_smollm2
+def test_smollm2_speculative_greedy_identical_with_quantized_target(smollm2):
+    """int8 target + int4 draft (alone and behind prompt lookup) reproduce the int8 target's plain greedy
+    output token for token. A quantized model's embedding table is packed (its `weight` is an empty
+    dtype probe), so the target's vocabulary must come from its config: it once read the weight's shape (0)."""
+    from leanlm.decode.generate import encode_prompt
+    from leanlm.quant import RTN, quantize
+
+    _, tok = smollm2
+    target = quantize(load_model("smollm2-135m"), RTN(bits=8, group=0), progress=False)  # RTN: no calibration
+    draft_model = quantize(load_model("smollm2-135m"), RTN(bits=4, group=128), progress=False)
+    ids = encode_prompt(tok, "The history of the city of Paris begins", chat=False)  # a continuation: no early end
+    ref = list(generate_tokens(target, ids, 24))
+    assert len(ref) >= 16  # several verification rounds before any end of text
+    for kind in ("draft", "lookup+draft"):
+        st = GenerationStats()
+        draft = make_draft(kind, target, draft_model)
+        assert list(speculative_generate_tokens(target, ids, 24, stats=st, draft=draft, gamma=3)) == ref, kind
+        assert st.extra["speculative"].summary()["acceptance_rate"] > 0.3, kind  # the int4 draft mostly agrees

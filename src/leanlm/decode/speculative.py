@@ -46,7 +46,7 @@ class Target:
     def __init__(self, model: Transformer):
         self.model = model
         self.head = output_head(model)
-        self.vocab_size = model.tok_embeddings.weight.shape[0]
+        self.vocab_size = model.config.vocab_size  # not a weight's shape: a quantized table's `weight` is empty
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
         x = self.model.hidden(torch.tensor([tokens], device=self.model.device), start)
