@@ -34,6 +34,7 @@ import leanlm
 from leanlm.evaluate.data import wikitext2_test
 from leanlm.evaluate.perplexity import make_windows, perplexity
 from leanlm.evaluate.speed import disk_bytes, fixed_prompt, weight_bytes
+from leanlm.export import check_transformers_load
 from leanlm.prune import (
     Structured,
     Unstructured,
@@ -171,7 +172,8 @@ def main() -> None:
         d = leanlm.save(model, tok, work / name / "dense", force=True)
         row["disk_mb"] = disk_bytes(d / "model.safetensors") / MB
         row["weight_mb"] = weight_bytes(model) / MB
-        row["transformers_loadable"] = model.config.is_uniform()
+        load = check_transformers_load(d, model)  # an actual transformers load of the saved directory
+        row["transformers_loadable"], row["transformers_load_error"] = load.loadable, load.error
         keep(name, row)
         del model
         gc.collect()

@@ -28,6 +28,8 @@ from leanlm.prune import (
 )
 from leanlm.prune.calibration import block_linears, row_parts
 
+from conftest import needs_gemma3
+
 TOKENS = torch.randint(0, 97, (6, 24), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
 
@@ -199,6 +201,55 @@ def test_nonuniform_pruned_model_reloads_in_leanlm(tiny_dirs, tmp_path):
     assert torch.equal(logits(load_model(out)), logits(model))
 
 
+@pytest.fixture(scope="module")
+def gemma_4heads(tmp_path_factory):
+    """A tiny Gemma 3 with Gemma-3-270M's attention shape: 4 query heads sharing 1 KV head, hidden = 4 x head_dim."""
+    from conftest import make_word_tokenizer, tiny_hf_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_hf_config("gemma3")
+    cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads = 64, 16, 4, 1
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if "norm" in name else 0.15))
+    d = tmp_path_factory.mktemp("gemma_4heads")
+    hf.save_pretrained(d, safe_serialization=True)
+    make_word_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_transformers_loadable_comes_from_a_load(tiny_dirs, gemma_4heads, tmp_path):
+    """A uniform prune loads in transformers with leanlm's logits; per-layer widths do not load; and a uniform
+    Gemma 3 pruned from 4 to 3 query heads does not load either (transformers requires hidden_size % heads == 0),
+    which equal widths alone (is_uniform) cannot tell."""
+    from leanlm.export import check_transformers_load, transformers_loadable
+
+    uniform = load_model(tiny_dirs["llama"])
+    prune_structured(uniform, Structured("neurons", ratio=0.25), TOKENS, progress=False)
+    r = transformers_loadable(uniform)
+    assert r.loadable and r.error is None and r.max_logit_diff < 1e-4, r
+
+    per_layer = load_model(tiny_dirs["llama"])
+    prune_structured(per_layer, Structured("neurons", ratio=0.5, scope="global"), TOKENS, progress=False)
+    assert not per_layer.config.is_uniform()
+    r = transformers_loadable(per_layer)
+    assert not r.loadable and r.error, r
+
+    gemma = load_model(gemma_4heads)
+    prune_structured(gemma, Structured("heads", ratio=0.25, head_mode="q"), TOKENS, progress=False)
+    assert [l.n_heads for l in gemma.config.layers] == [3] * 4 and gemma.config.is_uniform()
+    r = transformers_loadable(gemma)
+    assert not r.loadable and "attention heads" in r.error, r
+    assert torch.equal(logits(load_model(save(gemma, None, tmp_path / "g3"))), logits(gemma))  # leanlm loads it
+
+    sparse = load_model(tiny_dirs["llama"])
+    prune_unstructured(sparse, Unstructured("magnitude", 0.6), progress=False)
+    assert check_transformers_load(save(sparse, None, tmp_path / "dense"), sparse).loadable  # zeros stored
+    assert not check_transformers_load(save_compressed(sparse, None, tmp_path / "bitmask")).loadable
+
+
 # ---- honest storage ---------------------------------------------------------------------------
 def test_compressed_storage_is_smaller_and_exact(tiny_dirs, tmp_path):
     model = load_model(tiny_dirs["llama"])
@@ -327,3 +378,17 @@ def test_cli_prune_bad_input(tiny_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["prune", "--help"])
     assert e.value.code == 0 and "example" in capsys.readouterr().out
+
+
+@pytest.mark.real_model
+@needs_gemma3
+def test_gemma3_270m_three_heads_is_not_transformers_loadable():
+    """Gemma-3-270M pruned from 4 to 3 query heads per layer: uniform widths, yet transformers refuses the
+    config (hidden 640 is not a multiple of 3 heads); leanlm loads it. The flag must come from the load."""
+    from leanlm.export import transformers_loadable
+
+    model = load_model("gemma3-270m", dtype="bfloat16")  # half the bytes to save; the refusal is the config
+    prune_structured(model, Structured("heads", ratio=0.25, head_mode="q", importance="magnitude"), progress=False)
+    assert {l.n_heads for l in model.config.layers} == {3} and model.config.is_uniform()
+    r = transformers_loadable(model)
+    assert not r.loadable and "attention heads" in r.error, r

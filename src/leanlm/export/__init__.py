@@ -2,6 +2,6 @@
 
 from .gguf import TYPES as GGUF_TYPES
 from .gguf import export_gguf
-from .hf import export_hf
+from .hf import TransformersLoad, check_transformers_load, export_hf, transformers_loadable
 
-__all__ = ["GGUF_TYPES", "export_gguf", "export_hf"]
+__all__ = ["GGUF_TYPES", "export_gguf", "export_hf", "transformers_loadable", "check_transformers_load", "TransformersLoad"]

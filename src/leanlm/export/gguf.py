@@ -57,7 +57,7 @@ def check_exportable(model) -> None:
     if not cfg.is_uniform():
         raise LeanlmError(
             "GGUF export needs uniform layers (same heads, head_dim and FFN width in every layer); "
-            "prune uniformly, or export with --format hf"
+            "prune uniformly, or keep leanlm's own directory (leanlm.save), which leanlm.load reads"
         )
     for key, params in cfg.rope.items():
         if params["rope_type"] not in ("default", "llama3", "linear"):
