@@ -124,8 +124,9 @@ def convert_gguf(path: Path) -> Path:
     print(f"leanlm: converting {path.name} to safetensors (once; cached in {out})", flush=True)
     t0 = time.time()
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                  trust_remote_code=False)  # fmt: skip
     except Exception as e:  # the GGUF reader raises many kinds of errors on damaged files
         if isinstance(e, LeanlmError):
             raise
@@ -247,7 +248,7 @@ def hf_config(directory: Path):
         # checks (Gemma 3: hidden_size % num_attention_heads), so give it one that passes
         n = max(l["n_heads"] for l in raw["leanlm_layers"])
         return AutoConfig.for_model(**{**raw, "num_attention_heads": n if raw["hidden_size"] % n == 0 else 1})
-    return AutoConfig.from_pretrained(directory)
+    return AutoConfig.from_pretrained(directory, trust_remote_code=False)
 
 
 def load_config(directory: Path) -> ModelConfig:
@@ -292,9 +293,26 @@ def load_tokenizer(spec: str | Path):
     directory = resolve(spec)
     try:
         config = hf_config(directory) if (directory / "config.json").exists() else None
-        return AutoTokenizer.from_pretrained(directory, config=config)
+        return AutoTokenizer.from_pretrained(directory, config=config, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if _names_custom_code(directory):
+            raise LeanlmError(
+                f"{directory} asks to run its own Python code (an auto_map entry naming .py files) to load its "
+                "tokenizer; leanlm never runs code from a model folder (trust_remote_code=False). Use a tokenizer "
+                "transformers ships (e.g. a tokenizer.json without the auto_map / custom tokenizer_class)"
+            ) from e
         raise LeanlmError(f"{directory} has no usable tokenizer ({e}); add tokenizer files next to config.json") from e
+
+
+def _names_custom_code(directory: Path) -> bool:
+    """Whether the folder's config or tokenizer config points transformers at code of its own."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((directory / name).read_text()):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def load(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
