@@ -392,3 +392,34 @@ def test_gemma3_270m_three_heads_is_not_transformers_loadable():
     assert {l.n_heads for l in model.config.layers} == {3} and model.config.is_uniform()
     r = transformers_loadable(model)
     assert not r.loadable and "attention heads" in r.error, r
+
+
+def test_runtime_loads_compressed_pruned_checkpoints_without_the_pruning_package(tiny_dirs, tmp_path):
+    """No import circle model <-> prune: no module of leanlm.model imports leanlm.prune (not even inside a
+    function), and loading a bitmask checkpoint in a fresh interpreter leaves leanlm.prune unimported."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_pkg = Path(__file__).resolve().parents[1] / "src" / "leanlm" / "model"
+    for path in model_pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("..prune", "leanlm.prune")) for n in names), (path.name, names)
+
+    model = load_model(tiny_dirs["llama"])
+    prune_unstructured(model, Unstructured("magnitude", 0.7), progress=False)
+    out = save_compressed(model, None, tmp_path / "bitmask")
+    code = ("import sys; from leanlm.model import load_model; load_model(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith('leanlm.prune')))")  # fmt: skip
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": src})  # fmt: skip
+    assert p.returncode == 0 and p.stdout.strip() == "[]", (p.stdout, p.stderr[-1500:])

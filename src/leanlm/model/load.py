@@ -232,7 +232,7 @@ def _read_safetensors(directory: Path, dtype: torch.dtype | None = None) -> dict
         except (SafetensorError, OSError, ValueError) as e:
             raise LeanlmError(f"cannot read {directory / name} ({e}); the file may be truncated or corrupt") from e
     if any(k.endswith(".sparse_bitmask") for k in sd):  # pruned model saved compressed (leanlm.prune)
-        from ..prune.sparse_storage import densify_state_dict
+        from .sparse_format import densify_state_dict
 
         sd = densify_state_dict(sd)
     return sd
