@@ -62,8 +62,10 @@ def check_exportable(model) -> None:
     for key, params in cfg.rope.items():
         if params["rope_type"] not in ("default", "llama3", "linear"):
             raise LeanlmError(f"GGUF export: rope type '{params['rope_type']}' is not supported (default, llama3, linear)")
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and type(mod).__name__ not in ("Linear",):
+    from ..model.runtime import Linear
+
+    for name, mod in model.named_modules():  # an unknown nn.Linear subclass may hold more than its weight
+        if isinstance(mod, torch.nn.Linear) and type(mod) not in (torch.nn.Linear, Linear):
             raise LeanlmError(
                 f"GGUF export: module {name} is a {type(mod).__name__}; export a dense (dequantized) model"
             )
