@@ -322,7 +322,9 @@ def load(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "
 
 
 def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dtype=None) -> Path:
-    """Write a transformers-loadable directory (safetensors + config.json + tokenizer)."""
+    """Write leanlm's directory (safetensors + config.json + tokenizer), which leanlm.load reads. A dense model
+    with uniform layers loads in transformers too (leanlm.export.export_hf checks; transformers_loadable tries);
+    quantized models are written in leanlm's packed layout (quant/save.py), per-layer widths in `leanlm_layers`."""
     from safetensors.torch import save_file
 
     if getattr(model, "quantization", None):  # packed weights: leanlm's quantized layout (quant/save.py)
