@@ -14,8 +14,9 @@ def add_parser(subparsers):
                                 "price them with the cost model for --hw, measure the most promising --trials "
                                 "(perplexity on --windows WikiText-2 windows, decode tok/s) and report the measured "
                                 "Pareto front within --max-ppl-increase.",
-                    examples=["leanlm hw calibrate && leanlm search smollm2-135m --hw cpu --max-ppl-increase 3% "
-                              "--trials 8 --json runs/search.json", "leanlm report runs/search.json"])  # fmt: skip
+                    examples=["leanlm hw calibrate    # once: measure this CPU for the cost model",
+                              "leanlm search smollm2-135m --hw cpu --max-ppl-increase 3% --trials 8 --json runs/search.json",
+                              "leanlm report runs/search.json"])  # fmt: skip
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--hw", default="cpu", help="hardware profile used to price candidates (default: calibrated cpu)")
     p.add_argument("--max-ppl-increase", default="3%", help="quality budget, e.g. 3%% or 0.03 (default 3%%)")
