@@ -87,6 +87,7 @@ def test_eval_report_sets_the_result_beside_the_fastest_base(runs, capsys):
     assert "<svg" in page and "<img" not in page  # the plot is inline: one self-contained file
     assert "Test CPU 9000" in page and "0123456789" in page and "2025-01-01 10:00 UTC" in page  # provenance footer
     assert all(s in page for s in ("Perplexity", "Decode", "Prefill", "Weights in memory", "Peak memory"))
+    assert "5.00x less" not in page and "includes the float32 KL reference" in page  # 100 MB vs 500: not comparable
 
 
 def test_eval_report_without_base_uses_the_kl_reference(runs, tmp_path):

@@ -138,6 +138,7 @@ class Comparison:
     ratio_base: Column | None
     notes: list[str]  # how the ratios were taken
     warnings: list[str]  # what makes figures hard to compare
+    no_ratio: set[str] = field(default_factory=set)  # metrics whose values are shown but not comparable
 
     @property
     def columns(self) -> list[Column]:
@@ -148,6 +149,8 @@ class Comparison:
         return [m for m in METRICS if any(m.key in c.values for c in self.columns)]
 
     def ratio(self, metric: Metric) -> Ratio | None:
+        if metric.key in self.no_ratio:
+            return None
         base = self.ratio_base.values.get(metric.key) if self.ratio_base else None
         return ratio(metric, self.result.values.get(metric.key), base)
 
@@ -204,9 +207,14 @@ def compare(result_json: str | Path, base_jsons: list[str | Path] | None = None)
         if ratio_base.role == "base":
             warnings += _incomparable(data, ratio_base)
     ref = kl.get("reference")
+    no_ratio = set()
     if ref:
         notes.append(f"KL and top-1 agreement are measured against {ref} in float32 on the same windows.")
-    return Comparison(result, bases, ratio_base, notes, warnings)
+        if "peak_rss" in result.values and not any(isinstance(c.data.get("kl"), dict) for c in bases):
+            no_ratio.add("peak_rss")  # the reference model was loaded in the same process: its peak is not the model's
+            notes.append("Peak memory of the result includes the float32 KL reference loaded in the same process, so "
+                         "it has no ratio: evaluate without --kl-ref to measure the model's own peak.")  # fmt: skip
+    return Comparison(result, bases, ratio_base, notes, warnings, no_ratio)
 
 
 def _incomparable(data: dict, base: Column) -> list[str]:

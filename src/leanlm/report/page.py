@@ -67,7 +67,8 @@ def _hint(metric: Metric, data: dict) -> str:
     if metric.key == "prefill" and s:
         return f"prompt of {s.get('prompt_len', '?')} tokens"
     if metric.key == "decode" and s:
-        return f"{s.get('new_tokens', '?')} new tokens, batch 1, {s.get('threads', '?')} threads"
+        threads = s.get("threads", "?")
+        return f"{s.get('new_tokens', '?')} new tokens, batch 1, {threads} thread{'' if threads == 1 else 's'}"
     if metric.key == "peak_rss":
         return "VmHWM of the eval process"
     return ""
