@@ -142,7 +142,8 @@ def _short_machine(m: dict) -> str:
     if m.get("isa"):
         parts.append(" ".join(map(str, m["isa"][:6])) + (" …" if len(m["isa"]) > 6 else ""))
     if m.get("cores"):
-        parts.append(f"{m['cores']} cores, {m.get('threads', '?')} threads")
+        threads = m.get("threads", "?")
+        parts.append(f"{m['cores']} cores, {threads} thread{'' if threads == 1 else 's'} in use")
     return " · ".join(parts)
 
 
