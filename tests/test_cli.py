@@ -1,11 +1,16 @@
 """The command line: each verb runs, bad input gives one clear line and exit code 2."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import DATA, needs_data
 
-from leanlm.cli import main
+import leanlm
+from leanlm.cli import VERBS, build_parser, main
 
 
 def run(capsys, *argv):
@@ -15,11 +20,33 @@ def run(capsys, *argv):
 
 
 def test_help_has_examples(capsys):
-    for verb in ("info", "generate", "eval"):
+    for verb in VERBS:
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0
-        assert "example" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"  leanlm {verb} " in out.split("\n\nexample")[1], verb  # an example that runs this verb
+        description = out.split("\n\n")[1]  # after the usage block
+        assert len(description.split()) >= 8 and not description.startswith(("positional", "options")), verb
+
+
+def test_one_module_per_verb_behind_a_short_dispatcher():
+    cli = Path(leanlm.__file__).parent / "cli"
+    assert len((cli / "__init__.py").read_text().splitlines()) <= 200
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    assert set(sub.choices) == set(VERBS) and all((cli / f"{v}.py").is_file() for v in VERBS)
+
+
+def test_python_dash_m_leanlm(tiny_dirs):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(leanlm.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "leanlm", "info", str(tiny_dirs["qwen2"]), "--json", "-"],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["architecture"] == "qwen2"
+    r = subprocess.run([sys.executable, "-m", "leanlm", "info", "/no/such/model"], capture_output=True, text=True,
+                       env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("leanlm: error: model '/no/such/model' not found")
 
 
 def test_info_json(tiny_dirs, capsys):
@@ -46,6 +73,16 @@ def test_eval_json_is_not_overwritten_without_force(tiny_dirs, capsys, tmp_path)
     assert code == 2 and "--force" in err and out.read_text() == "{}"
     code, _, _ = run(capsys, "eval", str(tiny_dirs["llama"]), "--memory", "--json", str(out), "--force")
     assert code == 0 and "weight_mb" in json.loads(out.read_text())["memory"]
+
+
+def test_eval_json_records_provenance(tiny_dirs, capsys, tmp_path):
+    out = tmp_path / "run.json"
+    argv = ["eval", str(tiny_dirs["llama"]), "--memory", "--json", str(out)]
+    code, _, _ = run(capsys, *argv)
+    p = json.loads(out.read_text())["provenance"]
+    assert code == 0 and p["command"] == "leanlm " + " ".join(argv)  # the command typed, not the test runner's
+    assert {"commit", "dirty", "date", "machine", "versions"} <= set(p)
+    assert p["machine"]["cores"] and "cpu" in p["machine"] and "torch" in p["versions"]
 
 
 @needs_data

@@ -41,3 +41,90 @@ def test_report_errors(tmp_path):
     bad.write_text("{oops")
     with pytest.raises(LeanlmError, match="not valid JSON"):
         render(bad)
+
+
+# ---- an eval result beside its base model ------------------------------------------------------------------
+MACHINE = {"cpu": "Test CPU 9000", "isa": ["avx2", "avx512f"], "cores": 2, "threads": 2}
+
+
+def eval_json(model, dtype, ppl, prefill, decode, weight_mb, kl=None, windows=8, cpu="Test CPU 9000"):
+    """The shape `leanlm eval --json` writes (numbers chosen so that every ratio is easy to check)."""
+    r = {"model": model, "dtype": dtype, "threads": 2, "time": "2025-01-01T10:00:00",
+         "perplexity": {"text": "wikitext2", "ppl": ppl, "tokens": 4088, "windows": windows, "seq_len": 512},
+         "speed": {"threads": 2, "prompt_len": 512, "new_tokens": 64,
+                   "prefill_tok_s": {"median": prefill, "min": prefill, "max": prefill, "runs": 3},
+                   "ttft_ms": {"median": 1000.0, "min": 1000.0, "max": 1000.0, "runs": 3},
+                   "decode_tok_s": {"median": decode, "min": decode, "max": decode, "runs": 3}},
+         "memory": {"weight_mb": weight_mb, "kv_bytes_per_token": 46080, "peak_rss_mb": 2 * weight_mb},
+         "provenance": {"commit": "0123456789abcdef", "dirty": False, "command": f"leanlm eval {model}",
+                        "date": "2025-01-01T10:00:00+00:00", "machine": {**MACHINE, "cpu": cpu},
+                        "versions": {"torch": "2.9"}}}  # fmt: skip
+    if kl is not None:
+        r["kl"] = {"reference": "smollm2-135m", "text": "wikitext2", "kl": kl, "top1_agreement": 0.9, "ppl_base": 10.0,
+                   "ppl": ppl, "tokens": 4088, "windows": windows, "seq_len": 512}  # fmt: skip
+    return r
+
+
+@pytest.fixture
+def runs(tmp_path):
+    files = {"fp32": eval_json("smollm2-135m", "float32", 10.0, 400.0, 20.0, 500.0),
+             "bf16": eval_json("smollm2-135m", "bfloat16", 10.1, 500.0, 40.0, 250.0),
+             "int4": eval_json("runs/smollm2-gptq4", "float32", 10.5, 250.0, 100.0, 50.0, kl=0.1234)}  # fmt: skip
+    for name, d in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    return {name: tmp_path / f"{name}.json" for name in files}
+
+
+def test_eval_report_sets_the_result_beside_the_fastest_base(runs, capsys):
+    assert main(["report", str(runs["int4"]), "--base", str(runs["fp32"]), "--base", str(runs["bf16"])]) == 0
+    out = capsys.readouterr().out
+    page = runs["int4"].with_suffix(".html").read_text()
+    # ratios against bf16, the faster base: decode 100/40, weights 250/50, ppl 10.5/10.1, prefill 250 vs 500
+    for text in ("2.50x faster", "5.00x smaller", "+4.0%", "2.00x slower", "0.1234", "90.0"):
+        assert text in page and text in out, text
+    assert "90.0%" in page  # top-1 agreement
+    assert "the fastest base given" in page and "smollm2-135m · bfloat16" in page
+    assert "<svg" in page and "<img" not in page  # the plot is inline: one self-contained file
+    assert "Test CPU 9000" in page and "0123456789" in page and "2025-01-01 10:00 UTC" in page  # provenance footer
+    assert all(s in page for s in ("Perplexity", "Decode", "Prefill", "Weights in memory", "Peak memory"))
+    assert "5.00x less" not in page and "includes the float32 KL reference" in page  # 100 MB vs 500: not comparable
+
+
+def test_eval_report_without_base_uses_the_kl_reference(runs, tmp_path):
+    page = render(runs["int4"], tmp_path / "alone.html").read_text()
+    assert "+5.0%" in page and "smollm2-135m · float32" in page  # ppl 10.5 vs the reference's 10.0
+    assert "pass --base" in page
+
+
+def test_eval_report_warns_when_runs_are_not_comparable(tmp_path, runs):
+    other = eval_json("smollm2-135m", "float32", 10.0, 400.0, 20.0, 500.0, windows=40, cpu="Other CPU")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    page = render(runs["int4"], tmp_path / "w.html", base=tmp_path / "other.json").read_text()
+    assert "windows 8 vs 40" in page and "different machines" in page
+    assert "bfloat16 base is usually faster" in page  # a float32 base alone flatters the speed ratios
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "expected an object"),
+    ('{"speed": [1, 2], "perplexity": {"ppl": 3.0}}', "'speed' is list, expected an object"),
+    ('{"speed": {"decode_tok_s": "fast"}}', "'speed.decode_tok_s' is 'fast', expected a number"),
+    ('{"trials": [1, "x", {"ppl": "a"}], "speed": {"e": 3}}', None),  # odd shapes in a generic JSON: still a page
+])  # fmt: skip
+def test_report_gives_clear_errors_on_unexpected_shapes(tmp_path, content, message):
+    src = tmp_path / "odd.json"
+    src.write_text(content)
+    if message is None:
+        assert render(src).is_file()
+    else:
+        with pytest.raises(LeanlmError, match=message.replace("[", r"\[")):
+            render(src)
+
+
+def test_report_base_must_be_an_eval_result(runs, tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"speed": {"leanlm": {"decode_tok_s": 3.0}}}))
+    assert main(["report", str(runs["int4"]), "--base", str(bench)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leanlm: error: base") and "holds no leanlm eval figures" in err and err.count("\n") == 1
+    assert main(["report", str(bench), "--base", str(runs["bf16"])]) == 2
+    assert "--base compares two `leanlm eval --json` results" in capsys.readouterr().err

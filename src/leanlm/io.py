@@ -12,6 +12,31 @@ from pathlib import Path
 from .errors import LeanlmError
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only read by setting)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for_umask(directory: bool) -> int:
+    """The mode open()/mkdir() would give a new file or directory: tempfile's are private (0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def replace_with_umask(tmp: str | Path, path: str | Path) -> None:
+    """Give a finished temporary file the mode the umask implies, then rename it over `path` (atomic)."""
+    os.chmod(tmp, _mode_for_umask(directory=False))  # mkstemp makes it 0600
+    os.replace(tmp, path)
+
+
 def check_writable(path: str | Path, force: bool) -> Path:
     path = Path(path)
     if path.exists() and not force:
@@ -25,7 +50,7 @@ def atomic_dir(path: str | Path, force: bool = False):
     path = check_writable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.chmod(_mode_for_umask(directory=True))  # mkdtemp makes it private
     try:
         yield tmp
         old = None
@@ -47,7 +72,7 @@ def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        replace_with_umask(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

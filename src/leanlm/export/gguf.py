@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import LeanlmError
-from ..io import check_writable
+from ..io import check_writable, replace_with_umask
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q8_0
@@ -248,7 +248,7 @@ def export_gguf(model, tokenizer, out: str | Path, wtype: str = "f16", force: bo
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
+        replace_with_umask(tmp, out)  # the user's umask, not mkstemp's 0600
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,19 +1,23 @@
-"""`leanlm report RUN.json`: an HTML page (plots + tables) from any leanlm result JSON.
+"""`leanlm report RUN.json [--base BASE.json ...]`: one HTML page a person reads at a glance.
 
-Recognised sections get plots: engine speeds (`speed: {engine: {prefill_tok_s, decode_tok_s}}`,
-as written by the benchmarks) as bars; search trials (`trials: [{ppl, decode_tok_s, pareto}]`)
-as a quality-vs-cost chart with the Pareto front; per-layer sensitivity (`sensitivity:
-{layer: value}`) as bars; predicted vs measured speed (`verification: [...]`) as a scatter.
-Everything else is flattened into a table. Plots are PNG files next to the HTML.
+An eval result (`leanlm eval --json`) is shown beside its base model: headline ratios (x faster, x smaller,
++% perplexity), a side-by-side table of quality, speed, size and memory, and a plot, all in one self-contained
+file. Other result JSONs get plots of the sections they hold: engine speeds (`speed: {engine: {prefill_tok_s,
+decode_tok_s}}`, as the benchmarks write) as bars; search trials (`trials: [{ppl, decode_tok_s}]`) as a
+quality-vs-cost chart with the Pareto front; per-layer sensitivity as bars; predicted vs measured speed as a
+scatter (PNG files next to the HTML). Every page lists all recorded values and, in its footer, the provenance.
 """
 
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
 
-from ..errors import LeanlmError
+from . import page
+from .compare import Comparison, compare, is_eval_result, read_json
+from .plots import comparison_svg, pareto_front, plot_bars, plot_speed, plot_trials, plot_verification
+
+__all__ = ["compare", "pareto_front", "plot_bars", "plot_speed", "plot_trials", "plot_verification", "render",
+           "summary_table", "terminal_summary"]
 
 
 def _flatten(d, prefix="") -> list[tuple[str, str]]:
@@ -32,7 +36,7 @@ def _flatten(d, prefix="") -> list[tuple[str, str]]:
 
 
 def _find(d, key):
-    """Every value stored under `key` anywhere in the JSON, with its path."""
+    """Every value stored under `key` anywhere in the JSON."""
     if isinstance(d, dict):
         for k, v in d.items():
             if k == key:
@@ -43,121 +47,49 @@ def _find(d, key):
             yield from _find(v, key)
 
 
-def plot_speed(speed: dict, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    engines = [e for e, s in speed.items() if isinstance(s, dict) and "decode_tok_s" in s]
-    if not engines:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(engines) + 1.8))
-    for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "decode tok/s")):
-        vals = [speed[e].get(key) or 0 for e in engines]
-        colors = ["#2a7ab9" if e.startswith("leanlm") else "#999999" for e in engines]
-        ax.barh(engines, vals, color=colors)
-        for i, v in enumerate(vals):
-            ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-        ax.set_title(title)
-        ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated (lower quality loss x, higher speed y)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
-            front.append(i)
-    return front
-
-
-def plot_trials(trials: list[dict], path: Path, x: str = "ppl", y: str = "decode_tok_s") -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(t[x], t[y], t.get("name", "")) for t in trials if t.get(x) is not None and t.get(y) is not None]
-    if not pts:
-        return None
-    front = set(pareto_front([(a, b) for a, b, _ in pts]))
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, (a, b, name) in enumerate(pts):
-        on = i in front
-        ax.scatter(a, b, color="#d1495b" if on else "#8d99ae", s=40 if on else 20, zorder=3)
-        ax.annotate(name, (a, b), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    fp = sorted((pts[i][0], pts[i][1]) for i in front)
-    ax.plot([p[0] for p in fp], [p[1] for p in fp], color="#d1495b", lw=1, label="Pareto front (measured)")
-    ax.set_xlabel(f"{x} (lower is better)")
-    ax.set_ylabel(f"{y} (higher is better)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_bars(values: dict, path: Path, title: str) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = [(k, v) for k, v in values.items() if isinstance(v, (int, float))]
-    if not items:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(items)), 3.5))
-    ax.bar(range(len(items)), [v for _, v in items], color="#2a7ab9")
-    ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=90, fontsize=6)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_verification(rows: list[dict], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(r["measured"], r["predicted"], r.get("name", "")) for r in rows if "measured" in r and "predicted" in r]
-    if not pts:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    hi = max(max(a, b) for a, b, _ in pts) * 1.1
-    ax.plot([0, hi], [0, hi], color="#999", lw=1, label="predicted = measured")
-    for a, b, name in pts:
-        ax.scatter(a, b, color="#2a7ab9")
-        ax.annotate(name, (a, b), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("measured tok/s")
-    ax.set_ylabel("predicted tok/s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def render(run_json: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+def render(run_json: str | Path, out: str | Path | None = None, force: bool = False,
+           base: list[str | Path] | str | Path | None = None) -> Path:  # fmt: skip
+    """Write the HTML report of `run_json` (default: next to it, .html); `base`: eval JSON(s) of the base model."""
     from ..io import check_writable, write_text_atomic
 
-    src = Path(run_json)
-    if not src.is_file():
-        raise LeanlmError(f"{src} not found: pass a JSON written by leanlm eval --json or a benchmark")
-    try:
-        data = json.loads(src.read_text())
-    except json.JSONDecodeError as e:
-        raise LeanlmError(f"{src} is not valid JSON ({e})") from e
-    out = Path(out) if out else src.with_suffix(".html")
+    bases = [base] if isinstance(base, (str, Path)) else list(base or [])
+    data = read_json(run_json)
+    out = Path(out) if out else Path(run_json).with_suffix(".html")
     check_writable(out, force)
+    if bases or is_eval_result(data):
+        text = comparison_page(compare(run_json, bases))
+    else:
+        text = generic_page(Path(run_json), data, out)
+    return write_text_atomic(out, text, force)
+
+
+def comparison_page(cmp: Comparison) -> str:
+    res = cmp.result
+    model = res.data.get("model", res.label)
+    base_names = sorted({str(c.data.get("model") or c.label.split(" · ")[0]) for c in cmp.bases})
+    title = page.esc(Path(str(model)).name) + (f" <span>vs {page.esc(', '.join(base_names))}</span>" if base_names else "")
+    when = (res.provenance or {}).get("date") or res.data.get("time") or "undated"
+    body = [f"<header><div class='kicker'>leanlm report</div><h1>{title}</h1>"
+            f"<p class='sub'>{page.esc(model)} · {page.esc(res.data.get('dtype', '?'))} · evaluated "
+            f"{page.esc(page.when(when))}</p></header>", page.cards(cmp)]  # fmt: skip
+    if cmp.notes:  # what the ratios are relative to, right under them
+        body.append("<ul class='notes'>" + "".join(f"<li>{page.esc(n)}</li>" for n in cmp.notes) + "</ul>")
+    body += [f"<div class='warn'>{page.esc(w)}</div>" for w in cmp.warnings]
+    body += ["<h2>Side by side</h2>", page.comparison_table(cmp)]
+    svg = comparison_svg(cmp)
+    if svg:
+        body += ["<h2>At a glance</h2>", f"<div class='figure'>{svg}</div>"]
+    for c in cmp.columns:
+        if c.data:
+            rows = _flatten({k: v for k, v in c.data.items() if k != "provenance"})
+            body.append(f"<details><summary>All values recorded for {page.esc(c.label)} ({page.esc(c.src)})</summary>"
+                        f"{page.values_table(rows)}</details>")  # fmt: skip
+    footer = page.provenance_footer([(c.label, c.provenance) for c in cmp.columns if c.data])
+    return page.document(f"leanlm report: {Path(str(model)).name}", "".join(body), footer)
+
+
+def generic_page(src: Path, data: dict, out: Path) -> str:
+    """Benchmark and search JSONs: a plot per recognised section (PNG files beside `out`), then every value."""
     stem = out.with_suffix("")
     figs = []
     for i, speed in enumerate(_find(data, "speed")):
@@ -172,31 +104,59 @@ def render(run_json: str | Path, out: str | Path | None = None, force: bool = Fa
     for i, ver in enumerate(_find(data, "verification")):
         if isinstance(ver, list):
             figs.append(("Cost model: predicted vs measured", plot_verification(ver, Path(f"{stem}-verify{i}.png"))))
-    parts = [f"<h1>leanlm report: {html.escape(src.name)}</h1>"]
+    body = [f"<header><div class='kicker'>leanlm report</div><h1>{page.esc(src.name)}</h1></header>"]
     for title, p in figs:
         if p is not None:
-            parts.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(p.name)}' alt='{html.escape(title)}'>")
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _flatten(data))
-    parts.append(f"<h2>All values</h2><table>{rows}</table>")
-    page = ("<!doctype html><meta charset='utf-8'><title>leanlm report</title><style>body{font-family:sans-serif;"
-            "max-width:1100px;margin:auto}td{border-bottom:1px solid #ddd;padding:2px 8px;font-size:13px}"
-            "img{max-width:100%}</style>" + "\n".join(parts))  # fmt: skip
-    return write_text_atomic(out, page, force)
+            body.append(f"<h2>{page.esc(title)}</h2><div class='figure'><img src='{page.esc(p.name)}' "
+                        f"alt='{page.esc(title)}'></div>")  # fmt: skip
+    body.append(f"<h2>All values</h2>{page.values_table(_flatten({k: v for k, v in data.items() if k != 'provenance'}))}")
+    prov = data.get("provenance")
+    footer = page.provenance_footer([(src.name, prov if isinstance(prov, dict) else None)])
+    return page.document(f"leanlm report: {src.name}", "".join(body), footer)
 
 
-def summary_table(data: dict) -> str:
-    """A compact terminal table of the engines/trials found in a result JSON."""
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def summary_table(data) -> str:
+    """A compact terminal table of the engines/trials found in a benchmark or search JSON."""
     lines = []
     for speed in _find(data, "speed"):
         if isinstance(speed, dict):
             for e, s in speed.items():
-                if isinstance(s, dict) and "decode_tok_s" in s:
-                    lines.append(f"{e:28s} prefill {s.get('prefill_tok_s', 0):9.1f} tok/s   decode {s['decode_tok_s']:7.1f} tok/s")
+                if isinstance(s, dict) and _num(s.get("decode_tok_s")):
+                    pre = s.get("prefill_tok_s") if _num(s.get("prefill_tok_s")) else 0.0
+                    lines.append(f"{e:28s} prefill {pre:9.1f} tok/s   decode {s['decode_tok_s']:7.1f} tok/s")
     for trials in _find(data, "trials"):
         if isinstance(trials, list):
-            scored = [t for t in trials if t.get("ppl") is not None and t.get("decode_tok_s") is not None]
+            scored = [t for t in trials if isinstance(t, dict) and _num(t.get("ppl")) and _num(t.get("decode_tok_s"))]
             front = {id(scored[i]) for i in pareto_front([(t["ppl"], t["decode_tok_s"]) for t in scored])}
             for t in scored:
-                lines.append(f"{t.get('name', '?'):28s} ppl {t['ppl']:8.3f}   decode "
+                lines.append(f"{str(t.get('name', '?')):28s} ppl {t['ppl']:8.3f}   decode "
                              f"{t['decode_tok_s']:7.1f} tok/s{'   *pareto' if id(t) in front else ''}")  # fmt: skip
     return "\n".join(lines)
+
+
+def comparison_text(cmp: Comparison) -> str:
+    """The side-by-side table for the terminal."""
+    cols = cmp.columns
+    head = ["", *(c.label for c in cols)] + ([f"vs {cmp.ratio_base.label}"] if cmp.ratio_base else [])
+    rows = [head]
+    for m in cmp.metrics():
+        r = cmp.ratio(m)
+        unit = f" ({m.unit})" if m.unit else ""
+        rows.append([m.label + unit, *(page.fmt(m, c.values.get(m.key), unit=False) for c in cols)]
+                    + ([r.text if r else ""] if cmp.ratio_base else []))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]  # fmt: skip
+    return "\n".join(lines + cmp.notes + [f"warning: {w}" for w in cmp.warnings])
+
+
+def terminal_summary(run_json: str | Path, base: list[str | Path] | None = None) -> str:
+    data = read_json(run_json)
+    if base or is_eval_result(data):
+        return comparison_text(compare(run_json, base))
+    return summary_table(data)
+

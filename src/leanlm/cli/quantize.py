@@ -5,9 +5,27 @@ from __future__ import annotations
 import sys
 import time
 
+from ..errors import LeanlmError
+from .common import MODEL_HELP, verb_parser
+
+
+def add_parser(subparsers):
+    p = verb_parser(subparsers, "quantize", help="weight quantization (RTN, GPTQ, AWQ; int8/int4) to a directory",
+                    description="Quantize the decoder Linears (and the LM head / embeddings, int8 unless --head-bits "
+                                "0) and write a directory that `leanlm eval` / `generate` / leanlm.load read back. "
+                                "GPTQ and AWQ calibrate block by block on --calib text (never the eval split).",
+                    examples=["leanlm quantize smollm2-135m --method gptq --bits 4 --group 128 --calib wikitext2-valid "
+                              "--out out/smollm2-gptq4",
+                              "leanlm quantize gemma3-270m --method rtn --bits 8 --group 0 --sym --out out/gemma-int8",
+                              "leanlm quantize smollm2-135m --method awq --target-bits 5 --out out/smollm2-mixed",
+                              "leanlm eval out/smollm2-gptq4 --dtype bfloat16 --kl-ref smollm2-135m"])  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    add_arguments(p)
+    return p
+
 
 def config_from_args(args):
-    from .config import MixedPrecision, make_config
+    from ..quant.config import MixedPrecision, make_config
 
     mixed = MixedPrecision(target_bits=args.target_bits) if args.target_bits else None
     kwargs = dict(bits=args.bits, group=args.group, symmetric=args.sym, head_bits=args.head_bits,
@@ -29,8 +47,6 @@ def config_from_args(args):
         kwargs.update(tune_steps=args.tune_steps, tune_lr=args.tune_lr, tune_batch=args.tune_batch,
                       tune_codes=args.tune_codes, tune_codes_lr=args.tune_codes_lr)  # fmt: skip
     elif args.tune_codes:
-        from ..errors import LeanlmError
-
         raise LeanlmError("--tune-codes trains during grid tuning: give --tune-steps N too (e.g. 200)")
     if args.recon_steps:
         kwargs.update(recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_batch=args.recon_batch,
@@ -38,15 +54,15 @@ def config_from_args(args):
     return make_config(args.method, **kwargs)
 
 
-def cmd_quantize(args) -> int:
+def main(args) -> int:
     import torch
 
     from ..evaluate.speed import disk_bytes, weight_bytes
     from ..io import check_writable
     from ..model import load
-    from .calibrate import read_calibration
-    from .pipeline import quantize
-    from .save import save_quantized
+    from ..quant.calibrate import read_calibration
+    from ..quant.pipeline import quantize
+    from ..quant.save import save_quantized
 
     config = config_from_args(args)  # bad options fail before anything is loaded
     check_writable(args.out, args.force)
@@ -86,7 +102,7 @@ def cmd_quantize(args) -> int:
 
 
 def add_arguments(p) -> None:
-    """Options of `leanlm quantize` (the parser itself lives in leanlm/cli.py)."""
+    """Options of `leanlm quantize` after MODEL."""
     p.add_argument("--method", default="gptq", help="rtn | gptq | awq (default gptq)")
     p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
     p.add_argument("--group", type=int, default=128, help="input columns per scale: 32, 64, 128, 256, or 0 = per "

@@ -1,0 +1,135 @@
+"""`leanlm prune`: unstructured / N:M / structured pruning, optional healing, saved atomically."""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import LeanlmError
+from .common import add_model_args, check_json_dest, emit_json, load_model, verb_parser
+
+
+def add_parser(subparsers):
+    p = verb_parser(subparsers, "prune", help="unstructured / N:M / structured pruning, healing, save",
+                    description="Prune a model and save it. Unstructured and N:M (--method) zero weights: the file "
+                                "shrinks only with --storage bitmask (default), speed does not change. Structured "
+                                "pruning (--structured) removes FFN neurons, attention heads or whole layers: a "
+                                "smaller, faster dense model. --heal-steps distils it back towards the original.",
+                    examples=["leanlm prune smollm2-135m --method wanda --sparsity 0.5 --out pruned-w50",
+                              "leanlm prune smollm2-135m --method sparsegpt --pattern 2:4 --out pruned-24",
+                              "leanlm prune smollm2-135m --structured neurons --ratio 0.25 --heal-steps 100 --out ffn75",
+                              "leanlm prune smollm2-135m --structured layers --remove 4 --eval-windows 10 --out l26",
+                              "leanlm prune gemma3-270m --structured heads --ratio 0.25 --head-mode q --out g-heads"])  # fmt: skip
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically; --force to replace)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out / --json")
+    g = p.add_argument_group("unstructured / N:M")
+    g.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), help="weight pruning criterion")
+    g.add_argument("--sparsity", type=float, help="fraction of block weights zeroed, in [0, 1)")
+    g.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8 (N kept of every M)")
+    g.add_argument("--allocation", default="uniform", choices=("uniform", "owl"),
+                   help="per-layer ratios: uniform, or OWL outlier-weighted (default uniform)")
+    g.add_argument("--storage", default="bitmask", choices=("bitmask", "dense"),
+                   help="bitmask: smaller file, leanlm-only (default); dense: zeros stored, transformers-loadable")
+    g = p.add_argument_group("structured")
+    g.add_argument("--structured", choices=("neurons", "heads", "layers"), help="what to remove physically")
+    g.add_argument("--ratio", type=float, help="fraction of FFN neurons / heads removed, in (0, 1)")
+    g.add_argument("--remove", type=int, help="number of decoder layers removed (--structured layers)")
+    g.add_argument("--importance", default="activation", choices=("activation", "wanda", "magnitude"),
+                   help="neuron/head score (default activation: max residual contribution)")
+    g.add_argument("--scope", default="layer", choices=("layer", "global"),
+                   help="layer: same ratio per layer (uniform, transformers-loadable); global: one ranking")
+    g.add_argument("--head-mode", default="kv", choices=("kv", "q"),
+                   help="kv: remove whole KV groups; q: remove query heads within every group (default kv)")
+    g = p.add_argument_group("calibration and healing")
+    g.add_argument("--calib-text", default="wikitext2-valid",
+                   help="calibration text: wikitext2-valid (default), pride-and-prejudice, or a file")
+    g.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    g.add_argument("--data-dir", help="data folder (default $LEANLM_DATA)")
+    g.add_argument("--heal-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
+    g.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (default 1e-4)")
+    g.add_argument("--heal-batch", type=int, default=2, help="healing windows per step (default 2)")
+    g.add_argument("--heal-seq-len", type=int, default=256, help="healing window length (default 256)")
+    g.add_argument("--eval-windows", type=int, default=0,
+                   help="report WikiText-2 ppl and KL vs the unpruned model on N 512-token windows (default off)")
+    p.add_argument("--json", metavar="PATH", help="write the pruning report as JSON ('-' for stdout)")
+    return p
+
+
+def main(args) -> int:
+    """Validate everything before loading the model, prune, optionally heal, save atomically."""
+    import copy
+
+    from ..evaluate.speed import disk_bytes, weight_bytes
+    from ..io import check_writable
+    from ..prune import (Structured, Unstructured, calibration_tokens, heal, prune_structured, prune_unstructured,
+                         save_compressed)  # fmt: skip
+
+    if (args.method is None) == (args.structured is None):
+        raise LeanlmError("choose either --method magnitude|wanda|sparsegpt (unstructured / N:M) "
+                          "or --structured neurons|heads|layers")  # fmt: skip
+    if args.method:
+        cfg = Unstructured(args.method, args.sparsity, args.pattern, args.allocation)
+    else:
+        cfg = Structured(args.structured, args.ratio, args.remove, args.importance, args.scope, args.head_mode)
+    check_writable(args.out, args.force)
+    check_json_dest(args)
+    if args.heal_steps and args.dtype not in ("float32", "fp32"):
+        raise LeanlmError("healing trains in float32: drop --dtype or use --heal-steps 0")
+
+    model, tok = load_model(args)
+    needs_calib = cfg.needs_calibration if args.method else (cfg.kind == "layers" or cfg.importance != "magnitude")
+    calib = None
+    if needs_calib or args.heal_steps:
+        calib = calibration_tokens(tok, args.calib_text, args.calib_samples, args.calib_seq_len, data_dir=args.data_dir)
+    teacher = copy.deepcopy(model) if args.heal_steps or args.eval_windows else None
+    before = {"weight_mb": weight_bytes(model) / 2**20, "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    if args.method:
+        report = prune_unstructured(model, cfg, calib)
+    else:
+        report = prune_structured(model, cfg, calib)
+    result = {"model": args.model, "out": str(args.out), "pruning": report, "before": before,
+              "prune_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
+    def quality(tag):
+        if not args.eval_windows:
+            return
+        from ..evaluate import data
+        from ..evaluate.perplexity import kl_divergence
+
+        text = data.read_text("wikitext2", args.data_dir)
+        result[tag] = kl_divergence(teacher, model, tok, text, 512, args.eval_windows)
+        print(f"{tag}: ppl {result[tag]['ppl']:.3f} (base {result[tag]['ppl_base']:.3f}), KL {result[tag]['kl']:.4f}")
+
+    quality("quality_pruned")
+    if args.heal_steps:
+        heal_tokens = calibration_tokens(tok, args.calib_text, max(64, args.heal_steps * args.heal_batch),
+                                         args.heal_seq_len, seed=1, data_dir=args.data_dir)  # fmt: skip
+        result["heal"] = heal(model, teacher, heal_tokens, args.heal_steps, args.heal_lr, args.heal_batch,
+                              keep_zeros=bool(args.method))  # fmt: skip
+        quality("quality_healed")
+    teacher = None  # free it before saving
+    if args.method and args.storage == "bitmask":
+        save_compressed(model, tok, args.out, args.force)
+    else:
+        from ..model import save
+
+        save(model, tok, args.out, args.force)
+    result["after"] = {"weight_mb": weight_bytes(model) / 2**20, "params": sum(p.numel() for p in model.parameters()),
+                       "disk_mb": disk_bytes(args.out) / 2**20, "uniform_layers": model.config.is_uniform()}  # fmt: skip
+    a = result["after"]
+    if args.method:
+        note = (f"sparsity {report['sparsity_prunable']:.1%} of block weights ({report['sparsity_all_params']:.1%} of all). "
+                + ("Stored as bitmask + values (leanlm.load reads it; transformers does not)."
+                   if args.storage == "bitmask" else
+                   "Stored dense (zeros kept): same size and speed as the original; --storage bitmask shrinks the file."))  # fmt: skip
+    else:
+        note = (f"params {before['params']:,} -> {a['params']:,}; "
+                + ("uniform widths: loads in transformers." if a["uniform_layers"] else
+                   "per-layer widths: loads in leanlm (config.json leanlm_layers), not in transformers."))  # fmt: skip
+    print(f"wrote {args.out} ({a['disk_mb']:.1f} MB on disk, weights {before['weight_mb']:.1f} -> {a['weight_mb']:.1f} MB "
+          f"in memory). {note}")  # fmt: skip
+    if args.json:
+        emit_json(result, args.json, args.force)
+    return 0
