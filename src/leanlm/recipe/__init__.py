@@ -240,6 +240,8 @@ def apply_recipe(model, tokenizer, recipe: Recipe, progress: bool = True) -> dic
 
     model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     calib = calibration_for(recipe, tokenizer)
+    if needs_calibration(recipe):
+        calib.tokens()  # read and cut the text now: a missing file fails before any step runs
     report: list[dict] = []
     for i, s in enumerate(recipe.steps):
         t0 = time.time()
