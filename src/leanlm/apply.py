@@ -187,7 +187,8 @@ def plan_for(model, configs=None):
     """The cost-model Plan of `model` after `configs` (default: what model.applied records)."""
     from .hardware import Plan
 
-    own = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(model.dtype).removeprefix("torch."), "fp32")
+    own = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(model.dtype).removeprefix("torch."),
+                                                                         "fp32")  # fmt: skip
     plan = Plan(weight_dtype=own, compute_dtype=own)
     if configs is None:
         configs = [config_from_dict(e["type"], e["config"]) for e in getattr(model, "applied", None) or []]

@@ -64,7 +64,8 @@ def save_adaptive(model, path: str | Path) -> Path:
                 tensors[f"routing.{i}.router.bias"] = layer.mlp.router.bias.detach().contiguous()
     for g in _gates(model):
         if isinstance(g, SkipGate):
-            meta["skip"] = {"config": asdict(latest(model, LayerSkip)), "routable": g.routable, "threshold": g.threshold}
+            meta["skip"] = {"config": asdict(latest(model, LayerSkip)), "routable": g.routable,
+                            "threshold": g.threshold}  # fmt: skip
             tensors["skip.weight"], tensors["skip.bias"] = g.weight.contiguous(), g.bias.contiguous()
         elif isinstance(g, ExitGate):
             meta["exit"] = {"config": asdict(latest(model, EarlyExit)), "threshold": g.threshold, "check": g.check,

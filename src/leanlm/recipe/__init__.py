@@ -288,7 +288,7 @@ def compress(spec: str, recipe: Recipe, out: str | Path, force: bool = False, pr
     model, tok = load(spec, "float32")
     report = apply_recipe(model, tok, weights, progress)
     save(model, tok, out, force=force)  # model.applied (a kv step included) goes into config.json
-    if n_apart:  # calibrated on the saved weights, kept beside them (leanlm eval OUT --adaptive OUT/adaptive.safetensors)
+    if n_apart:  # calibrated on the saved weights, kept beside them (eval OUT --adaptive OUT/adaptive.safetensors)
         from ..adaptive import save_adaptive
 
         rest = Recipe(recipe.name, recipe.steps[len(recipe.steps) - n_apart :], recipe.calibration,
