@@ -9,7 +9,7 @@ from conftest import DATA, needs_data, needs_smollm2
 from leanlm import LeanlmError
 from leanlm.evaluate.speed import weight_bytes
 from leanlm.model import load_model
-from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, calibration_tokens, make_config,
+from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, make_config,
                           pack_int4, quantize, rtn, save_quantized, unpack_int4)  # fmt: skip
 from leanlm.quant.awq import output_error, search_clip, search_scale
 from leanlm.quant.gptq import gptq
@@ -366,13 +366,15 @@ def test_bad_input_errors(tiny_dirs):
         quantize(model, RTN(), progress=False)
 
 
-def test_calibration_tokens(word_tokenizer):
+def test_calibration_token_windows(word_tokenizer):
+    from leanlm.calibration import token_windows
+
     text = " ".join(f"w{i % 90}" for i in range(500))
-    t = calibration_tokens(word_tokenizer, text, n_samples=5, seq_len=20, seed=3)
+    t = token_windows(word_tokenizer, text, n_samples=5, seq_len=20, seed=3)
     assert t.shape == (5, 20)
-    assert torch.equal(t, calibration_tokens(word_tokenizer, text, n_samples=5, seq_len=20, seed=3))
+    assert torch.equal(t, token_windows(word_tokenizer, text, n_samples=5, seq_len=20, seed=3))
     with pytest.raises(LeanlmError, match="fewer than one window"):
-        calibration_tokens(word_tokenizer, "w1 w2 w3", n_samples=2, seq_len=20)
+        token_windows(word_tokenizer, "w1 w2 w3", n_samples=2, seq_len=20)
 
 
 @needs_data

@@ -16,6 +16,7 @@ parsed by `parse_adaptive`; `apply_adaptive` applies a list of them in a sensibl
 
 from __future__ import annotations
 
+from ..apply import register
 from ..errors import LeanlmError
 from .early_exit import EarlyExit, apply_early_exit
 from .layer_skip import LayerSkip, apply_layer_skip
@@ -89,23 +90,41 @@ def parse_adaptive(spec: str):
 
 def apply_adaptive(model, configs: list, tokenizer=None, calib_text: str = "wikitext2-valid", data_dir=None,
                    progress: bool = True) -> list[dict]:  # fmt: skip
-    """Apply adaptive configs (objects or spec strings) in place, matmul changes before gates."""
-    from ..prune.calibration import calibration_tokens
+    """Apply adaptive configs (objects or spec strings) in place through leanlm.apply, matmul changes
+    before gates; each is calibrated on `calib_text` windows of its own calib_samples x calib_seq_len."""
+    from ..apply import apply
+    from ..calibration import Calibration
 
     if calib_text == "wikitext2":
         raise LeanlmError("'wikitext2' is the evaluation split; calibrate on other text, e.g. wikitext2-valid")
     cfgs = [parse_adaptive(c) if isinstance(c, str) else c for c in configs]
     cfgs.sort(key=lambda c: ORDER.index(type(c)))
-    reports = []
-    for c in cfgs:
-        calib = None
-        needs = not (isinstance(c, EarlyExit) and c.threshold is not None)  # a set exit threshold needs no data
-        if tokenizer is not None and needs:
-            calib = calibration_tokens(tokenizer, calib_text, c.calib_samples, c.calib_seq_len, data_dir=data_dir)
-        fn = {ActivationSparsity: apply_activation_sparsity, EarlyExit: apply_early_exit, LayerSkip: apply_layer_skip,
-              NeuronRouting: apply_neuron_routing}[type(c)]  # fmt: skip
-        reports.append({"method": type(c).__name__, **fn(model, c, calib, progress=progress)})
-    return reports
+    calib = None if tokenizer is None else Calibration(tokenizer, calib_text, data_dir=data_dir)
+    return [{"method": type(c).__name__, **apply(model, c, calib, progress=progress)} for c in cfgs]
+
+
+def _tokens(cfg, calib):
+    return None if calib is None else calib.tokens(cfg.calib_samples, cfg.calib_seq_len)
+
+
+@register(ActivationSparsity)
+def _apply_activation_sparsity(model, cfg, calib, progress):
+    return apply_activation_sparsity(model, cfg, _tokens(cfg, calib), progress=progress)
+
+
+@register(EarlyExit)
+def _apply_early_exit(model, cfg, calib, progress):
+    return apply_early_exit(model, cfg, _tokens(cfg, calib) if cfg.needs_calibration else None, progress=progress)
+
+
+@register(LayerSkip)
+def _apply_layer_skip(model, cfg, calib, progress):
+    return apply_layer_skip(model, cfg, _tokens(cfg, calib), progress=progress)
+
+
+@register(NeuronRouting)
+def _apply_neuron_routing(model, cfg, calib, progress):
+    return apply_neuron_routing(model, cfg, _tokens(cfg, calib), progress=progress)
 
 
 __all__ = ["ActivationSparsity", "EarlyExit", "LayerSkip", "NeuronRouting", "SparseInputLinear", "AdaptiveTransformer",

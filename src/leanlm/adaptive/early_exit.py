@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..apply import record
 from ..errors import LeanlmError
 from .runtime import Gate, add_gate, make_adaptive
 
@@ -46,6 +47,15 @@ class EarlyExit:
     calib_samples: int = 8
     calib_seq_len: int = 512
     kl_tokens: int = 1024  # calibration tokens on which exit KL is profiled (the head over all is costly)
+
+    saved_apart = True  # what calibration learned is kept in adaptive.safetensors (state.py), not in the weights
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.threshold is None  # a set threshold needs no data; target_kl is met on calibration text
+
+    def price(self, plan) -> None:
+        """Not priced: the cost model has no per-token layer count yet (the measured FLOPs fraction is in eval)."""
 
     def __post_init__(self):
         if self.confidence not in CONFIDENCES:
@@ -122,7 +132,7 @@ class ExitGate(Gate):
 def exit_profile(model, tokens: torch.Tensor, cfg: EarlyExit, min_layer: int, progress: bool = True):
     """Per layer from min_layer, on `cfg.kl_tokens` sampled calibration tokens: the confidence and
     KL(full || exit here), [L', n] each; and the fitted lens maps {layer: (A, b)} (cfg.lens)."""
-    from ..quant.calibrate import run_sequential
+    from ..calibration import run_sequential
 
     batch, D = 2, model.config.hidden_size
     final = torch.cat([h.reshape(-1, D) for h in run_sequential(model, tokens, lambda *a: None, batch, progress=False)])
@@ -189,7 +199,7 @@ def apply_early_exit(model, cfg: EarlyExit, calib: torch.Tensor | None = None, t
         if calib is None:
             if tokenizer is None:
                 raise LeanlmError("early exit needs a threshold or calibration tokens (or a tokenizer) for target_kl")
-            from ..prune.calibration import calibration_tokens
+            from ..calibration import calibration_tokens
 
             calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
         conf, kl, gate.lens = profile or exit_profile(model, calib, cfg, min_layer, progress)
@@ -218,5 +228,5 @@ def apply_early_exit(model, cfg: EarlyExit, calib: torch.Tensor | None = None, t
         model.adaptive_gate = old
     report["threshold"] = gate.threshold
     add_gate(model, gate)
-    model.early_exit = cfg
+    record(model, cfg, {"threshold": gate.threshold})
     return report

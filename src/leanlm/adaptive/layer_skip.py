@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..apply import record
 from ..errors import LeanlmError
 from .runtime import Gate, add_gate, make_adaptive
 
@@ -31,6 +32,12 @@ class LayerSkip:
     ridge: float = 1e-2
     calib_samples: int = 8
     calib_seq_len: int = 512
+
+    saved_apart = True  # what calibration learned is kept in adaptive.safetensors (state.py), not in the weights
+    needs_calibration = True  # the routers are fitted on calibration activations
+
+    def price(self, plan) -> None:
+        """Not priced: the cost model has no per-token layer count yet (the measured FLOPs fraction is in eval)."""
 
     def __post_init__(self):
         if not 0.0 <= self.skip < 1.0:
@@ -75,7 +82,7 @@ class SkipGate(Gate):
 def fit_routers(model, tokens: torch.Tensor, ridge: float, progress: bool = True):
     """Per layer, ridge regression of log(|update| / |x|) on x / rms(x): weights [L, D], biases [L],
     predictions on the calibration tokens [L, N] and the fit's R^2 per layer."""
-    from ..quant.calibrate import run_sequential
+    from ..calibration import run_sequential
 
     D = model.config.hidden_size
     W, B, preds, r2 = [], [], [], []
@@ -112,7 +119,7 @@ def apply_layer_skip(model, cfg: LayerSkip, calib: torch.Tensor | None = None, t
     if calib is None:
         if tokenizer is None:
             raise LeanlmError("layer skipping needs calibration tokens (or a tokenizer to cut them)")
-        from ..prune.calibration import calibration_tokens
+        from ..calibration import calibration_tokens
 
         calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
     W, B, preds, r2 = fit_routers(model, calib, cfg.ridge, progress)
@@ -124,6 +131,6 @@ def apply_layer_skip(model, cfg: LayerSkip, calib: torch.Tensor | None = None, t
         threshold = float(flat.kthvalue(max(1, int(rate * flat.numel()))).values) if rate > 0 else float("-inf")
     gate = SkipGate(W, B, routable, threshold)
     add_gate(model, gate)
-    model.layer_skip = cfg
+    record(model, cfg, {"threshold": threshold})
     per_layer = [float((p < threshold).float().mean()) if r else 0.0 for p, r in zip(preds, routable)]
     return {"skip": cfg.skip, "threshold": threshold, "router_r2": r2, "calib_skip_per_layer": per_layer}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..apply import record, update_latest
 from ..errors import LeanlmError
 from ..model.runtime import upcast_for_matmul
 from .runtime import gemv, layer_flops, make_adaptive
@@ -36,6 +37,12 @@ class NeuronRouting:
     kmeans_iters: int = 10
     calib_samples: int = 8
     calib_seq_len: int = 512
+
+    saved_apart = True  # what calibration learned is kept in adaptive.safetensors (state.py), not in the weights
+    needs_calibration = True  # clusters and routers come from calibration activations
+
+    def price(self, plan) -> None:
+        """Not priced: the cost model has no routed FFN yet (the measured FLOPs fraction is in eval)."""
 
     def __post_init__(self):
         if self.groups < 2:
@@ -142,13 +149,13 @@ def balanced_kmeans(feats: torch.Tensor, k: int, iters: int = 10, seed: int = 0)
 def apply_neuron_routing(model, cfg: NeuronRouting, calib: torch.Tensor | None = None, tokenizer=None,
                          progress: bool = True) -> dict:  # fmt: skip
     """Cluster, permute and route every FFN of the model in place. Returns a report per layer."""
-    from ..quant.calibrate import run_sequential
+    from ..calibration import run_sequential
 
     make_adaptive(model)
     if calib is None:
         if tokenizer is None:
             raise LeanlmError("neuron routing needs calibration tokens (or a tokenizer to cut them)")
-        from ..prune.calibration import calibration_tokens
+        from ..calibration import calibration_tokens
 
         calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
     for layer in model.layers:
@@ -206,7 +213,7 @@ def apply_neuron_routing(model, cfg: NeuronRouting, calib: torch.Tensor | None =
 
     run_sequential(model, calib, per_block, batch_size=4, progress=progress, desc="neuron routing")
     model._flops = [layer_flops(l) for l in model.layers]
-    model.neuron_routing = cfg
+    record(model, cfg)
     return {"groups": cfg.groups, "p": cfg.p, "layers": report,
             "groups_mean": sum(r["groups_mean"] for r in report) / len(report)}  # fmt: skip
 
@@ -218,5 +225,4 @@ def set_routing_p(model, p: float) -> None:
     for layer in model.layers:
         if isinstance(layer.mlp, RoutedMLP):
             layer.mlp.p = float(p)
-    if getattr(model, "neuron_routing", None) is not None:
-        model.neuron_routing.p = float(p)
+    update_latest(model, NeuronRouting, p=float(p))

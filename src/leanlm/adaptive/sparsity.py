@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import LeanlmError
 from ..model.runtime import upcast_for_matmul
-from ..quant.calibrate import get_module, set_module
+from ..calibration import get_module, set_module
 
 TARGETS = {"mlp": ("mlp.w_gate_up", "mlp.w_down"), "gate_up": ("mlp.w_gate_up",), "down": ("mlp.w_down",),
            "attn": ("attn.wqkv", "attn.wo")}  # fmt: skip
@@ -69,6 +69,12 @@ class ActivationSparsity:
     calib_seq_len: int = 512
     criterion: str = "magnitude"  # or "wina": |x_i| * (column norm of the weight), see the module docstring
     head: float | None = None  # fraction of the LM head's inputs dropped (0: transposed head, nothing dropped)
+
+    saved_apart = True  # what calibration learned is kept in adaptive.safetensors (state.py), not in the weights
+    needs_calibration = True  # thresholds are quantiles of calibration activations
+
+    def price(self, plan) -> None:
+        plan.activation_sparsity = self.sparsity
 
     def __post_init__(self):
         if self.head is not None and not 0.0 <= self.head < 1.0:
@@ -406,7 +412,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float | list[fl
     the next one is calibrated on the inputs it will really see (the sparsified model's, as
     true-sequential GPTQ does). Layer-sequential through the quantization calibrator's driver:
     one block's activations are held at a time, and each capture stops the block early."""
-    from ..quant.calibrate import LINEARS, StopForward, run_sequential
+    from ..calibration import LINEARS, StopForward, run_sequential
 
     out: list[dict] = []
     order = [n for n in LINEARS if n in names]
@@ -502,7 +508,7 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
         if calib is None:
             if tokenizer is None:
                 raise LeanlmError("activation sparsity needs calibration tokens (or a tokenizer to cut them)")
-            from ..prune.calibration import calibration_tokens
+            from ..calibration import calibration_tokens
 
             calib = calibration_tokens(tokenizer, "wikitext2-valid", cfg.calib_samples, cfg.calib_seq_len)
         sparsity: float | list[float] = cfg.sparsity
@@ -526,7 +532,9 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
         if head_threshold is None and calib is None:
             raise LeanlmError("head sparsity needs calibration tokens (or a saved head threshold)")
         head_threshold = sparsify_head(model, cfg.head, calib, head_kernel, head_threshold)
-    model.activation_sparsity = cfg
+    from ..apply import record
+
+    record(model, cfg)
     rep = {"sparsity": cfg.sparsity, "targets": list(cfg.targets), "thresholds": thresholds,
            "kernels": {"x".join(map(str, k)): v for k, v in kernels.items()}}  # fmt: skip
     if cfg.head is not None:

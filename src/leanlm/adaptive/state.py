@@ -31,18 +31,19 @@ def save_adaptive(model, path: str | Path) -> Path:
     """Write the model's adaptive state to `path` (a .safetensors file, or a directory -> adaptive.safetensors)."""
     from safetensors.torch import save_file
 
-    from .early_exit import ExitGate
-    from .layer_skip import SkipGate
-    from .routing import RoutedMLP
-    from ..quant.calibrate import get_module
-    from .sparsity import SparseInputLinear
+    from ..apply import latest
+    from ..calibration import get_module
+    from .early_exit import EarlyExit, ExitGate
+    from .layer_skip import LayerSkip, SkipGate
+    from .routing import NeuronRouting, RoutedMLP
+    from .sparsity import ActivationSparsity, SparseInputLinear
 
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"version": 1, "n_layers": model.config.n_layers}
-    sp = getattr(model, "activation_sparsity", None)
+    sp = latest(model, ActivationSparsity)  # the configs are read from model.applied
     if sp is not None:
         th = {}
         for i, layer in enumerate(model.layers):
@@ -53,8 +54,9 @@ def save_adaptive(model, path: str | Path) -> Path:
         meta["sparsity"] = {"config": asdict(sp), "thresholds": th}
         if sp.head is not None:
             meta["sparsity"]["head_threshold"] = model.lm_head.threshold
-    if getattr(model, "neuron_routing", None) is not None:
-        meta["routing"] = {"config": asdict(model.neuron_routing)}
+    routing = latest(model, NeuronRouting)
+    if routing is not None:
+        meta["routing"] = {"config": asdict(routing)}
         for i, layer in enumerate(model.layers):
             if isinstance(layer.mlp, RoutedMLP):
                 tensors[f"routing.{i}.perm"] = layer.mlp.perm.contiguous()
@@ -62,10 +64,11 @@ def save_adaptive(model, path: str | Path) -> Path:
                 tensors[f"routing.{i}.router.bias"] = layer.mlp.router.bias.detach().contiguous()
     for g in _gates(model):
         if isinstance(g, SkipGate):
-            meta["skip"] = {"config": asdict(model.layer_skip), "routable": g.routable, "threshold": g.threshold}
+            meta["skip"] = {"config": asdict(latest(model, LayerSkip)), "routable": g.routable,
+                            "threshold": g.threshold}  # fmt: skip
             tensors["skip.weight"], tensors["skip.bias"] = g.weight.contiguous(), g.bias.contiguous()
         elif isinstance(g, ExitGate):
-            meta["exit"] = {"config": asdict(model.early_exit), "threshold": g.threshold, "check": g.check,
+            meta["exit"] = {"config": asdict(latest(model, EarlyExit)), "threshold": g.threshold, "check": g.check,
                             "lens_layers": sorted(g.lens)}  # fmt: skip
             for i, (A, b) in g.lens.items():
                 tensors[f"exit.lens.{i}.A"], tensors[f"exit.lens.{i}.b"] = A.contiguous(), b.contiguous()
@@ -83,6 +86,7 @@ def load_adaptive(model, path: str | Path) -> dict:
     """Install a saved adaptive state on `model` (the same model it was calibrated on). Returns the metadata."""
     from safetensors import safe_open
 
+    from ..apply import record
     from . import early_exit, layer_skip, routing, sparsity
     from .runtime import add_gate, layer_flops, make_adaptive
 
@@ -113,7 +117,7 @@ def load_adaptive(model, path: str | Path) -> dict:
                 r.requires_grad_(False)
                 layer.mlp = routing.RoutedMLP(m.w_gate_up.weight.detach(), m.w_down.weight.detach(),
                                               t[f"routing.{i}.perm"], cfg.groups, m.act, cfg.p, r)  # fmt: skip
-        model.neuron_routing = cfg
+        record(model, cfg, {"loaded": str(path)})
         model._flops = [layer_flops(l) for l in model.layers]
     if "sparsity" in meta:
         s = meta["sparsity"]
@@ -123,7 +127,7 @@ def load_adaptive(model, path: str | Path) -> dict:
     if "skip" in meta:
         s = meta["skip"]
         add_gate(model, layer_skip.SkipGate(t["skip.weight"], t["skip.bias"], s["routable"], s["threshold"]))
-        model.layer_skip = layer_skip.LayerSkip(**s["config"])
+        record(model, layer_skip.LayerSkip(**s["config"]), {"loaded": str(path)})
     if "exit" in meta:
         e = meta["exit"]
         cfg = early_exit.EarlyExit(**e["config"])
@@ -132,5 +136,5 @@ def load_adaptive(model, path: str | Path) -> dict:
         gate = early_exit.ExitGate(cfg.confidence, e["threshold"], 0, L, 1, D, V, lens)
         gate.check = list(e["check"])
         add_gate(model, gate)
-        model.early_exit = cfg
+        record(model, cfg, {"loaded": str(path)})
     return meta

@@ -3,6 +3,9 @@ observation-window (SnapKV) eviction under a budget, each optionally on an int8/
 
 A policy is a small config (`KVPolicy`) that builds one `PolicyCache` per layer:
 `model.setup_cache(batch, max_len, cache_cls=KVPolicy.parse("sinks:4,window:1024,int8"))`.
+`leanlm.apply(model, policy)` records it in `model.applied`; from then on the decode loop
+(`generate_tokens`: `leanlm generate`, `eval --speed`, `serve`) builds its cache with it, also after
+`leanlm.save` and `leanlm.load` (an explicit `kv=` / `--kv` overrides it).
 
 How it plugs into the runtime: PolicyCache sets `custom_attention`, so Attention calls
 `cache.attend(attn, q, k, v, start)`. The cache attends the new queries over its kept keys
@@ -28,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..apply import record, register
 from ..errors import LeanlmError
 from ..model.runtime import KVCache, upcast_for_matmul
 from .kv_quant import KVStore
+
+
+METHODS = ("full", "window", "h2o", "snapkv")
 
 
 @dataclass
@@ -42,6 +49,28 @@ class KVPolicy:
     obs: int = 32                 # snapkv observation window
     bits: int | None = None       # None (compute dtype) | 8 | 4
     group: int = 32               # int4 group size (channels)
+
+    needs_calibration = False     # a decode-time setting: nothing is learned
+
+    def price(self, plan) -> None:
+        """Cost model: keys a decode step reads per layer, and their storage dtype."""
+        if self.method != "full":
+            plan.kv_window = self.capacity(1 << 30)
+        if self.bits:
+            plan.kv_dtype = f"int{self.bits}"
+
+    def validate(self) -> "KVPolicy":
+        if self.method not in METHODS:
+            raise LeanlmError(f"unknown KV policy method '{self.method}'; use one of: {', '.join(METHODS)}")
+        if self.bits not in (None, 8, 4):
+            raise LeanlmError(f"KV bits must be 8 or 4, got {self.bits}")
+        if self.method in ("h2o", "snapkv"):
+            recent = self.window if self.method == "h2o" else self.obs
+            if self.budget < 2 or recent >= self.budget:
+                raise LeanlmError(f"{self.method} budget {self.budget} must exceed its recent window {recent}")
+        if self.method == "window" and (self.window < 1 or self.sinks < 0):
+            raise LeanlmError("window must be >= 1 and sinks >= 0")
+        return self
 
     @property
     def bounded(self) -> bool:
@@ -98,15 +127,24 @@ class KVPolicy:
                                   "h2o:BUDGET, snapkv:BUDGET, obs:N")  # fmt: skip
         if p.method == "h2o" and not seen_window:
             p.window = p.budget // 2  # H2O's default split: half heavy hitters, half recent
-        if p.bits not in (None, 8, 4):
-            raise LeanlmError(f"KV bits must be 8 or 4, got {p.bits}")
-        if p.method in ("h2o", "snapkv"):
-            recent = p.window if p.method == "h2o" else p.obs
-            if p.budget < 2 or recent >= p.budget:
-                raise LeanlmError(f"{p.method} budget {p.budget} must exceed its recent window {recent}")
-        if p.method == "window" and p.window < 1:
-            raise LeanlmError("window must be >= 1")
+        p.validate()
         return p
+
+
+@register(KVPolicy)
+def _apply_kv_policy(model, policy: KVPolicy, calib, progress: bool) -> dict:
+    """leanlm.apply: record the policy; the decode loop builds its cache from model.applied."""
+    policy.validate()
+    kept = policy.capacity(model.config.max_seq_len)
+    record(model, policy, {"policy": policy.describe(), "tokens_kept_per_layer": kept})
+    return {"policy": policy.describe(), "tokens_kept_per_layer": kept}
+
+
+def model_policy(model) -> "KVPolicy | None":
+    """The KV policy recorded on the model (the newest one applied), or None."""
+    from ..apply import latest
+
+    return latest(model, KVPolicy)
 
 
 class PolicyCache(KVCache):

@@ -86,6 +86,18 @@ def check_context(model: Transformer, n_prompt: int, max_new_tokens: int) -> int
     return min(max_new_tokens, limit - n_prompt)
 
 
+def recorded_kv_policy(model: Transformer):
+    """The KV policy in model.applied (None when there is none or it is the full cache)."""
+    from ..attention.policies import model_policy
+
+    kv = model_policy(model)
+    if kv is not None and getattr(model, "adaptive_gate", None) is not None:
+        raise LeanlmError(f"this model carries a KV policy ({kv.describe()}) and an adaptive gate, which needs a full "
+                          "cache (skipped layers write every position); load it without the adaptive state, or pass "
+                          "kv=KVPolicy.parse('full') to decode with a full cache")  # fmt: skip
+    return kv
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer,
@@ -99,9 +111,12 @@ def generate_tokens(
     """Yield new token ids one at a time (greedy or sampled), stopping at EOS or the budget.
 
     `kv`: a KV-cache policy (leanlm.attention.KVPolicy); a bounded one (sinks+window, H2O,
-    SnapKV) keeps constant memory and may generate past the context window."""
+    SnapKV) keeps constant memory and may generate past the context window. None: the policy
+    recorded on the model (leanlm.apply, a recipe's `kv:` step, kept by save / load), else a full cache."""
     import time
 
+    if kv is None:
+        kv = recorded_kv_policy(model)
     sampling = sampling or Sampling()
     gen = sampling.generator()
     eos_ids = set(model.config.eos_token_ids) if eos_ids is None else eos_ids

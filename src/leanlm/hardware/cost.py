@@ -21,7 +21,8 @@ BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
 
 @dataclass
 class Plan:
-    """What a recipe does to the cost (shapes come from the model config itself)."""
+    """What a recipe does to the cost (shapes come from the model config itself). Each method's config
+    fills in its part with `config.price(plan)`; `leanlm.apply.plan_for(model, configs)` builds one."""
 
     weight_dtype: str = "fp32"  # storage of linear weights: fp32 | bf16 | fp16 | int8 | int4 | fp8
     compute_dtype: str = "fp32"  # activations / matmul dtype

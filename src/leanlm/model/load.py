@@ -284,7 +284,25 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "float32", device: s
         model = build_model(cfg, hf_to_leanlm(_read_safetensors(directory, dt), cfg), dt, device)
     model.source = str(spec)
     model.directory = str(directory)
+    model.applied = read_applied(directory)
     return model
+
+
+APPLIED_KEY = "leanlm_applied"  # config.json entry: the model.applied list (leanlm/apply.py)
+
+
+def read_applied(directory: Path) -> list[dict]:
+    """What leanlm.apply recorded on a saved model; decode-time settings (a KV policy) act from this list."""
+    raw = json.loads((Path(directory) / "config.json").read_text()).get(APPLIED_KEY) or []
+    if not isinstance(raw, list) or not all(isinstance(e, dict) and "type" in e and "config" in e for e in raw):
+        raise LeanlmError(f"{directory}/config.json: '{APPLIED_KEY}' must be a list of {{type, config, result}} "
+                          "entries; re-save the model with leanlm")  # fmt: skip
+    return raw
+
+
+def applied_entry(model) -> dict:
+    """The config.json entry that saves model.applied."""
+    return {APPLIED_KEY: list(getattr(model, "applied", None) or [])}
 
 
 def load_tokenizer(spec: str | Path):
@@ -341,6 +359,7 @@ def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dt
         save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanlm"})
         hf_cfg = cfg.to_hf_dict()
         hf_cfg["dtype"] = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
+        hf_cfg.update(applied_entry(model))
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

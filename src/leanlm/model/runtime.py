@@ -257,9 +257,23 @@ def rope_inv_freq(cfg: ModelConfig, key: str, head_dim: int) -> tuple[torch.Tens
 
 
 class Transformer(nn.Module):
+    """The decoder. Besides its modules it carries, in these attributes only:
+
+    applied       list of {"type", "config", "result"}: every method leanlm.apply applied, in order
+                  (configuration; saved in config.json by leanlm.save / quant.save_quantized, restored by
+                  leanlm.load; a KV policy in it sets up the decode cache, decode/generate.py)
+    quantization  the packed storage of a quantized model (layers, specs, dtype), what quant/save.py writes
+    source, directory   where leanlm.load found it
+    fused_decode  whether forwards of few rows may take the C++ path (model/fused.py)
+    Runtime state of adaptive computation (adaptive/runtime.py, on AdaptiveTransformer):
+    adaptive_gate (which tokens skip / leave at each layer), adaptive_meter and _flops (FLOPs counting),
+    _exit_logits (an early exit's logits, reused as the output).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.applied: list[dict] = []
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)

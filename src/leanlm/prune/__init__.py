@@ -13,7 +13,7 @@
     report = prune_unstructured(model, Unstructured("wanda", pattern="2:4"), calib)
 """
 
-from .calibration import calibration_tokens
+from ..calibration import calibration_tokens
 from .heal import heal
 from .masks import nm_mask, owl_layer_sparsity, parse_pattern, unstructured_mask, wanda_scores
 from .sparse_storage import SparseLinear, save_compressed, sparsify_model

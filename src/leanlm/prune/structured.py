@@ -18,6 +18,7 @@ Importance scores are computed on the dense model in one layer-sequential calibr
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..apply import record, register
+from ..calibration import BlockRunner, capture_inputs
 from ..errors import LeanlmError
-from .calibration import BlockRunner, capture_inputs
+from .heal import heal
 
 KINDS = ("neurons", "heads", "layers")
 IMPORTANCE = ("activation", "wanda", "magnitude")
@@ -36,7 +39,8 @@ IMPORTANCE = ("activation", "wanda", "magnitude")
 class Structured:
     """kind: neurons | heads | layers. ratio: fraction of neurons / heads removed per layer
     (scope 'global' ranks neurons across layers: non-uniform widths). remove: number of
-    layers to drop. head_mode: 'kv' (whole KV groups) | 'q' (query heads within each group)."""
+    layers to drop. head_mode: 'kv' (whole KV groups) | 'q' (query heads within each group).
+    heal_steps: after pruning, distil the pruned model towards the unpruned one for this many steps (heal.py)."""
 
     kind: str = "neurons"
     ratio: float | None = None
@@ -45,8 +49,18 @@ class Structured:
     scope: str = "layer"
     head_mode: str = "kv"
     multiple_of: int = 1
+    heal_steps: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind == "layers" or self.importance != "magnitude" or self.heal_steps > 0
+
+    def price(self, plan) -> None:
+        """Nothing to add: the cost model reads the pruned widths from the model config itself."""
 
     def __post_init__(self):
+        if not isinstance(self.heal_steps, int) or isinstance(self.heal_steps, bool) or self.heal_steps < 0:
+            raise LeanlmError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
         if self.kind not in KINDS:
             raise LeanlmError(f"unknown structured kind '{self.kind}'; use one of: {', '.join(KINDS)}")
         if self.importance not in IMPORTANCE:
@@ -218,8 +232,10 @@ def prune_structured(model, cfg: Structured, tokens: torch.Tensor | None = None,
     before = sum(p.numel() for p in model.parameters())
     n_layers = len(model.layers)
     needs = cfg.kind == "layers" or cfg.importance != "magnitude"
-    if needs and tokens is None:
-        raise LeanlmError(f"{cfg.kind} pruning with '{cfg.importance}' importance needs calibration tokens")
+    if cfg.needs_calibration and tokens is None:
+        what = "healing" if not needs else f"{cfg.kind} pruning with '{cfg.importance}' importance"
+        raise LeanlmError(f"{what} needs calibration tokens")
+    teacher = copy.deepcopy(model) if cfg.heal_steps else None  # healing distils towards the unpruned model
     stats = collect_stats(model, tokens, cfg.kind, progress) if needs else [None] * n_layers
     report: dict = {"kind": cfg.kind, "importance": cfg.importance, "removed": {}}
     if cfg.kind == "layers":
@@ -272,4 +288,14 @@ def prune_structured(model, cfg: Structured, tokens: torch.Tensor | None = None,
     after = sum(p.numel() for p in model.parameters())
     report.update(params_before=before, params_after=after, uniform=model.config.is_uniform(),
                   layers=len(model.layers))  # fmt: skip
+    if teacher is not None:
+        with torch.enable_grad():
+            report["heal"] = heal(model, teacher, tokens, steps=cfg.heal_steps, progress=progress)
+        del teacher
+    record(model, cfg, {k: report[k] for k in ("params_before", "params_after", "layers")})
     return report
+
+
+@register(Structured)
+def _apply_structured(model, cfg: Structured, calib, progress: bool) -> dict:
+    return prune_structured(model, cfg, None if calib is None else calib.tokens(), progress)

@@ -9,13 +9,16 @@ model is stated next to the sparsity of the pruned matrices.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from ..apply import record, register
 from ..errors import LeanlmError
-from .calibration import BlockRunner, block_linears, capture_inputs, row_parts
+from .heal import heal
+from ..calibration import BlockRunner, block_linears, capture_inputs, row_parts
 from .masks import (
     check_sparsity,
     magnitude_scores,
@@ -35,7 +38,8 @@ ALLOCATIONS = ("uniform", "owl")
 @dataclass
 class Unstructured:
     """method: magnitude | wanda | sparsegpt; sparsity in [0, 1) or pattern 'N:M';
-    allocation: uniform (every layer at `sparsity`) | owl (outlier-weighted per-layer ratios)."""
+    allocation: uniform (every layer at `sparsity`) | owl (outlier-weighted per-layer ratios).
+    heal_steps: after pruning, distil towards the unpruned model for this many steps, zeros kept (heal.py)."""
 
     method: str = "wanda"
     sparsity: float | None = None
@@ -45,9 +49,12 @@ class Unstructured:
     owl_m: float = 5.0
     blocksize: int = 128
     damp: float = 0.01
+    heal_steps: int = 0
     nm: tuple[int, int] | None = field(default=None, init=False)
 
     def __post_init__(self):
+        if not isinstance(self.heal_steps, int) or isinstance(self.heal_steps, bool) or self.heal_steps < 0:
+            raise LeanlmError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
         if self.method not in METHODS:
             raise LeanlmError(f"unknown pruning method '{self.method}'; use one of: {', '.join(METHODS)}")
         if self.allocation not in ALLOCATIONS:
@@ -68,7 +75,12 @@ class Unstructured:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude" or self.allocation == "owl"
+        return self.method != "magnitude" or self.allocation == "owl" or self.heal_steps > 0
+
+    def price(self, plan) -> None:
+        """Cost model: the fraction of weights pruned and its pattern (what a sparse kernel can skip)."""
+        plan.sparsity = float(self.sparsity)
+        plan.sparsity_pattern = self.pattern or "unstructured"
 
 
 def _prune_matrix(layer, name: str, lin, cfg: Unstructured, sparsity: float, stat) -> None:
@@ -136,6 +148,7 @@ def prune_unstructured(model, cfg: Unstructured, tokens: torch.Tensor | None = N
     model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
     if cfg.needs_calibration and tokens is None:
         raise LeanlmError(f"{cfg.method} pruning needs calibration tokens (calibration_tokens(tokenizer, ...))")
+    teacher = copy.deepcopy(model) if cfg.heal_steps else None  # healing distils towards the unpruned model
     n_layers = len(model.layers)
     layer_sparsity = [cfg.sparsity] * n_layers
     report: dict = {"method": cfg.method, "pattern": cfg.pattern, "target_sparsity": cfg.sparsity,
@@ -158,5 +171,15 @@ def prune_unstructured(model, cfg: Unstructured, tokens: torch.Tensor | None = N
             for name, lin in block_linears(layer).items():
                 _prune_matrix(layer, name, lin, cfg, layer_sparsity[i], stats[name])
             runner.advance(runner.run(i))  # the next block sees this block's pruned outputs
+    if teacher is not None:
+        with torch.enable_grad():
+            report["heal"] = heal(model, teacher, tokens, steps=cfg.heal_steps, keep_zeros=True, progress=progress)
+        del teacher
     report.update(sparsity_report(model))
+    record(model, cfg, {k: report[k] for k in ("sparsity_prunable", "sparsity_all_params")})
     return report
+
+
+@register(Unstructured)
+def _apply_unstructured(model, cfg: Unstructured, calib, progress: bool) -> dict:
+    return prune_unstructured(model, cfg, None if calib is None else calib.tokens(), progress)

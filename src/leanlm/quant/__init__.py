@@ -2,20 +2,20 @@
 
     import leanlm
     from leanlm.quant import GPTQ, quantize, calibration_tokens, save_quantized
-    from leanlm.evaluate.data import read_text
 
     model, tok = leanlm.load("smollm2-135m")                       # float32 for calibration
-    calib = calibration_tokens(tok, read_text("wikitext2-valid"), n_samples=32, seq_len=512)
+    calib = calibration_tokens(tok, "wikitext2-valid", n_samples=32, seq_len=512)
     quantize(model, GPTQ(bits=4, group=128), calib)                # in place; bf16 compute
     save_quantized(model, tok, "out/smollm2-gptq4")                # leanlm.load(dir) reloads it
 
 Layout: config.py (configs, QSpec), rtn.py (the grid, round-to-nearest), gptq.py, awq.py,
-calibrate.py (calibration text, layer-sequential driver, Hessian hooks), mixed.py (per-layer
+calibrate.py (GPTQ's true-sequential walk; data, driver and hooks are leanlm/calibration.py), mixed.py (per-layer
 sensitivity and bit assignment), packed.py (QuantLinear / QuantEmbedding and kernels),
 save.py (on-disk layout), pipeline.py (quantize), cli.py (`leanlm quantize`).
 """
 
-from .calibrate import calibration_tokens, read_calibration
+from ..calibration import calibration_tokens
+from .calibrate import read_calibration
 from .config import AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantConfig, make_config
 from .packed import QuantEmbedding, QuantLinear, pack_int4, unpack_int4
 from .pipeline import quantize

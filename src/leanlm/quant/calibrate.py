@@ -1,118 +1,32 @@
-"""Calibration data and the layer-sequential driver.
+"""GPTQ's true-sequential block walk, on top of the shared calibration engine (leanlm/calibration.py).
 
-`calibration_tokens` cuts random windows from a text (a file or a named dataset such as
-`wikitext2-valid` or `pride-and-prejudice`; never the WikiText-2 test split used for perplexity).
-
-`run_sequential` pushes the calibration batch through the decoder one block at a time: the
-block's inputs (outputs of the already-quantized earlier blocks) are the only activations held,
-a callback quantizes the block, and the quantized block's outputs become the next inputs.
-Hooks on a block's Linear modules accumulate H = X^T X / n (and mean |x|) batch by batch.
+`sequential_block` calibrates a block's Linears one after another, each on inputs that already
+went through the quantized Linears before it. Everything else (calibration windows, the
+block-sequential driver, Hessian hooks) lives in leanlm.calibration and is re-exported here for
+code that imported it from leanlm.quant.calibrate.
 """
 
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import LeanlmError
-
-LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
-EVAL_SPLITS = ("wikitext2",)
-
-
-def calibration_tokens(tokenizer, text: str, n_samples: int = 16, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """[n_samples, seq_len] token ids: random windows of `text` (BOS first when the tokenizer adds one)."""
-    from ..evaluate.perplexity import adds_bos
-
-    if n_samples < 1 or seq_len < 8:
-        raise LeanlmError(f"need at least 1 calibration sample of >= 8 tokens, got {n_samples} x {seq_len}")
-    text = text[: max(2_000_000, n_samples * seq_len * 12)]  # enough text for distinct windows
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    span = seq_len - len(bos)
-    if len(ids) < span + 1:
-        raise LeanlmError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-                          "use a longer text or a smaller --seq-len")  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - span + 1, (n_samples,), generator=g).tolist()
-    return torch.tensor([bos + ids[s : s + span] for s in starts])
+from ..calibration import (  # noqa: F401  (re-exported)
+    LINEARS,
+    InputStats,
+    StopForward,
+    calibration_tokens,
+    collect,
+    get_module,
+    run_block,
+    run_sequential,
+    set_module,
+    token_windows,
+)
 
 
 def read_calibration(spec: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0, data_dir=None) -> torch.Tensor:
-    from ..evaluate.data import read_text
-
-    if spec in EVAL_SPLITS:
-        raise LeanlmError(f"'{spec}' is the evaluation split; calibrate on other text, e.g. wikitext2-valid, "
-                          "pride-and-prejudice or a file of your own")  # fmt: skip
-    return calibration_tokens(tokenizer, read_text(spec, data_dir), n_samples, seq_len, seed)
-
-
-def get_module(root, name: str):
-    for part in name.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def set_module(root, name: str, module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(get_module(root, parent) if parent else root, leaf, module)
-
-
-class StopForward(Exception):
-    """Raised by a hook once the inputs it needs are captured: the rest of the block is skipped."""
-
-
-class InputStats:
-    """Forward pre-hook accumulating H = sum x x^T (and sum |x|) over the rows a Linear sees."""
-
-    def __init__(self, module, stop: bool = False):
-        self.K = module.in_features
-        self.H = torch.zeros(self.K, self.K)
-        self.abs_sum = torch.zeros(self.K)
-        self.n = 0
-        self.stop = stop
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        x = args[0].detach().reshape(-1, self.K).float()
-        self.H.addmm_(x.t(), x)
-        self.abs_sum += x.abs().sum(0)
-        self.n += x.shape[0]
-        if self.stop:
-            raise StopForward
-
-    def remove(self):
-        self.handle.remove()
-
-    def hessian(self) -> torch.Tensor:
-        return self.H / max(self.n, 1)
-
-    def act_mean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.n, 1)
-
-
-def run_block(layer, xs: list[torch.Tensor], rope, dtype) -> None:
-    """Run `layer` over every batch for its hooks' sake (outputs dropped; StopForward ends a batch)."""
-    for x in xs:
-        try:
-            layer(x, rope, 0, dtype)
-        except StopForward:
-            pass
-
-
-def collect(layer, names: list[str], xs, rope, dtype, stop: bool = True) -> dict[str, InputStats]:
-    """Input statistics of the Linear modules `names` of `layer` over the batches `xs`.
-
-    With stop=True the forward pass is cut right after the last of them has seen its input.
-    """
-    order = [n for n in LINEARS if n in names]
-    hooks = {n: InputStats(get_module(layer, n), stop=stop and n == order[-1]) for n in order}
-    try:
-        run_block(layer, xs, rope, dtype)
-    finally:
-        for h in hooks.values():
-            h.remove()
-    return hooks
+    """calibration_tokens with the source first (the argument order `leanlm quantize` always used)."""
+    return calibration_tokens(tokenizer, spec, n_samples, seq_len, seed, data_dir)
 
 
 def mirror_matches(layer, x, rope, dtype) -> bool:
@@ -191,20 +105,3 @@ def _calibrate(layer, name: str, inputs: list[torch.Tensor], names: list[str], q
     for t in inputs:
         stats(module, (t,))
     quantize_one(name, stats)
-
-
-@torch.no_grad()  # not inference_mode: AWQ edits weights that must stay usable outside it
-def run_sequential(model, tokens: torch.Tensor, per_block, batch_size: int = 16, progress: bool = True,
-                   desc: str = "quantize") -> torch.Tensor:  # fmt: skip
-    """Call per_block(i, layer, xs, rope, dtype) for each decoder block in order, where xs are the
-    block's inputs (a list of fp32 [b, T, D] batches) computed through the already-processed
-    blocks. per_block may return the block's outputs (else the block is run on xs); returns the
-    final hidden states (list of batches)."""
-    dtype = model.dtype
-    T = tokens.shape[1]
-    xs = [model.embed(tokens[i : i + batch_size].to(model.device)) for i in range(0, tokens.shape[0], batch_size)]
-    for i, layer in enumerate(tqdm(model.layers, desc=desc, disable=not progress, leave=False)):
-        rope = model.rope[model._rope_names[i]].get(0, T, dtype)
-        out = per_block(i, layer, xs, rope, dtype)
-        xs = out if out is not None else [layer(x, rope, 0, dtype) for x in xs]
-    return xs

@@ -133,6 +133,22 @@ class QuantConfig:
     def spec(self) -> QSpec:
         return QSpec(self.bits, self.group, self.symmetric)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """GPTQ / AWQ, mixed precision and grid tuning learn from calibration windows; plain RTN does not."""
+        return self.method != "rtn" or self.mixed is not None or self.tune_steps > 0
+
+    def price(self, plan) -> None:
+        """Cost model: low-bit weights streamed, bf16 math, the head / embedding at head_bits."""
+        plan.weight_dtype, plan.compute_dtype = f"int{self.bits}", "bf16"
+        plan.group_size = self.group or None
+        plan.embed_dtype = {8: "int8", 4: "int4"}.get(self.head_bits, "bf16")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        d = dict(d)
+        return make_config(d.pop("method", cls.method), **d)
+
     def validate(self) -> "QuantConfig":
         self.spec.validate()
         for name in ("head_bits", "embed_bits"):

@@ -5,8 +5,8 @@ optionally assign per-layer bits from measured sensitivity, quantize the decoder
 (RTN: each weight alone; GPTQ / AWQ: layer-sequentially on calibration activations, each block
 optionally reconstructed right after: reconstruct.py), quantize
 the LM head and embeddings (RTN) unless kept, and cast what stays unquantized (norms, kept
-tables) to the compute dtype. The model is modified in place and returned; `model.quantization`
-records what was done (saved with the model by save.py).
+tables) to the compute dtype. The model is modified in place and returned; the config is recorded
+in `model.applied`, and `model.quantization` describes the packed storage (what save.py writes).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from ..errors import LeanlmError
 from ..model.load import parse_dtype
 from ..model.runtime import RotaryTable
 from .awq import awq_block, search_clip
-from .calibrate import LINEARS, collect, get_module, run_sequential, sequential_block, set_module
+from ..apply import record, register
+from ..calibration import LINEARS, collect, get_module, run_sequential, set_module
+from .calibrate import sequential_block
 from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
@@ -233,4 +235,13 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     bits = average_bits({n: m for n, m in layers.items() if n.startswith("layers.")})
     model.quantization = {"format": 1, "config": config.to_dict(), "layers": layers, "dtype": str(dtype).removeprefix("torch."),
                           "seconds": seconds, "bits_per_weight": bits, "report": report}  # fmt: skip
+    record(model, config, {"bits_per_weight": bits, "dtype": model.quantization["dtype"]})
     return model
+
+
+@register(QuantConfig)
+def _apply_quantization(model, cfg: QuantConfig, calib, progress: bool) -> dict:
+    """leanlm.apply: RTN / GPTQ / AWQ (and mixed precision, grid tuning) on the calibration windows."""
+    quantize(model, cfg, None if calib is None else calib.tokens(), progress=progress)
+    q = model.quantization
+    return {"bits_per_weight": q["bits_per_weight"], "dtype": q["dtype"], "report": q["report"]}

@@ -2,7 +2,8 @@
 
 A quantized directory holds
 
-    config.json        the Hugging Face config plus a "leanlm_quant" entry:
+    config.json        the Hugging Face config plus "leanlm_applied" (model.applied, see leanlm/apply.py)
+                       and a "leanlm_quant" entry:
                          {"format": 1, "config": {method, bits, group, ...}, "dtype": "bfloat16",
                           "bits_per_weight": ..., "layers": {NAME: {"bits", "group", "symmetric",
                           "in_features", "out_features"} | {"shared_with": NAME}}}
@@ -32,7 +33,7 @@ from ..errors import LeanlmError
 from ..io import atomic_dir
 from ..model.config import ModelConfig
 from ..model.runtime import Transformer
-from .calibrate import get_module, set_module
+from ..calibration import get_module, set_module
 from .packed import QuantEmbedding, QuantLinear
 
 FORMAT = 1
@@ -62,6 +63,8 @@ def save_quantized(model, tokenizer, out: str | Path, force: bool = False) -> Pa
     """Write a quantized model (see the module docstring for the layout)."""
     from safetensors.torch import save_file
 
+    from ..model.load import applied_entry
+
     info = getattr(model, "quantization", None)
     if not info:
         raise LeanlmError("model is not quantized; use leanlm.save for full-precision models")
@@ -72,6 +75,7 @@ def save_quantized(model, tokenizer, out: str | Path, force: bool = False) -> Pa
         hf_cfg["dtype"] = info["dtype"]
         hf_cfg["leanlm_quant"] = {k: info[k] for k in ("format", "config", "dtype", "bits_per_weight", "layers")}
         hf_cfg["leanlm_quant"]["quantize_seconds"] = info.get("seconds")
+        hf_cfg.update(applied_entry(model))  # model.applied: every method applied, in order
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

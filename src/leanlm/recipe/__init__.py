@@ -5,21 +5,22 @@
     steps:
       - prune: {structured: neurons, ratio: 0.25, heal_steps: 0}
       - quantize: {method: gptq, bits: 4, group: 128}
-      - kv: "sinks:4,window:1024"          # decode-time cache policy (recorded with the model)
+      - kv: "sinks:4,window:1024"          # decode-time cache policy (saved with the model, used at decode)
 
-Step kinds: `prune` (structured: neurons|heads|layers with the fields of prune.Structured, or
-unstructured with the fields of prune.Unstructured), `quantize` (method + the fields of the
-quant config), `dtype` (float32 | bfloat16), `kv` (a cache-policy string, see `--kv`), `adaptive`
-(a leanlm.adaptive spec string such as "teal:0.4" or "skip:0.1", see `--adaptive`; applied in
-place by apply_recipe, calibrated on the recipe's calibration text).
-Calibration tokens are computed once and shared by every step that needs them.
+A step is the YAML spelling of one config; STEP_PARSERS maps each step name to the function that
+turns its value into config objects: `prune` (structured: neurons|heads|layers with the fields of
+prune.Structured, or unstructured with the fields of prune.Unstructured; heal_steps on either),
+`quantize` (method + the fields of the quant config), `dtype` (float32 | bfloat16), `kv` (a
+cache-policy string, see `--kv`), `adaptive` (a leanlm.adaptive spec string such as "teal:0.4" or
+"skip:0.1", see `--adaptive`). Everything after parsing goes through `leanlm.apply`: each config
+says whether it needs calibration (`needs_calibration`) and how the cost model prices it (`price`).
+Calibration windows are cut once (per shape) and shared by every step that needs them.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,16 @@ from ..errors import LeanlmError
 
 TOP_KEYS = {"name", "description", "calibration", "steps"}
 CALIB_KEYS = {"text": str, "samples": int, "seq_len": int}
-STEP_KINDS = ("prune", "quantize", "dtype", "kv", "adaptive")
 
 
 @dataclass
 class Step:
     kind: str
-    params: Any  # dict for prune/quantize, str for dtype/kv
+    params: Any  # the step's YAML value: a mapping for prune / quantize, a string for dtype / kv / adaptive
+
+    def configs(self, where: str = "step") -> list:
+        """The config objects this step stands for (raises LeanlmError naming a bad key or value)."""
+        return build_step(self.kind, self.params, where)
 
 
 @dataclass
@@ -43,14 +47,54 @@ class Recipe:
     steps: list[Step]
     calibration: dict = field(default_factory=lambda: {"text": "wikitext2-valid", "samples": 32, "seq_len": 512})
     description: str = ""
+    source: str = "recipe"  # the file it came from: error messages name it
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "calibration": self.calibration,
                 "steps": [{s.kind: s.params} for s in self.steps]}  # fmt: skip
 
+    def configs(self) -> list:
+        return [c for i, s in enumerate(self.steps) for c in s.configs(f"{self.source}: step {i + 1} ({s.kind})")]
 
-def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+# ---- step parsers: YAML value -> config objects --------------------------------------------
+def _init_fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value, hint) -> bool:
+    """Does a YAML value fit a dataclass field's annotation? (bool is not an int; an int is a float)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(any(_matches(v, a) for a in args) for v in value) if args \
+            else isinstance(value, (list, tuple))  # fmt: skip
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if dataclasses.is_dataclass(hint):  # a nested config (e.g. mixed precision): a mapping, or a number for mixed
+        return isinstance(value, (dict, int, float)) and not isinstance(value, bool)
+    return True
 
 
 def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
@@ -59,50 +103,83 @@ def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
         raise LeanlmError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def build_step(kind: str, params: Any, where: str = "step"):
-    """The config object a step stands for (raises LeanlmError naming a bad key or value)."""
-    if kind == "dtype":
-        from ..model.load import parse_dtype
+def _checked(where: str, given: dict, cls) -> dict:
+    """`given` after checking its keys and value types against the fields of config class `cls`."""
+    fields = _init_fields(cls)
+    _check_keys(where, given, set(fields))
+    for k, v in given.items():
+        if not _matches(v, fields[k]):
+            raise LeanlmError(f"{where}: '{k}' must be {_type_name(fields[k])}, got {v!r} ({type(v).__name__})")
+    return given
 
-        if params not in ("float32", "bfloat16", "fp32", "bf16"):
-            raise LeanlmError(f"{where}: dtype must be float32 or bfloat16, got {params!r}")
-        return parse_dtype(params)
-    if kind == "kv":
-        from ..attention import KVPolicy
 
-        if not isinstance(params, str):
-            raise LeanlmError(f"{where}: kv takes a policy string such as 'sinks:4,window:1024' or 'int8'")
-        return KVPolicy.parse(params)
-    if kind == "adaptive":  # a decode-time compute policy (leanlm.adaptive), e.g. "teal:0.4" or "exit:kl=0.1"
-        from ..adaptive import parse_adaptive
-
-        if not isinstance(params, str):
-            raise LeanlmError(f"{where}: adaptive takes a spec string such as 'teal:0.4', 'exit:kl=0.1' or 'skip:0.1'")
-        return parse_adaptive(params)
+def _mapping(where: str, kind: str, params) -> dict:
     if not isinstance(params, dict):
         raise LeanlmError(f"{where}: {kind} takes a mapping of settings, got {params!r}")
-    p = dict(params)
-    if kind == "quantize":
-        from ..quant.config import CONFIGS, make_config
+    return dict(params)
 
-        method = p.pop("method", "rtn")
-        if method not in CONFIGS:
-            raise LeanlmError(f"{where}: unknown quantization method '{method}'; use one of: {', '.join(CONFIGS)}")
-        _check_keys(where, p, _fields(CONFIGS[method]))
-        return make_config(method, **p)
-    if kind == "prune":
-        from ..prune import Structured, Unstructured
 
-        heal_steps = p.pop("heal_steps", 0)
-        if not isinstance(heal_steps, int) or heal_steps < 0:
-            raise LeanlmError(f"{where}: heal_steps must be an integer >= 0, got {heal_steps!r}")
-        if "structured" in p:
-            p["kind"] = p.pop("structured")
-            _check_keys(where, p, _fields(Structured))
-            return Structured(**p), heal_steps
-        _check_keys(where, p, _fields(Unstructured))
-        return Unstructured(**p), heal_steps
-    raise LeanlmError(f"{where}: unknown step kind '{kind}'; use one of: {', '.join(STEP_KINDS)}")
+def _parse_quantize(params, where: str) -> list:
+    from ..quant.config import CONFIGS, make_config
+
+    p = _mapping(where, "quantize", params)
+    method = p.pop("method", "rtn")
+    if method not in CONFIGS:
+        raise LeanlmError(f"{where}: unknown quantization method '{method}'; use one of: {', '.join(CONFIGS)}")
+    return [make_config(method, **_checked(where, p, CONFIGS[method]))]
+
+
+def _parse_prune(params, where: str) -> list:
+    from ..prune import Structured, Unstructured
+
+    p = _mapping(where, "prune", params)
+    if "structured" in p:
+        p["kind"] = p.pop("structured")
+        return [Structured(**_checked(where, p, Structured))]
+    return [Unstructured(**_checked(where, p, Unstructured))]
+
+
+def _parse_dtype(params, where: str) -> list:
+    from ..apply import Dtype
+
+    if params not in ("float32", "bfloat16", "fp32", "bf16"):
+        raise LeanlmError(f"{where}: dtype must be float32 or bfloat16, got {params!r}")
+    return [Dtype(params)]
+
+
+def _parse_kv(params, where: str) -> list:
+    from ..attention import KVPolicy
+
+    if not isinstance(params, str):
+        raise LeanlmError(f"{where}: kv takes a policy string such as 'sinks:4,window:1024' or 'int8'")
+    policy = KVPolicy.parse(params)
+    return [] if policy is None else [policy]
+
+
+def _parse_adaptive(params, where: str) -> list:
+    from ..adaptive import parse_adaptive
+
+    if not isinstance(params, str):
+        raise LeanlmError(f"{where}: adaptive takes a spec string such as 'teal:0.4', 'exit:kl=0.1' or 'skip:0.1'")
+    return [parse_adaptive(params)]
+
+
+STEP_PARSERS = {"prune": _parse_prune, "quantize": _parse_quantize, "dtype": _parse_dtype, "kv": _parse_kv,
+                "adaptive": _parse_adaptive}  # fmt: skip
+STEP_KINDS = tuple(STEP_PARSERS)
+
+
+def build_step(kind: str, params: Any, where: str = "step") -> list:
+    """The config objects a step stands for (raises LeanlmError naming the file, step and bad key or value)."""
+    if kind not in STEP_PARSERS:
+        raise LeanlmError(f"{where}: unknown step kind '{kind}'; use one of: {', '.join(STEP_KINDS)}")
+    try:
+        return STEP_PARSERS[kind](params, where)
+    except LeanlmError as e:
+        msg = str(e)
+        raise LeanlmError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    except TypeError as e:  # a config constructor refusing a value
+        raise LeanlmError(f"{where}: {e}") from None
 
 
 def parse_recipe(d: Any, source: str = "recipe") -> Recipe:
@@ -125,9 +202,9 @@ def parse_recipe(d: Any, source: str = "recipe") -> Recipe:
         if not isinstance(raw, dict) or len(raw) != 1:
             raise LeanlmError(f"{where}: each step is a one-key mapping like '- quantize: {{method: gptq}}'")
         kind, params = next(iter(raw.items()))
-        build_step(kind, params, where)  # validate now, not halfway through a long run
+        build_step(kind, params, f"{where} ({kind})" if kind in STEP_PARSERS else where)  # fail now, not mid-run
         steps.append(Step(kind, params))
-    return Recipe(d.get("name") or Path(source).stem, steps, calib, d.get("description", ""))
+    return Recipe(d.get("name") or Path(source).stem, steps, calib, d.get("description", ""), source)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -144,148 +221,83 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    for s in recipe.steps:
-        if s.kind == "quantize" and s.params.get("method", "rtn") != "rtn":
-            return True
-        if s.kind == "quantize" and s.params.get("mixed"):
-            return True
-        if s.kind == "prune":
-            method = s.params.get("method", "wanda")
-            importance = s.params.get("importance", "activation")
-            if "structured" in s.params and (s.params["structured"] == "layers" or importance != "magnitude"):
-                return True
-            if "structured" not in s.params and method != "magnitude":
-                return True
-            if s.params.get("heal_steps"):
-                return True
-    return False
+    return any(c.needs_calibration for c in recipe.configs())
+
+
+def calibration_for(recipe: Recipe, tokenizer):
+    """The recipe's calibration source (windows are cut when a step first asks for them)."""
+    from ..calibration import Calibration
+
+    c = recipe.calibration
+    return Calibration(tokenizer, c["text"], samples=c["samples"], seq_len=c["seq_len"])
 
 
 def apply_recipe(model, tokenizer, recipe: Recipe, progress: bool = True) -> dict:
-    """Apply the steps in order, in place. Returns a report per step (what changed, seconds)."""
-    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
+    """Apply the steps in order, in place, each config through leanlm.apply. Returns a report per step."""
     import time
 
-    import torch
+    from ..apply import apply
 
-    calib = None
+    model.set_decode_layout(False)  # row-major weights: the rows this code slices and views
+    calib = calibration_for(recipe, tokenizer)
     if needs_calibration(recipe):
-        from ..evaluate.data import read_text
-        from ..quant import calibration_tokens
-
-        c = recipe.calibration
-        calib = calibration_tokens(tokenizer, read_text(c["text"]), n_samples=c["samples"], seq_len=c["seq_len"])
+        calib.tokens()  # read and cut the text now: a missing file fails before any step runs
     report: list[dict] = []
     for i, s in enumerate(recipe.steps):
         t0 = time.time()
-        cfg = build_step(s.kind, s.params, f"step {i + 1}")
-        entry: dict = {"step": s.kind, "params": s.params}
-        if s.kind == "dtype":
-            model.to(cfg)
-        elif s.kind == "kv":
-            model.kv_policy = cfg  # decode-time setting, recorded with the saved model
-        elif s.kind == "adaptive":
-            from ..adaptive import apply_adaptive
-
-            entry["result"] = _jsonable(apply_adaptive(model, [cfg], tokenizer, recipe.calibration["text"], progress=progress))
-        elif s.kind == "quantize":
-            from ..quant import quantize
-
-            quantize(model, cfg, calib, progress=progress)
-        elif s.kind == "prune":
-            from ..prune import Structured, heal, prune_structured, prune_unstructured
-
-            pcfg, heal_steps = cfg
-            teacher = copy.deepcopy(model) if heal_steps else None
-            if isinstance(pcfg, Structured):
-                entry["result"] = _jsonable(prune_structured(model, pcfg, calib, progress=progress))
-            else:
-                entry["result"] = _jsonable(prune_unstructured(model, pcfg, calib, progress=progress))
-            if heal_steps:
-                with torch.enable_grad():
-                    entry["heal"] = _jsonable(heal(model, teacher, calib, steps=heal_steps,
-                                                   keep_zeros=not isinstance(pcfg, Structured), progress=progress))  # fmt: skip
-                del teacher
-        entry["seconds"] = time.time() - t0
-        report.append(entry)
+        results = [{"method": type(c).__name__, **apply(model, c, calib, progress=progress)}
+                   for c in s.configs(f"{recipe.source}: step {i + 1} ({s.kind})")]  # fmt: skip
+        report.append({"step": s.kind, "params": s.params, "result": _jsonable(results), "seconds": time.time() - t0})
     return {"recipe": recipe.to_dict(), "steps": report}
 
 
 def _jsonable(obj):
-    try:
-        return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    except (TypeError, ValueError):
-        return str(obj)
+    from ..apply import jsonable
+
+    return jsonable(obj)
 
 
 def plan_for(model, recipe: Recipe | None = None):
-    """The cost-model plan of a (compressed) model: weight dtype/bits, sparsity, KV policy."""
-    from ..hardware import Plan
+    """The cost-model plan of a model after `recipe` (default: after what model.applied records):
+    every config prices itself (its `price(plan)`)."""
+    from ..apply import plan_for as plan_of
 
-    own = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(model.dtype).removeprefix("torch."), "fp32")
-    plan = Plan(weight_dtype=own, compute_dtype=own)
-    for s in recipe.steps if recipe else []:
-        if s.kind == "dtype":
-            plan.weight_dtype = plan.compute_dtype = "bf16" if s.params in ("bfloat16", "bf16") else "fp32"
-        elif s.kind == "quantize":
-            bits = s.params.get("bits", 4)
-            plan.weight_dtype, plan.compute_dtype = f"int{bits}", "bf16"
-            plan.group_size = s.params.get("group", 128) or None
-            plan.embed_dtype = {8: "int8", 4: "int4", 0: "bf16"}.get(s.params.get("head_bits", 8), "bf16")
-        elif s.kind == "prune" and "structured" not in s.params:
-            pattern = s.params.get("pattern")
-            plan.sparsity = 0.5 if pattern else float(s.params.get("sparsity") or 0.0)
-            plan.sparsity_pattern = pattern or "unstructured"
-        elif s.kind == "adaptive":
-            cfg = build_step("adaptive", s.params)
-            if type(cfg).__name__ == "ActivationSparsity":
-                plan.activation_sparsity = cfg.sparsity
-        elif s.kind == "kv":
-            pol = build_step("kv", s.params)
-            if pol is not None:
-                if pol.method != "full":
-                    plan.kv_window = pol.capacity(1 << 30)  # tokens kept per layer
-                if pol.bits:
-                    plan.kv_dtype = f"int{pol.bits}"
-    return plan
+    return plan_of(model, None if recipe is None else recipe.configs())
 
 
 def compress(spec: str, recipe: Recipe, out: str | Path, force: bool = False, progress: bool = True) -> dict:
-    """Load `spec` in float32, apply `recipe`, save to `out` (atomically). Returns the report."""
+    """Load `spec` in float32, apply `recipe`, save to `out` (atomically). Returns the report.
+
+    Steps whose calibrated state is kept apart from the weights (adaptive methods: `saved_apart`)
+    must come last: they are applied to the saved weights and written to OUT/adaptive.safetensors."""
+    import json
     import time
 
     from ..io import check_writable
-    from ..model import load
+    from ..model import load, save
 
     check_writable(out, force)  # fail before the work, not after
-    kinds = [s.kind for s in recipe.steps]
-    adaptive = [s for s in recipe.steps if s.kind == "adaptive"]
-    if adaptive and kinds[len(kinds) - len(adaptive) :] != ["adaptive"] * len(adaptive):
+    apart = [all(getattr(c, "saved_apart", False) for c in s.configs()) and s.configs() != [] for s in recipe.steps]
+    n_apart = sum(apart)
+    if n_apart and apart[len(apart) - n_apart :] != [True] * n_apart:
         raise LeanlmError("adaptive steps must come last in a recipe for `compress` (they act at decode time on the "
                           "saved weights); move them to the end")  # fmt: skip
-    if adaptive:
-        recipe = Recipe(recipe.name, [s for s in recipe.steps if s.kind != "adaptive"] or [Step("dtype", "float32")],
-                        recipe.calibration, recipe.description)  # fmt: skip
+    weights = Recipe(recipe.name, recipe.steps[: len(recipe.steps) - n_apart], recipe.calibration,
+                     recipe.description, recipe.source)  # fmt: skip
     t0 = time.time()
     model, tok = load(spec, "float32")
-    report = apply_recipe(model, tok, recipe, progress)
-    quantized = any(s.kind == "quantize" for s in recipe.steps)
-    if quantized:
-        from ..quant import save_quantized
-
-        save_quantized(model, tok, out, force=force)
-    else:
-        from ..model import save
-
-        save(model, tok, out, force=force)
-    if adaptive:  # calibrated on the saved weights, kept beside them (leanlm eval OUT --adaptive OUT/adaptive.safetensors)
+    report = apply_recipe(model, tok, weights, progress)
+    save(model, tok, out, force=force)  # model.applied (a kv step included) goes into config.json
+    if n_apart:  # calibrated on the saved weights, kept beside them (eval OUT --adaptive OUT/adaptive.safetensors)
         from ..adaptive import save_adaptive
 
-        extra = apply_recipe(model, tok, Recipe(recipe.name, adaptive, recipe.calibration), progress)
-        report["steps"] += extra["steps"]
+        rest = Recipe(recipe.name, recipe.steps[len(recipe.steps) - n_apart :], recipe.calibration,
+                      recipe.description, recipe.source)  # fmt: skip
+        report["steps"] += apply_recipe(model, tok, rest, progress)["steps"]
+        report["recipe"] = recipe.to_dict()
         report["adaptive_state"] = str(save_adaptive(model, out))
     report["model"] = str(spec)
     report["seconds"] = time.time() - t0
-    report["kv"] = next((s.params for s in recipe.steps if s.kind == "kv"), None)
+    report["applied"] = _jsonable(model.applied)
     (Path(out) / "leanlm_recipe.json").write_text(json.dumps(report, indent=2, default=str))
     return report
