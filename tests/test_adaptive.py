@@ -76,9 +76,9 @@ def stepwise_logits(model, tokens, prefill=4):
 
 # ---- activation sparsity ------------------------------------------------------------------
 def _native_ok():
-    from leanlm.adaptive.kernels import native
+    from leanlm import ops
 
-    return native() is not None
+    return ops.available()
 
 
 @pytest.mark.parametrize("kernel", ["bag", "dense", "dense_t", "native"])

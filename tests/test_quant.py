@@ -6,14 +6,13 @@ import pytest
 import torch
 from conftest import DATA, needs_data, needs_smollm2
 
-from leanlm import LeanlmError
+from leanlm import LeanlmError, ops
 from leanlm.evaluate.speed import weight_bytes
 from leanlm.model import load_model
 from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, make_config,
                           pack_int4, quantize, rtn, save_quantized, unpack_int4)  # fmt: skip
 from leanlm.quant.awq import output_error, search_clip, search_scale
 from leanlm.quant.gptq import gptq
-from leanlm.quant.native import native
 from leanlm.quant.packed import (_unpack_kernel_layout, exported_weight, int4_kernel_layout, int8_kernel_ok,
                                   pack_blocks, unpack_blocks)  # fmt: skip
 
@@ -59,7 +58,7 @@ def test_packed_kernel_matches_dequantized_matmul(spec, backend):
     torch.manual_seed(1)
     w, b = torch.randn(96, 200) * 0.05, torch.randn(96)  # 200: padded last group / per-channel width
     m = QuantLinear(rtn(w, spec), b, backend=backend)
-    available = {"native": native() is not None,
+    available = {"native": ops.available(),
                  "torch": int4_kernel_layout() is not None if spec.bits == 4 else spec.group == 0 and int8_kernel_ok(),
                  "none": False}  # fmt: skip
     assert m.kernel == available[backend]

@@ -1,46 +1,147 @@
-"""Building leanlm's own C++ kernels (AVX2), once per machine.
+"""Building leanlm's C++ kernels (src/leanlm/csrc), once per machine, for the machine's ISA.
 
-Kernels are compiled with torch's `load_inline` on first use and cached by torch
-(~/.cache/torch_extensions). Each kernel module keeps its C++ source and asks `build` for the
-compiled module; `build` returns None (and the caller falls back to torch ops) when
-LEANLM_NATIVE=0, when the CPU lacks AVX2/FMA, or when no compiler works.
+The kernels are one translation unit (csrc/extension.cpp includes every family), compiled with
+torch's `cpp_extension.load` on first use and cached by torch (~/.cache/torch_extensions). The
+extension's name carries a hash of every csrc file, the compiler flags and the torch version, so
+an edited kernel builds afresh and nothing is renamed by hand.
+
+ISA dispatch: at run time the CPU's flags (/proc/cpuinfo) pick the highest level of LEVELS it
+supports, and that level's build is loaded (each level is a separate extension; a machine builds
+only the one it uses). Every level is AVX2 + FMA at heart; the higher ones compile the same code
+with their -m flags, plus the variants the compiler's feature macros select (qlinear.cpp uses one
+VNNI instruction where two AVX2 ones did the same exact integer sums). All levels give the same
+numbers bit for bit. LEANLM_ISA=<level> asks for a lower level (for A/B runs); when a level fails to
+build (an old compiler without its flags) the next lower one is tried, with a warning.
+
+`extension()` returns None, and callers fall back to torch's ops, when LEANLM_NATIVE=0, when the
+CPU lacks AVX2/FMA or when no compiler works (a warning says which and why).
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import os
 import warnings
+from pathlib import Path
+
+from .errors import LeanlmError
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+# (level, CPU flags it needs on top of the levels before it, compiler flags it adds), lowest first
+LEVELS = (
+    ("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+    ("avx512", ("avx512f", "avx512bw", "avx512vl"), ("-mavx512f", "-mavx512bw", "-mavx512vl")),
+    ("avx512_vnni", ("avx512_vnni",), ("-mavx512vnni",)),
+    ("avx512_bf16", ("avx512_bf16",), ("-mavx512bf16",)),
+    ("amx", ("amx_tile", "amx_int8", "amx_bf16"), ("-mamx-tile", "-mamx-int8", "-mamx-bf16")),
+)
+LEVEL_NAMES = tuple(name for name, _, _ in LEVELS)
 
 
-@functools.cache
-def cpu_has_avx2_fma() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = " " + next((line for line in f if line.startswith("flags")), "") + " "
-        return " avx2 " in flags and " fma " in flags
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
+        return set()
+    return set(line.split(":", 1)[-1].split())
 
 
-_built: dict[str, object] = {}
+def supported_levels(flags: set[str] | None = None) -> list[str]:
+    """The ISA levels this CPU runs, lowest first (each needs every flag of the levels before it)."""
+    flags = cpu_flags() if flags is None else flags
+    out = []
+    for name, need, _ in LEVELS:
+        if not all(f in flags for f in need):
+            break
+        out.append(name)
+    return out
 
 
-def build(name: str, source: str, functions: list[str], cflags: tuple[str, ...] = ("-mavx2", "-mfma"),
-          fallback: str = "torch's kernels"):  # fmt: skip
-    """The compiled extension `name` (cached in-process), or None where it cannot be had."""
-    if name not in _built:
-        module = None
-        if os.environ.get("LEANLM_NATIVE", "1") != "0" and cpu_has_avx2_fma():
-            try:
-                from torch.utils.cpp_extension import load_inline
+def compile_flags(level: str) -> list[str]:
+    """Compiler flags of a level: its own and those of every level below it."""
+    out: list[str] = []
+    for name, _, flags in LEVELS:
+        out += flags
+        if name == level:
+            return out
+    raise LeanlmError(f"unknown ISA level {level!r}; use one of {', '.join(LEVEL_NAMES)}")
 
-                # -fopenmp: at::parallel_for is a header template that runs serially without it
-                module = load_inline(name, cpp_sources=source, functions=functions,
-                                     extra_cflags=["-O3", "-fopenmp", *cflags], extra_ldflags=["-fopenmp"],
-                                     verbose=False)  # fmt: skip
-            except Exception as e:  # no compiler / headers: the caller's fallback still works
-                warnings.warn(f"leanlm: native kernel {name} unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                              f"using {fallback}")  # fmt: skip
-        _built[name] = module
-    return _built[name]
+
+def source_files() -> list[Path]:
+    """The kernel sources shipped with the package (csrc/*.cpp and *.h)."""
+    return sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.h")])
+
+
+def extension_name(level: str) -> str:
+    """leanlm_kernels_<level>_<hash of the sources, the flags and the torch version>."""
+    import torch
+
+    h = hashlib.sha256()
+    for p in source_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(" ".join(_cflags(level)).encode() + torch.__version__.encode())
+    return f"leanlm_kernels_{level}_{h.hexdigest()[:12]}"
+
+
+def _cflags(level: str) -> list[str]:
+    # -fopenmp: at::parallel_for is a header template that runs serially without it
+    return ["-O3", "-fopenmp", *compile_flags(level)]
+
+
+def wanted_level() -> str | None:
+    """The level to build: LEANLM_ISA when set (it must be one this CPU runs), else the best one."""
+    levels = supported_levels()
+    asked = os.environ.get("LEANLM_ISA", "").strip()
+    if asked:
+        if asked not in LEVEL_NAMES:
+            raise LeanlmError(f"LEANLM_ISA={asked!r} is not an ISA level; use one of {', '.join(LEVEL_NAMES)}")
+        if asked not in levels:
+            raise LeanlmError(f"LEANLM_ISA={asked!r}: this CPU lacks it (it runs {', '.join(levels) or 'none'}); "
+                              "unset LEANLM_ISA or pick one of those")  # fmt: skip
+        return asked
+    return levels[-1] if levels else None
+
+
+_state: dict = {}
+
+
+def extension():
+    """The compiled kernels for this machine (cached in-process), or None where they cannot be had."""
+    if "ext" not in _state:
+        _state["ext"], _state["why"] = _build()
+    return _state["ext"]
+
+
+def status() -> dict:
+    """What `extension()` gave: {"level": ISA level or None, "name": extension name, "why": reason when None}."""
+    ext = extension()
+    return {"level": None if ext is None else ext.isa(), "name": _state.get("name"), "why": _state["why"]}
+
+
+def _build():
+    if os.environ.get("LEANLM_NATIVE", "1") == "0":
+        return None, "disabled (LEANLM_NATIVE=0)"
+    level = wanted_level()
+    if level is None:
+        return None, "the CPU lacks AVX2/FMA"
+    from torch.utils.cpp_extension import load
+
+    errors = []
+    for lvl in reversed(LEVEL_NAMES[: LEVEL_NAMES.index(level) + 1]):
+        name = extension_name(lvl)
+        _state["name"] = name
+        try:
+            ext = load(name, sources=[str(CSRC / "extension.cpp")], extra_include_paths=[str(CSRC)],
+                       extra_cflags=_cflags(lvl), extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+        except Exception as e:  # no compiler / headers / flags: try the level below, then torch's ops
+            errors.append(f"{lvl}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        if errors:
+            warnings.warn(f"leanlm: native kernels built for {lvl}, not {level} ({'; '.join(errors)})")
+        return ext, None
+    why = "no working C++ compiler (" + "; ".join(errors) + ")"
+    warnings.warn(f"leanlm: native kernels unavailable, {why}; using torch's ops (slower decode)")
+    return None, why

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import LeanlmError
 from ..model import runtime as _runtime
@@ -31,10 +30,9 @@ from ..model.runtime import Linear, Transformer, apply_rope
 
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight^T at decode through the runtime's own GEMV when it has one (so adaptive
-    paths and the dense model use the same kernel), else F.linear."""
-    fn = getattr(_runtime, "gemv_linear", None)
-    return fn(x2, weight, bias) if fn is not None else F.linear(x2, weight, bias)
+    """x [M, K] @ weight^T at decode as the runtime's Linear computes it (runtime.linear: leanlm's
+    native small-row kernel where it applies), so adaptive paths and the dense model share the kernel."""
+    return _runtime.linear(x2, weight, bias)
 
 
 class Meter:

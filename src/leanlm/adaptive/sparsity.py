@@ -8,8 +8,8 @@ the active inputs: with the weight stored transposed ([in, out], one contiguous 
 sum_i x_i W^T[i] over the active inputs, reading nothing else and copying nothing.
 
 Whether that beats a dense GEMV depends on the shape, the sparsity and the machine, so each
-shape is timed once at apply time (dense F.linear, dense x @ W^T, embedding_bag, and the native
-AVX2 kernel of kernels.py - threshold, index list and row sweep in one call - when it builds)
+shape is timed once at apply time (dense F.linear, dense x @ W^T, embedding_bag, and leanlm's
+native kernel, ops.sparse_linear - threshold, index list and row sweep in one call - when it builds)
 and the fastest is kept (`kernel="auto"`); the timings are in the report. Multi-row inputs
 (prefill, scoring) use a dense product of the masked input, so quality is the same as at decode.
 
@@ -43,9 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..errors import LeanlmError
 from ..model.runtime import upcast_for_matmul
 from ..calibration import get_module, set_module
+from ..ops import FusedLinear, LinearKind
 
 TARGETS = {"mlp": ("mlp.w_gate_up", "mlp.w_down"), "gate_up": ("mlp.w_gate_up",), "down": ("mlp.w_down",),
            "attn": ("attn.wqkv", "attn.wo")}  # fmt: skip
@@ -58,7 +60,7 @@ LAYER_STEPS = (-0.1, -0.05, 0.0, 0.05, 0.1)  # allocation="layers": levels tried
 class ActivationSparsity:
     """sparsity: fraction of inputs zeroed per matrix; targets: 'mlp' (inputs of w_gate_up and
     w_down; or 'gate_up' / 'down' alone: the FFN intermediate is the more heavy-tailed one) and/or
-    'attn' (inputs of wqkv and wo); kernel: auto (timed per shape), native (kernels.py), bag,
+    'attn' (inputs of wqkv and wo); kernel: auto (timed per shape), native (ops.sparse_linear), bag,
     dense (F.linear on the original layout) or dense_t (x @ W^T)."""
 
     sparsity: float = 0.5
@@ -96,14 +98,15 @@ class ActivationSparsity:
 class SparseInputLinear(nn.Module):
     """y = (x * (|x| > threshold)) W^T + b, with the decode kernel chosen per shape.
 
-    `last_flops` is the weight-matmul FLOPs of the last call per row (active inputs only)."""
+    `last_flops` is the weight-matmul FLOPs of the last call per row (active inputs only). With the
+    native kernel it implements the fused decode step's protocol (leanlm.ops) as a SPARSE_INPUT linear."""
+
+    fused_state = ("threshold", "kernel")  # the protocol's answer depends on these besides the weights
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float, kernel: str):
         super().__init__()
         if kernel == "native":
-            from .kernels import usable
-
-            if not usable(torch.empty(1, weight.shape[0], dtype=weight.dtype, device=weight.device)):
+            if not ops.sparse_usable(torch.empty(1, weight.shape[0], dtype=weight.dtype, device=weight.device)):
                 raise LeanlmError("the native sparse GEMV is not available here (needs AVX2/FMA, a C++ compiler, "
                                   "fp32/bf16 weights, out_features % 8 == 0); use kernel=bag or auto")  # fmt: skip
         self.out_features, self.in_features = weight.shape
@@ -123,13 +126,17 @@ class SparseInputLinear(nn.Module):
         """[out, in], as nn.Linear stores it."""
         return self.weight if self.kernel == "dense" else self.weight.t()
 
+    def fused_linear_args(self, dtype: torch.dtype, rows: int) -> FusedLinear | None:
+        """SPARSE_INPUT with the native kernel (each row swept sparse), else None (its own forward)."""
+        if self.kernel != "native":
+            return None
+        return FusedLinear(LinearKind.SPARSE_INPUT, self.weight, self.bias, threshold=self.threshold)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] == 1 and self.kernel == "native":  # one call: threshold, index and row sweep (kernels.py)
-            from .kernels import native
-
-            y, n = native().sparse_gemv(x2[0], self.weight, self.threshold)
+        if x2.shape[0] == 1 and self.kernel == "native":  # one call: threshold, index and row sweep
+            y, n = ops.sparse_linear(x2, self.weight, self.threshold)
             self.last_flops = 2.0 * n * self.out_features
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         elif x2.shape[0] == 1 and self.kernel == "bag":
@@ -203,9 +210,7 @@ def time_kernels(K: int, N: int, sparsity: float, dtype=torch.float32, copies: i
     g = torch.Generator().manual_seed(0)
     copies = max(1, min(copies, (64 << 20) // (K * N * 4)))
     reps = max(3, min(reps, (1 << 29) // (K * N)))
-    from .kernels import usable
-
-    kinds = ("dense", "dense_t", "bag") + (("native",) if usable(torch.empty(K, N, dtype=dtype)) else ())
+    kinds = ("dense", "dense_t", "bag") + (("native",) if ops.sparse_usable(torch.empty(K, N, dtype=dtype)) else ())
     mods = {k: [SparseInputLinear(torch.randn(N, K, generator=g).to(dtype), None, 0.0, k) for _ in range(copies)]
             for k in kinds}  # fmt: skip
     x = torch.randn(1, 1, K, generator=g).to(dtype)
@@ -470,9 +475,7 @@ def sparsify_head(model, sparsity: float, calib: torch.Tensor | None, kernel: st
     bias = None if tied else model.lm_head.bias
     w = model.output_weight()
     if kernel == "native":
-        from .kernels import usable
-
-        if not usable(torch.empty(1, w.shape[0], dtype=w.dtype, device=w.device)):
+        if not ops.sparse_usable(torch.empty(1, w.shape[0], dtype=w.dtype, device=w.device)):
             kernel = "bag"  # e.g. a vocabulary that is not a multiple of 8
     model.lm_head = SparseInputLinear(w, bias, threshold, kernel)
     if tied:  # one table: the embedding lookups read the head's transposed copy

@@ -1,7 +1,9 @@
-"""Verification kernels: fp32 Linear layers whose cost grows slowly with the number of rows.
+"""Verification without leanlm's native kernels: fp32 Linear layers whose cost grows slowly with the rows.
 
 Speculative decoding pays only if verifying k tokens in one forward costs about one decode
-step. On this CPU (AVX2, MKL) the stock fp32 `F.linear` does not: a 2-row product costs ~2x a
+step. The runtime's native small-row kernel (leanlm.ops.small_linear) does that; this module is
+the fallback where it is unavailable (the CLI packs only then). On the AVX2 + MKL CPU it was
+measured on, the stock fp32 `F.linear` does not: a 2-row product costs ~2x a
 1-row GEMV (MKL repacks the weight on every call), and bf16 products scale linearly with the
 rows (no native bf16 GEMM). oneDNN's inner product with the weight reordered once into its
 blocked layout keeps small-M products near GEMV cost (measured v(k) in README.md), so an fp32
@@ -9,7 +11,8 @@ target verifies with packed weights. One-row products (plain decode steps, draft
 the stock GEMV on the dense weight, which is as fast or faster there and keeps such steps
 bit-identical to the unpacked runtime; the price is a second copy of each weight
 (`keep_dense=False` drops it). `pack_model` swaps the runtime's Linear modules in place and
-`unpack_model` restores them.
+`unpack_model` restores them. PackedLinear does not implement the fused-linear protocol
+(leanlm.ops): a block holding one runs the fused step's glue around its own forward.
 """
 
 from __future__ import annotations

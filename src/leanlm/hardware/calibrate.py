@@ -35,18 +35,18 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _gemv_bandwidth(dtype: torch.dtype, total_mb: int = 200, repeats: int = 7) -> float:
-    from ..model import fused
+    from .. import ops
     from ..model.runtime import Linear
 
     n = max(1, int(total_mb * 2**20 / (1536 * 576 * torch.tensor([], dtype=dtype).element_size())))
     layers = [Linear(576, 1536, bias=False).to(dtype) for _ in range(n)]
     x = torch.randn(1, 1, 576, dtype=dtype)
     nbytes = sum(l.weight.numel() * l.weight.element_size() for l in layers)
-    native = fused._native()
+    native = ops.available()
 
     def run():  # the kernel the decode step calls from C++, without a Python module call per layer
         for l in layers:
-            l(x) if native is None else native.small_linear(x[0], l.weight, None)
+            ops.small_linear(x[0], l.weight) if native else l(x)
 
     with torch.inference_mode():
         return nbytes / _median_time(run, repeats) / 1e9
@@ -63,7 +63,7 @@ def _quant_layers(bits: int, n: int) -> list:
 
 
 def _quant_bandwidth(bits: int, total_mb: int = 100, repeats: int = 7) -> float:
-    """Weight bytes/s of batch-1 GEMVs through the runtime's quantized layer (leanlm's own AVX2
+    """Weight bytes/s of batch-1 GEMVs through the runtime's quantized layer (leanlm's own
     kernel where it builds), bytes counted as the cost model counts them (codes + scales/zeros)."""
     from .cost import _weight_bytes
 
@@ -73,14 +73,12 @@ def _quant_bandwidth(bits: int, total_mb: int = 100, repeats: int = 7) -> float:
     nbytes = n * _weight_bytes(1536 * 576, f"int{bits}", spec.group or None)
     direct = all(l.backend == "native" for l in layers)
     if direct:
-        from ..quant.native import native
-
-        q, empty = native().q_linear, torch.empty(0)
+        from ..ops import q_linear as q
 
     def run():  # as the fused decode step calls q_linear (from C++), without QuantLinear.forward's overhead
         for l in layers:
             if direct:
-                q(x[0], l.qweight, l.scales, empty if l.zeros is None else l.zeros, l.spec.bits, l.kgroup)
+                q(x[0], l.qweight, l.scales, l.zeros, l.spec.bits, l.kgroup)
             else:
                 l(x)
 

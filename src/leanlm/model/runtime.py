@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+from ..ops import FusedLinear, LinearKind
 from . import fused as _fused
 from .config import LayerSpec, ModelConfig
 
@@ -83,30 +85,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 def upcast_for_matmul(x: torch.Tensor) -> bool:
     """On CPUs without native bf16/fp16 matmul, multi-row products are far faster in fp32.
 
-    Measured here (AVX2, no AVX512-BF16): a 512x576 @ 576x1536 bf16 GEMM takes 46 ms vs
+    Measured on an AVX2 CPU without AVX512-BF16: a 512x576 @ 576x1536 bf16 GEMM took 46 ms vs
     5.4 ms in fp32, while bf16 GEMV (one row) is faster than fp32 as it moves half the bytes.
     So low-precision weights stay low-precision in memory and are widened only for prefill.
     """
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] > 4
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias as the runtime's Linear computes it: products of at most ops.MAX_ROWS rows
+    (decode, verification) on leanlm's native small-row kernel (ops.small_linear) where it applies,
+    multi-row bf16 products widened to fp32 on CPU, and ATen otherwise."""
+    if Linear.fused_small and x.shape[-1] * ops.MAX_ROWS >= x.numel():  # decode / verification rows
+        y = ops.small_linear(x, weight, bias)
+        if y is not None:
+            return y
+    if upcast_for_matmul(x):
+        b = None if bias is None else bias.float()
+        return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    if x.dim() == 3 and x.shape[1] == 1:  # decode: a 2-D GEMV skips matmul's reshaping
+        return F.linear(x.view(x.shape[0], -1), weight, bias).unsqueeze(1)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """nn.Linear that keeps bf16 weights but runs multi-row products in fp32 on CPU, and runs
-    products of at most fused.MAX_ROWS rows (decode, verification) through leanlm's native kernel there."""
+    products of at most ops.MAX_ROWS rows (decode, verification) through leanlm's native kernel
+    there (`linear`). Implements the fused-linear protocol (leanlm.ops) as a DENSE linear."""
 
     fused_small = True  # class-wide switch; False: ATen for every product (A/B measurements)
+    fused_state = ()  # the protocol's answer depends on the weight and bias only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] * _fused.MAX_ROWS >= x.numel():  # decode / verification rows
-            y = _fused.small_linear(x, self.weight, self.bias)
-            if y is not None:
-                return y
-        if upcast_for_matmul(x):
-            b = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), b).to(x.dtype)
-        if x.dim() == 3 and x.shape[1] == 1:  # decode: a 2-D GEMV skips matmul's reshaping
-            return F.linear(x.view(x.shape[0], -1), self.weight, self.bias).unsqueeze(1)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+    def fused_linear_args(self, dtype: torch.dtype, rows: int) -> FusedLinear | None:
+        """DENSE when the weight is in the compute dtype and row-major (the small-row kernel's layout)."""
+        w = self.weight
+        if w.dtype != dtype or not w.is_contiguous():
+            return None
+        return FusedLinear(LinearKind.DENSE, w, self.bias)
 
 
 class KVCache(nn.Module):
@@ -122,6 +140,14 @@ class KVCache(nn.Module):
     """
 
     custom_attention = False
+
+    def fused_kv(self, dtype: torch.dtype):
+        """The (k, v) buffers the fused decode step writes and attends over in C++ (model/fused.py), or
+        None where this cache runs its own attention or storage (a subclass that changes how keys are
+        kept must answer None)."""
+        if self.custom_attention or self.k.dtype != dtype or not (self.k.is_contiguous() and self.v.is_contiguous()):
+            return None
+        return self.k, self.v
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
         super().__init__()
@@ -278,7 +304,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.fused_decode = True  # forwards of <= 8 new tokens through model/fused.py (C++ glue) where it builds
+        self.fused_decode = True  # forwards of <= ops.MAX_ROWS new tokens through model/fused.py where it builds
         self.init_rope()
 
     def init_rope(self, device=None) -> None:
@@ -302,16 +328,16 @@ class Transformer(nn.Module):
     def prepare_decode(self) -> int:
         """Store weights the way batch-1 decoding streams them fastest: row-major for leanlm's
         native small-row kernel (model/fused.py), column-major fp32 when only ATen's GEMV runs."""
-        return self.set_decode_layout(column_major=not _fused.available())
+        return self.set_decode_layout(column_major=not ops.available())
 
     def set_decode_layout(self, column_major: bool = True) -> int:
         """Store fp32 CPU weights column-major (a transposed copy viewed back), or row-major again.
 
-        Batch-1 decode is a chain of GEMVs bound by how fast they stream the weight; with MKL on
-        this CPU (and no native kernel: `prepare_decode` picks) a GEMV over a column-major fp32
-        weight streams faster than over the row-major one
-        (benchmarks/bench_runtime.py measures both layouts side by side), while 512-row prefill GEMMs
-        run at the same speed and 2..8-row products get slower (without the native kernel,
+        Batch-1 decode is a chain of GEMVs bound by how fast they stream the weight; with MKL (and no
+        native kernel: `prepare_decode` picks) a GEMV over a column-major fp32 weight streamed faster
+        than over the row-major one on the AVX2 CPU measured (benchmarks/bench_runtime.py measures both
+        layouts side by side), while 512-row prefill GEMMs ran at the same speed and 2..16-row products
+        got slower (without the native kernel,
         speculative verification packs its own copy, decode/kernels.py). bf16 weights are left
         alone: there it is the reverse.
         The values and `weight.shape` are unchanged; code that needs contiguous rows (quantizers,
@@ -367,12 +393,8 @@ class Transformer(nn.Module):
         h = self.norm(h, self.dtype)
         if self.lm_head is not None:
             out = self.lm_head(h)
-        elif (small := _fused.small_linear(h, self.tok_embeddings.weight)) is not None:
-            out = small  # the tied head: the biggest GEMV of a decode step
-        elif upcast_for_matmul(h):
-            out = F.linear(h.float(), self.tok_embeddings.weight.float())
         else:
-            out = F.linear(h, self.tok_embeddings.weight)
+            out = linear(h, self.tok_embeddings.weight)  # the tied head: the biggest GEMV of a decode step
         out = out.float()
         cap = self.config.final_logit_softcap
         return torch.tanh(out / cap) * cap if cap else out
@@ -399,7 +421,7 @@ class Transformer(nn.Module):
         T, dtype = x.shape[1], self.dtype
         hi = len(self.layers) if hi is None else hi
         ropes: dict = {}
-        fused = T <= _fused.MAX_ROWS and self.fused_decode and _fused.available()
+        fused = T <= ops.MAX_ROWS and self.fused_decode and ops.available()
         for i in range(lo, hi):
             layer, name = self.layers[i], self._rope_names[i]
             if name not in ropes:

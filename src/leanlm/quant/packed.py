@@ -3,17 +3,18 @@
 `QuantLinear` replaces a runtime Linear. Its buffers hold the packed weight and nothing else,
 so `weight_bytes` (parameters + buffers) reports the real resident size. Backends, best first:
 
-- native (native.py, built once with the system compiler): int4 in leanlm's block layout
-  (per 32 columns, byte j = column j | column j+16 << 4) or int8 rows, bf16 `scales`/`zeros`
-  [N, G]; the activation row is quantized to int8 per 32 and the dot products run on AVX2 int8
-  SIMD. Up to NATIVE_MAX_ROWS rows per call.
+- native (leanlm.ops.q_linear, src/leanlm/csrc/qlinear.cpp, built once with the system compiler):
+  int4 in leanlm's block layout (per 32 columns, byte j = column j | column j+16 << 4) or int8
+  rows, bf16 `scales`/`zeros` [N, G]; the activation row is quantized to int8 per 32 and the dot
+  products run on int8 SIMD (AVX2, or AVX512-VNNI where the CPU has it). Up to NATIVE_MAX_ROWS rows
+  per call. QuantLinear implements the fused decode step's protocol (leanlm.ops) as a QUANT linear.
 - torch: `_weight_int8pack_mm` (int8 per channel; an asymmetric zero adds sum(x) * zero) and
   `_weight_int4pack_mm_for_cpu` (int4, torch's tinygemm layout, `scales_zeros` [G, N, 2]); that
   layout depends on the CPU's vector width and is found by packing a probe once.
 - none: dequantize and use the float32 GEMM.
 
 Multi-row products (prefill, scoring) always dequantize to float32 and use the fp32 GEMM, which
-on this AVX2 CPU beats every low-bit kernel at 512 rows (benchmarks/bench_quant.py --kernels);
+beat every low-bit kernel at 512 rows on the AVX2 CPU it was measured on (benchmarks/bench_quant.py --kernels);
 large matrices are dequantized in row chunks. Files store a portable layout (save.py); the
 in-memory layout is rebuilt at load.
 """
@@ -24,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+from ..ops import FusedLinear, LinearKind
 from .config import QSpec
 from .rtn import QuantizedWeight
 
 KERNEL_MAX_ROWS = 4  # rows up to which torch's low-bit kernels beat dequantize + fp32 GEMM (measured)
-NATIVE_MAX_ROWS = 16  # the native kernel takes up to 16 rows per call (the fused decode step's MAX_ROWS)
+NATIVE_MAX_ROWS = ops.MAX_ROWS  # the native kernel takes up to 16 rows per call (the fused decode step's MAX_ROWS)
 CHUNK_ELEMENTS = 1 << 23  # dequantize at most this many weights at a time in the fallback path
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 
@@ -154,8 +157,6 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
-        from .native import native
-
         spec = qw.spec
         self.spec = spec
         self.in_features, self.out_features = qw.in_features, qw.out_features
@@ -165,7 +166,7 @@ class QuantLinear(nn.Module):
         q, scale, zero = qw.q, qw.scale.contiguous(), None if qw.zero is None else qw.zero.contiguous()
         G = scale.shape[1]
         self.layout, self.backend = "plain", "none"
-        want_native = backend in ("auto", "native") and native() is not None
+        want_native = backend in ("auto", "native") and ops.available()
         if spec.bits == 8:
             torch_ok = backend in ("auto", "torch") and G == 1 and int8_kernel_ok()
             # native: whole blocks of 32 (code 128 = 0); torch's AVX-512 kernel reads past a width that is not
@@ -216,9 +217,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", zero)
         self.kgroup, self.stored_in = Kp // G, Kp
 
+    fused_state = ("backend", "kgroup")  # the protocol's answer depends on these besides the buffers
+
     @property
     def kernel(self) -> bool:
         return self.backend != "none"
+
+    def fused_linear_args(self, dtype: torch.dtype, rows: int) -> FusedLinear | None:
+        """QUANT on the native backend for up to its kernel's rows (the fused decode step's protocol, leanlm.ops)."""
+        if self.backend != "native" or rows > self.max_kernel_rows or self.qweight.device.type != "cpu":
+            return None
+        return FusedLinear(LinearKind.QUANT, self.qweight, self.bias, self.scales, self.zeros, self.spec.bits,
+                           self.kgroup)  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) / .float() move devices but keep the packed format (bf16 scales, fp32 bias)."""
@@ -313,10 +323,7 @@ class QuantLinear(nn.Module):
 
     def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            from .native import native
-
-            z = self.zeros if self.zeros is not None else _EMPTY
-            return native().q_linear(x2, self.qweight, self.scales, z, self.spec.bits, self.kgroup)
+            return ops.q_linear(x2, self.qweight, self.scales, self.zeros, self.spec.bits, self.kgroup)
         xb = x2.to(torch.bfloat16)
         if self.stored_in > self.in_features:
             xb = F.pad(xb, (0, self.stored_in - self.in_features))
@@ -367,9 +374,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label()}, kernel={self.backend}"
-
-
-_EMPTY = torch.empty(0, dtype=torch.bfloat16)
 
 
 class QuantEmbedding(nn.Module):

@@ -1,47 +1,36 @@
-"""leanlm's own AVX2 low-bit GEMV (built once with the system C++ compiler, then cached).
+// Low-bit weight-only products (qlinear): leanlm.quant's packed int4 / int8 weights, y = x . W^T.
+//
+// Why: torch's CPU weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) widen
+// every weight to float and were compute-bound at a few GB/s on the AVX2 machine this was written on,
+// barely faster than the bf16 GEMV they replace. This kernel does what llama.cpp does: the activation
+// row is quantized to int8 per block of 32 (scale amax/127), and each block's dot product runs on int8
+// SIMD (`maddubs` + `madd`, or one VNNI `dpbusd` where the build has AVX512-VNNI: the same exact
+// integer sums, as no pair of products reaches the int16 saturation of `maddubs`: int4 codes <= 15 and
+// int8 magnitudes <= 128 times activations <= 127); the per-group weight scale, the int4 mid-point (-8)
+// and an asymmetric zero are applied per group in float:
+//
+//   y[n] = sum_g s[n,g] * sum_{b in g} sx[b] * (sum_k q[n,k] qx[k] - 8 * sum_k qx[k])   (int4)
+//        + sum_g z[n,g] * sum_{k in g} x[k]                                            (asymmetric)
+//
+// Weight layout (int4): per row, per block of 32 columns, 16 bytes; byte j holds column j (low nibble)
+// and column j + 16 (high nibble). int8: plain rows of (code - 128). Scales/zeros bf16 [N, G]. Up to 16
+// activation rows per call (decode, speculative verification), in chunks of 8.
+//
+// The activation rounding adds a relative error of about 1/254 of each block's largest entry (the same
+// as llama.cpp's Q8 activations); benchmarks/bench_quant.py reports the KL between this path and the
+// float path.
+#include "leanlm.h"
 
-Why: on this CPU (AVX2, no AVX512-BF16/VNNI) torch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) widen every weight to float and are
-compute-bound at a few GB/s, barely faster than the bf16 GEMV they replace. This kernel does
-what llama.cpp does: the activation row is quantized to int8 per block of 32 (scale
-amax/127), and each block's dot product runs on int8 SIMD (`maddubs` + `madd`, 32 weights in a
-handful of instructions); the per-group weight scale, the int4 mid-point (-8) and an
-asymmetric zero are applied per group in float:
-
-    y[n] = sum_g s[n,g] * sum_{b in g} sx[b] * (sum_k q[n,k] qx[k] - 8 * sum_k qx[k])   (int4)
-         + sum_g z[n,g] * sum_{k in g} x[k]                                            (asymmetric)
-
-Weight layout (int4): per row, per block of 32 columns, 16 bytes; byte j holds column j (low
-nibble) and column j + 16 (high nibble). int8: plain rows of (code - 128). Scales/zeros bf16
-[N, G]. Up to 16 activation rows per call (decode, speculative verification), in chunks of 8.
-
-The activation rounding adds a relative error of about 1/254 of each block's largest entry
-(the same as llama.cpp's Q8 activations); bench_quant.py reports the KL between this path and
-the float path. Set LEANLM_NATIVE=0 to disable; without a compiler or AVX2, torch's kernels
-are used.
-"""
-
-from __future__ import annotations
-
-
-Q_LINEAR_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cmath>
-#include <cstring>
-#include <vector>
+// sum over each 4 adjacent byte pairs u8(a) * s8(b) -> 8 int32 lanes
+static inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
 
 static constexpr int64_t PF_TILES = 4;
-
-static inline float bf16f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; std::memcpy(&f, &u, 4); return f; }
-
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // R output rows at a time share each activation block load; per group, the int8 block dot
 // products are scaled by the activation scales into gacc, then by the weight scale into acc.
@@ -49,7 +38,6 @@ template <int BITS, int M, int R>
 static void gemv_tile(const uint8_t* w, const int8_t* qx, const float* sx, const float* corr, const float* sumx,
                       const uint16_t* sp, const uint16_t* zp, float* y, int64_t N, int64_t G, int64_t BPG, int64_t n) {
   const int64_t NB = G * BPG, Kp = NB * 32, row_bytes = BITS == 4 ? Kp / 2 : Kp;
-  const __m256i ones = _mm256_set1_epi16(1);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   {  // software prefetch a few tiles ahead: many short row streams defeat the hardware prefetcher
     const char* ahead = (const char*)(w + (n + PF_TILES * R) * row_bytes);
@@ -83,15 +71,14 @@ static void gemv_tile(const uint8_t* w, const int8_t* qx, const float* sx, const
           const __m256i wv = _mm256_and_si256(
               _mm256_insertf128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1), low4);
           for (int m = 0; m < M; ++m) {
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, q[m]), ones));
+            const __m256 f = _mm256_cvtepi32_ps(dot_u8s8(wv, q[m]));
             gacc[m][r] = _mm256_fmadd_ps(f, d[m], gacc[m][r]);
           }
         } else {
           const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + b * 32));
           const __m256i wabs = _mm256_sign_epi8(wv, wv);
           for (int m = 0; m < M; ++m) {
-            const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(q[m], wv));
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            const __m256 f = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(q[m], wv)));
             gacc[m][r] = _mm256_fmadd_ps(f, d[m], gacc[m][r]);
           }
         }
@@ -176,14 +163,3 @@ torch::Tensor q_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, t
   });
   return y;
 }
-"""
-
-
-def native():
-    """The compiled extension holding q_linear, or None (disabled, no AVX2, or no working compiler).
-
-    It is the runtime's decode extension (model/fused.py compiles this source with its own), so the
-    fused decode step calls q_linear from C++ and one build serves both."""
-    from ..model import fused
-
-    return fused._native()

@@ -1,49 +1,25 @@
-"""A native input-sparse GEMV for batch-1 decode: y = sum over |x_i| > t of x_i * W^T[i, :].
+// Input-sparse products (sparse): y = sum over |x_i| > t of x_i * W^T[i, :], for leanlm.adaptive's
+// activation sparsity at decode.
+//
+// Why: with the weight stored transposed ([in, out]) every input owns one contiguous row, so an
+// input-sparse product streams only the rows of the active inputs. `F.embedding_bag` does that but
+// spends ~7 dispatched ops (abs, compare, nonzero, gather, ...) and reads a row slower than a dense
+// GEMV streams; this loop does the thresholding, index list and row sweep in one call, keeping the
+// output slice in L1 while each active row streams through once (fp32 accumulation; bf16 weights
+// widened by a shift). With several threads each sweeps its share of the active rows.
+// benchmarks/bench_adaptive.py times it per shape ("kernel_us"): gathering rows is dearer than
+// streaming them, so sparsity pays back well below its fraction of skipped weights.
+#include "leanlm.h"
 
-Why: with the weight stored transposed ([in, out]) every input owns one contiguous row, so an
-input-sparse product streams only the rows of the active inputs. `F.embedding_bag` does that
-but spends ~7 dispatched ops (abs, compare, nonzero, gather, ...) and reads a row slower than a
-dense GEMV streams; this AVX2 loop does the thresholding, index list and row sweep in one call,
-keeping the output slice in L1 while each active row streams through once (fp32 accumulation;
-bf16 weights widened by a shift). With several threads each sweeps its share of the active rows.
-benchmarks/bench_adaptive.py times it per shape ("kernel_us" in results/adaptive_s6.json, 2
-threads): SmolLM2's w_gate_up in bf16 at 0 / 25 / 50% sparsity 136 / 126 / 96 us against 234 us
-for the dense module. Gathering rows is dearer than streaming them, so sparsity pays back well
-below its fraction of skipped weights.
-Built once with the system compiler (cached by torch) like leanlm.model.gemv; LEANLM_NATIVE=0,
-no compiler or no AVX2 -> None, and SparseInputLinear uses embedding_bag instead.
-"""
-
-from __future__ import annotations
-
-import torch
-
-from ..native import build
-
-_INCLUDES = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cmath>
-#include <vector>
-
-"""
-
-# the sweep and sparse_rows; model/fused.py compiles them into its decode block too
-SPARSE_SOURCE = r"""
 template <bool BF16>
 static inline __m256 load8(const void* w, int64_t j) {
-  if (BF16) {
-    const __m128i raw = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + j));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-  return _mm256_loadu_ps((const float*)w + j);
+  return BF16 ? bf16x8((const uint16_t*)w + j) : _mm256_loadu_ps((const float*)w + j);
 }
 
 // y[j0, j1) = sum_t val[t] * W^T[idx[t], j0:j1). Eight active rows per sweep over the output slice
 // (one load and store of y per 8 FMAs, not per FMA), and the rows SPARSE_PD ahead are prefetched: the
 // active rows are known up front, and their gaps otherwise stall the hardware prefetcher (at 30%
-// sparsity one row at a time took as long as the dense product, bench in the module docstring).
+// sparsity one row at a time took as long as the dense product).
 constexpr int SPARSE_RB = 8, SPARSE_PD = 8;
 
 template <bool BF16>
@@ -121,20 +97,14 @@ static int64_t sparse_rows(const at::Tensor& x, const at::Tensor& wt, double thr
   return active;
 }
 
-std::tuple<at::Tensor, int64_t> sparse_gemv(at::Tensor x, at::Tensor wt, double threshold) {
-  // x: [K] (any float dtype), wt: [K, N] fp32 or bf16, contiguous, N % 8 == 0. Returns ([1, N] fp32, active count).
-  auto y = at::empty({1, wt.size(1)}, x.options().dtype(at::kFloat));
-  const int64_t n = sparse_rows(x.reshape({1, -1}), wt, threshold, y.data_ptr<float>());
+// x [M, K] (or [K]; any float dtype), wt [K, N] fp32 or bf16, contiguous, N % 8 == 0
+// -> (y [M, N] fp32, active inputs summed over the rows)
+std::tuple<at::Tensor, int64_t> sparse_linear(at::Tensor x, at::Tensor wt, double threshold) {
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous() && wt.size(1) % 8 == 0 &&
+              (wt.scalar_type() == at::kFloat || wt.scalar_type() == at::kBFloat16), "sparse_linear: wt [K, N % 8 == 0] fp32/bf16");
+  TORCH_CHECK(x.size(-1) == wt.size(0), "sparse_linear: x [.., K] does not match wt [K, N]");
+  at::Tensor x2 = x.reshape({-1, wt.size(0)});
+  auto y = at::empty({x2.size(0), wt.size(1)}, x.options().dtype(at::kFloat));
+  const int64_t n = sparse_rows(x2, wt, threshold, y.data_ptr<float>());
   return {y, n};
 }
-"""
-
-def native():
-    """The compiled extension, or None (LEANLM_NATIVE=0, no AVX2/FMA, no compiler)."""
-    return build("leanlm_sparse_gemv_v3", _INCLUDES + SPARSE_SOURCE, ["sparse_gemv"], fallback="embedding_bag")
-
-
-def usable(wt: torch.Tensor) -> bool:
-    """Can the native kernel run on this transposed weight [K, N]?"""
-    return (wt.device.type == "cpu" and wt.dtype in (torch.float32, torch.bfloat16) and wt.shape[1] % 8 == 0
-            and wt.is_contiguous() and native() is not None)  # fmt: skip

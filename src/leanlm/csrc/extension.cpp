@@ -1,0 +1,36 @@
+// leanlm's compiled kernels: every family in one translation unit (the fused block calls the others'
+// inline helpers), bound for Python. Built by leanlm/native.py; wrapped and documented by leanlm/ops.py.
+#include "leanlm.h"
+
+#include "gemv_small.cpp"
+#include "qlinear.cpp"
+#include "sparse.cpp"
+#include "attention.cpp"
+#include "fused_block.cpp"
+
+// the ISA level this build was compiled for (native.py checks it against the level it asked for)
+static std::string isa() {
+#if defined(__AMX_TILE__)
+  return "amx";
+#elif defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512VNNI__)
+  return "avx512_vnni";
+#elif defined(__AVX512F__)
+  return "avx512";
+#else
+  return "avx2";
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa, "the ISA level the extension was compiled for");
+  m.def("small_linear", &small_linear, "x [1..16, K] . w [N, K]^T (+ b), fp32 accumulation (gemv_small.cpp)");
+  m.def("q_linear", &q_linear, "x [1..16, K] . packed int4/int8 W^T -> fp32 [M, N] (qlinear.cpp)");
+  m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
+  m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, written in bf16 or fp32 (fused_block.cpp)");
+  m.def("residual_norm", &residual_norm, "x += post_norm(h); then the next norm of x (fused_block.cpp)");
+  m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");
+  m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)");
+}

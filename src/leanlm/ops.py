@@ -1,0 +1,192 @@
+"""leanlm's compiled kernels as Python functions: thin wrappers over src/leanlm/csrc (built by native.py).
+
+Kernels (all CPU, fp32 accumulation, batch-invariant: a row's result does not depend on how many
+rows share the call, so a k-token verification forward equals k one-token steps bit for bit):
+
+- `small_linear`  x [1..16, K] . W^T for a row-major fp32/bf16 W (csrc/gemv_small.cpp)
+- `q_linear`      x [1..16, K] . W^T for leanlm.quant's packed int4/int8 W (csrc/qlinear.cpp)
+- `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
+- `attend`        RoPE + KV-cache write + attention for 1..16 new positions (csrc/attention.cpp)
+- `rms_norm`, `residual_norm`, `glu`, `decode_layer`: a decoder block's glue, and the whole block in
+  one call (csrc/fused_block.cpp)
+
+`available()` says whether they built; without them (LEANLM_NATIVE=0, no AVX2, no compiler) the
+runtime takes torch's ops, and `small_linear` returns None.
+
+The fused-step protocol. model/fused.py runs a whole decoder block as one `decode_layer` call when
+each of its four linears can say how the kernel should run it. A linear module does so by
+implementing
+
+    fused_linear_args(self, dtype: torch.dtype, rows: int) -> FusedLinear | None
+    fused_state: tuple[str, ...]   # non-tensor attributes the answer depends on (class attribute)
+
+`fused_linear_args` returns the kernel's arguments for inputs of up to `rows` rows in compute
+dtype `dtype`, or None when this module must run its own forward (then the block runs the same
+C++ glue between module calls). Each kind keeps the module's numerics. The fused step caches the
+answer per layer and asks again when a module, parameter or buffer is replaced, when one of the
+`fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
+Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT) and
+adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
+`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from . import native
+
+MAX_ROWS = 16  # rows per call the small-row kernels take (decode and speculative verification of <= 15 drafts)
+
+
+class LinearKind(enum.IntEnum):
+    """How decode_layer runs a linear (the codes of csrc/fused_block.cpp's LinearKind)."""
+
+    DENSE = 0  # fp32/bf16 weight [N, K], row-major: small_linear
+    QUANT = 1  # packed int4/int8 weight, bf16 scales (and zeros) [N, G]: q_linear
+    SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear
+
+
+_EMPTY = torch.empty(0)
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """One linear as the fused decode step hands it to the kernel (see the module docstring)."""
+
+    kind: LinearKind
+    weight: torch.Tensor  # DENSE: [N, K]; QUANT: packed codes; SPARSE_INPUT: W^T [K, N]
+    bias: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # QUANT only
+    zeros: torch.Tensor | None = None  # QUANT, asymmetric only
+    bits: int = 0  # QUANT: 4 or 8
+    group: int = 0  # QUANT: columns per scale group of the stored width
+    threshold: float = 0.0  # SPARSE_INPUT
+
+    def tensors(self) -> list[torch.Tensor]:
+        """[weight, bias, scales, zeros], empty tensors where absent (decode_layer's `lins`)."""
+        e = _EMPTY
+        return [self.weight, e if self.bias is None else self.bias, e if self.scales is None else self.scales,
+                e if self.zeros is None else self.zeros]  # fmt: skip
+
+    def meta(self) -> list[int]:
+        """[kind, bits, group] (decode_layer's `meta`)."""
+        return [int(self.kind), self.bits, self.group]
+
+
+def _lib():
+    return native.extension()
+
+
+def available() -> bool:
+    """True when the compiled kernels are there (else callers use torch's ops)."""
+    return _lib() is not None
+
+
+def isa() -> str | None:
+    """The ISA level the kernels were built for (native.LEVELS), None without them."""
+    lib = _lib()
+    return None if lib is None else lib.isa()
+
+
+def _require():
+    lib = _lib()
+    if lib is None:
+        from .errors import LeanlmError
+
+        raise LeanlmError(f"leanlm's native kernels are unavailable ({native.status()['why']}); "
+                          "check ops.available() first, or unset LEANLM_NATIVE=0 / install a C++ compiler")  # fmt: skip
+    return lib
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [..., K] @ weight.T (+ bias), rounded to x's dtype, through the small-row kernel when it
+    applies: at most MAX_ROWS rows, fp32/bf16 x, a row-major fp32/bf16 weight on CPU, no autograd.
+    None otherwise (the caller uses F.linear)."""
+    if x.device.type != "cpu" or x.dim() < 2 or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # the kernel has no backward
+        return None
+    rows = x.numel() // x.shape[-1]
+    if not 1 <= rows <= MAX_ROWS or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != weight.shape[1]:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    y = lib.small_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+             group: int) -> torch.Tensor:  # fmt: skip
+    """x [1..16, K] times a packed int4/int8 weight (leanlm.quant.packed's native layout) -> fp32 [M, N].
+    scales/zeros: bf16 [N, G]; group: columns per group of the stored width (a multiple of 32)."""
+    return _require().q_linear(x, qweight, scales, _EMPTY if zeros is None else zeros, bits, group)
+
+
+def sparse_usable(wt: torch.Tensor) -> bool:
+    """Can sparse_linear run on this transposed weight [K, N]?"""
+    return (wt.device.type == "cpu" and wt.dtype in (torch.float32, torch.bfloat16) and wt.dim() == 2
+            and wt.shape[1] % 8 == 0 and wt.is_contiguous() and available())  # fmt: skip
+
+
+def sparse_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """(x * (|x| > threshold)) @ wt for x [M, K] (or [K]) and wt = W^T [K, N] (sparse_usable):
+    (fp32 [M, N], the number of active inputs summed over the rows)."""
+    return _require().sparse_linear(x, wt, threshold)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool, bf16: bool) -> torch.Tensor:
+    """RMSNorm of contiguous fp32 rows x [B, D] (Gemma's (1 + w) when plus_one), written in bf16 or fp32."""
+    return _require().rms_norm(x, weight, eps, plus_one, bf16)
+
+
+def residual_norm(x: torch.Tensor, h: torch.Tensor, post: torch.Tensor | None, next_weight: torch.Tensor | None,
+                  eps: float, plus_one: bool) -> torch.Tensor:  # fmt: skip
+    """x (fp32 [B, D]) += post_norm(h) (or h) in place; returns the next RMSNorm of x (next_weight),
+    in h's dtype, or an empty tensor when next_weight is None."""
+    return _require().residual_norm(x, h, post, next_weight, eps, plus_one)
+
+
+def attend(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cache_k: torch.Tensor,
+           cache_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
+           window: int, eps: float, plus_one: bool, scale: float) -> torch.Tensor:  # fmt: skip
+    """New positions pos..pos+T-1 of qkv [B, T, (nh + 2 nkv) * hd]: (QK-norm +) RoPE (cos / signed sin
+    [T, hd]), K/V written to the caches [B, nkv, L, hd], causal attention (windowed when window > 0)
+    over the cache -> [B * T, nh * hd] in the cache dtype."""
+    return _require().attend(qkv, q_norm, k_norm, cache_k, cache_v, cos, sin, pos, n_heads, n_kv_heads, window,
+                             eps, plus_one, scale)  # fmt: skip
+
+
+def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up of a fused gate/up output [B, 2F] -> [B, F]: SiLU, or GELU-tanh (Gemma)."""
+    return _require().glu(gate_up, gelu)
+
+
+def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],
+                 thresholds: list[float], q_norm, k_norm, attn_post, mlp_norm: torch.Tensor, mlp_post,
+                 cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, batch: int,
+                 n_heads: int, n_kv_heads: int, window: int, eps: float, plus_one: bool, scale: float,
+                 gelu: bool) -> torch.Tensor:  # fmt: skip
+    """A whole decoder block for the rows x [B*T, D] (fp32 residual, updated in place and returned).
+    lins / meta / thresholds: the block's four linears (wqkv, wo, w_gate_up, w_down) as `block_args`
+    lays out their FusedLinear; the norms' weights (None where the block has no such norm); the
+    rest as `attend` takes it, and gelu for GELU-tanh (else SiLU)."""
+    return _require().decode_layer(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
+                                   mlp_post, cache_k, cache_v, cos, sin, pos, batch, n_heads, n_kv_heads, window, eps,
+                                   plus_one, scale, gelu)  # fmt: skip
+
+
+def block_args(linears: list[FusedLinear]) -> tuple[list[torch.Tensor], list[int], list[float]]:
+    """decode_layer's (lins, meta, thresholds) for a block's four linears."""
+    lins, meta, thr = [], [], []
+    for fl in linears:
+        lins += fl.tensors()
+        meta += fl.meta()
+        thr.append(float(fl.threshold))
+    return lins, meta, thr

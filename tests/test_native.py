@@ -1,0 +1,151 @@
+"""leanlm's compiled kernels: the build (ISA levels, source-hash names, package data), the ops wrappers,
+the fused-linear protocol, and the adaptive runtime's one-row products on the native kernel."""
+
+import fnmatch
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanlm import native, ops
+from leanlm.errors import LeanlmError
+
+needs_native = pytest.mark.skipif(not ops.available(), reason="no C++ compiler / AVX2 for the native kernels")
+
+
+def test_isa_levels_follow_the_cpu_flags():
+    assert native.supported_levels(set()) == []
+    assert native.supported_levels({"avx2", "fma", "f16c"}) == ["avx2"]
+    assert native.supported_levels({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}) == []  # no AVX2: none
+    zen4 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+    assert native.supported_levels(zen4) == ["avx2", "avx512", "avx512_vnni", "avx512_bf16"]
+    assert native.supported_levels(zen4 - {"avx512_vnni"}) == ["avx2", "avx512"]  # levels are cumulative
+    assert native.compile_flags("avx2") == ["-mavx2", "-mfma", "-mf16c"]
+    assert native.compile_flags("avx512_vnni")[-1] == "-mavx512vnni" and "-mavx2" in native.compile_flags("avx512_vnni")
+    with pytest.raises(LeanlmError, match="unknown ISA level"):
+        native.compile_flags("sse2")
+
+
+def test_leanlm_isa_must_name_a_level_this_cpu_runs(monkeypatch):
+    monkeypatch.setenv("LEANLM_ISA", "neon")
+    with pytest.raises(LeanlmError, match="not an ISA level"):
+        native.wanted_level()
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setenv("LEANLM_ISA", "avx512")
+    with pytest.raises(LeanlmError, match="lacks it"):
+        native.wanted_level()
+    monkeypatch.setenv("LEANLM_ISA", "avx2")
+    assert native.wanted_level() == "avx2"
+    monkeypatch.delenv("LEANLM_ISA")
+    assert native.wanted_level() == "avx2"
+
+
+def test_extension_name_is_keyed_by_the_sources_and_the_level(tmp_path, monkeypatch):
+    copy = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, copy)
+    monkeypatch.setattr(native, "CSRC", copy)
+    a = native.extension_name("avx2")
+    assert a == native.extension_name("avx2") and a != native.extension_name("avx512")
+    (copy / "leanlm.h").write_text((copy / "leanlm.h").read_text() + "\n// edited\n")
+    assert native.extension_name("avx2") != a  # an edited header builds afresh
+
+
+def test_kernel_sources_ship_as_package_data():
+    files = {p.name for p in native.source_files()}
+    assert {"leanlm.h", "extension.cpp", "gemv_small.cpp", "qlinear.cpp", "sparse.cpp", "attention.cpp",
+            "fused_block.cpp"} <= files  # fmt: skip
+    root = Path(native.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("installed without the source tree")
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["leanlm"]
+    for p in native.source_files():
+        rel = p.relative_to(native.CSRC.parent).as_posix()
+        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), f"{rel} is not package data"
+    included = {Path(line.split('"')[1]).name for line in (native.CSRC / "extension.cpp").read_text().splitlines()
+                if line.startswith('#include "')}  # fmt: skip
+    assert files - {"extension.cpp"} <= included  # every kernel file is compiled
+
+
+def test_native_disabled_gives_none_and_a_reason(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("LEANLM_NATIVE", "0")
+    assert native.extension() is None and not ops.available()
+    assert "LEANLM_NATIVE=0" in native.status()["why"]
+    assert ops.small_linear(torch.randn(1, 8), torch.randn(4, 8)) is None
+    with pytest.raises(LeanlmError, match="unavailable"):
+        ops.glu(torch.randn(1, 8), False)
+
+
+@needs_native
+def test_the_build_is_for_the_best_level_of_this_cpu():
+    assert ops.isa() == native.wanted_level() == native.status()["level"]
+
+
+@needs_native
+def test_ops_wrappers_match_torch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    w = torch.randn(40, 64, generator=g)
+    assert torch.allclose(ops.small_linear(x, w), F.linear(x, w), atol=1e-4)
+    wt = torch.randn(64, 40, generator=g)
+    y, active = ops.sparse_linear(x, wt, 0.5)
+    assert active == int((x.abs() > 0.5).sum())
+    assert torch.allclose(y, (x * (x.abs() > 0.5)) @ wt, atol=1e-4)
+    gu = torch.randn(2, 16, generator=g)
+    assert torch.allclose(ops.glu(gu, False), F.silu(gu[:, :8]) * gu[:, 8:], atol=1e-6)
+    h = torch.randn(2, 64, generator=g)
+    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(ops.rms_norm(h, torch.ones(64), 1e-6, False, False), ref, atol=1e-5)
+
+
+@needs_native
+def test_replaced_linears_answer_the_fused_protocol(tiny_dirs):
+    from leanlm.model import fused, load_model
+    from leanlm.quant import RTN, quantize
+
+    model = load_model(tiny_dirs["llama"])
+    lin = model.layers[0].attn.wqkv
+    args = fused.fused_args(lin, torch.float32, ops.MAX_ROWS)
+    assert args.kind is ops.LinearKind.DENSE and args.weight is lin.weight
+    assert fused.fused_args(lin, torch.bfloat16, 1) is None  # weight not in the compute dtype
+    handle = lin.register_forward_hook(lambda *a: None)
+    assert fused.fused_args(lin, torch.float32, 1) is None  # a hooked module runs its own forward
+    handle.remove()
+    quantize(model, RTN(bits=4, group=32, dtype="float32"), progress=False)
+    q = fused.fused_args(model.layers[0].attn.wqkv, torch.float32, ops.MAX_ROWS)
+    assert q.kind is ops.LinearKind.QUANT and q.bits == 4 and q.group == 32
+    assert q.meta() == [int(ops.LinearKind.QUANT), 4, 32]
+    assert fused.fused_args(model.layers[0].attn.wqkv, torch.float32, ops.MAX_ROWS + 1) is None
+
+
+@needs_native
+def test_adaptive_one_row_products_run_on_the_runtime_native_kernel(tiny_dirs, monkeypatch):
+    """adaptive.runtime.gemv (skipped layers' K/V projection, routed FFNs, dense input-sparse rows)
+    runs on leanlm's small-row kernel, as the dense model's Linear does, and gives its results."""
+    from leanlm.adaptive import runtime as adaptive_runtime
+    from leanlm.model import load_model
+
+    calls = []
+    small_linear = ops.small_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return small_linear(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "small_linear", counting)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(1, 48, generator=g), torch.randn(24, 48, generator=g), torch.randn(24, generator=g)
+    with torch.inference_mode():
+        y = adaptive_runtime.gemv(x, w, b)
+    assert calls and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+    model = load_model(tiny_dirs["llama"])
+    calls.clear()
+    h = torch.randn(1, 1, 48, generator=g)
+    with torch.inference_mode():
+        kv = adaptive_runtime.kv_projection(model.layers[0].attn, h)
+    q_dim = model.layers[0].attn.split[0]
+    assert calls and torch.allclose(kv, model.layers[0].attn.wqkv(h)[..., q_dim:], atol=1e-5)
