@@ -60,6 +60,10 @@ def run_eval(args) -> dict:
         raise LeanlmError("--kv applies to --ppl and --memory only")
     model, tok = load_model(args)
     adaptive = apply_adaptive(args, model, tok)
+    if kv is None and adaptive is None:  # a policy the model was saved with (recipe `kv:` step) scores as it decodes
+        from ..decode.generate import recorded_kv_policy
+
+        kv = recorded_kv_policy(model)
     want_any = args.ppl or args.kl_ref or args.tasks or args.speed or args.memory
     result: dict = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip

@@ -78,7 +78,7 @@ def main(args) -> int:
         raise LeanlmError("healing trains in float32: drop --dtype or use --heal-steps 0")
 
     model, tok = load_model(args)
-    needs_calib = cfg.needs_calibration if args.method else (cfg.kind == "layers" or cfg.importance != "magnitude")
+    needs_calib = cfg.needs_calibration
     calib = None
     if needs_calib or args.heal_steps:
         calib = calibration_tokens(tok, args.calib_text, args.calib_samples, args.calib_seq_len, data_dir=args.data_dir)
