@@ -344,10 +344,15 @@ def test_cli_prune_unstructured_and_structured(tiny_dirs, tmp_path, capsys, cali
     code, _, err = _run(capsys, "prune", src, "--method", "wanda", "--pattern", "2:4", "--out", tmp_path / "w", *common)
     assert code == 0, err
     assert torch.isfinite(logits(load_model(tmp_path / "w"))).all()
-    code, _, err = _run(capsys, "prune", src, "--method", "sparsegpt", "--sparsity", 0.5, "--storage", "dense",
+    code, out, err = _run(capsys, "prune", src, "--method", "sparsegpt", "--sparsity", 0.5, "--storage", "dense",
                           "--out", tmp_path / "d", "--json", tmp_path / "d.json", *common)  # fmt: skip
-    assert code == 0 and json.loads((tmp_path / "d.json").read_text())["pruning"]["sparsity_prunable"] == 0.5
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert code == 0 and d["pruning"]["sparsity_prunable"] == 0.5
+    assert d["after"]["transformers_loadable"] is True  # from an actual transformers load
     AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    code, _, err = _run(capsys, "prune", src, "--method", "wanda", "--sparsity", 0.5, "--out", tmp_path / "b",
+                          "--json", tmp_path / "b.json", *common)  # fmt: skip (bitmask storage: leanlm's own format)
+    assert code == 0 and json.loads((tmp_path / "b.json").read_text())["after"]["transformers_loadable"] is False
     code, _, err = _run(capsys, "prune", src, "--structured", "neurons", "--ratio", 0.25, "--heal-steps", 2,
                           "--out", tmp_path / "n", *common)  # fmt: skip
     assert code == 0, err

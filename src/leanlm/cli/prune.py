@@ -118,6 +118,10 @@ def main(args) -> int:
         save(model, tok, args.out, args.force)
     result["after"] = {"weight_mb": weight_bytes(model) / 2**20, "params": sum(p.numel() for p in model.parameters()),
                        "disk_mb": disk_bytes(args.out) / 2**20, "uniform_layers": model.config.is_uniform()}  # fmt: skip
+    from ..export import check_transformers_load
+
+    loaded = check_transformers_load(args.out, model)  # the answer comes from a load, not from the shapes
+    result["after"].update(transformers_loadable=loaded.loadable, transformers_error=loaded.error)
     a = result["after"]
     if args.method:
         note = (f"sparsity {report['sparsity_prunable']:.1%} of block weights ({report['sparsity_all_params']:.1%} of all). "
@@ -126,8 +130,8 @@ def main(args) -> int:
                    "Stored dense (zeros kept): same size and speed as the original; --storage bitmask shrinks the file."))  # fmt: skip
     else:
         note = (f"params {before['params']:,} -> {a['params']:,}; "
-                + ("uniform widths: loads in transformers." if a["uniform_layers"] else
-                   "per-layer widths: loads in leanlm (config.json leanlm_layers), not in transformers."))  # fmt: skip
+                + ("loads in transformers (checked by a load)." if loaded.loadable else
+                   f"loads in leanlm, not in transformers ({loaded.error})."))  # fmt: skip
     print(f"wrote {args.out} ({a['disk_mb']:.1f} MB on disk, weights {before['weight_mb']:.1f} -> {a['weight_mb']:.1f} MB "
           f"in memory). {note}")  # fmt: skip
     if args.json:
