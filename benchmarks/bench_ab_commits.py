@@ -5,7 +5,8 @@ repository's working tree as it is, uncommitted edits included) and every measur
 fresh Python process with PYTHONPATH=<tree>/src, so the two never share code, kernels or caches.
 Rounds are interleaved A, B, A, B, ... so that machine noise hits both alike; each process warms
 up (a prefill and a few decode steps, which also builds the native kernels on first use) before
-it measures:
+it measures (with --adaptive, each revision calibrates once, in its first process, and later
+processes load the saved state):
 - decode tok/s: --new-tokens (128) greedy tokens after a --prompt (32) token prompt, batch 1;
 - prefill tok/s: one forward over a --prefill (512) token prompt.
 The result gives every run, the median and min-max per revision and the after/before ratio of the
@@ -22,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,9 +45,14 @@ import leanlm
 from leanlm.decode.generate import GenerationStats, generate_tokens
 
 model, tok = leanlm.load(cfg["model"], cfg["dtype"])
-if cfg["adaptive"]:
-    from leanlm.adaptive import apply_adaptive
-    apply_adaptive(model, [cfg["adaptive"]], tok, progress=False)
+if cfg["adaptive"]:  # calibrated once per revision (the first process), then loaded from its saved state
+    import os
+    from leanlm.adaptive import apply_adaptive, load_adaptive, save_adaptive
+    if os.path.exists(cfg["adaptive_state"]):
+        load_adaptive(model, cfg["adaptive_state"])
+    else:
+        apply_adaptive(model, [cfg["adaptive"]], tok, progress=False)
+        save_adaptive(model, cfg["adaptive_state"])
 text = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
         "grain, salt and cloth. Over the centuries it grew into a market town, then a port, and its people "
         "built bridges, churches, schools and a library that still stands in the old square. ")
@@ -89,7 +97,7 @@ class Tree:
     """A revision's source tree: a temporary git worktree of a commit, or this working tree."""
 
     def __init__(self, rev: str, tmp: Path, side: str):
-        self.rev = rev
+        self.rev, self.side = rev, side
         if rev == WORKTREE:
             self.commit = git("rev-parse", "HEAD") + (" (+ uncommitted changes)" if git("status", "--porcelain") else "")
             self.path = REPO
@@ -103,7 +111,8 @@ class Tree:
         if self.rev != WORKTREE:
             subprocess.run(["git", "worktree", "remove", "--force", str(self.path)], cwd=REPO, capture_output=True)
 
-    def measure(self, cfg: dict, timeout: float) -> dict:
+    def measure(self, cfg: dict, timeout: float, state_dir: Path) -> dict:
+        cfg = {**cfg, "adaptive_state": str(state_dir / (re.sub(r"\W", "_", f"{self.side}_{cfg['model']}_{cfg['dtype']}") + ".safetensors"))}
         env = {**os.environ, "PYTHONPATH": str(self.path / "src")}
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(cfg["threads"])
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--runs and --threads must be at least 1")
 
     tmp = Path(tempfile.mkdtemp(prefix="leanlm_ab_"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (a killed run still removes its worktrees)
     trees: list[Tree] = []
     try:
         for rev, side in ((args.before, "before"), (args.after, "after")):
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs: dict[str, list[dict]] = {"before": [], "after": []}
                 for r in range(args.runs):
                     for side, tree in (("before", before), ("after", after)):
-                        m = tree.measure(cfg, args.timeout)
+                        m = tree.measure(cfg, args.timeout, tmp)
                         runs[side].append(m)
                         print(f"{model} {dtype} round {r + 1}/{args.runs} {side}: decode {m['decode_tok_s']:.2f} tok/s, "
                               f"prefill {m['prefill_tok_s']:.1f} tok/s", flush=True)  # fmt: skip

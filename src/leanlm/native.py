@@ -76,10 +76,13 @@ def source_files() -> list[Path]:
 
 
 def extension_name(level: str) -> str:
-    """leanlm_kernels_<level>_<hash of the sources, the flags and the torch version>."""
+    """leanlm_kernels_<level>_<hash of the sources, the flags, the torch version and where the sources are>.
+
+    (The path too: torch rebuilds an extension whose build command changed, so two checkouts sharing a
+    name would rebuild each other's in turn.)"""
     import torch
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(CSRC).encode())
     for p in source_files():
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(" ".join(_cflags(level)).encode() + torch.__version__.encode())
