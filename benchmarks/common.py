@@ -22,6 +22,20 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _code_at_start() -> dict:
+    """The commit (and dirty flag) when this process started: a long run's result names the code it ran,
+    even if the tree changed before it finished."""
+    try:
+        from leanlm.provenance import git_commit
+    except ImportError:  # leanlm not importable: write_result will fail with the real error
+        return {}
+    return {**git_commit(Path(__file__).resolve().parent), "started": datetime.datetime.now(datetime.timezone.utc)
+            .isoformat(timespec="seconds")}
+
+
+_START = _code_at_start()
+
+
 def machine() -> dict:
     """The machine block of every result (leanlm.provenance.machine: CPU model, ISA flags, cores, caches)."""
     from leanlm.provenance import machine as _machine
@@ -82,7 +96,7 @@ def write_result(name: str, obj: dict, *, partial: bool = False, archive: bool =
     root = RESULTS if root is None else Path(root)
     canonical = not partial and not archive and not checkpoint
     key = f"{root}/{name}"
-    prov = stamp(bench_command())
+    prov = {**stamp(bench_command()), **_START}
     prov["machine_shared"] = machine_shared
     try:
         prov["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
