@@ -330,6 +330,13 @@ class QualityRef:
         with torch.inference_mode():
             self.base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
 
+    def base_ppl(self) -> float:
+        """The base model's perplexity on these windows (from the log-probs already computed)."""
+        import math
+
+        nll = sum(-lb.gather(-1, w[0, 1:, None]).sum().item() for w, lb in zip(self.windows, self.base_lp))
+        return math.exp(nll / sum(w.shape[1] - 1 for w in self.windows))
+
     @torch.inference_mode()
     def __call__(self, model) -> dict:
         import math

@@ -218,3 +218,15 @@ def test_no_run_numbered_names_or_run_narration_words_in_tracked_files():
             if re.search(WORD, FIXTURE_SCOPE.sub("", line), re.I):
                 found.append(f"{f}:{i}: {line.strip()[:100]}")
     assert not found, f"{len(found)} run-numbered names or '{WORD}' words remain:\n" + "\n".join(found[:60])
+
+
+def test_quality_ref_base_ppl_is_leanlm_perplexity_on_the_same_windows(tiny_dirs, word_tokenizer):
+    from leanlm.evaluate.perplexity import make_windows, perplexity
+    from leanlm.model.load import load_model
+
+    model = load_model(tiny_dirs["llama"])
+    text = " ".join(f"w{i % 37} w{(i * 7) % 23}" for i in range(600))
+    ref = common.QualityRef(model, make_windows(word_tokenizer, text, 32, 4))
+    expected = perplexity(model, word_tokenizer, text, 32, 4, progress=False)["ppl"]
+    assert ref.base_ppl() == pytest.approx(expected, rel=1e-5)
+    assert ref(model)["ppl_base"] == pytest.approx(ref.base_ppl(), rel=1e-9)
