@@ -57,11 +57,11 @@ from leanlm.prune.calibration import calibration_tokens
 METHODS = ("teal", "exit", "skip", "moe")
 
 
-STANDARD = {  # the default rows: each method's curve at a few points, with its overhead row
-    "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-30%-greedy", "teal-35%-mlp+attn-greedy"],
-    "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4", "exit-cosine-overhead"],
-    "skip": ["skip-5%", "skip-20%", "skip-overhead"],
-    "moe": ["moe-8x-p0.85", "moe-8x-p0.6", "moe-8x-overhead"],
+STANDARD = {  # the default rows: each method's curve at a few points (--short adds the overhead rows and more)
+    "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-35%-mlp+attn-greedy"],
+    "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4"],
+    "skip": ["skip-5%", "skip-20%"],
+    "moe": ["moe-8x-p0.85", "moe-8x-p0.6"],
 }
 
 SHORT = {  # --short: more points per curve (about a third of --all's time)
