@@ -141,8 +141,12 @@ def prune(d: dict, rel: str) -> str:
 
 def adaptive(d: dict, rel: str) -> str:
     out = generic(d, rel, cols=["config", "ppl", "ppl_+%", "kl", "top1", "flops_frac", "decode_tok_s", "decode_x"])
-    return out + (f"\n\ndecode_x: decode tok/s ÷ the dense {d.get('dtype', '')} model's (leanlm's fused runtime), "
-                  "interleaved in the same run; flops_frac: predicted fraction of decoder FLOPs per token.")
+    s = d.get("settings", {})
+    return out + (f"\n\nQuality: WikiText-2 test, {s.get('windows', '?')} x 512 tokens, KL and top-1 against the dense "
+                  f"model; calibration on WikiText-2 validation. decode_x: decode tok/s ÷ the dense {d.get('dtype', '')} "
+                  f"model's (leanlm's fused runtime), interleaved in the same run ({s.get('prompt_len', '?')}-token "
+                  f"prompt, {s.get('new_tokens', '?')} new tokens, median of {s.get('runs', '?')} runs); flops_frac: "
+                  "predicted fraction of decoder FLOPs per token.")
 
 
 def kv(d: dict, rel: str) -> str:
