@@ -159,8 +159,8 @@ def kv(d: dict, rel: str) -> str:
                      num(sp.get("tok_s")), ratio(sp.get("speedup_vs_full"))])  # fmt: skip
     ctx = (d.get("speed") or {}).get("context", "?")
     first = d["ppl"][0] if d["ppl"] else {}
-    head = ["policy", "KV bytes/token", "full ÷ this (KV bytes)", f"ppl ({d.get('text', '?')}, {first.get('seq_len', '?')}-token "
-            "window)", "vs full", "ppl, 2nd half", "vs full", f"decode tok/s at {ctx} context", "decode ÷ full cache"]
+    head = ["policy", "KV bytes/token", "full ÷ this (KV bytes)",
+            f"ppl ({d.get('text', '?')}, {first.get('seq_len', '?')}-token window)", "vs full", "ppl, 2nd half", "vs full", f"decode tok/s at {ctx} context", "decode ÷ full cache"]
     return md_table(head, rows)
 
 
