@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocess per config")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                     help="skip llama.cpp Q8_0/Q4_0 (exported from the same base weights) in the speed runs")
-    ap.add_argument("--out", default="quant", help="results name: benchmarks/results/<out>.json (partial runs elsewhere)")
+    ap.add_argument("--out", default="quant", help="benchmarks/results/OUT.json (partial runs: the archive)")
     add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -84,7 +84,8 @@ def main() -> None:
         result["curve"].append(point)
         w = point["wikitext2"]
         print(f"step {step}: wikitext2 ppl {w['ppl']:.2f} ({100 * w['ppl_change']:+.1f}%) KL {w['kl']:.4f}, "
-              f"{args.book} {100 * point[args.book]['ppl_change']:+.1f}% KL {point[args.book]['kl']:.4f}", flush=True)  # fmt: skip
+              f"{args.book} {100 * point[args.book]['ppl_change']:+.1f}% KL {point[args.book]['kl']:.4f}",
+              flush=True)  # fmt: skip
         write_result(args.out, result, checkpoint=not final, archive=args.archive, machine_shared=args.machine_shared)
 
     # the start: quantized, not tuned

@@ -66,7 +66,8 @@ def main() -> None:
               "llama.cpp of the same bits, in the same interleaved run"}  # fmt: skip
     quant = {}
     if not args.no_quant:
-        for label, cfg in (("leanlm-int8", RTN(bits=8, group=0, symmetric=True)), ("leanlm-int4", RTN(bits=4, group=128))):
+        for label, cfg in (("leanlm-int8", RTN(bits=8, group=0, symmetric=True)),
+                           ("leanlm-int4", RTN(bits=4, group=128))):
             quant[label] = quantize(copy.deepcopy(m32), cfg, progress=False)
 
     if not args.no_ppl:

@@ -118,8 +118,9 @@ def quant(d: dict, rel: str) -> str:
                          num(v.get("kl"), 3), num(v.get("top1_agreement"), 3), num(v.get("decode_tok_s")),
                          ratio(v.get("decode_vs_bf16")), num(v.get("prefill_tok_s"), 0), num(v.get("weight_mb")),
                          num(v.get("peak_rss_mb"), 0)])  # fmt: skip
-        parts.append(f"**{model}** (quality: WikiText-2 test, {r.get('quality', {}).get('base', {}).get('windows', '?')}"
-                     " x 512 tokens; KL and top-1 against the fp32 model)\n\n" + md_table(
+        windows = r.get("quality", {}).get("base", {}).get("windows", "?")
+        parts.append(f"**{model}** (quality: WikiText-2 test, {windows} x 512 tokens; KL and top-1 against the fp32 "
+                     "model)\n\n" + md_table(
                          ["config", "bits/weight", "ppl", "ppl vs fp32", "KL", "top-1", "decode tok/s",
                           "decode ÷ leanlm bf16", "prefill tok/s", "weight MB", "peak RSS MB"], rows))  # fmt: skip
     return "\n\n".join(parts)
@@ -143,8 +144,8 @@ def adaptive(d: dict, rel: str) -> str:
     out = generic(d, rel, cols=["config", "ppl", "ppl_+%", "kl", "top1", "flops_frac", "decode_tok_s", "decode_x"])
     s = d.get("settings", {})
     return out + (f"\n\nQuality: WikiText-2 test, {s.get('windows', '?')} x 512 tokens, KL and top-1 against the dense "
-                  f"model; calibration on WikiText-2 validation. decode_x: decode tok/s ÷ the dense {d.get('dtype', '')} "
-                  f"model's (leanlm's fused runtime), interleaved in the same run ({s.get('prompt_len', '?')}-token "
+                  "model; calibration on WikiText-2 validation. decode_x: decode tok/s ÷ the dense "
+                  f"{d.get('dtype', '')} model's (leanlm's fused runtime), interleaved in the same run ({s.get('prompt_len', '?')}-token "
                   f"prompt, {s.get('new_tokens', '?')} new tokens, median of {s.get('runs', '?')} runs); flops_frac: "
                   "predicted fraction of decoder FLOPs per token.")
 
@@ -160,7 +161,8 @@ def kv(d: dict, rel: str) -> str:
     ctx = (d.get("speed") or {}).get("context", "?")
     first = d["ppl"][0] if d["ppl"] else {}
     head = ["policy", "KV bytes/token", "full ÷ this (KV bytes)",
-            f"ppl ({d.get('text', '?')}, {first.get('seq_len', '?')}-token window)", "vs full", "ppl, 2nd half", "vs full", f"decode tok/s at {ctx} context", "decode ÷ full cache"]
+            f"ppl ({d.get('text', '?')}, {first.get('seq_len', '?')}-token window)", "vs full", "ppl, 2nd half", "vs full",
+            f"decode tok/s at {ctx} context", "decode ÷ full cache"]
     return md_table(head, rows)
 
 
@@ -196,7 +198,8 @@ def tasks(d: dict, rel: str) -> str:
 
 
 def export(d: dict, rel: str) -> str:
-    rows = [[t, num(r.get("file_mb")), f"{r.get('greedy_equal')}/{r.get('greedy_prompts')}", num(r.get("llama_cpp_ppl"), 3),
+    rows = [[t, num(r.get("file_mb")), f"{r.get('greedy_equal')}/{r.get('greedy_prompts')}",
+             num(r.get("llama_cpp_ppl"), 3),
              pct(r.get("ppl_rel_vs_leanlm_fp32"), 2), num(r.get("prefill_tok_s"), 0), num(r.get("decode_tok_s"))]
             for t, r in get(d, "types", rel=rel).items()]  # fmt: skip
     return md_table(["GGUF type (loaded in llama.cpp)", "file MB", "greedy = leanlm", "ppl", "vs leanlm fp32",
@@ -222,7 +225,8 @@ def int4_tuning_curve(d: dict, rel: str) -> str:
     rows = []
     for p in get(d, "curve", rel=rel):
         w, b = p["wikitext2"], p[book]
-        rows.append([p["step"], f"{w['ppl']:.2f} ({pct(w['ppl_change'])})", num(w["kl"], 3), num(w["top1_agreement"], 3),
+        rows.append([p["step"], f"{w['ppl']:.2f} ({pct(w['ppl_change'])})", num(w["kl"], 3),
+                     num(w["top1_agreement"], 3),
                      f"{b['ppl']:.2f} ({pct(b['ppl_change'])})", num(b["kl"], 3)])  # fmt: skip
     return md_table(["tuning step", "WikiText-2 ppl (vs fp32)", "KL", "top-1", f"{book} ppl (vs fp32)", f"{book} KL"],
                     rows)  # fmt: skip
