@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from common import add_result_args, machine, median, peak_rss_mb, print_table, write_result
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     add_result_args(ap)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # the stamp's machine/threads then names the child's threads
     rows = []
     for dtype in args.dtypes.split(","):
         runs = [peak_rss_mb(args.model, dtype, args.threads) for _ in range(args.runs)]
