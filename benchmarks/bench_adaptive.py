@@ -185,6 +185,7 @@ def main() -> None:
                              f"{','.join(methods)}; choose from {', '.join(sorted(known))} or name a TEAL row "
                              "teal-S%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH")  # fmt: skip
 
+    result_name = args.result_name or f"adaptive_{args.model}" + ("-bf16" if args.dtype == "bfloat16" else "")
     base, tok = leanlm.load(args.model, args.dtype)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
 
@@ -248,6 +249,9 @@ def main() -> None:
                 LeanlmEngine(model, name).decode(short, args.new_tokens)
             row["decode_compute"] = m.summary()
             rows.append(row)
+            # a checkpoint in the archive after every row: a run stopped half-way keeps what it measured
+            write_result(result_name, {"model": args.model, "dtype": args.dtype, "settings": vars(args), "rows": rows},
+                         checkpoint=True, partial=partial, archive=args.archive, machine_shared=args.machine_shared)
             print(f"   ppl {row['ppl']:.3f} (base {q['ppl']:.3f})  KL {row['kl']:.4f}  flops "
                   f"{row['compute'].get('flops_fraction_layers', 1):.3f}  decode x{row['speed']['decode_speedup']:.3f}",
                   flush=True)  # fmt: skip
@@ -278,8 +282,7 @@ def main() -> None:
              "baseline": f"dense {args.model} in {args.dtype}, leanlm's fused runtime, interleaved in the same run",
              "calibration": "wikitext2-valid", "quality_text": "wikitext2-test", "rows": rows, "table": table,
              "kernel_us": kernels, "checks": checks}  # fmt: skip
-    name = args.result_name or f"adaptive_{args.model}" + ("-bf16" if args.dtype == "bfloat16" else "")
-    write_result(name, entry, partial=partial, archive=args.archive, machine_shared=args.machine_shared)
+    write_result(result_name, entry, partial=partial, archive=args.archive, machine_shared=args.machine_shared)
     print(json.dumps(checks, indent=2))
 
 
