@@ -14,10 +14,11 @@ runs inside the fused decode block); the timings are in the JSON and "teal-0%" (
 dropped inputs) separates the layout effect from the sparsity effect. --dtype bfloat16 measures the
 runtime's fastest dense decode as the base.
 
-    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py                     # SmolLM2-135M, all methods
-    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --model gemma3-270m --methods teal
+    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --dtype bfloat16   # SmolLM2-135M, all methods
+    LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --model gemma3-270m --dtype bfloat16
     LEANLM_DATA=../shared/data python benchmarks/bench_adaptive.py --quick --threads 1  # smoke run, ~3 min
-Writes benchmarks/results/adaptive.json (one entry per model; other models' entries are kept).
+Writes benchmarks/results/adaptive_MODEL[-bf16].json for the default rows (STANDARD) or --all; a run
+narrowed by --methods, --configs, --short or --quick is partial and goes to results/archive/DATE/.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import re
 import time
 
 import torch
-from common import RESULTS, LeanlmEngine, QualityRef, interleaved_speed, machine, print_table, write_result
+from common import (LeanlmEngine, QualityRef, add_result_args, interleaved_speed, machine, print_table,
+                    write_result)  # fmt: skip
 
 import leanlm
 from leanlm.adaptive import (
@@ -48,14 +50,21 @@ from leanlm.adaptive.early_exit import exit_profile
 from leanlm.adaptive.routing import set_routing_p
 from leanlm.adaptive.sparsity import time_kernels
 from leanlm.evaluate.data import wikitext2_test
-from leanlm.evaluate.perplexity import make_windows, perplexity
+from leanlm.evaluate.perplexity import make_windows
 from leanlm.evaluate.speed import fixed_prompt
 from leanlm.prune.calibration import calibration_tokens
 
 METHODS = ("teal", "exit", "skip", "moe")
 
 
-SHORT = {  # --short: a few points per curve (about a third of the full run's time)
+STANDARD = {  # the default rows: each method's curve at a few points (--short adds the overhead rows and more)
+    "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-35%-mlp+attn-greedy"],
+    "exit": ["exit-cosine-kl0.1", "exit-cosine-kl0.4"],
+    "skip": ["skip-5%", "skip-20%"],
+    "moe": ["moe-8x-p0.85", "moe-8x-p0.6"],
+}
+
+SHORT = {  # --short: more points per curve (about a third of --all's time)
     "teal": ["teal-0%", "teal-30%", "teal-50%", "teal-70%", "teal-30%-greedy", "teal-50%-greedy",
              "teal-30%-mlp+attn-greedy", "teal-35%-mlp+attn-greedy", "teal-40%-mlp+attn-greedy", "teal-50%-mlp+attn",
              "teal-35%-mlp+attn-layers", "teal-head30", "teal-0%-mlp+attn-head0", "teal-30%-greedy-head30",
@@ -84,10 +93,14 @@ def teal_row(name: str):
                                      head=None if head is None else int(head) / 100), {})  # fmt: skip
 
 
-def configs(method: str, quick: bool, short: bool = False) -> list[tuple[str, object, dict]]:
-    """(name, config, extra apply kwargs) per row of the curve."""
+def configs(method: str, quick: bool, short: bool = False, every: bool = False) -> list[tuple[str, object, dict]]:
+    """(name, config, extra apply kwargs) per row of the curve: STANDARD's rows, SHORT's with short,
+    every row with every (quick: one row per method)."""
     rows = _configs(method, quick)
-    return [r for r in rows if r[0] in SHORT[method]] if short and not quick else rows
+    if quick or every:
+        return rows
+    keep = SHORT[method] if short else STANDARD[method]
+    return [r for r in rows if r[0] in keep]
 
 
 def _configs(method: str, quick: bool) -> list[tuple[str, object, dict]]:
@@ -144,15 +157,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=None, help="override every method's calibration windows")
-    ap.add_argument("--short", action="store_true", help="a few points per method's curve (see SHORT)")
+    ap.add_argument("--short", action="store_true", help="more points per method's curve (see SHORT)")
+    ap.add_argument("--all", dest="every", action="store_true", help="every point of every curve")
     ap.add_argument("--configs", default=None,
                     help="comma list of configuration names to run (e.g. teal-30%%,teal-50%%); any TEAL "
                     "row can be named: teal-S%%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH, e.g. "
                     "teal-30%%-mlp+attn-greedy-head30 (30%% of MLP and attention inputs, FFN split greedily, "
                     "30%% of the LM head's inputs)")
     ap.add_argument("--quick", action="store_true", help="one configuration per method, 4 windows, 2 runs")
-    ap.add_argument("--result-name", default="adaptive", help="results/NAME.json (default adaptive)")
+    ap.add_argument("--result-name", default=None, help="results/NAME.json (default adaptive_MODEL[-bf16])")
+    add_result_args(ap)
     args = ap.parse_args()
+    partial = bool(args.quick or args.short or args.configs or set(args.methods.split(",")) != set(METHODS))
     torch.set_num_threads(args.threads)
     if args.quick:
         args.windows, args.runs, args.new_tokens, args.prompt_len = min(args.windows, 4), min(args.runs, 2), 32, 128
@@ -160,7 +176,7 @@ def main() -> None:
     wanted = args.configs.split(",") if args.configs else None
     named: list = []  # --configs rows outside the fixed curves (any teal-... name, parsed)
     if wanted:
-        known = {name for m in methods for name, _, _ in configs(m, args.quick)}
+        known = {name for m in methods for name, _, _ in configs(m, args.quick, every=True)}
         extra = [n for n in wanted if n not in known]
         named = [teal_row(n) if "teal" in methods else None for n in extra]
         unknown = sorted(n for n, r in zip(extra, named) if r is None)
@@ -169,6 +185,7 @@ def main() -> None:
                              f"{','.join(methods)}; choose from {', '.join(sorted(known))} or name a TEAL row "
                              "teal-S%[-mlp+attn][-greedy|-layers][-wina][-headH] or teal-headH")  # fmt: skip
 
+    result_name = args.result_name or f"adaptive_{args.model}" + ("-bf16" if args.dtype == "bfloat16" else "")
     base, tok = leanlm.load(args.model, args.dtype)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
 
@@ -177,7 +194,7 @@ def main() -> None:
             q = ref(model)
         return {**q, "compute": m.summary()}
 
-    q = perplexity(base, tok, wikitext2_test(), 512, args.windows, progress=False)
+    q = {"ppl": ref.base_ppl()}  # the base pass QualityRef already made
     base_row = {"name": "base", "method": "base", "ppl": q["ppl"], "kl": 0.0, "top1_agreement": 1.0,
                 "compute": {"flops_fraction_layers": 1.0, "flops_fraction": 1.0}}  # fmt: skip
     rows = [base_row]
@@ -189,7 +206,7 @@ def main() -> None:
     routed: dict = {}  # clusters + routers do not depend on p: trained once, copied per p
 
     for method in methods:
-        for name, cfg, extra in configs(method, args.quick, args.short) + (named if method == "teal" else []):
+        for name, cfg, extra in configs(method, args.quick, args.short, args.every) + (named if method == "teal" else []):
             if wanted and name not in wanted:
                 continue
             print(f"== {name}", flush=True)
@@ -232,6 +249,9 @@ def main() -> None:
                 LeanlmEngine(model, name).decode(short, args.new_tokens)
             row["decode_compute"] = m.summary()
             rows.append(row)
+            # a checkpoint in the archive after every row: a run stopped half-way keeps what it measured
+            write_result(result_name, {"model": args.model, "dtype": args.dtype, "settings": vars(args), "rows": rows},
+                         checkpoint=True, partial=partial, archive=args.archive, machine_shared=args.machine_shared)
             print(f"   ppl {row['ppl']:.3f} (base {q['ppl']:.3f})  KL {row['kl']:.4f}  flops "
                   f"{row['compute'].get('flops_fraction_layers', 1):.3f}  decode x{row['speed']['decode_speedup']:.3f}",
                   flush=True)  # fmt: skip
@@ -258,14 +278,11 @@ def main() -> None:
     checks = {"best_decode_speedup_within_5pct_ppl": None if best is None else {"config": best["name"],
               "decode_speedup": best["speed"]["decode_speedup"], "ppl_increase": best["ppl"] / q["ppl"] - 1},
               "target_1.3x_at_5pct_ppl_met": bool(best and best["speed"]["decode_speedup"] >= 1.3)}  # fmt: skip
-    entry = {"model": args.model, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "settings": vars(args), "calibration": "wikitext2-valid", "rows": rows, "table": table,
+    entry = {"model": args.model, "dtype": args.dtype, "machine": machine(), "settings": vars(args),
+             "baseline": f"dense {args.model} in {args.dtype}, leanlm's fused runtime, interleaved in the same run",
+             "calibration": "wikitext2-valid", "quality_text": "wikitext2-test", "rows": rows, "table": table,
              "kernel_us": kernels, "checks": checks}  # fmt: skip
-    path = RESULTS / f"{args.result_name}.json"
-    existing = json.loads(path.read_text()) if path.exists() else {}
-    models = existing.get("models", {})
-    models[args.model + ("-bf16" if args.dtype == "bfloat16" else "") + ("-quick" if args.quick else "")] = entry
-    write_result(args.result_name, {"models": models})
+    write_result(result_name, entry, partial=partial, archive=args.archive, machine_shared=args.machine_shared)
     print(json.dumps(checks, indent=2))
 
 

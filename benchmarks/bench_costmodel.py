@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import machine, print_table, write_result
+from common import add_result_args, machine, print_table, write_result
 
 from leanlm import load
 from leanlm.evaluate.speed import measure_speed
@@ -25,6 +24,7 @@ from leanlm.hardware.calibrate import calibrate
 from leanlm.recipe import apply_recipe, load_recipe, plan_for
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+DEFAULT_RECIPES = "bf16,int8,gptq-int4,lean"
 
 
 def main() -> None:
@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--recipes", default="bf16,int8,gptq-int4,lean", help="example recipes to verify")
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES, help="example recipes to verify")
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     hw = calibrate(args.threads)
@@ -52,14 +53,15 @@ def main() -> None:
             rows.append({"variant": name, "kind": kind, "measured tok/s": m, "predicted tok/s": p, "error %": 100 * (p / m - 1)})
         del model
     errs = [abs(v["error"]) for v in ver]
-    result = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "profile": hw.__dict__,
+    result = {"model": args.model, "machine": machine(), "threads": args.threads, "profile": hw.__dict__,
               "verification": ver, "median_abs_error": statistics.median(errs),
               "median_abs_error_decode": statistics.median(abs(v["error"]) for v in ver if v["kind"] == "decode"),
               "median_abs_error_prefill": statistics.median(abs(v["error"]) for v in ver if v["kind"] == "prefill")}  # fmt: skip
     print_table(rows, ["variant", "kind", "measured tok/s", "predicted tok/s", "error %"])
     print(f"median |error|: {100 * result['median_abs_error']:.1f}% (decode {100 * result['median_abs_error_decode']:.1f}%, "
           f"prefill {100 * result['median_abs_error_prefill']:.1f}%)")  # fmt: skip
-    write_result("costmodel", result)
+    write_result("costmodel", result, partial=args.recipes != DEFAULT_RECIPES, archive=args.archive,
+                 machine_shared=args.machine_shared)
 
 
 if __name__ == "__main__":

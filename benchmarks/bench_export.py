@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, print_table, write_result
+from common import (LeanlmEngine, LlamaCppEngine, add_result_args, interleaved_speed, machine, print_table,
+                    write_result)  # fmt: skip
 
 from leanlm import load
 from leanlm.decode.generate import Sampling, encode_prompt, generate_tokens
@@ -62,10 +63,13 @@ def llama_ppl(llm, windows: list[torch.Tensor]) -> dict:
     return {"ppl": math.exp(nll / count), "tokens": count, "windows": len(windows)}
 
 
+DEFAULT_TYPES = "f32,f16,q8_0,q4_0"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--types", default="f32,f16,q8_0,q4_0")
+    ap.add_argument("--types", default=DEFAULT_TYPES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -76,9 +80,14 @@ def main() -> None:
     ap.add_argument("--pq-ratio", type=float, default=0.125,
                     help="FFN neurons removed in the pruned+quantized row (0 = skip that row)")
     ap.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary folder)")
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("bench_export.py loads every exported GGUF in llama.cpp: pip install llama-cpp-python "
+                         "(or run benchmarks/setup_peers.sh)") from None
 
     model, tok = load(args.model)
     windows = make_windows(tok, wikitext2_test(), args.seq_len, args.windows)
@@ -149,7 +158,7 @@ def main() -> None:
             a == b for a, b in zip(pq_ours, pq_ours_float))
         result["types"]["pruned+int8/f32"] = check(pq, "pruned+int8-f32", "f32", pq_ours_float, pq_ppl)
         result["types"]["pruned+int8/q8_0"] = check(pq, "pruned+int8-q8_0", "q8_0", pq_ours, pq_ppl)
-    save(result, args)  # parity and ppl first: the speed runs below take longest
+    save(result, args, final=False)  # parity and ppl first: the speed runs below take longest
     prompt = fixed_prompt(model.config.vocab_size, args.prompt_len)
     short = fixed_prompt(model.config.vocab_size, 32, seed=1)
     speed = interleaved_speed(engines, prompt, short, args.new_tokens, args.runs)
@@ -163,24 +172,14 @@ def main() -> None:
         rows.append({"type": f"llama.cpp {t}", "ppl": f"{r['llama_cpp_ppl']:.3f}", "greedy": f"{r['greedy_equal']}/{r['greedy_prompts']}",
                      "MB": f"{r['file_mb']:.0f}", "prefill": f"{r['prefill_tok_s']:.0f}", "decode": f"{r['decode_tok_s']:.1f}"})  # fmt: skip
     print_table(rows, ["type", "ppl", "greedy", "MB", "prefill", "decode"])
-    save(result, args)
+    save(result, args, final=True)
 
 
-def save(result: dict, args) -> None:
-    """results/export.json; a run with --types '' (the pruned+quantized row only) merges into it."""
-    import json
-
-    from common import RESULTS
-
-    path = RESULTS / "export.json"
-    if not args.types and path.exists():
-        old = json.loads(path.read_text())
-        old["types"].update(result["types"])
-        old.setdefault("speed", {}).update(result.get("speed", {}))
-        old["pruned_quantized"] = result.get("pruned_quantized")
-        old.setdefault("runs", []).append({"settings": result["settings"], "leanlm_fp32": result["leanlm_fp32"]})
-        result = old
-    write_result("export", result)
+def save(result: dict, args, final: bool) -> None:
+    """results/export.json when every default type and the pruned+quantized row ran; else the archive."""
+    partial = args.types != DEFAULT_TYPES or args.pq_ratio <= 0
+    write_result("export", result, checkpoint=not final, partial=partial, archive=args.archive,
+                 machine_shared=args.machine_shared)
 
 
 if __name__ == "__main__":

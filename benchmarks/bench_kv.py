@@ -1,6 +1,12 @@
 """KV-cache policies on SmolLM2-135M: perplexity on book windows, KV bytes per token, decode
-speed at long context, and streaming generation in bounded memory. Writes results/kv.json
-(rewritten after every measurement, so a partial run still leaves its figures).
+speed at long context, and streaming generation in bounded memory. Writes results/kv.json when
+every default part ran; a run with --skip or other policy lists is partial and goes to
+results/archive/DATE/ (as do the checkpoints written after each measurement).
+
+Policies compared at one budget (1024 kept tokens of a 4096-token window): attention sinks +
+sliding window (StreamingLLM), heavy hitters (H2O), observation-window selection (SnapKV), each
+on the plain store and on int8 KV, plus int8 / int4 KV alone. None of them calibrates on any
+text; the perplexity text is a book (Moby-Dick), not WikiText-2.
 
 Perplexity protocol: leanlm.attention.longctx (chunks of --chunk tokens through the policy,
 every prediction scored; ppl_tail = second half of each window). KV bytes per token = bytes the
@@ -17,9 +23,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_result  # noqa: E402
+from common import add_result_args, machine, write_result  # noqa: E402
 
-DEFAULT_PPL = "full;int8;int4;sinks:4,window:1020,int8;sinks:4,window:1020;h2o:1024,int8;snapkv:1024"
+DEFAULT_PPL = ("full;int8;int4;sinks:4,window:1020;sinks:4,window:1020,int8;h2o:1024;h2o:1024,int8;snapkv:1024;"
+               "snapkv:1024,int8")
+DEFAULT_SPEED = "full;int8;sinks:4,window:1020;sinks:4,window:1020,int8;h2o:1024;snapkv:1024"
 
 
 def main() -> None:
@@ -31,7 +39,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--policies", default=DEFAULT_PPL, help="';'-separated --kv specs ('full' = plain cache)")
     ap.add_argument("--speed-context", type=int, default=4096)
-    ap.add_argument("--speed-policies", default="full;sinks:4,window:1020;sinks:4,window:1020,int8;int8")
+    ap.add_argument("--speed-policies", default=DEFAULT_SPEED)
     ap.add_argument("--stream-tokens", type=int, default=20000)
     ap.add_argument("--stream-seconds", type=float, default=120, help="stop streaming after this long")
     ap.add_argument("--stream-kv", default="sinks:4,window:252")
@@ -39,13 +47,13 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=16)
     ap.add_argument("--speed-rounds", type=int, default=5)
     ap.add_argument("--synthetic-fill", action="store_true", help="speed: fill caches with random K/V, no prefill")
-    ap.add_argument("--out", default="kv", help="results/OUT.json (parts of a split run are merged with --merge)")
-    ap.add_argument("--merge", default="", help="comma list of result names to merge into results/kv.json, then exit")
+    ap.add_argument("--out", default="kv", help="results/OUT.json")
     ap.add_argument("--threads", type=int, default=2)
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.merge:
-        return merge(args.merge.split(","))
+    partial = bool(args.skip) or args.policies != DEFAULT_PPL or args.speed_policies != DEFAULT_SPEED
+    out = dict(partial=partial, archive=args.archive, machine_shared=args.machine_shared)
 
     import leanlm
     from leanlm.attention import KVPolicy
@@ -58,21 +66,7 @@ def main() -> None:
     skip = set(args.skip.split(","))
     res = {"model": args.model, "dtype": "float32", "machine": machine(), "text": args.text,
            "full_kv_bytes_per_token": model.config.kv_bytes_per_token(4),
-           "command": "python benchmarks/bench_kv.py " + " ".join(sys.argv[1:]), "ppl": [], "speed": None,
-           "stream": None}  # fmt: skip
-    # the ppl list accumulates across runs with different --policies / --seq-lens
-    try:
-        import json
-
-        from common import RESULTS
-
-        old = json.loads((RESULTS / f"{args.out}.json").read_text())
-        keys = {(p, int(L)) for L in args.seq_lens.split(",") for p in args.policies.split(";")}
-        res["ppl"] = [r for r in old.get("ppl", []) if (r["spec"], r["seq_len"]) not in keys]
-        res["speed"], res["stream"] = old.get("speed"), old.get("stream")
-    except (OSError, ValueError):
-        pass
-
+           "threads": args.threads, "ppl": [], "speed": None, "stream": None}  # fmt: skip
     if "stream" not in skip:
         pol = KVPolicy.parse(args.stream_kv)
         ids = tok("It was a dark and stormy night;", add_special_tokens=False).input_ids
@@ -87,7 +81,7 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t0, 1), "tok_s": round(n / (time.perf_counter() - t0), 1),
                          "rss_mb_by_token": rss, "peak_rss_mb": round(peak_rss_mb(), 1)}  # fmt: skip
         print(res["stream"], flush=True)
-        write_result(args.out, res)
+        write_result(args.out, res, checkpoint=True, **out)
 
     if "ppl" not in skip:
         text = read_text(args.text)
@@ -104,7 +98,7 @@ def main() -> None:
                 res["ppl"].append(r)
                 print({k: r[k] for k in ("spec", "seq_len", "ppl", "ppl_tail", "kv_bytes_per_token", "seconds")},
                       flush=True)  # fmt: skip
-                write_result(args.out, res)
+                write_result(args.out, res, checkpoint=True, **out)
 
     if "speed" not in skip:
         pols = {s: (KVPolicy.parse(s) if s != "full" else None) for s in args.speed_policies.split(";")}
@@ -115,32 +109,9 @@ def main() -> None:
             if full:
                 d["speedup_vs_full"] = d["tok_s"] / full["tok_s"]
         print(res["speed"], flush=True)
-        write_result(args.out, res)
+        write_result(args.out, res, checkpoint=True, **out)
     res["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    write_result(args.out, res)
-
-
-def merge(names: list[str]) -> None:
-    """Combine the results of a run split over several processes into results/kv.json."""
-    import json
-
-    from common import RESULTS
-
-    parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    out = dict(parts[0])
-    out["ppl"], out["command"] = [], [p["command"] for p in parts]
-    for p in parts:
-        out["ppl"] += p.get("ppl", [])
-        for key in ("speed", "stream"):
-            out[key] = p.get(key) or out.get(key)
-    for r in out["ppl"]:
-        base = next((b for b in out["ppl"] if b["spec"] == "full" and b["seq_len"] == r["seq_len"]), None)
-        if base:
-            r["ppl_vs_full"] = r["ppl"] / base["ppl"] - 1
-            r["ppl_tail_vs_full"] = r["ppl_tail"] / base["ppl_tail"] - 1
-            r["kv_reduction"] = base["kv_bytes_per_token"] / r["kv_bytes_per_token"]
-    out["peak_rss_mb"] = max(p.get("peak_rss_mb", 0) for p in parts)
-    write_result("kv", out)
+    write_result(args.out, res, **out)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ Writes benchmarks/results/memory_<model>.json.
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import machine, median, peak_rss_mb, print_table, write_result
+import torch
+from common import add_result_args, machine, median, peak_rss_mb, print_table, write_result
 
 
 def main() -> None:
@@ -24,15 +24,17 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    add_result_args(ap)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # the stamp's machine/threads then names the child's threads
     rows = []
     for dtype in args.dtypes.split(","):
         runs = [peak_rss_mb(args.model, dtype, args.threads) for _ in range(args.runs)]
         rows.append({"dtype": dtype, "peak_rss_mb": median(runs), "runs_mb": runs})
     print_table(rows, ["dtype", "peak_rss_mb"])
-    write_result(f"memory_{args.model}", {"model": args.model, "machine": machine(),
-                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": vars(args),
-                                          "peak_rss": rows})  # fmt: skip
+    write_result(f"memory_{args.model}", {"model": args.model, "machine": machine(), "settings": vars(args),
+                                          "peak_rss": rows},
+                 partial=args.dtypes != "float32,bfloat16", archive=args.archive, machine_shared=args.machine_shared)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, LeanlmEngine, QualityRef, interleaved_speed, machine, print_table, write_result
+from common import (LeanlmEngine, QualityRef, add_result_args, interleaved_speed, machine, print_table,
+                    write_result)  # fmt: skip
 
 import leanlm
 from leanlm.evaluate.data import wikitext2_test
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--no-heads", action="store_true")
     ap.add_argument("--work-dir", default="/tmp/leanlm_bench_prune")
     ap.add_argument("--fresh", action="store_true", help="ignore the cache in --work-dir")
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -103,6 +105,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    # rows reused from an earlier run's cache may come from other code: only a --fresh, full run is canonical
+    reused_rows = sorted(cache)
+    partial = bool(args.quick or args.structured_only or args.no_heads or reused_rows)
 
     def keep(name, row):
         cache[name] = row
@@ -266,14 +271,11 @@ def main() -> None:
     if lay:
         checks[f"layers_remove_{args.remove}_decode_speedup"] = lay["decode_speedup"]
 
-    entry = {"model": args.model, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "settings": vars(args), "calibration": {"text": "wikitext2-valid", "samples": args.calib_samples,
-             "seq_len": args.calib_seq_len}, "rows": rows, "table": table, "speed": speed, "checks": checks}  # fmt: skip
-    existing_path = RESULTS / "prune.json"
-    existing = json.loads(existing_path.read_text()) if existing_path.exists() else {}
-    models = existing.get("models", {})
-    models[args.model] = entry
-    write_result("prune", {"models": models})
+    entry = {"model": args.model, "machine": machine(), "settings": vars(args), "rows_from_cache": reused_rows,
+             "calibration": {"text": "wikitext2-valid", "samples": args.calib_samples, "seq_len": args.calib_seq_len},
+             "rows": rows, "table": table, "speed": speed, "checks": checks}  # fmt: skip
+    write_result(f"prune_{args.model}", entry, partial=partial, archive=args.archive,
+                 machine_shared=args.machine_shared)
     print(json.dumps(checks, indent=2))
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (RESULTS, LeanlmEngine, LlamaCppEngine, interleaved_speed, machine, median, peak_rss_mb,
+from common import (LeanlmEngine, LlamaCppEngine, add_result_args, interleaved_speed, machine, median, peak_rss_mb,
                     print_table, window_scores, write_result)  # fmt: skip
 from tqdm.auto import tqdm
 
@@ -80,6 +80,9 @@ CONFIGS = {
         **TRAINED,
     },
 }
+# the rows a default run measures (the standard int8 / int4-g128 rows; --all adds every row above)
+STANDARD = ("int8-rtn", "int4-g128-rtn", "int4-g128-gptq", "int4-g128-awq", "int4-g128-awq-gptq")
+DEFAULT_MODELS = "smollm2-135m,gemma3-270m"
 TUNE_STEPS = 300  # "-tuned" rows: grid tuning steps (quant/tune.py), --tune-steps overrides
 RECON_STEPS = 100  # "-recon" rows: block reconstruction steps per block (quant/reconstruct.py), --recon-steps overrides
 
@@ -145,7 +148,8 @@ def run_model(name: str, args, text: str) -> dict:
     base, tok = load(name, "float32")
     bf16, _ = load(name, "bfloat16")
     calib = read_calibration(args.calib, tok, args.samples, args.seq_len)
-    wanted = CONFIGS[name] if not args.only else {k: v for k, v in CONFIGS[name].items() if k in args.only.split(",")}
+    keep = args.only.split(",") if args.only else None if args.every else STANDARD
+    wanted = {k: v for k, v in CONFIGS[name].items() if keep is None or k in keep}
     tune = None  # "-tuned" rows' windows: other windows of the same text
     if any(make().tune_steps for make in wanted.values()):
         tune = read_calibration(args.calib, tok, args.tune_samples, args.seq_len, seed=1)
@@ -236,8 +240,9 @@ def run_model(name: str, args, text: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--only", help="comma list of config labels (default: all for the model)")
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--only", help="comma list of config labels (default: the STANDARD rows)")
+    ap.add_argument("--all", dest="every", action="store_true", help="every row of CONFIGS (hours: trained rows)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40, help="perplexity/KL windows of 512 tokens (0 = skip)")
     ap.add_argument("--runs", type=int, default=5, help="timed speed runs after a warm-up (0 = skip)")
@@ -257,13 +262,16 @@ def main() -> None:
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocess per config")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                     help="skip llama.cpp Q8_0/Q4_0 (exported from the same base weights) in the speed runs")
-    ap.add_argument("--out", default="quant", help="results name: benchmarks/results/<out>.json (partial runs elsewhere)")
+    ap.add_argument("--out", default="quant", help="benchmarks/results/OUT.json (partial runs: the archive)")
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = RESULTS / f"{args.out}.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
-    result.update({"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    result.setdefault("models", {})
+    # --runs 0 / --windows 0 / --no-rss / --no-llama-cpp leave out whole columns: partial too
+    partial = bool(args.only or args.models != DEFAULT_MODELS or args.kernels_only or not args.runs or not args.windows
+                   or not args.rss or not args.llama_cpp)
+    out = dict(partial=partial, archive=args.archive, machine_shared=args.machine_shared)
+    result = {"machine": machine(), "models": {}, "baselines": "decode ratios vs leanlm bf16 (decode_vs_bf16), "
+              "prefill ratios vs leanlm fp32 (prefill_vs_fp32), same interleaved run"}
     if args.kernels or args.kernels_only:
         result["kernels"] = kernel_timings(args.threads)
     if not args.kernels_only:
@@ -271,11 +279,11 @@ def main() -> None:
         for name in args.models.split(","):
             r = run_model(name, args, text)
             r["settings"] = {k: v for k, v in vars(args).items()}
-            r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             result["models"][name] = r
-            write_result(args.out, result)  # after each model, so a long run keeps what it measured
+            last = name == args.models.split(",")[-1]
+            write_result(args.out, result, checkpoint=not last, **out)  # after each model: a long run keeps its part
     else:
-        write_result(args.out, result)
+        write_result(args.out, result, **out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import copy
 import time
 
 import torch
-from common import QualityRef, machine, write_result
+from common import QualityRef, add_result_args, machine, write_result
 
 import leanlm.quant.tune as tune_module
 from leanlm import load
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", help="also save the tuned model to this directory")
     ap.add_argument("--out", default="quant_curve")
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,10 +69,10 @@ def main() -> None:
     tune_tokens = read_calibration("wikitext2-valid", tok, args.tune_samples, 512, seed=1)
     refs = {"wikitext2": QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows)),
             args.book: QualityRef(base, book_windows(tok, args.book, 512, args.book_windows))}  # fmt: skip
-    result = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": vars(args), "curve": []}
+    result = {"machine": machine(), "settings": vars(args), "curve": []}
     t0 = time.perf_counter()
 
-    def checkpoint(model, step: int) -> None:
+    def checkpoint(model, step: int, final: bool = False) -> None:
         was_training = model.training
         model.eval()
         point = {"step": step, "tokens": step * 512, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -83,8 +84,9 @@ def main() -> None:
         result["curve"].append(point)
         w = point["wikitext2"]
         print(f"step {step}: wikitext2 ppl {w['ppl']:.2f} ({100 * w['ppl_change']:+.1f}%) KL {w['kl']:.4f}, "
-              f"{args.book} {100 * point[args.book]['ppl_change']:+.1f}% KL {point[args.book]['kl']:.4f}", flush=True)  # fmt: skip
-        write_result(args.out, result)
+              f"{args.book} {100 * point[args.book]['ppl_change']:+.1f}% KL {point[args.book]['kl']:.4f}",
+              flush=True)  # fmt: skip
+        write_result(args.out, result, checkpoint=not final, archive=args.archive, machine_shared=args.machine_shared)
 
     # the start: quantized, not tuned
     model = copy.deepcopy(base)
@@ -119,7 +121,7 @@ def main() -> None:
     result["tune"] = {k: tune[k] for k in ("steps", "lr", "batch_size", "seconds", "first_loss", "last_loss")}
     result["tune"]["codes_changed"] = tune.get("codes_changed")
     result["tune"]["losses"] = tune["losses"]
-    checkpoint(model, args.steps)  # the stored model: codes rounded, grid in bf16
+    checkpoint(model, args.steps, final=True)  # the stored model: codes rounded, grid in bf16
     if args.save:
         save_quantized(model, tok, args.save, force=True)
 

@@ -29,7 +29,7 @@ import math
 import time
 
 import torch
-from common import QualityRef, machine, write_result
+from common import QualityRef, add_result_args, machine, write_result
 
 from leanlm import load
 from leanlm.evaluate.data import wikitext2_test
@@ -127,16 +127,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="quant_rotation")
+    add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load(args.model, "float32")
     calib = read_calibration("wikitext2-valid", tok, args.samples, 512)
     ref = QualityRef(base, make_windows(tok, wikitext2_test(), 512, args.windows))
-    result = {"machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": vars(args), "variants": {}}
+    result = {"machine": machine(), "settings": vars(args), "variants": {}}
     check = rotated(base, ["res", "vo", "down128"], args.seed)  # the rotations alone must not change the model
     result["rotated_fp32"] = ref(check)
     del check
-    for v in args.variants.split(","):
+    variants = args.variants.split(",")
+    for v in variants:
         parts, method = v.split(":")
         m = rotated(base, parts.split("+"), args.seed)
         t = time.perf_counter()
@@ -147,7 +149,8 @@ def main() -> None:
         result["variants"][v] = r
         print(f"{v:32s} ppl {r['ppl']:.2f} ({100 * r['ppl_change']:+.1f}%) KL {r['kl']:.4f} "
               f"top-1 {r['top1_agreement']:.3f}  ({r['quantize_s']:.0f} s)", flush=True)  # fmt: skip
-        write_result(args.out, result)
+        write_result(args.out, result, checkpoint=v != variants[-1], partial=args.variants != DEFAULT,
+                     archive=args.archive, machine_shared=args.machine_shared)
         del m
 
 

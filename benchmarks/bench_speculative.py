@@ -32,7 +32,7 @@ import sys
 import time
 
 import torch
-from common import machine, print_table, small_kernel, write_result
+from common import add_result_args, machine, print_table, small_kernel, write_result
 
 from leanlm import load
 from leanlm.decode.drafts import Draft, EarlyExitDraft, LookupDraft, ModelDraft
@@ -147,7 +147,9 @@ def main() -> None:
                          "always runs as the baseline. Default: all")  # fmt: skip
     ap.add_argument("--result-name", default=None, help="JSON name under benchmarks/results (default: speculative"
                                                          "[_fp32])")  # fmt: skip
+    add_result_args(ap)
     args = ap.parse_args()
+    partial = bool(args.quick or args.configs or args.no_int4)
     if args.quick:
         args.chat, args.summarize, args.edit, args.extract, args.new_tokens, args.runs, args.vk_reps = 2, 2, 2, 2, 32, 1, 2
     torch.set_num_threads(args.threads)
@@ -157,7 +159,7 @@ def main() -> None:
     other = "float32" if args.dtype == "bfloat16" else "bfloat16"
     sibling = self_draft_model(target, other)  # for v(k) in the other dtype; the bf16 self-draft of an fp32 target
     drafts = {"bf16": sibling} if args.dtype == "float32" else {}
-    result = {"model": args.model, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    result = {"model": args.model, "machine": machine(),
               "settings": vars(args)}  # fmt: skip
     if not args.no_int4:
         try:
@@ -307,7 +309,8 @@ def main() -> None:
                        "identical"])  # fmt: skip
     for k, v in targets.items():
         print(k, v)
-    write_result(args.result_name or ("speculative" if args.dtype == "bfloat16" else "speculative_fp32"), result)
+    write_result(args.result_name or ("speculative" if args.dtype == "bfloat16" else "speculative_fp32"), result,
+                 partial=partial, archive=args.archive, machine_shared=args.machine_shared)
     assert result["all_identical"], "speculative output differs from plain greedy (see mismatch_prompts)"
 
 

@@ -7,9 +7,10 @@ so that machine noise hits all engines alike; we report the median of the runs.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
-import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -21,30 +22,99 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _code_at_start() -> dict:
+    """The commit (and dirty flag) when this process started: a long run's result names the code it ran,
+    even if the tree changed before it finished."""
+    try:
+        from leanlm.provenance import git_commit
+    except ImportError:  # leanlm not importable: write_result will fail with the real error
+        return {}
+    return {**git_commit(Path(__file__).resolve().parent), "started": datetime.datetime.now(datetime.timezone.utc)
+            .isoformat(timespec="seconds")}
+
+
+_START = _code_at_start()
+
+
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
-        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-    }  # fmt: skip
+    """The machine block of every result (leanlm.provenance.machine: CPU model, ISA flags, cores, caches)."""
+    from leanlm.provenance import machine as _machine
+
+    return _machine()
 
 
-def write_result(name: str, obj: dict) -> Path:
-    """benchmarks/results/NAME.json, written atomically (a benchmark re-run replaces its result)."""
+def add_result_args(ap) -> None:
+    """The options every benchmark shares: where its result goes and how the machine was used."""
+    ap.add_argument("--archive", action="store_true",
+                    help="write under benchmarks/results/archive/DATE/ instead of the canonical file")
+    ap.add_argument("--machine-shared", action="store_true",
+                    help="record that other jobs ran on the machine during this run (speed figures are noisy)")
+
+
+# the archive file each result name got in this process: a run that rewrites its result after every
+# measurement keeps writing to one file instead of making NAME-2, NAME-3, ...
+_ARCHIVE_PATHS: dict[str, Path] = {}
+
+
+def archive_path(name: str, root: Path | None = None, day: str | None = None) -> Path:
+    """archive/YYYY-MM-DD/NAME.json, or NAME-2.json, NAME-3.json, ... when that exists (never overwritten)."""
+    root = RESULTS if root is None else Path(root)
+    folder = root / "archive" / (day or datetime.date.today().isoformat())
+    path, n = folder / f"{name}.json", 2
+    while path.exists():
+        path, n = folder / f"{name}-{n}.json", n + 1
+    return path
+
+
+def bench_command() -> str:
+    """The command line as it is re-run from the repository root."""
+    arg0 = sys.argv[0] if sys.argv else ""
+    script = Path(arg0).resolve()
+    if not arg0 or not script.is_file():
+        return shlex.join(["python", *sys.argv])
+    try:
+        shown = f"benchmarks/{script.relative_to(Path(__file__).resolve().parent)}"
+    except ValueError:
+        shown = arg0
+    return shlex.join(["python", shown, *sys.argv[1:]])
+
+
+def write_result(name: str, obj: dict, *, partial: bool = False, archive: bool = False, checkpoint: bool = False,
+                 machine_shared: bool | None = None, root: Path | None = None) -> Path:
+    """Write a result stamped with its provenance (commit, command, machine, versions, date), atomically.
+
+    Only a complete run (partial=False, archive=False) writes the canonical benchmarks/results/NAME.json,
+    and only with its final write. A partial run (a narrowing flag such as --only/--configs/--quick was
+    given), an --archive run, and the intermediate writes of a long run (checkpoint=True) go to
+    benchmarks/results/archive/YYYY-MM-DD/NAME.json, never overwriting a file there either; the
+    checkpoint file of a run that then completes is removed. So a re-run that stops half-way, or that
+    measured only some rows, can never replace the figures the docs cite.
+    """
     from leanlm.io import write_json_atomic
+    from leanlm.provenance import stamp
 
-    path = RESULTS / f"{name}.json"
-    write_json_atomic(path, obj, force=True)
+    root = RESULTS if root is None else Path(root)
+    canonical = not partial and not archive and not checkpoint
+    key = f"{root}/{name}"
+    prov = {**stamp(bench_command()), **_START}
+    prov["machine_shared"] = machine_shared
+    try:
+        prov["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    # complete: every row the script measures by default, to its end (an --archive run may be complete)
+    obj = {**obj, "complete": not partial and not checkpoint, "provenance": prov}
+    if canonical:
+        path = root / f"{name}.json"
+        write_json_atomic(path, obj, force=True)
+        ckpt = _ARCHIVE_PATHS.pop(key, None)
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()  # the run completed: its checkpoint is superseded by the canonical file
+    else:
+        path = _ARCHIVE_PATHS.get(key) or archive_path(name, root)
+        _ARCHIVE_PATHS[key] = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, obj, force=True)
     print(f"wrote {path}")
     return path
 
@@ -259,6 +329,13 @@ class QualityRef:
         self.windows = windows
         with torch.inference_mode():
             self.base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
+
+    def base_ppl(self) -> float:
+        """The base model's perplexity on these windows (from the log-probs already computed)."""
+        import math
+
+        nll = sum(-lb.gather(-1, w[0, 1:, None]).sum().item() for w, lb in zip(self.windows, self.base_lp))
+        return math.exp(nll / sum(w.shape[1] - 1 for w in self.windows))
 
     @torch.inference_mode()
     def __call__(self, model) -> dict:

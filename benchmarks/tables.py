@@ -1,0 +1,382 @@
+"""The published tables, each rendered from ONE result JSON under benchmarks/results/.
+
+    python benchmarks/tables.py            # rewrite BENCHMARKS.md and every marker block in README.md and docs/*.md
+    python benchmarks/tables.py --check    # exit 1 when a file is out of date or a table's JSON is missing
+    python benchmarks/tables.py --list     # the table names, their JSONs and whether each exists
+
+A document places a table with a marker pair; everything between the markers is replaced:
+
+    <!-- table:quant -->
+    <!-- /table:quant -->
+
+Every rendered table ends with a source line: the JSON (linked), the command that wrote it, the commit (short),
+the machine (CPU, ISA, cores), threads and the date, all from the JSON's "provenance" block.
+Ratios are always same-run ratios; each table's columns say which baseline a ratio uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+MARKER = re.compile(r"(<!-- table:([A-Za-z0-9_-]+) -->)(.*?)(<!-- /table:\2 -->)", re.S)
+
+
+class TableError(Exception):
+    """A table cannot be rendered: its JSON is missing or lacks what the table reads."""
+
+
+# ---- formatting -----------------------------------------------------------------------------------------
+def num(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        return f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
+    return str(v)
+
+
+def pct(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:+.{digits}f}%"
+
+
+def ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def source_line(rel: str, data: dict, link_prefix: str) -> str:
+    """Where the figures come from: JSON, command, commit, machine, threads, date."""
+    p = data.get("provenance")
+    if not isinstance(p, dict):
+        raise TableError(f"{rel} has no provenance block")
+    m = p.get("machine") or {}
+    isa = [f for f in m.get("isa", []) if f.startswith(("avx512", "amx", "avx_vnni"))] or m.get("isa", [])[:2]
+    commit = (p.get("commit") or "unknown")[:7] + (" (uncommitted changes)" if p.get("dirty") else "")
+    parts = [f"Source: [{rel}]({link_prefix}{rel})", f"command `{p.get('command', '?')}`", f"commit {commit}",
+             f"{m.get('cpu', '?')} ({', '.join(isa) or 'ISA not recorded'}; {m.get('cores', '?')} cores, "
+             f"{m.get('threads', '?')} threads)", f"{str(p.get('date', '?'))[:10]}"]  # fmt: skip
+    if p.get("machine_shared"):
+        parts.append("machine shared with other jobs during the run: speed figures are noisy")
+    if p.get("stamped_from_history"):
+        parts.append("provenance rebuilt from git history")
+    return "*" + "; ".join(parts) + ".*"
+
+
+def get(data: dict, *path, rel: str = ""):
+    """data[path...] or a TableError naming the missing field."""
+    cur = data
+    for k in path:
+        try:
+            cur = cur[k]
+        except (KeyError, IndexError, TypeError):
+            raise TableError(f"{rel}: no field {'/'.join(map(str, path))}") from None
+    return cur
+
+
+# ---- the tables -----------------------------------------------------------------------------------------
+BITS_ORDER = {32: 0, 16: 1, 8: 2, 4: 3}
+
+
+def runtime(d: dict, rel: str) -> str:
+    speed, ratios = get(d, "speed", rel=rel), get(d, "ratios", rel=rel)
+    s = d.get("settings", {})
+    names = sorted(speed, key=lambda n: (BITS_ORDER.get(speed[n].get("bits_group"), 9), -speed[n]["decode_tok_s"]))
+    rows = [[n, speed[n].get("bits_group", "-"), num(speed[n]["prefill_tok_s"], 0), num(speed[n]["decode_tok_s"]),
+             ratio(ratios[n].get("decode_vs_fastest")), ratio(ratios[n].get("decode_vs_llama_cpp")),
+             ratio(ratios[n].get("prefill_vs_fastest"))] for n in names]  # fmt: skip
+    head = [f"{d.get('model', '')}: engine", "weight bits", f"prefill tok/s ({s.get('prompt_len', '?')} tokens)",
+            f"decode tok/s ({s.get('new_tokens', '?')} new)", "decode ÷ fastest same bits",
+            "decode ÷ llama.cpp same bits", "prefill ÷ fastest same bits"]  # fmt: skip
+    out = md_table(head, rows)
+    if d.get("skipped"):
+        out += "\n\nNot run: " + "; ".join(f"{k} ({v})" for k, v in d["skipped"].items()) + "."
+    return out
+
+
+def quant(d: dict, rel: str) -> str:
+    parts = []
+    for model, r in get(d, "models", rel=rel).items():
+        info = r["configs"]
+        rows = []
+        for label, v in info.items():
+            rows.append([label, num(v.get("bits_per_weight"), 2), num(v.get("ppl"), 2), pct(v.get("ppl_change")),
+                         num(v.get("kl"), 3), num(v.get("top1_agreement"), 3), num(v.get("decode_tok_s")),
+                         ratio(v.get("decode_vs_bf16")), num(v.get("prefill_tok_s"), 0), num(v.get("weight_mb")),
+                         num(v.get("peak_rss_mb"), 0)])  # fmt: skip
+        windows = r.get("quality", {}).get("base", {}).get("windows", "?")
+        parts.append(f"**{model}** (quality: WikiText-2 test, {windows} x 512 tokens; KL and top-1 against the fp32 "
+                     "model)\n\n" + md_table(
+                         ["config", "bits/weight", "ppl", "ppl vs fp32", "KL", "top-1", "decode tok/s",
+                          "decode ÷ leanlm bf16", "prefill tok/s", "weight MB", "peak RSS MB"], rows))  # fmt: skip
+    return "\n\n".join(parts)
+
+
+def generic(d: dict, rel: str, key: str = "table", cols: list[str] | None = None) -> str:
+    rows = get(d, key, rel=rel)
+    if not rows:
+        raise TableError(f"{rel}: {key} is empty")
+    cols = cols or list(rows[0])
+    return md_table(cols, [[num(r.get(c), 3) if isinstance(r.get(c), float) else num(r.get(c)) for c in cols]
+                           for r in rows])  # fmt: skip
+
+
+def prune(d: dict, rel: str) -> str:
+    return generic(d, rel, cols=["config", "pattern", "sparsity", "ppl", "kl", "weight_MB", "disk_MB", "decode_tok_s",
+                                 "decode_x"]) + "\n\ndecode_x: decode tok/s ÷ the dense fp32 model's, same run."
+
+
+def adaptive(d: dict, rel: str) -> str:
+    out = generic(d, rel, cols=["config", "ppl", "ppl_+%", "kl", "top1", "flops_frac", "decode_tok_s", "decode_x"])
+    s = d.get("settings", {})
+    return out + (f"\n\nQuality: WikiText-2 test, {s.get('windows', '?')} x 512 tokens, KL and top-1 against the dense "
+                  "model; calibration on WikiText-2 validation. decode_x: decode tok/s ÷ the dense "
+                  f"{d.get('dtype', '')} model's (leanlm's fused runtime), interleaved in the same run ({s.get('prompt_len', '?')}-token "
+                  f"prompt, {s.get('new_tokens', '?')} new tokens, median of {s.get('runs', '?')} runs); flops_frac: "
+                  "predicted fraction of decoder FLOPs per token.")
+
+
+def kv(d: dict, rel: str) -> str:
+    speed = ((d.get("speed") or {}).get("policies")) or {}
+    rows = []
+    for r in get(d, "ppl", rel=rel):
+        sp = speed.get(r["spec"], {})
+        rows.append([r["spec"], num(r["kv_bytes_per_token"], 0), ratio(r.get("kv_reduction")), num(r["ppl"], 3),
+                     pct(r.get("ppl_vs_full"), 2), num(r["ppl_tail"], 3), pct(r.get("ppl_tail_vs_full"), 2),
+                     num(sp.get("tok_s")), ratio(sp.get("speedup_vs_full"))])  # fmt: skip
+    ctx = (d.get("speed") or {}).get("context", "?")
+    first = d["ppl"][0] if d["ppl"] else {}
+    head = ["policy", "KV bytes/token", "full ÷ this (KV bytes)",
+            f"ppl ({d.get('text', '?')}, {first.get('seq_len', '?')}-token window)", "vs full", "ppl, 2nd half", "vs full",
+            f"decode tok/s at {ctx} context", "decode ÷ full cache"]
+    return md_table(head, rows)
+
+
+def speculative(d: dict, rel: str) -> str:
+    cols = [("config", None), ("all_tok_s", 1), ("all_speedup", 2), ("summarize_speedup", 2), ("edit_speedup", 2),
+            ("extract_speedup", 2), ("chat_speedup", 2), ("acceptance_rate", 2), ("identical", None)]
+    rows = [[num(r.get(c), k) if k else num(r.get(c)) for c, k in cols] for r in get(d, "configs", rel=rel)]
+    return md_table([c for c, _ in cols], rows) + (
+        f"\n\nspeedups: tok/s ÷ plain greedy decoding of the same {d.get('settings', {}).get('dtype', '')} target, "
+        "same run; identical: outputs equal to plain greedy.")
+
+
+def costmodel(d: dict, rel: str) -> str:
+    rows = [[v["variant"], v["kind"], num(v["measured"]), num(v["predicted"]), pct(v["error"])]
+            for v in get(d, "verification", rel=rel)]
+    return md_table(["recipe", "phase", "measured tok/s", "predicted tok/s", "error"], rows) + (
+        f"\n\nMedian |error|: {pct(d.get('median_abs_error'))} (decode {pct(d.get('median_abs_error_decode'))}, "
+        f"prefill {pct(d.get('median_abs_error_prefill'))}).")
+
+
+def memory(d: dict, rel: str) -> str:
+    rows = [[r["dtype"], num(r["peak_rss_mb"], 0)] for r in get(d, "peak_rss", rel=rel)]
+    return md_table([f"{d.get('model', '')} dtype", "peak RSS MB (load + 32 tokens)"], rows)
+
+
+def tasks(d: dict, rel: str) -> str:
+    rows = []
+    for model, res in get(d, "results", rel=rel).items():
+        for task, r in res.items():
+            rows.append([model, task, r["n"], f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}",
+                         "-" if r.get("acc_norm") is None else f"{r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}"])
+    return md_table(["model", "task", "documents", "acc ± s.e.", "acc_norm ± s.e."], rows)
+
+
+def export(d: dict, rel: str) -> str:
+    rows = [[t, num(r.get("file_mb")), f"{r.get('greedy_equal')}/{r.get('greedy_prompts')}",
+             num(r.get("llama_cpp_ppl"), 3),
+             pct(r.get("ppl_rel_vs_leanlm_fp32"), 2), num(r.get("prefill_tok_s"), 0), num(r.get("decode_tok_s"))]
+            for t, r in get(d, "types", rel=rel).items()]  # fmt: skip
+    return md_table(["GGUF type (loaded in llama.cpp)", "file MB", "greedy = leanlm", "ppl", "vs leanlm fp32",
+                     "prefill tok/s", "decode tok/s"], rows)  # fmt: skip
+
+
+def ab_refactor(d: dict, rel: str) -> str:
+    """Rows {model, dtype, phase, before, after} (tok/s medians, same run) from bench_ab_commits.py."""
+    rows = []
+    for r in get(d, "rows", rel=rel):
+        try:
+            before, after = float(r["before"]), float(r["after"])
+            rows.append([r["model"], r["dtype"], r["phase"], num(before), num(after), ratio(after / before)])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise TableError(f"{rel}: each row needs model, dtype, phase, before, after (tok/s): {e}") from None
+    b, a = d.get("before_commit"), d.get("after_commit")
+    note = f"\n\nbefore: commit {str(b)[:7]}, after: commit {str(a)[:7]}." if b and a else ""
+    return md_table(["model", "dtype", "phase", "before tok/s", "after tok/s", "after ÷ before"], rows) + note
+
+
+def int4_tuning_curve(d: dict, rel: str) -> str:
+    book = get(d, "settings", "book", rel=rel)
+    rows = []
+    for p in get(d, "curve", rel=rel):
+        w, b = p["wikitext2"], p[book]
+        rows.append([p["step"], f"{w['ppl']:.2f} ({pct(w['ppl_change'])})", num(w["kl"], 3),
+                     num(w["top1_agreement"], 3),
+                     f"{b['ppl']:.2f} ({pct(b['ppl_change'])})", num(b["kl"], 3)])  # fmt: skip
+    return md_table(["tuning step", "WikiText-2 ppl (vs fp32)", "KL", "top-1", f"{book} ppl (vs fp32)", f"{book} KL"],
+                    rows)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    json: str  # path under the repository root
+    render: Callable[[dict, str], str]
+    title: str
+    optional: bool = False  # left out of BENCHMARKS.md while its JSON is missing (an error only where a doc cites it)
+
+
+TABLES = [
+    Table("runtime", "benchmarks/results/runtime_smollm2-135m.json", runtime,
+          "Runtime: leanlm vs llama.cpp, OpenVINO and transformers by weight bits (SmolLM2-135M)"),
+    Table("runtime_gemma", "benchmarks/results/runtime_gemma3-270m.json", runtime,
+          "Runtime: leanlm vs peers by weight bits (Gemma-3-270M)", optional=True),
+    Table("quant", "benchmarks/results/quant.json", quant, "Weight quantization: quality, speed and memory"),
+    Table("prune", "benchmarks/results/prune_smollm2-135m.json", prune, "Pruning (SmolLM2-135M)"),
+    Table("kv", "benchmarks/results/kv.json", kv, "KV-cache policies at one budget (SmolLM2-135M)"),
+    Table("adaptive", "benchmarks/results/adaptive_smollm2-135m-bf16.json", adaptive,
+          "Adaptive computation against dense bf16 (SmolLM2-135M)"),
+    Table("adaptive_gemma", "benchmarks/results/adaptive_gemma3-270m-bf16.json", adaptive,
+          "Adaptive computation against dense bf16 (Gemma-3-270M)", optional=True),
+    Table("speculative", "benchmarks/results/archive/2026-11-24/speculative_fp32_2threads.json", speculative,
+          "Speculative decoding, fp32 target, 2 threads (archived run)"),
+    Table("costmodel", "benchmarks/results/costmodel.json", costmodel, "Cost model: predicted vs measured tok/s"),
+    Table("memory", "benchmarks/results/memory_smollm2-135m.json", memory, "Peak memory (SmolLM2-135M)"),
+    Table("tasks", "benchmarks/results/tasks_smollm2-135m.json", tasks, "Zero-shot tasks (SmolLM2-135M)"),
+    Table("tasks_gemma", "benchmarks/results/tasks_gemma3-270m.json", tasks, "Zero-shot tasks (Gemma-3-270M)",
+          optional=True),
+    Table("export", "benchmarks/results/export.json", export, "GGUF export loaded in llama.cpp"),
+    Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
+          "Same-run A/B before and after the restructuring"),
+    Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
+          int4_tuning_curve, "Int4 g128 end-to-end tuning curve (SmolLM2-135M, archived run)"),
+]
+BY_NAME = {t.name: t for t in TABLES}
+
+
+def render(name: str, link_prefix: str = "") -> str:
+    """Table NAME as markdown with its source line; TableError when its JSON is missing or incomplete."""
+    if name not in BY_NAME:
+        raise TableError(f"unknown table '{name}'; known: {', '.join(BY_NAME)}")
+    t = BY_NAME[name]
+    path = ROOT / t.json
+    if not path.exists():
+        raise TableError(f"table {name}: {t.json} does not exist (run its benchmark; see BENCHMARKS.md)")
+    data = json.loads(path.read_text())
+    try:
+        body = t.render(data, t.json)
+    except (KeyError, TypeError, IndexError) as e:
+        raise TableError(f"table {name}: {t.json} lacks a field the table reads ({type(e).__name__}: {e})") from None
+    return body + "\n\n" + source_line(t.json, data, link_prefix)
+
+
+def prefix_for(doc: Path) -> str:
+    """The relative path from a document's folder to the repository root (links in rendered tables)."""
+    depth = len(doc.resolve().parent.relative_to(ROOT).parts)
+    return "../" * depth
+
+
+INTRO = """# Benchmarks
+
+Generated by `python benchmarks/tables.py` from the JSONs under `benchmarks/results/`; do not edit by hand.
+Each table comes from one JSON, named under it with the command that wrote it, the commit, the machine
+(CPU, ISA extensions, cores, threads) and the date. Runs under `benchmarks/results/archive/` are kept
+runs that are costly to repeat (or partial re-runs); their date folder says when they ran.
+
+Every ratio is a same-run ratio: the engines or configurations in one table were measured in one process,
+interleaved run by run, on the same token ids. Each table says which baseline a ratio divides by:
+- runtime: the fastest engine of the same weight bits, and llama.cpp of the same bits;
+- quant: leanlm bf16 (decode); ppl, KL and top-1 against the fp32 model;
+- prune: the dense fp32 model; adaptive: the dense model of the same dtype (bf16) on leanlm's fused runtime;
+- kv: the full (unevicted, unquantized) cache; speculative: plain greedy decoding of the same target;
+- ab_refactor: the commit before the restructuring.
+Speed figures from a run marked "machine shared" were taken while other jobs ran: read their ratios, not
+their absolute tok/s.
+"""
+
+
+def benchmarks_md() -> tuple[str, list[str]]:
+    """BENCHMARKS.md's text and the errors of tables that could not be rendered."""
+    parts, errors = [INTRO], []
+    for t in TABLES:
+        if t.optional and not (ROOT / t.json).exists():
+            continue
+        try:
+            body = render(t.name)
+        except TableError as e:
+            errors.append(str(e))
+            body = f"*Not available: {e}*"
+        parts.append(f"## {t.title}\n\n<!-- table:{t.name} -->\n{body}\n<!-- /table:{t.name} -->\n")
+    return "\n".join(parts), errors
+
+
+def fill_markers(text: str, link_prefix: str, errors: list[str], where: str) -> str:
+    def sub(m: re.Match) -> str:
+        try:
+            body = render(m.group(2), link_prefix)
+        except TableError as e:
+            errors.append(f"{where}: {e}")
+            return m.group(0)  # leave the block as it was: --check fails on the error
+        return f"{m.group(1)}\n{body}\n{m.group(4)}"
+
+    return MARKER.sub(sub, text)
+
+
+def documents() -> list[Path]:
+    return [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if p.exists()]
+
+
+def build() -> tuple[dict[Path, str], list[str]]:
+    """{path: new text} for BENCHMARKS.md and every document with markers, and the errors."""
+    out, errors = {}, []
+    text, errs = benchmarks_md()
+    out[BENCHMARKS_MD], errors = text, errs
+    for doc in documents():
+        old = doc.read_text()
+        if MARKER.search(old):
+            out[doc] = fill_markers(old, prefix_for(doc), errors, str(doc.relative_to(ROOT)))
+    return out, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file is stale or a table fails")
+    ap.add_argument("--list", action="store_true", help="list the tables and their JSONs")
+    args = ap.parse_args(argv)
+    if args.list:
+        for t in TABLES:
+            print(f"{t.name:20s} {'ok     ' if (ROOT / t.json).exists() else 'MISSING'} {t.json}")
+        return 0
+    files, errors = build()
+    stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"out of date: {p.relative_to(ROOT)} (run python benchmarks/tables.py)")
+        for e in errors:
+            print(f"error: {e}")
+        return 1 if stale or errors else 0
+    for p in stale:
+        p.write_text(files[p])
+        print(f"wrote {p.relative_to(ROOT)}")
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
