@@ -174,7 +174,7 @@ def test_recipe_configs_go_through_the_registry():
 def test_smollm2_window_policy_applies_at_decode(smollm2):
     model, tok = smollm2
     saved = model.applied
-    model.applied = []  # the session's shared model: restore what it carried afterwards
+    model.applied = []  # the shared fixture model: restore what it carried afterwards
     try:
         leanlm.apply(model, KVPolicy.parse("sinks:4,window:32"))
         ids = tok("The history of the city begins in the Roman era, when a small settlement", return_tensors=None).input_ids
