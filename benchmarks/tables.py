@@ -207,16 +207,21 @@ def export(d: dict, rel: str) -> str:
 
 
 def ab_refactor(d: dict, rel: str) -> str:
-    """Rows {model, dtype, phase, before, after} (tok/s medians, same run) from bench_ab_commits.py."""
+    """Before/after medians (tok/s, same run, interleaved) per model, dtype and phase, from bench_ab_commits.py."""
     rows = []
-    for r in get(d, "rows", rel=rel):
-        try:
-            before, after = float(r["before"]), float(r["after"])
-            rows.append([r["model"], r["dtype"], r["phase"], num(before), num(after), ratio(after / before)])
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-            raise TableError(f"{rel}: each row needs model, dtype, phase, before, after (tok/s): {e}") from None
-    b, a = d.get("before_commit"), d.get("after_commit")
-    note = f"\n\nbefore: commit {str(b)[:7]}, after: commit {str(a)[:7]}." if b and a else ""
+    for r in get(d, "results", rel=rel):
+        for key, phase in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            try:
+                b, a = r[key]["before"], r[key]["after"]
+                rows.append([r["model"], r["dtype"], phase, f"{num(b['median'])} ({num(b['min'])}-{num(b['max'])})",
+                             f"{num(a['median'])} ({num(a['min'])}-{num(a['max'])})", ratio(r[key]["after_over_before"])])
+            except (KeyError, TypeError) as e:
+                raise TableError(f"{rel}: each result needs {key} with before/after medians: {e}") from None
+    b, a = get(d, "before", "commit", rel=rel), get(d, "after", "commit", rel=rel)
+    s = get(d, "settings", rel=rel)
+    note = (f"\n\nbefore: commit {str(b)[:7]}, after: commit {str(a)[:7]}; median (min-max) of {s['runs']} interleaved "
+            f"rounds, one fresh process each, {s['threads']} threads; decode: {s['new_tokens']} new tokens after a "
+            f"{s['prompt_tokens']}-token prompt; prefill: {s['prefill_tokens']} tokens.")
     return md_table(["model", "dtype", "phase", "before tok/s", "after tok/s", "after ÷ before"], rows) + note
 
 
