@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
                        "prompt": args.prompt, "new_tokens": args.new_tokens, "prefill": args.prefill}  # fmt: skip
                 runs: dict[str, list[dict]] = {"before": [], "after": []}
                 for r in range(args.runs):
-                    for side, tree in (("before", before), ("after", after)):
+                    # ABBA: the side that runs first alternates by round, so an order effect (a machine that
+                    # slows down over consecutive processes, a cache one run warms for the next) cancels
+                    order = (("before", before), ("after", after))
+                    for side, tree in order if r % 2 == 0 else order[::-1]:
                         m = tree.measure(cfg, args.timeout, tmp)
                         runs[side].append(m)
                         print(f"{model} {dtype} round {r + 1}/{args.runs} {side}: decode {m['decode_tok_s']:.2f} tok/s, "
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "after": {"rev": args.after, "commit": after.commit},
         "settings": {"threads": args.threads, "runs": args.runs, "prompt_tokens": args.prompt,
                      "new_tokens": args.new_tokens, "prefill_tokens": args.prefill, "adaptive": args.adaptive,
-                     "order": "interleaved before, after per round; one fresh process per measurement, warm-up first"},
+                     "order": "interleaved ABBA (before first in even rounds, after first in odd ones); one fresh process per measurement, warm-up first"},
         "results": results,
     }  # fmt: skip
     if args.out:
