@@ -3,7 +3,7 @@
 Each revision is checked out into its own `git worktree` under /tmp (or, for WORKTREE, this
 repository's working tree as it is, uncommitted edits included) and every measurement runs in a
 fresh Python process with PYTHONPATH=<tree>/src, so the two never share code, kernels or caches.
-Rounds are interleaved A, B, A, B, ... so that machine noise hits both alike; each process warms
+Rounds are interleaved A, B, B, A, ... so that machine noise and order effects hit both alike; each process warms
 up (a prefill and a few decode steps, which also builds the native kernels on first use) before
 it measures (with --adaptive, each revision calibrates once, in its first process, and later
 processes load the saved state):
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         "after": {"rev": args.after, "commit": after.commit},
         "settings": {"threads": args.threads, "runs": args.runs, "prompt_tokens": args.prompt,
                      "new_tokens": args.new_tokens, "prefill_tokens": args.prefill, "adaptive": args.adaptive,
-                     "order": "interleaved ABBA (before first in even rounds, after first in odd ones); one fresh process per measurement, warm-up first"},
+                     "order": "interleaved ABBA (before first in even rounds, after first in odd ones); "
+                              "one fresh process per measurement, warm-up first"},
         "results": results,
     }  # fmt: skip
     if args.out:

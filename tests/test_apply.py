@@ -194,3 +194,45 @@ def test_smollm2_window_policy_applies_at_decode(smollm2):
     assert max(held) < cap * per_slot * 1.05  # the cache holds the window (plus small bookkeeping), not 64 + prompt
     same = cap - len(ids)  # before the window slides both attend to every token
     assert got[:same] == full[:same] and got != full
+
+
+def test_adding_a_method_page_example_registers_applies_records_and_prices(tiny_dirs):
+    """docs/adding-a-method.md's WeightClip, as written there: a config, a function registered through
+    `leanlm.apply.register`, applied, recorded in model.applied, priced, and restored by name."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import leanlm
+    from leanlm.apply import config_from_dict, plan_for
+
+    @dataclass(frozen=True)
+    class WeightClip:
+        sigmas: float = 4.0
+        needs_calibration: ClassVar[bool] = False
+
+        def price(self, plan) -> None:
+            pass
+
+    @leanlm.apply.register(WeightClip)
+    def _apply_weight_clip(model, cfg, calib, progress) -> dict:
+        clipped = total = 0
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if not name.startswith("layers.") or not isinstance(module, torch.nn.Linear):
+                    continue
+                w = module.weight
+                bound = cfg.sigmas * w.float().std(dim=1, keepdim=True)
+                clipped += int((w.float().abs() > bound).sum())
+                total += w.numel()
+                w.copy_(w.float().clamp(-bound, bound))
+        return {"clipped_fraction": clipped / max(total, 1)}
+
+    model, _ = leanlm.load(tiny_dirs["llama"])
+    w = model.layers[0].mlp.w_down.weight.detach().clone()
+    bound = 2.0 * w.std(dim=1, keepdim=True)
+    report = leanlm.apply(model, WeightClip(sigmas=2.0))
+    assert report["clipped_fraction"] > 0
+    assert torch.equal(model.layers[0].mlp.w_down.weight, w.clamp(-bound, bound))
+    assert model.applied[-1]["type"] == "WeightClip" and model.applied[-1]["config"] == {"sigmas": 2.0}
+    assert config_from_dict("WeightClip", {"sigmas": 2.0}) == WeightClip(2.0)
+    assert plan_for(model).weight_dtype == "fp32"

@@ -224,4 +224,8 @@ def _apply_dtype(model, cfg: Dtype, calib, progress) -> dict:
     return {"dtype": cfg.dtype}
 
 
+# `leanlm.apply` is this function (the package exports it), so the registry is reachable from it too:
+# `@leanlm.apply.register(MyConfig)`, `leanlm.apply.record(...)`, as docs/adding-a-method.md shows
+apply.register, apply.record, apply.latest, apply.applied = register, record, latest, applied
+
 __all__ = ["Dtype", "apply", "applied", "config_from_dict", "latest", "plan_for", "record", "register"]
