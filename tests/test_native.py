@@ -43,6 +43,16 @@ def test_leanlm_isa_must_name_a_level_this_cpu_runs(monkeypatch):
     assert native.wanted_level() == "avx2"
 
 
+def test_wider_levels_are_asked_for_not_default(monkeypatch):
+    """AVX-512 builds compile the same 256-bit kernels and measured slower for bf16 decode: opt-in only."""
+    zen4 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+    monkeypatch.setattr(native, "cpu_flags", lambda: zen4)
+    monkeypatch.delenv("LEANLM_ISA", raising=False)
+    assert native.wanted_level() == native.DEFAULT_LEVEL == "avx2"
+    monkeypatch.setenv("LEANLM_ISA", "avx512_vnni")
+    assert native.wanted_level() == "avx512_vnni"
+
+
 def test_extension_name_is_keyed_by_the_sources_and_the_level(tmp_path, monkeypatch):
     copy = tmp_path / "csrc"
     shutil.copytree(native.CSRC, copy)

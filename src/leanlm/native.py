@@ -5,13 +5,17 @@ torch's `cpp_extension.load` on first use and cached by torch (~/.cache/torch_ex
 extension's name carries a hash of every csrc file, the compiler flags and the torch version, so
 an edited kernel builds afresh and nothing is renamed by hand.
 
-ISA dispatch: at run time the CPU's flags (/proc/cpuinfo) pick the highest level of LEVELS it
-supports, and that level's build is loaded (each level is a separate extension; a machine builds
-only the one it uses). Every level is AVX2 + FMA at heart; the higher ones compile the same code
-with their -m flags, plus the variants the compiler's feature macros select (qlinear.cpp uses one
-VNNI instruction where two AVX2 ones did the same exact integer sums). All levels give the same
-numbers bit for bit. LEANLM_ISA=<level> asks for a lower level (for A/B runs); when a level fails to
-build (an old compiler without its flags) the next lower one is tried, with a warning.
+ISA dispatch: at run time the CPU's flags (/proc/cpuinfo) say which levels of LEVELS it supports,
+and one level's build is loaded (each level is a separate extension; a machine builds only the one it
+uses). Every level is AVX2 + FMA at heart: the kernels are written with 256-bit intrinsics, and the
+higher levels compile the same code with their -m flags, plus the variants the compiler's feature
+macros select (qlinear.cpp uses one VNNI instruction where two AVX2 ones did the same exact integer
+sums). All levels give the same numbers bit for bit. The default is the best level up to
+DEFAULT_LEVEL: on an AVX-512 EPYC the avx512_bf16 build decoded Gemma-3-270M in bf16 more slowly than
+the AVX2 build (benchmarks/bench_ab_commits.py before/after runs; LEANLM_ISA A/B), and no kernel has a
+wider variant yet that would pay for it. LEANLM_ISA=<level> asks for a given level (A/B runs, or a
+machine where a wider build measures faster); when a level fails to build (an old compiler without
+its flags) the next lower one is tried, with a warning.
 
 `extension()` returns None, and callers fall back to torch's ops, when LEANLM_NATIVE=0, when the
 CPU lacks AVX2/FMA or when no compiler works (a warning says which and why).
@@ -37,6 +41,7 @@ LEVELS = (
     ("amx", ("amx_tile", "amx_int8", "amx_bf16"), ("-mamx-tile", "-mamx-int8", "-mamx-bf16")),
 )
 LEVEL_NAMES = tuple(name for name, _, _ in LEVELS)
+DEFAULT_LEVEL = "avx2"  # the highest level built unless LEANLM_ISA asks for another (see the module docstring)
 
 
 def cpu_flags() -> set[str]:
@@ -95,7 +100,8 @@ def _cflags(level: str) -> list[str]:
 
 
 def wanted_level() -> str | None:
-    """The level to build: LEANLM_ISA when set (it must be one this CPU runs), else the best one."""
+    """The level to build: LEANLM_ISA when set (it must be one this CPU runs), else the best one up to
+    DEFAULT_LEVEL."""
     levels = supported_levels()
     asked = os.environ.get("LEANLM_ISA", "").strip()
     if asked:
@@ -105,7 +111,8 @@ def wanted_level() -> str | None:
             raise LeanlmError(f"LEANLM_ISA={asked!r}: this CPU lacks it (it runs {', '.join(levels) or 'none'}); "
                               "unset LEANLM_ISA or pick one of those")  # fmt: skip
         return asked
-    return levels[-1] if levels else None
+    capped = [lv for lv in levels if LEVEL_NAMES.index(lv) <= LEVEL_NAMES.index(DEFAULT_LEVEL)]
+    return capped[-1] if capped else None
 
 
 _state: dict = {}
