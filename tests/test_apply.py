@@ -236,3 +236,18 @@ def test_adding_a_method_page_example_registers_applies_records_and_prices(tiny_
     assert model.applied[-1]["type"] == "WeightClip" and model.applied[-1]["config"] == {"sigmas": 2.0}
     assert config_from_dict("WeightClip", {"sigmas": 2.0}) == WeightClip(2.0)
     assert plan_for(model).weight_dtype == "fp32"
+
+
+def test_eval_ppl_scores_with_the_recorded_kv_policy(tiny_dirs, tmp_path, capsys):
+    """`leanlm eval --ppl` of a directory saved with a kv step scores under that policy, as it decodes."""
+    from leanlm.cli import main
+
+    out = tmp_path / "lean"
+    compress(str(tiny_dirs["llama"]), _window_recipe([{"dtype": "float32"}]), out, progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 50}" for i in range(400)))
+    args = ["eval", str(out), "--ppl", "--text", str(text), "--seq-len", "32", "--windows", "2"]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*args, "--kv", "full", "--json", str(tmp_path / "b.json")]) == 0
+    rec, full = (json.loads((tmp_path / f).read_text())["perplexity"] for f in ("a.json", "b.json"))
+    assert rec["kv"] == KVPolicy.parse(WINDOW).describe() and rec["kv"] != full["kv"]
