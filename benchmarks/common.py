@@ -96,7 +96,7 @@ def write_result(name: str, obj: dict, *, partial: bool = False, archive: bool =
     root = RESULTS if root is None else Path(root)
     canonical = not partial and not archive and not checkpoint
     key = f"{root}/{name}"
-    prov = {**stamp(bench_command()), **_START}
+    prov = stamp(bench_command(), code=_START or None)  # the commit (and start time) read when the run started
     prov["machine_shared"] = machine_shared
     try:
         prov["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]

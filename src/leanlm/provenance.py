@@ -82,8 +82,9 @@ def git_commit(repo: str | Path | None = None) -> dict:
         return {"commit": None, "dirty": None}
 
 
-def stamp(command: str | list[str] | None = None) -> dict:
-    """The provenance block every result JSON carries under "provenance"."""
+def stamp(command: str | list[str] | None = None, code: dict | None = None) -> dict:
+    """The provenance block every result JSON carries under "provenance". `code`: the commit block
+    (git_commit()) when the caller took it earlier, e.g. when a long run started; else read now."""
     import torch
 
     if command is None:
@@ -102,7 +103,7 @@ def stamp(command: str | list[str] | None = None) -> dict:
     except Exception:  # not installed as a distribution (a checkout on PYTHONPATH)
         pass
     return {
-        **git_commit(),
+        **(git_commit() if code is None else code),
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
