@@ -107,13 +107,18 @@ def generate_tokens(
     eos_ids: set[int] | None = None,
     stats: GenerationStats | None = None,
     kv=None,
+    adapt_threads: bool | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (greedy or sampled), stopping at EOS or the budget.
 
     `kv`: a KV-cache policy (leanlm.attention.KVPolicy); a bounded one (sinks+window, H2O,
     SnapKV) keeps constant memory and may generate past the context window. None: the policy
-    recorded on the model (leanlm.apply, a recipe's `kv:` step, kept by save / load), else a full cache."""
+    recorded on the model (leanlm.apply, a recipe's `kv:` step, kept by save / load), else a full cache.
+    `adapt_threads`: pick the thread count per step from measured step times (decode/threads.py; default on,
+    LEANLM_ADAPT_THREADS=0 turns it off); the counts used are in stats.extra["threads"]."""
     import time
+
+    from .threads import ThreadGovernor
 
     if kv is None:
         kv = recorded_kv_policy(model)
@@ -142,6 +147,7 @@ def generate_tokens(
     tok = sample(logits, sampling, gen)
     stats.prefill_s = time.perf_counter() - t0
     pos = len(prompt_ids)
+    governor = ThreadGovernor(adapt=adapt_threads)
     t1 = time.perf_counter()
     stats.stop_reason = "length"
     try:
@@ -154,10 +160,13 @@ def generate_tokens(
                 break
             if i == max_new_tokens - 1:
                 break
-            logits = model(torch.tensor([[tok]], device=model.device), start=pos)[0, -1]
+            with governor.step():
+                logits = model(torch.tensor([[tok]], device=model.device), start=pos)[0, -1]
             tok = sample(logits, sampling, gen)
             pos += 1
     finally:
+        governor.restore()
+        stats.extra["threads"] = governor.report()
         model.clear_cache()
 
 
