@@ -28,6 +28,7 @@ def main(args) -> int:
     from ..serve.app import ServerLimits, serve
 
     model, tok = load_model(args)
+    model.prepare_decode()  # the weight layout batch-1 decoding streams fastest, as `leanlm generate` does
     limits = ServerLimits(max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens=args.max_tokens_limit)  # fmt: skip
     serve(model, tok, args.name or args.model, args.host, args.port, limits)

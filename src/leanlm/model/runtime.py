@@ -327,8 +327,11 @@ class Transformer(nn.Module):
 
     def prepare_decode(self) -> int:
         """Store weights the way batch-1 decoding streams them fastest: row-major for leanlm's
-        native small-row kernel (model/fused.py), column-major fp32 when only ATen's GEMV runs."""
-        return self.set_decode_layout(column_major=not ops.available())
+        native small-row kernel (model/fused.py), column-major fp32 when only ATen's GEMV runs, and
+        large ones in transparent huge pages (model/hugepages.py). Returns the number of weights moved."""
+        from .hugepages import place_in_hugepages
+
+        return self.set_decode_layout(column_major=not ops.available()) + place_in_hugepages(self)
 
     def set_decode_layout(self, column_major: bool = True) -> int:
         """Store fp32 CPU weights column-major (a transposed copy viewed back), or row-major again.
