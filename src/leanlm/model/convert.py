@@ -139,10 +139,34 @@ class _TopLevelOnly:
         return []
 
 
+def _unreadable(path: Path, e: Exception) -> LeanlmError:
+    return LeanlmError(f"cannot read GGUF {path} ({type(e).__name__}: {e}); the file may be truncated or corrupt")
+
+
 def convert(path: Path, out: Path) -> dict:
-    """Write the HF directory of GGUF `path` into the (empty, existing) directory `out`; returns what
-    leanlm_source.json records about the conversion."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Write the HF directory of GGUF `path` (weights, config.json, tokenizer) into the existing empty
+    directory `out`; returns what leanlm_source.json records about the conversion."""
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        try:
+            reader = stack.enter_context(_one_reader(path))
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        except LeanlmError:
+            raise
+        except Exception as e:  # the GGUF reader raises many kinds of errors on damaged files
+            raise _unreadable(path, e) from e
+        info = convert_weights(path, out, reader)
+    tok.save_pretrained(out)
+    return {"gguf": str(path), "seconds": time.time() - t0, **info}
+
+
+def convert_weights(path: Path, out: Path, reader=None) -> dict:
+    """Write the weights (model.safetensors) and config.json of GGUF `path` into directory `out`, streamed
+    tensor by tensor; `reader`: the file's GGUFReader where the caller has one. Returns the converter
+    version, the cached dtype and the parameter count."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -150,17 +174,15 @@ def convert(path: Path, out: Path) -> dict:
         load_gguf_checkpoint,
     )
 
-    t0 = time.time()
     with contextlib.ExitStack() as stack:
         try:
-            reader = stack.enter_context(_one_reader(path))
+            reader = reader or stack.enter_context(_one_reader(path))
             gguf_meta = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only: config + tokenizer
             hf_cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-        except Exception as e:  # the GGUF reader raises many kinds of errors on damaged files
-            if isinstance(e, LeanlmError):
-                raise
-            raise LeanlmError(f"cannot read GGUF {path} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+        except LeanlmError:
+            raise
+        except Exception as e:
+            raise _unreadable(path, e) from e
         cfg = ModelConfig.from_hf(hf_cfg)  # fail early on unsupported architectures
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
@@ -190,6 +212,4 @@ def convert(path: Path, out: Path) -> dict:
     hf_dict.pop("quantization_config", None)  # the weights are dequantized now
     hf_dict["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_dict, indent=2))
-    tok.save_pretrained(out)
-    return {"gguf": str(path), "seconds": time.time() - t0, "converter": CONVERTER_VERSION,
-            "dtype": hf_dict["dtype"], "parameters": n_params}  # fmt: skip
+    return {"converter": CONVERTER_VERSION, "dtype": hf_dict["dtype"], "parameters": n_params}
