@@ -11,7 +11,8 @@ leanlm loads (leanlm.model.load.resolve):
   each GGUF it can read (what it cannot is recorded under "skipped").
 - Idle mode: prefill at --prompt-len tokens and decode of --new-tokens after a 32-token prompt, median of --runs
   runs after --warmup. Busy mode: the same decode while a separate process spins on one core (--busy-cpu, pinned;
-  killed at the end whatever happens); prefill too with --busy-prefill.
+  killed at the end whatever happens), for leanlm's paths and llama.cpp F16 / Q8_0 / Q4_0 (every engine with
+  --busy-all; prefill too with --busy-prefill).
 - The DRAM-read bandwidth (best torch.sum over a --bandwidth-gb fp32 tensor at --threads), and per engine the
   DRAM-read bound of decode: bandwidth / weight bytes a decoded token reads (every decoder-layer weight and the
   LM head, each tensor once; the embedding row lookup is left out), and the engine's share of it.
@@ -72,13 +73,16 @@ def parse_args(argv=None):
     ap.add_argument("--busy-cpu", type=int, default=None, help="the core the busy process is pinned to "
                     "(default: the last CPU)")  # fmt: skip
     ap.add_argument("--busy-prefill", action="store_true", help="in busy mode, time prefill as well as decode")
+    ap.add_argument("--busy-all", action="store_true", help="in busy mode, time every engine (default: leanlm's "
+                    "paths and llama.cpp F16, Q8_0, Q4_0)")  # fmt: skip
     ap.add_argument("--gguf-types", default=",".join(GGUF_TYPES), help="comma-separated subset of "
                     + ",".join(GGUF_TYPES))  # fmt: skip
     ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out of the timed engines")
     ap.add_argument("--no-openvino", action="store_true", help="leave OpenVINO GenAI out of the timed engines")
     ap.add_argument("--bandwidth-gb", type=float, default=None,
                     help=f"size of the bandwidth probe tensor (default {DEFAULTS['bandwidth_gb']})")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                     + " unless given; smollm2-135m unless --models")  # fmt: skip
     add_result_args(ap)
     args = ap.parse_args(argv)
@@ -115,11 +119,12 @@ def leanlm_bytes_per_token(model) -> int:
     LM head (the tied embedding table when there is no separate head), each storage counted once; KV caches,
     rotary tables and the embedding lookup are left out."""
     seen, total = set(), 0
-    head = model.lm_head if model.lm_head is not None else None
-    tensors = itertools.chain(model.layers.named_parameters(), model.layers.named_buffers(),
-                              head.named_parameters() if head is not None else [],
-                              head.named_buffers() if head is not None else [],
-                              [("tok_embeddings.weight", model.tok_embeddings.weight)] if head is None else [])  # fmt: skip
+    head = model.lm_head
+    if head is None:
+        head_tensors = [("tok_embeddings.weight", model.tok_embeddings.weight)]
+    else:
+        head_tensors = itertools.chain(head.named_parameters(), head.named_buffers())
+    tensors = itertools.chain(model.layers.named_parameters(), model.layers.named_buffers(), head_tensors)
     for name, t in tensors:
         if "cache" in name.split("."):
             continue
@@ -167,6 +172,13 @@ def peer_engines(args, ggufs: dict, skipped: dict) -> dict:
             out[name] = (engine, {"family": family, "type": t, "bits": GGUF_TYPES[t], "gguf": str(path),
                                   "bytes_per_token": info["bytes_per_token"], "bytes_source": "gguf tensors"})
     return out
+
+
+def busy_engine(rec: dict, busy_all: bool) -> bool:
+    """Timed in busy mode: leanlm's paths and llama.cpp on the types paired with them (what the summary compares),
+    or every engine with --busy-all. A busy core slows decode several-fold, so this keeps the run's length sane."""
+    paired = rec["family"] == "llama.cpp" and rec["type"] in DECODE_PAIRS.values()
+    return busy_all or rec["family"] == "leanlm" or paired
 
 
 # ---- the summary -----------------------------------------------------------------------------------------
@@ -241,9 +253,13 @@ def bench_model(args, name: str, directory, bandwidth_b_s: float, skipped: dict)
             engines[n][1]["idle"] = s
     if "busy" in args.modes:
         phases = ("prefill", "decode") if args.busy_prefill else ("decode",)
-        log(f"{name}: busy core (cpu {args.busy_cpu} spun by another process), {'+'.join(phases)}")
+        busy_order = [e for n, (e, r) in engines.items() if busy_engine(r, args.busy_all)]
+        # the idle runs just warmed every engine; a busy-only run warms up as usual
+        warmup = 0 if "idle" in args.modes else args.warmup
+        log(f"{name}: busy core (cpu {args.busy_cpu} spun by another process), {'+'.join(phases)}, "
+            f"{', '.join(e.name for e in busy_order)}")
         with BusyCore(args.busy_cpu) as spinner:
-            busy = interleaved_speed(order, prompt, short, args.new_tokens, args.runs, args.warmup, phases=phases,
+            busy = interleaved_speed(busy_order, prompt, short, args.new_tokens, args.runs, warmup, phases=phases,
                                      desc=f"{name} busy")  # fmt: skip
         rec["busy_core"] = spinner.report()
         for n, s in busy.items():
@@ -279,7 +295,8 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     skipped = {}
-    for pkg, peer, off in (("llama_cpp", "llama.cpp", args.no_llamacpp), ("openvino_genai", "openvino", args.no_openvino)):
+    peers = (("llama_cpp", "llama.cpp", args.no_llamacpp), ("openvino_genai", "openvino", args.no_openvino))
+    for pkg, peer, off in peers:
         if not off and importlib.util.find_spec(pkg) is None:
             skipped[peer] = f"{pkg} not installed (bash benchmarks/setup_peers.sh)"
     directories = {}

@@ -246,3 +246,13 @@ def test_dram_read_bandwidth_reports_a_positive_rate():
     bw = common.dram_read_bandwidth(gb=0.05, repeats=2)
     assert bw["dram_read_gb_s"] > 0 and bw["tensor_gb"] == pytest.approx(0.05) and len(bw["sum_s_runs"]) == 2
     assert bw["threads"] == torch.get_num_threads()
+
+
+def test_busy_mode_times_leanlm_and_the_paired_llamacpp_types_unless_asked_for_all():
+    e = synthetic_engines()
+    for name, t in (("llama.cpp-f16", "f16"), ("llama.cpp-q8_0", "q8_0"), ("llama.cpp-q4_0", "q4_0"),
+                    ("llama.cpp-q4_k_m", "q4_k_m"), ("openvino-q8_0", "q8_0"), ("openvino-q4_0", "q4_0")):
+        e[name]["type"] = t
+    chosen = {n for n, r in e.items() if bench_peers.busy_engine(r, busy_all=False)}
+    assert chosen == {"leanlm-bf16", "leanlm-int8", "leanlm-int4", "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0"}
+    assert all(bench_peers.busy_engine(r, busy_all=True) for r in e.values())
