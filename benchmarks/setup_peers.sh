@@ -71,8 +71,9 @@ fi
 
 JOBS=${JOBS:-2}
 start=$(date +%s)
-# GGML_NATIVE: -march=native, the CPU's own flags (AVX-512 VNNI/BF16 where present), as llama-cpp-python's wheel
-# built here uses. No curl (nothing is fetched), no tests/examples/server: only the four tools are built.
+# GGML_NATIVE: -march=native, this CPU's own flags (AVX-512 VNNI/BF16 where present; llama-cpp-python built from
+# source on this machine gets the same default). No curl (nothing is fetched), no tests/examples/server: only the
+# four tools are built.
 cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON \
       -DBUILD_SHARED_LIBS=OFF
