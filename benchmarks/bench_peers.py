@@ -166,8 +166,9 @@ def peer_engines(args, ggufs: dict, skipped: dict) -> dict:
             try:
                 engine = make(path, name)
             except Exception as e:  # a reader that does not support this architecture or type
-                skipped[name] = f"{type(e).__name__}: {e}"[:300]
-                log(f"  {name}: cannot run ({skipped[name][:120]})")
+                msg = " ".join(f"{type(e).__name__}: {e}".split())  # one line: it is quoted in a table note
+                skipped[name] = msg if len(msg) <= 400 else f"{msg[:200]} ... {msg[-200:]}"
+                log(f"  {name}: cannot run ({type(e).__name__}: ...{str(e)[-160:]})")
                 continue
             out[name] = (engine, {"family": family, "type": t, "bits": GGUF_TYPES[t], "gguf": str(path),
                                   "bytes_per_token": info["bytes_per_token"], "bytes_source": "gguf tensors"})

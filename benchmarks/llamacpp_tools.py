@@ -38,7 +38,7 @@ def tool(name: str) -> Path:
     path = tools_root() / "build" / "bin" / name
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise LeanlmError(f"llama.cpp tool {name} not found at {path}: build llama.cpp's tools with `{SETUP_HINT}` "
-                          "(about 10 minutes on 2 cores)")  # fmt: skip
+                          "(10-30 minutes on 2 cores)")  # fmt: skip
     return path
 
 

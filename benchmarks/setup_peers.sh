@@ -9,7 +9,8 @@
 # The tools are built with cmake from vendor/llama.cpp of the llama-cpp-python sdist of the same version as the
 # python engine, so the GGUFs bench_peers.py makes are read by the same llama.cpp that it times. They go to
 # $LEANLM_CACHE/llama.cpp-<version>/ (default ~/.cache/leanlm/...): src/ (the vendor tree, with
-# convert_hf_to_gguf.py and gguf-py), build/bin/ (the tools). Idempotent: skips what is already there.
+# convert_hf_to_gguf.py and gguf-py), build/bin/ (the tools): 10-30 minutes on 2 cores. Idempotent: skips what is
+# already there.
 set -euo pipefail
 PY=${PYTHON:-python3}
 LLAMA_CPP_PYTHON_VERSION=0.3.36
@@ -17,7 +18,7 @@ TOOLS=0
 for arg in "$@"; do
     case "$arg" in
         --tools) TOOLS=1 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "setup_peers.sh: unknown option $arg (known: --tools)" >&2; exit 2 ;;
     esac
 done

@@ -276,6 +276,10 @@ def peers(d: dict, rel: str) -> str:
             f"{d.get('bytes_per_token', '?')}. DRAM-bound tok/s = bandwidth ÷ bytes read per token. One core busy: "
             f"another process spinning on CPU {s.get('busy_cpu', '?')}. Median of {s.get('runs', '?')} runs, engines "
             "interleaved in one process.")  # fmt: skip
+    spun = {m: (rec.get("busy_core") or {}).get("spinner_core_share") for m, rec in d["models"].items()}
+    if any(v is not None for v in spun.values()):
+        out += " The busy process held " + ", ".join(f"{share(v)} of a core ({m})" for m, v in spun.items()
+                                                   if v is not None) + "."  # fmt: skip
     skipped = {f"{m}: {k}": v for m, rec in d["models"].items() for k, v in (rec.get("skipped") or {}).items()}
     skipped.update(d.get("skipped") or {})
     if skipped:

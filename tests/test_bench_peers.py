@@ -78,7 +78,8 @@ def synthetic_result() -> dict:
     engines = synthetic_engines()
     return {"settings": {"prompt_len": 512, "new_tokens": 128, "runs": 3, "busy_cpu": 1},
             "bandwidth": {"dram_read_gb_s": 23.4, "threads": 2, "tensor_gb": 1.5}, "bytes_per_token": "weights",
-            "models": {"tiny": {"engines": engines, "skipped": {"openvino-f16": "RuntimeError: no"}}},
+            "models": {"tiny": {"engines": engines, "skipped": {"openvino-f16": "RuntimeError: no"},
+                                "busy_core": {"spinner_core_share": 0.97}}},
             "summary": {"tiny": bench_peers.summarize_model(engines)}}  # fmt: skip
 
 
@@ -92,6 +93,7 @@ def test_peers_table_renders_one_row_per_model_and_engine_and_the_summary(tmp_pa
     assert "| tiny | openvino-q4_0 | 4 | 1,400 | 80.0 | - | 1.0 | 100.0 | - |" in out
     assert "| tiny | 1.60x | 0.50x | 0.50x | 1.25x | 1.25x | 1.20x | 25% | 25% | 80% | 90% |" in out
     assert "23.4 GB/s at 2 threads" in out and "tiny: openvino-f16 (RuntimeError: no)" in out
+    assert "The busy process held 97% of a core (tiny)." in out
     assert "Source: [benchmarks/results/peers.json]" in out
 
 
