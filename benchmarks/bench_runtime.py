@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from common import (HFEngine, LeanlmEngine, LlamaCppEngine, OpenVINOEngine, add_result_args, interleaved_speed,
-                    machine, print_table, write_result)  # fmt: skip
+                    leanlm_quant_configs, machine, print_table, write_result)  # fmt: skip
 
 from leanlm import LeanlmError, load
 from leanlm.evaluate.data import wikitext2_test
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     partial = args.no_ppl or args.no_peers or args.no_quant
-    from leanlm.quant import RTN, quantize
+    from leanlm.quant import quantize
 
     m32, tok = load(args.model, "float32")
     m16, _ = load(args.model, "bfloat16")
@@ -66,8 +66,7 @@ def main() -> None:
               "llama.cpp of the same bits, in the same interleaved run"}  # fmt: skip
     quant = {}
     if not args.no_quant:
-        for label, cfg in (("leanlm-int8", RTN(bits=8, group=0, symmetric=True)),
-                           ("leanlm-int4", RTN(bits=4, group=128))):
+        for label, cfg in leanlm_quant_configs().items():
             quant[label] = quantize(copy.deepcopy(m32), cfg, progress=False)
 
     if not args.no_ppl:

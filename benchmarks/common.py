@@ -267,27 +267,33 @@ class OpenVINOEngine(Engine):
 
 
 def interleaved_speed(engines: list[Engine], prompt: list[int], short: list[int], new_tokens: int,
-                      runs: int, warmup: int = 1) -> dict:
-    """Median prefill tok/s, TTFT and decode tok/s per engine, runs interleaved across engines."""
+                      runs: int, warmup: int = 1, phases: tuple[str, ...] = ("prefill", "decode"),
+                      desc: str = "speed runs") -> dict:
+    """Median prefill tok/s, TTFT and decode tok/s per engine, runs interleaved across engines.
+    phases: which of "prefill" (on `prompt`) and "decode" (`new_tokens` after `short`) to time; the fields of a
+    phase left out are absent."""
     from tqdm.auto import tqdm
 
+    unknown = set(phases) - {"prefill", "decode"}
+    if unknown or not phases:
+        raise ValueError(f"phases must be a non-empty subset of ('prefill', 'decode'), got {phases}")
     raw = {e.name: {"prefill_s": [], "decode_tok_s": []} for e in engines}
-    for r in tqdm(range(warmup + runs), desc="speed runs"):
+    for r in tqdm(range(warmup + runs), desc=desc):
         for e in engines:
-            p = e.prefill(prompt)
-            d = e.decode(short, new_tokens)
+            p = e.prefill(prompt) if "prefill" in phases else None
+            d = e.decode(short, new_tokens) if "decode" in phases else None
             if r >= warmup:
                 raw[e.name]["prefill_s"].append(p)
                 raw[e.name]["decode_tok_s"].append(d)
     out = {}
     for name, v in raw.items():
-        out[name] = {
-            "prefill_tok_s": median([len(prompt) / s for s in v["prefill_s"]]),
-            "ttft_ms": median(v["prefill_s"]) * 1e3,
-            "decode_tok_s": median(v["decode_tok_s"]),
-            "decode_tok_s_runs": v["decode_tok_s"],
-            "prefill_tok_s_runs": [len(prompt) / s for s in v["prefill_s"]],
-        }
+        out[name] = {}
+        if "prefill" in phases:
+            out[name].update({"prefill_tok_s": median([len(prompt) / s for s in v["prefill_s"]]),
+                              "ttft_ms": median(v["prefill_s"]) * 1e3,
+                              "prefill_tok_s_runs": [len(prompt) / s for s in v["prefill_s"]]})  # fmt: skip
+        if "decode" in phases:
+            out[name].update({"decode_tok_s": median(v["decode_tok_s"]), "decode_tok_s_runs": v["decode_tok_s"]})
     return out
 
 
@@ -353,3 +359,77 @@ class QualityRef:
             count += target.numel()
         return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
                 "top1_agreement": agree / count, "tokens": count, "windows": len(self.windows)}  # fmt: skip
+
+
+def leanlm_quant_configs() -> dict:
+    """leanlm's low-bit paths the peer comparisons time: int8 RTN per channel and int4 RTN group 128, by engine name
+    (bench_runtime.py, bench_peers.py)."""
+    from leanlm.quant import RTN
+
+    return {"leanlm-int8": RTN(bits=8, group=0, symmetric=True), "leanlm-int4": RTN(bits=4, group=128)}
+
+
+def dram_read_bandwidth(gb: float = 1.0, repeats: int = 5) -> dict:
+    """DRAM read bandwidth with torch's thread count: the best of `repeats` sums over a `gb`-GB fp32 tensor (far
+    larger than the L3, so each sum streams it from memory once). GB = 1e9 bytes."""
+    n = int(gb * 1e9) // 4
+    x = torch.ones(n, dtype=torch.float32)  # written once: every page is mapped before the timed reads
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    del x
+    return {"dram_read_gb_s": n * 4 / min(times) / 1e9, "tensor_gb": n * 4 / 1e9, "repeats": repeats,
+            "sum_s_runs": times, "threads": torch.get_num_threads(), "method": "best of torch.sum over fp32 tensor"}
+
+
+_SPIN = """
+import os, sys
+cpu, parent = int(sys.argv[1]), int(sys.argv[2])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
+n = 0
+while True:  # spin; stop by itself if the benchmark died without killing us
+    n += 1
+    if n & 0xFFFFF == 0 and os.getppid() != parent:
+        break
+"""
+
+
+class BusyCore:
+    """A separate process spinning on one core (pinned to `cpu`; -1: not pinned) while the context is open, so
+    engines are timed on a machine with one core taken by another job. Always killed on exit (also on Ctrl-C or
+    an error); `report()` gives the spinner's CPU use over its life (1.0 = it held a whole core)."""
+
+    def __init__(self, cpu: int = -1):
+        if cpu >= (os.cpu_count() or 1):
+            raise ValueError(f"busy-core cpu {cpu} does not exist ({os.cpu_count()} CPUs)")
+        self.cpu, self.proc, self.started, self.cpu_s, self.wall_s = cpu, None, 0.0, 0.0, 0.0
+
+    def _cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SPIN, str(self.cpu), str(os.getpid())])
+        self.started = time.perf_counter()
+        time.sleep(0.2)  # let it start spinning before anything is timed
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"busy-core process exited at once (code {self.proc.returncode})")
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.cpu_s, self.wall_s = self._cpu_seconds(), time.perf_counter() - self.started
+            self.proc.kill()
+            self.proc.wait()
+        return False
+
+    def report(self) -> dict:
+        return {"cpu": self.cpu, "wall_s": self.wall_s, "spinner_cpu_s": self.cpu_s,
+                "spinner_core_share": self.cpu_s / self.wall_s if self.wall_s else None}

@@ -237,6 +237,56 @@ def int4_tuning_curve(d: dict, rel: str) -> str:
                     rows)  # fmt: skip
 
 
+def share(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def peers(d: dict, rel: str) -> str:
+    """bench_peers.py: one row per model x engine (idle prefill and decode, decode with one core busy, share of
+    the DRAM-read bound), then the per-model summary ratios."""
+    s, bw = d.get("settings", {}), get(d, "bandwidth", rel=rel)
+    rows, summary_rows = [], []
+    for model, rec in get(d, "models", rel=rel).items():
+        for name, e in get(rec, "engines", rel=rel).items():
+            idle, busy = e.get("idle") or {}, e.get("busy") or {}
+            d_idle, d_busy = idle.get("decode_tok_s"), busy.get("decode_tok_s")
+            busy_cell = "-" if d_busy is None else f"{num(d_busy)} ({share(d_busy / d_idle if d_idle else None)})"
+            rows.append([model, name, e.get("bits", "-"), num(idle.get("prefill_tok_s"), 0), num(d_idle), busy_cell,
+                         num(e["bytes_per_token"] / 1e6), num(e.get("dram_bound_tok_s")),
+                         share(e.get("share_of_dram_bound"))])  # fmt: skip
+        sm = (d.get("summary") or {}).get(model) or {}
+        pv, bc = sm.get("prefill_vs_best_peer") or {}, sm.get("busy_core_share_of_idle") or {}
+        summary_rows.append([model, ratio(pv.get("bf16")), ratio(pv.get("int8")), ratio(pv.get("int4")),
+                             ratio(sm.get("decode_bf16_vs_llamacpp_f16")),
+                             ratio(sm.get("decode_int8_vs_llamacpp_q8_0")),
+                             ratio(sm.get("decode_int4_vs_llamacpp_q4_0")), share(bc.get("leanlm-int8")),
+                             share(bc.get("llama.cpp-q8_0")), share(sm.get("int8_share_of_dram_bound")),
+                             share(sm.get("int4_share_of_dram_bound"))])  # fmt: skip
+    if not rows:
+        raise TableError(f"{rel}: no engines measured")
+    head = ["model", "engine", "weight bits", f"prefill tok/s ({s.get('prompt_len', '?')} tokens)",
+            f"decode tok/s ({s.get('new_tokens', '?')} new)", "decode, one core busy (share of idle)",
+            "MB read / token", "DRAM-bound tok/s", "decode share of bound"]  # fmt: skip
+    out = md_table(head, rows) + "\n\n" + md_table(
+        ["model", "prefill bf16 ÷ best 16-bit peer", "int8 ÷ best 8-bit peer", "int4 ÷ best 4-bit peer",
+         "decode bf16 ÷ llama.cpp F16", "int8 ÷ Q8_0", "int4 ÷ Q4_0", "leanlm int8 busy ÷ idle",
+         "llama.cpp Q8_0 busy ÷ idle", "int8 share of bound", "int4 share of bound"], summary_rows)  # fmt: skip
+    out += (f"\n\nDRAM read: {num(get(bw, 'dram_read_gb_s', rel=rel))} GB/s at {bw.get('threads', '?')} threads "
+            f"(best torch.sum over a {num(bw.get('tensor_gb'))} GB tensor). MB read / token: "
+            f"{d.get('bytes_per_token', '?')}. DRAM-bound tok/s = bandwidth ÷ bytes read per token. One core busy: "
+            f"another process spinning on CPU {s.get('busy_cpu', '?')}. Median of {s.get('runs', '?')} runs, engines "
+            "interleaved in one process.")  # fmt: skip
+    spun = {m: (rec.get("busy_core") or {}).get("spinner_core_share") for m, rec in d["models"].items()}
+    if any(v is not None for v in spun.values()):
+        out += " The busy process held " + ", ".join(f"{share(v)} of a core ({m})" for m, v in spun.items()
+                                                   if v is not None) + "."  # fmt: skip
+    skipped = {f"{m}: {k}": v for m, rec in d["models"].items() for k, v in (rec.get("skipped") or {}).items()}
+    skipped.update(d.get("skipped") or {})
+    if skipped:
+        out += "\n\nNot run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."
+    return out
+
+
 @dataclass(frozen=True)
 class Table:
     name: str
@@ -268,6 +318,8 @@ TABLES = [
     Table("tasks_gemma", "benchmarks/results/tasks_gemma3-270m.json", tasks, "Zero-shot tasks (Gemma-3-270M)",
           optional=True),
     Table("export", "benchmarks/results/export.json", export, "GGUF export loaded in llama.cpp", optional=True),
+    Table("peers", "benchmarks/results/peers.json", peers,
+          "leanlm vs llama.cpp and OpenVINO on real-size models: idle, one core busy, DRAM-read bound", optional=True),
     Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
           "Same-run A/B before and after the restructuring"),
     Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
