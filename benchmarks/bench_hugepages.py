@@ -67,7 +67,7 @@ def main() -> None:
             prepared(plain, False)
             prepared(huge, True)
             placed = hugepages.huge_bytes() - before
-            engines = [LeanlmEngine(plain, f"{path}-4k"), LeanlmEngine(huge, f"{path}-huge")]
+            engines = [LeanlmEngine(plain, f"{path}-4k", prepare=False), LeanlmEngine(huge, f"{path}-huge", prepare=False)]
             short = fixed_prompt(plain.config.vocab_size, 32, seed=1)
             speed = interleaved_speed(engines, short, short, args.new_tokens, args.runs)
             a, b = speed[f"{path}-4k"]["decode_tok_s"], speed[f"{path}-huge"]["decode_tok_s"]

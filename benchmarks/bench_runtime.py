@@ -94,8 +94,8 @@ def main() -> None:
     if args.aten_ab:
         m32_aten, _ = load(args.model, "float32")
         m32_aten.set_decode_layout(True)
-        engines += [LeanlmEngine(m32_aten, "leanlm-fp32-aten-gemv", small_kernel=False),
-                    LeanlmEngine(m16, "leanlm-bf16-aten-gemv", small_kernel=False)]  # fmt: skip
+        engines += [LeanlmEngine(m32_aten, "leanlm-fp32-aten-gemv", small_kernel=False, prepare=False),
+                    LeanlmEngine(m16, "leanlm-bf16-aten-gemv", small_kernel=False, prepare=False)]  # fmt: skip
         bits.update({"leanlm-fp32-aten-gemv": 32, "leanlm-bf16-aten-gemv": 16})
     engines += [HFEngine(m32.directory, torch.float32, "transformers-fp32"),
                 HFEngine(m32.directory, torch.bfloat16, "transformers-bf16")]  # fmt: skip

@@ -162,8 +162,10 @@ class LeanlmEngine(Engine):
     """leanlm's decode loop; small_kernel=False runs its small-row products on ATen instead of
     leanlm's native kernel (model/fused.py), for a same-run A/B."""
 
-    def __init__(self, model, name: str, small_kernel: bool = True):
+    def __init__(self, model, name: str, small_kernel: bool = True, prepare: bool = True):
         self.model, self.name, self.small_kernel = model, name, small_kernel
+        if prepare:  # as `leanlm generate` and `leanlm serve` decode (weight layout, huge pages)
+            model.prepare_decode()
 
     def _run(self, ids, n):
         from leanlm.decode.generate import GenerationStats, generate_tokens
