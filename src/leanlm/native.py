@@ -155,3 +155,22 @@ def _build():
     why = "no working C++ compiler (" + "; ".join(errors) + ")"
     warnings.warn(f"leanlm: native kernels unavailable, {why}; using torch's ops (slower decode)")
     return None, why
+
+
+def bf16_matmul() -> bool:
+    """Do bf16 multi-row products run on bf16 dot products here (AVX512-BF16 or AMX-BF16, through
+    oneDNN)? Then the runtime keeps bf16 GEMMs in bf16 instead of widening them to fp32 (model.runtime.
+    upcast_for_matmul). LEANLM_BF16_GEMM=0 / 1 overrides the CPU check (A/B runs)."""
+    if "bf16" not in _state:
+        asked = os.environ.get("LEANLM_BF16_GEMM", "").strip()
+        if asked not in ("", "0", "1"):
+            raise LeanlmError(f"LEANLM_BF16_GEMM={asked!r}: use 0 (widen to fp32), 1 (bf16 GEMMs) or leave it unset")
+        if asked:
+            _state["bf16"] = asked == "1"
+        else:
+            import torch
+
+            flags = cpu_flags()
+            _state["bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    return _state["bf16"]
+
