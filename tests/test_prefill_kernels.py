@@ -128,3 +128,61 @@ def test_bf16_linear_keeps_bf16_and_matches_fp32(monkeypatch):
         monkeypatch.setitem(native._state, "bf16", fast)
         y = lin(x)
         assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+needs_attn = pytest.mark.skipif(not ops.prefill_attention_usable(), reason="prefill attention needs AVX-512")
+
+
+@needs_attn
+@pytest.mark.parametrize("case", [(1, 9, 3, 512, 512, 64, 0, 0), (2, 4, 2, 37, 37, 64, 0, 0), (1, 4, 1, 20, 50, 128, 30, 0),
+                                  (1, 4, 2, 100, 100, 64, 0, 16), (1, 2, 2, 17, 40, 32, 23, 5)],
+                         ids=lambda c: "B{}_h{}_kv{}_T{}_S{}_d{}_start{}_win{}".format(*c))  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefill_attention_matches_sdpa(case, dtype):
+    """Causal (and windowed) GQA attention from position `start`, strided q as the runtime passes it."""
+    B, nh, nkv, T, S, hd, start, window = case
+    torch.manual_seed(5)
+    q = torch.randn(B, T, nh, hd).transpose(1, 2).to(dtype)
+    k, v = torch.randn(B, nkv, S, hd).to(dtype), torch.randn(B, nkv, S, hd).to(dtype)
+    mask = runtime.attention_mask(start, T, S, window or None, "cpu")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                           scale=0.125, enable_gqa=True)  # fmt: skip
+    y = ops.prefill_attention(q, k, v, 0.125, start, window)
+    assert y.dtype == dtype and y.shape == (B, T, nh * hd)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    assert (y.float() - ref.transpose(1, 2).reshape(B, T, -1)).abs().max() < tol * 4
+
+
+@needs_attn
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_runtime_attention_takes_the_kernel_for_prefill_only(monkeypatch, tmp_path, arch):
+    """More than MAX_ROWS new positions: the native kernel (same logits as SDPA to fp32 rounding); a 16-row
+    forward keeps SDPA (the small-row path is untouched). Gemma-3: sliding-window layers and QK-norm."""
+    from conftest import tiny_hf_config
+    from transformers import AutoModelForCausalLM
+
+    from leanlm.model import load_model
+
+    cfg = tiny_hf_config(arch)
+    cfg.head_dim = 16  # the kernel takes head_dim % 16 == 0 (the tiny models' 8 stays on SDPA)
+    if arch == "gemma3":
+        cfg.sliding_window = 24  # shorter than the prompt, so the window masks keys
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert model.layers[0].attn.head_dim == 16
+    calls = []
+    real = ops.prefill_attention
+    monkeypatch.setattr(ops, "prefill_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.inference_mode():
+        fast = model(ids)
+        assert calls and set(calls) == {40}
+        calls.clear()
+        monkeypatch.setattr(runtime.Attention, "native_prefill", False)
+        ref = model(ids)
+        assert not calls
+        monkeypatch.setattr(runtime.Attention, "native_prefill", True)
+        model(ids[:, :16])
+        assert not calls
+    assert (fast - ref).abs().max() < 1e-4 * ref.abs().max()

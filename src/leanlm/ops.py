@@ -150,6 +150,21 @@ def q_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     return _require().q_gemm(x, qweight, scales, _EMPTY if zeros is None else zeros, bits, group)
 
 
+def prefill_attention_usable() -> bool:
+    """Can prefill_attention run here (the kernels built, and the CPU has AVX512F/BW/VL/DQ)?"""
+    if "attn" not in _gemm_state:
+        lib = _lib()
+        _gemm_state["attn"] = lib is not None and bool(lib.prefill_attention_supported())
+    return _gemm_state["attn"]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
+                      window: int) -> torch.Tensor:  # fmt: skip
+    """Causal attention of q [B, nh, T, hd] (positions start..start+T-1) over k / v [B, nkv, S, hd] (fp32 or bf16,
+    GQA by nh / nkv; windowed when window > 0) -> [B, T, nh * hd] in q's dtype (csrc/attention_prefill.cpp)."""
+    return _require().prefill_attention(q, k, v, scale, start, window)
+
+
 def sparse_usable(wt: torch.Tensor) -> bool:
     """Can sparse_linear run on this transposed weight [K, N]?"""
     return (wt.device.type == "cpu" and wt.dtype in (torch.float32, torch.bfloat16) and wt.dim() == 2

@@ -7,6 +7,7 @@
 #include "gemm_int8.cpp"
 #include "sparse.cpp"
 #include "attention.cpp"
+#include "attention_prefill.cpp"
 #include "fused_block.cpp"
 
 // the ISA level this build was compiled for (native.py checks it against the level it asked for)
@@ -32,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
   m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
   m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)");
+  m.def("prefill_attention", &prefill_attention, "causal attention for many new positions, AVX-512 (attention_prefill.cpp)");
+  m.def("prefill_attention_supported", &prefill_attention_supported, "does this CPU run prefill_attention (AVX-512)?");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, written in bf16 or fp32 (fused_block.cpp)");
   m.def("residual_norm", &residual_norm, "x += post_norm(h); then the next norm of x (fused_block.cpp)");
   m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");

@@ -220,8 +220,15 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, start)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
+    native_prefill = True  # class-wide switch; False: SDPA for every forward (A/B measurements)
+
     def attend(self, q, k, v, start: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
+        if T > ops.MAX_ROWS and self.native_prefill and self._native_prefill_ok(q):
+            # prefill: leanlm's kernel (csrc/attention_prefill.cpp, ~1.45x SDPA's on SmolLM2 at 512, one core);
+            # forwards of <= MAX_ROWS positions keep their path (the fused step's batch invariance)
+            out = ops.prefill_attention(q, k, v, self.scale, start, self.window or 0)
+            return out.view(q.shape[0], T, self.n_heads, self.head_dim).transpose(1, 2)
         mask, causal = None, False
         if T == 1:  # decode: every cached key is visible, except outside a window
             if self.window is not None and S > self.window:
@@ -236,6 +243,14 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa)
         return out if out.dtype == dtype else out.to(dtype)
+
+
+    def _native_prefill_ok(self, q: torch.Tensor) -> bool:
+        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or self.head_dim % 16:
+            return False
+        if torch.is_grad_enabled() and q.requires_grad:  # the kernel has no backward
+            return False
+        return ops.prefill_attention_usable()
 
 
 class MLP(nn.Module):
