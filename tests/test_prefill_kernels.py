@@ -65,6 +65,18 @@ def test_q_gemm_rows_do_not_depend_on_the_call():
     assert torch.equal(full[13:30], part)
 
 
+@needs_gemm
+def test_q_gemm_bf16_io_and_bias():
+    """bf16 x is read as is and the output (+ fp32 bias) rounded once to bf16: equal to the fp32 call rounded."""
+    torch.manual_seed(6)
+    m = QuantLinear(rtn(torch.randn(70, 200) * 0.05, QSpec(8, 0, True)), torch.randn(70), backend="native")
+    x = torch.randn(23, 200).to(torch.bfloat16)
+    y = ops.q_gemm(x, m.qweight, m.scales, m.zeros, 8, m.kgroup, m.bias)
+    y32 = ops.q_gemm(x.float(), m.qweight, m.scales, m.zeros, 8, m.kgroup, m.bias)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y32.to(torch.bfloat16))
+    assert torch.equal(y32, ops.q_gemm(x.float(), m.qweight, m.scales, m.zeros, 8, m.kgroup) + m.bias)
+
+
 @pytest.mark.skipif(not ops.available(), reason="no native kernels")
 @pytest.mark.parametrize("spec", [QSpec(8, 0, True), QSpec(4, 128, False)], ids=lambda s: s.label())
 def test_quantlinear_paths_by_rows(spec, monkeypatch):

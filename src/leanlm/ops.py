@@ -143,11 +143,15 @@ _gemm_state: dict = {}
 
 
 def q_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-           group: int) -> torch.Tensor:  # fmt: skip
-    """x [M, K] times a packed int4/int8 weight (q_linear's layout) -> fp32 [M, N], for any number of rows, on
-    int8 dot products (AVX512-VNNI; q_gemm_usable) with x quantized per block of 32 as q_linear does
-    (csrc/gemm_int8.cpp). Not batch-invariant with q_linear: products of <= MAX_ROWS rows keep q_linear."""
-    return _require().q_gemm(x, qweight, scales, _EMPTY if zeros is None else zeros, bits, group)
+           group: int, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [M, K] (fp32 or bf16) times a packed int4/int8 weight (q_linear's layout), + an fp32 bias -> [M, N] in x's
+    dtype (fp32 sums, rounded once), for any number of rows, on int8 dot products (AVX512-VNNI; q_gemm_usable)
+    with x quantized per block of 32 as q_linear does (csrc/gemm_int8.cpp). Not batch-invariant with q_linear:
+    products of <= MAX_ROWS rows keep q_linear."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    return _require().q_gemm(x, qweight, scales, _EMPTY if zeros is None else zeros,
+                             _EMPTY if bias is None else bias, bits, group)  # fmt: skip
 
 
 def prefill_attention_usable() -> bool:

@@ -42,10 +42,16 @@ struct Acts {  // one call's quantized activations
 };
 
 // quantize rows [m0, m1) of x (fp32 [M, K]) per block of 32, as qlinear.cpp does (q = rne(x * 127 / amax))
-LEANLM_VNNI static void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t NB, int64_t G, int64_t BPG,
+LEANLM_VNNI static inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+LEANLM_VNNI static inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {  // bf16 -> fp32: a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+template <typename T>
+LEANLM_VNNI static void quantize_rows(const T* x, int64_t K, int64_t Kp, int64_t NB, int64_t G, int64_t BPG,
                                       bool want_sum, Acts& a, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * K;
+    const T* xr = x + m * K;
     int8_t* qr = a.q.data() + m * Kp;
     float* cr = a.corr.data() + m * G;
     float* sr = want_sum ? a.sumx.data() + m * G : nullptr;
@@ -54,7 +60,7 @@ LEANLM_VNNI static void quantize_rows(const float* x, int64_t K, int64_t Kp, int
       const int64_t k0 = b * 32, valid = std::max<int64_t>(0, std::min<int64_t>(32, K - k0));
       const __mmask16 m_lo = (__mmask16)((1u << std::min<int64_t>(16, valid)) - 1);
       const __mmask16 m_hi = (__mmask16)(valid > 16 ? (1u << (valid - 16)) - 1 : 0);
-      const __m512 v0 = _mm512_maskz_loadu_ps(m_lo, xr + k0), v1 = _mm512_maskz_loadu_ps(m_hi, xr + k0 + 16);
+      const __m512 v0 = load16(xr + k0, m_lo), v1 = load16(xr + k0 + 16, m_hi);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       const __m512 vi = _mm512_set1_ps(inv);
@@ -135,10 +141,20 @@ LEANLM_VNNI static void pack_panel(const uint8_t* w, const uint16_t* sp, const u
 }
 
 // R rows (R <= MR) of x against one panel -> y[r, n0 .. n0 + ncols)
-template <int R, bool ZERO>
+LEANLM_VNNI static inline void store16(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+LEANLM_VNNI static inline void store16(c10::BFloat16* p, __mmask16 k, __m512 v) {  // round to nearest even, as torch
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+}
+
+template <int R, bool ZERO, typename TO>
 LEANLM_VNNI static void micro(const uint8_t* panel, const float* psw, const float* pzw, const int8_t* xq, int64_t Kp,
                               const float* sx, int64_t NB, const float* corr, const float* sumx, int64_t G,
-                              int64_t BPG, float mid, float* y, int64_t ldy, int64_t ncols) {
+                              int64_t BPG, float mid, const float* pb, TO* y, int64_t ldy, int64_t ncols) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -177,32 +193,33 @@ LEANLM_VNNI static void micro(const uint8_t* panel, const float* psw, const floa
   }
   const __mmask16 k0 = (__mmask16)(ncols >= 16 ? 0xFFFF : (1u << ncols) - 1);
   const __mmask16 k1 = (__mmask16)(ncols >= 32 ? 0xFFFF : ncols > 16 ? (1u << (ncols - 16)) - 1 : 0);
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(y + r * ldy, k0, acc[r][0]);
-    _mm512_mask_storeu_ps(y + r * ldy + 16, k1, acc[r][1]);
+  const __m512 b0 = pb ? _mm512_loadu_ps(pb) : _mm512_setzero_ps(), b1 = pb ? _mm512_loadu_ps(pb + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {  // y + bias in fp32, then rounded to the output dtype (QuantLinear's order)
+    store16(y + r * ldy, k0, _mm512_add_ps(acc[r][0], b0));
+    store16(y + r * ldy + 16, k1, _mm512_add_ps(acc[r][1], b1));
   }
 }
 
-template <bool ZERO>
-LEANLM_VNNI static void rows(int64_t R, const uint8_t* panel, const float* psw, const float* pzw, const Acts& a,
-                             int64_t m, int64_t Kp, int64_t NB, int64_t G, int64_t BPG, float mid, float* y, int64_t N,
-                             int64_t n0) {
+template <bool ZERO, typename TO>
+LEANLM_VNNI static void rows(int64_t R, const uint8_t* panel, const float* psw, const float* pzw, const float* pb,
+                             const Acts& a, int64_t m, int64_t Kp, int64_t NB, int64_t G, int64_t BPG, float mid, TO* y,
+                             int64_t N, int64_t n0) {
   const int8_t* xq = a.q.data() + m * Kp;
   const float *sx = a.sx.data() + m * NB, *corr = a.corr.data() + m * G;
   const float* sumx = ZERO ? a.sumx.data() + m * G : nullptr;
-  float* yp = y + m * N + n0;
+  TO* yp = y + m * N + n0;
   const int64_t nc = std::min<int64_t>(NR, N - n0);
   switch (R) {
-    case 4: micro<4, ZERO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, yp, N, nc); break;
-    case 3: micro<3, ZERO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, yp, N, nc); break;
-    case 2: micro<2, ZERO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, yp, N, nc); break;
-    default: micro<1, ZERO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, yp, N, nc); break;
+    case 4: micro<4, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+    case 3: micro<3, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+    case 2: micro<2, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+    default: micro<1, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
   }
 }
 
-template <int BITS>
-LEANLM_VNNI static void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* sp,
-                            const uint16_t* zp, int64_t N, int64_t G, int64_t BPG, float* y) {
+template <int BITS, typename TI, typename TO>
+LEANLM_VNNI static void run(const TI* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* sp,
+                            const uint16_t* zp, const float* bias, int64_t N, int64_t G, int64_t BPG, TO* y) {
   const int64_t NB = G * BPG, Kp = NB * 32;
   Acts a;
   a.q.resize(M * Kp);
@@ -214,14 +231,17 @@ LEANLM_VNNI static void run(const float* x, int64_t M, int64_t K, const uint8_t*
   const int64_t panels = (N + NR - 1) / NR;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     std::vector<uint8_t> panel(Kp * NR);
-    std::vector<float> psw(G * NR), pzw(G * NR);
+    std::vector<float> psw(G * NR), pzw(G * NR), pb(NR, 0.f);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * NR;
       pack_panel<BITS>(w, sp, zp, N, Kp, G, n0, panel.data(), psw.data(), pzw.data());
+      if (bias)
+        for (int64_t j = 0; j < NR; ++j) pb[j] = n0 + j < N ? bias[n0 + j] : 0.f;
+      const float* pbp = bias ? pb.data() : nullptr;
       for (int64_t m = 0; m < M; m += MR) {
         const int64_t R = std::min<int64_t>(MR, M - m);
-        if (zp) rows<true>(R, panel.data(), psw.data(), pzw.data(), a, m, Kp, NB, G, BPG, mid, y, N, n0);
-        else rows<false>(R, panel.data(), psw.data(), pzw.data(), a, m, Kp, NB, G, BPG, mid, y, N, n0);
+        if (zp) rows<true>(R, panel.data(), psw.data(), pzw.data(), pbp, a, m, Kp, NB, G, BPG, mid, y, N, n0);
+        else rows<false>(R, panel.data(), psw.data(), pzw.data(), pbp, a, m, Kp, NB, G, BPG, mid, y, N, n0);
       }
     }
   });
@@ -236,9 +256,20 @@ static bool q_gemm_supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-// x [M, K] (any float dtype) times a packed int4 / int8 weight (qlinear.cpp's layout) -> fp32 [M, N]
-torch::Tensor q_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
-                     int64_t group) {
+template <int BITS>
+static void dispatch(const Tensor& x, const uint8_t* w, const uint16_t* sp, const uint16_t* zp, const float* bias,
+                     int64_t N, int64_t G, int64_t BPG, Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kBFloat16)
+    gemm_int8::run<BITS>(x.data_ptr<c10::BFloat16>(), M, K, w, sp, zp, bias, N, G, BPG, y.data_ptr<c10::BFloat16>());
+  else
+    gemm_int8::run<BITS>(x.data_ptr<float>(), M, K, w, sp, zp, bias, N, G, BPG, y.data_ptr<float>());
+}
+
+// x [M, K] (fp32 or bf16) times a packed int4 / int8 weight (qlinear.cpp's layout), + an fp32 bias when given ->
+// [M, N] in x's dtype (fp32 sums, rounded once)
+torch::Tensor q_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros, torch::Tensor bias,
+                     int64_t bits, int64_t group) {
   TORCH_CHECK(q_gemm_supported(), "q_gemm: this CPU lacks AVX512-VNNI");
   TORCH_CHECK(x.dim() == 2 && scales.dim() == 2 && group % 32 == 0 && group > 0, "q_gemm: bad shapes");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "q_gemm: scales must be bf16");
@@ -247,15 +278,17 @@ torch::Tensor q_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, tor
   const int64_t BPG = group / 32, Kp = G * group;
   TORCH_CHECK(K <= Kp && w.size(0) == N, "q_gemm: K <= padded K");
   TORCH_CHECK(w.numel() == N * (bits == 4 ? Kp / 2 : Kp), "q_gemm: weight size does not match the scales");
-  const bool has_zero = zeros.numel() > 0;
+  const bool has_zero = zeros.numel() > 0, has_bias = bias.numel() > 0;
   if (has_zero) TORCH_CHECK(zeros.scalar_type() == at::kBFloat16 && zeros.is_contiguous() && zeros.numel() == N * G);
-  auto xf = x.to(at::kFloat).contiguous();
-  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  if (has_bias) TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, "q_gemm: fp32 bias [N]");
+  auto xc = (x.scalar_type() == at::kBFloat16 ? x : x.to(at::kFloat)).contiguous();
+  auto y = torch::empty({M, N}, xc.options());
   if (M == 0) return y;
   const uint16_t* sp = (const uint16_t*)scales.data_ptr<at::BFloat16>();
   const uint16_t* zp = has_zero ? (const uint16_t*)zeros.data_ptr<at::BFloat16>() : nullptr;
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const uint8_t* wp = (const uint8_t*)w.data_ptr();
-  if (bits == 4) gemm_int8::run<4>(xf.data_ptr<float>(), M, K, wp, sp, zp, N, G, BPG, y.data_ptr<float>());
-  else gemm_int8::run<8>(xf.data_ptr<float>(), M, K, wp, sp, zp, N, G, BPG, y.data_ptr<float>());
+  if (bits == 4) dispatch<4>(xc, wp, sp, zp, bp, N, G, BPG, y);
+  else dispatch<8>(xc, wp, sp, zp, bp, N, G, BPG, y);
   return y;
 }

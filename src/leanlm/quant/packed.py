@@ -316,8 +316,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.backend != "none" and x2.shape[0] <= self.max_kernel_rows and x.device.type == "cpu":
             y = self._kernel_mm(x2)
-        elif self._gemm_ok(x2):
-            y = ops.q_gemm(x2, self.qweight, self.scales, self.zeros, self.spec.bits, self.kgroup)
+        elif self._gemm_ok(x2):  # bias added in fp32 and rounded to x's dtype inside, as below
+            y = ops.q_gemm(x2, self.qweight, self.scales, self.zeros, self.spec.bits, self.kgroup, self.bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = self._dequant_mm(x2)
         if self.bias is not None:
