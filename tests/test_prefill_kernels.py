@@ -198,3 +198,42 @@ def test_runtime_attention_takes_the_kernel_for_prefill_only(monkeypatch, tmp_pa
         model(ids[:, :16])
         assert not calls
     assert (fast - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+@needs_attn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gelu", [False, True], ids=["silu", "gelu_tanh"])
+def test_glu_rows_matches_torch(dtype, gelu):
+    torch.manual_seed(7)
+    gu = (torch.randn(40, 96) * 3).to(dtype)
+    g, u = gu[:, :48], gu[:, 48:]
+    act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
+    ref = act * u
+    y = ops.glu_rows(gu, gelu)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and ((y.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all()
+
+
+@needs_attn
+@pytest.mark.parametrize("plus_one", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_rows_matches_runtime_norm(plus_one, dtype, monkeypatch):
+    """The prefill norm (> MAX_ROWS rows) against the Python path's fp32 math; <= MAX_ROWS rows keep the latter."""
+    torch.manual_seed(8)
+    norm = runtime.RMSNorm(64, 1e-6, plus_one)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 20, 64) * 5
+    calls = []
+    real = ops.norm_rows
+    monkeypatch.setattr(ops, "norm_rows", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        y = norm(x, dtype)
+        assert calls
+        monkeypatch.setattr(runtime.Attention, "native_prefill", False)
+        ref = norm(x, dtype)
+        monkeypatch.setattr(runtime.Attention, "native_prefill", True)
+        calls.clear()
+        assert torch.equal(norm(x[:, :8], dtype), ref[:, :8]) and not calls  # 16 rows: the Python path
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and ((y.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all()

@@ -169,6 +169,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return _require().prefill_attention(q, k, v, scale, start, window)
 
 
+def glu_rows(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up of a contiguous fp32/bf16 gate_up [B, 2F] (F % 16 == 0), many rows, AVX-512
+    (prefill_attention_usable; csrc/prefill_glue.cpp)."""
+    return _require().glu_rows(gate_up, gelu)
+
+
+def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool, bf16: bool) -> torch.Tensor:
+    """RMSNorm of contiguous fp32 rows x [B, D] (D % 16 == 0), many rows, AVX-512, written in bf16 or fp32
+    (prefill_attention_usable; csrc/prefill_glue.cpp)."""
+    return _require().norm_rows(x, weight, eps, plus_one, bf16)
+
+
 def sparse_usable(wt: torch.Tensor) -> bool:
     """Can sparse_linear run on this transposed weight [K, N]?"""
     return (wt.device.type == "cpu" and wt.dtype in (torch.float32, torch.bfloat16) and wt.dim() == 2

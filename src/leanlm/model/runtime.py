@@ -24,6 +24,19 @@ from . import fused as _fused
 from .config import LayerSpec, ModelConfig
 
 
+def _native_rows(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Does a prefill's glue (more than ops.MAX_ROWS rows of fp32 x, or x in its dtype for the GLU) take leanlm's
+    AVX-512 kernels (csrc/prefill_glue.cpp)? Forwards of <= MAX_ROWS rows keep their path (the fused decode
+    step's numerics); so does autograd (the kernels have no backward)."""
+    if not Attention.native_prefill or x.device.type != "cpu" or x.shape[-1] % 16 or not x.is_contiguous():
+        return False
+    if x.numel() <= ops.MAX_ROWS * x.shape[-1] or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return ops.prefill_attention_usable()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
@@ -31,13 +44,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_dtype = out_dtype or x.dtype
+        if x.dtype == torch.float32 and out_dtype in (torch.float32, torch.bfloat16) and _native_rows(x, self.weight):  # prefill: one AVX-512 pass
+            y = ops.norm_rows(x.reshape(-1, x.shape[-1]), self.weight, self.eps, self.plus_one, out_dtype == torch.bfloat16)
+            return y.view(x.shape)
         # fp32 math in transformers' order (bitwise equal to it); written out because
         # F.rms_norm dispatches ~3x more ops, which dominates at batch-1 decode
         h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
         h = h * (1.0 + w) if self.plus_one else h * w
-        out_dtype = out_dtype or x.dtype
         return h if h.dtype == out_dtype else h.to(out_dtype)
 
 
@@ -220,7 +236,7 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, start)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    native_prefill = True  # class-wide switch; False: SDPA for every forward (A/B measurements)
+    native_prefill = True  # class-wide switch; False: SDPA and ATen's glue for every forward (A/B measurements)
 
     def attend(self, q, k, v, start: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
@@ -259,11 +275,14 @@ class MLP(nn.Module):
         self.ffn_dim = spec.ffn_dim
         self.w_gate_up = Linear(cfg.hidden_size, 2 * spec.ffn_dim, bias=False)
         self.w_down = Linear(spec.ffn_dim, cfg.hidden_size, bias=False)
+        self.gelu = cfg.activation != "silu"
         self.act = F.silu if cfg.activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w_gate_up(x)
         f = gate_up.shape[-1] // 2
+        if _native_rows(gate_up) and f % 16 == 0:  # prefill: act(gate) * up in one AVX-512 pass
+            return self.w_down(ops.glu_rows(gate_up.reshape(-1, 2 * f), self.gelu).view(*gate_up.shape[:-1], f))
         return self.w_down(self.act(gate_up[..., :f]) * gate_up[..., f:])
 
 
