@@ -129,9 +129,14 @@ LEANLM_AVX512 static void run(const Tensor& q, const Tensor& k, const Tensor& v,
   });
   const int64_t blocks = (s.T + R - 1) / R, group = s.nh / s.nkv;
   T* op = out.data_ptr<T>();  // [B, T, nh, hd]
-  at::parallel_for(0, s.B * s.nh * blocks, 1, [&](int64_t t_begin, int64_t t_end) {
+  // tasks from a shared counter, longest (latest rows, most keys) first: a thread that lost its core on a busy
+  // machine does not hold up the others with a fixed share
+  const int64_t tasks = s.B * s.nh * blocks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> sc(R * s.Sp), qf(R * s.hd), of(R * s.hd);
-    for (int64_t task = t_begin; task < t_end; ++task) {
+    for (int64_t i = next++; i < tasks; i = next++) {
+      const int64_t task = tasks - 1 - i;
       const int64_t blk = task % blocks, h = task / blocks % s.nh, b = task / blocks / s.nh;
       const int64_t t0 = blk * R;
       const int rows = (int)std::min<int64_t>(R, s.T - t0);

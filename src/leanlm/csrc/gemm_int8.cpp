@@ -229,10 +229,13 @@ LEANLM_VNNI static void run(const TI* x, int64_t M, int64_t K, const uint8_t* w,
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quantize_rows(x, K, Kp, NB, G, BPG, zp != nullptr, a, m0, m1); });
   const float mid = BITS == 4 ? 8.f : 128.f;
   const int64_t panels = (N + NR - 1) / NR;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  // panels are handed out one at a time from a shared counter, not split in equal halves: on a busy machine a
+  // thread that lost its core does not hold up the others with half the work
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<uint8_t> panel(Kp * NR);
     std::vector<float> psw(G * NR), pzw(G * NR), pb(NR, 0.f);
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p = next++; p < panels; p = next++) {
       const int64_t n0 = p * NR;
       pack_panel<BITS>(w, sp, zp, N, Kp, G, n0, panel.data(), psw.data(), pzw.data());
       if (bias)
