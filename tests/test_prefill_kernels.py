@@ -237,3 +237,29 @@ def test_norm_rows_matches_runtime_norm(plus_one, dtype, monkeypatch):
         assert torch.equal(norm(x[:, :8], dtype), ref[:, :8]) and not calls  # 16 rows: the Python path
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert y.dtype == dtype and ((y.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all()
+
+
+def test_prefill_without_avx512_takes_the_portable_paths(monkeypatch, tmp_path):
+    """An AVX2-only CPU (no VNNI / AVX-512 / bf16 dot products): a quantized model's prefill dequantizes to the
+    fp32 GEMM, attention runs on SDPA, the glue on ATen, bf16 widens to fp32; the kernels are never called."""
+    from conftest import tiny_hf_config
+    from transformers import AutoModelForCausalLM
+
+    from leanlm.model import load_model
+    from leanlm.quant import RTN, quantize
+
+    cfg = tiny_hf_config("qwen2")  # q/k/v bias
+    cfg.head_dim = 16
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path, safe_serialization=True)
+    model = quantize(load_model(tmp_path, dtype=torch.float32), RTN(bits=4, group=32), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.inference_mode():
+        fast = model(ids)
+    monkeypatch.setattr(ops, "_gemm_state", {"q_gemm": False, "attn": False})
+    monkeypatch.setitem(native._state, "bf16", False)
+    for name in ("q_gemm", "prefill_attention", "glu_rows", "norm_rows"):
+        monkeypatch.setattr(ops, name, lambda *a, _n=name: pytest.fail(f"{_n} called without AVX-512"))
+    with torch.inference_mode():
+        portable = model(ids)
+    assert (portable - fast).abs().max() < 0.05 * portable.abs().max()  # activation rounding and bf16 only

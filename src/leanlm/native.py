@@ -17,6 +17,12 @@ wider variant yet that would pay for it. LEANLM_ISA=<level> asks for a given lev
 machine where a wider build measures faster); when a level fails to build (an old compiler without
 its flags) the next lower one is tried, with a warning.
 
+Prefill's kernels (gemm_int8.cpp: the low-bit GEMM on AVX512-VNNI; attention_prefill.cpp and prefill_glue.cpp:
+attention, RMSNorm and the GLU for many rows on AVX-512) carry their own target attributes instead: every
+build contains them whatever its level, and ops.q_gemm_usable / prefill_attention_usable say whether this
+CPU runs them (elsewhere the runtime keeps ATen's paths). bf16 multi-row products stay bf16 on oneDNN where
+the CPU has bf16 dot products (`bf16_matmul`).
+
 `extension()` returns None, and callers fall back to torch's ops, when LEANLM_NATIVE=0, when the
 CPU lacks AVX2/FMA or when no compiler works (a warning says which and why).
 """
