@@ -17,6 +17,12 @@ wider variant yet that would pay for it. LEANLM_ISA=<level> asks for a given lev
 machine where a wider build measures faster); when a level fails to build (an old compiler without
 its flags) the next lower one is tried, with a warning.
 
+Prefill's kernels (gemm_int8.cpp: the low-bit GEMM on AVX512-VNNI; attention_prefill.cpp and prefill_glue.cpp:
+attention, RMSNorm and the GLU for many rows on AVX-512) carry their own target attributes instead: every
+build contains them whatever its level, and ops.q_gemm_usable / prefill_attention_usable say whether this
+CPU runs them (elsewhere the runtime keeps ATen's paths). bf16 multi-row products stay bf16 on oneDNN where
+the CPU has bf16 dot products (`bf16_matmul`).
+
 `extension()` returns None, and callers fall back to torch's ops, when LEANLM_NATIVE=0, when the
 CPU lacks AVX2/FMA or when no compiler works (a warning says which and why).
 """
@@ -155,3 +161,22 @@ def _build():
     why = "no working C++ compiler (" + "; ".join(errors) + ")"
     warnings.warn(f"leanlm: native kernels unavailable, {why}; using torch's ops (slower decode)")
     return None, why
+
+
+def bf16_matmul() -> bool:
+    """Do bf16 multi-row products run on bf16 dot products here (AVX512-BF16 or AMX-BF16, through
+    oneDNN)? Then the runtime keeps bf16 GEMMs in bf16 instead of widening them to fp32 (model.runtime.
+    upcast_for_matmul). LEANLM_BF16_GEMM=0 / 1 overrides the CPU check (A/B runs)."""
+    if "bf16" not in _state:
+        asked = os.environ.get("LEANLM_BF16_GEMM", "").strip()
+        if asked not in ("", "0", "1"):
+            raise LeanlmError(f"LEANLM_BF16_GEMM={asked!r}: use 0 (widen to fp32), 1 (bf16 GEMMs) or leave it unset")
+        if asked:
+            _state["bf16"] = asked == "1"
+        else:
+            import torch
+
+            flags = cpu_flags()
+            _state["bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    return _state["bf16"]
+

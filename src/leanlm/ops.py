@@ -5,6 +5,8 @@ rows share the call, so a k-token verification forward equals k one-token steps 
 
 - `small_linear`  x [1..16, K] . W^T for a row-major fp32/bf16 W (csrc/gemv_small.cpp)
 - `q_linear`      x [1..16, K] . W^T for leanlm.quant's packed int4/int8 W (csrc/qlinear.cpp)
+- `q_gemm`        x [M, K] . W^T for the same packed W, many rows (prefill) on AVX512-VNNI (csrc/gemm_int8.cpp;
+                  not batch-invariant with q_linear, which keeps every product of up to 16 rows)
 - `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
 - `attend`        RoPE + KV-cache write + attention for 1..16 new positions (csrc/attention.cpp)
 - `rms_norm`, `residual_norm`, `glu`, `decode_layer`: a decoder block's glue, and the whole block in
@@ -127,6 +129,56 @@ def q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     """x [1..16, K] times a packed int4/int8 weight (leanlm.quant.packed's native layout) -> fp32 [M, N].
     scales/zeros: bf16 [N, G]; group: columns per group of the stored width (a multiple of 32)."""
     return _require().q_linear(x, qweight, scales, _EMPTY if zeros is None else zeros, bits, group)
+
+
+def q_gemm_usable() -> bool:
+    """Can q_gemm run here (the kernels built, and the CPU has AVX512F/BW/VL + VNNI)?"""
+    if "q_gemm" not in _gemm_state:
+        lib = _lib()
+        _gemm_state["q_gemm"] = lib is not None and bool(lib.q_gemm_supported())
+    return _gemm_state["q_gemm"]
+
+
+_gemm_state: dict = {}
+
+
+def q_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+           group: int, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [M, K] (fp32 or bf16) times a packed int4/int8 weight (q_linear's layout), + an fp32 bias -> [M, N] in x's
+    dtype (fp32 sums, rounded once), for any number of rows, on int8 dot products (AVX512-VNNI; q_gemm_usable)
+    with x quantized per block of 32 as q_linear does (csrc/gemm_int8.cpp). Not batch-invariant with q_linear:
+    products of <= MAX_ROWS rows keep q_linear."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    return _require().q_gemm(x, qweight, scales, _EMPTY if zeros is None else zeros,
+                             _EMPTY if bias is None else bias, bits, group)  # fmt: skip
+
+
+def prefill_attention_usable() -> bool:
+    """Can prefill_attention run here (the kernels built, and the CPU has AVX512F/BW/VL/DQ)?"""
+    if "attn" not in _gemm_state:
+        lib = _lib()
+        _gemm_state["attn"] = lib is not None and bool(lib.prefill_attention_supported())
+    return _gemm_state["attn"]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
+                      window: int) -> torch.Tensor:  # fmt: skip
+    """Causal attention of q [B, nh, T, hd] (positions start..start+T-1) over k / v [B, nkv, S, hd] (fp32 or bf16,
+    GQA by nh / nkv; windowed when window > 0) -> [B, T, nh * hd] in q's dtype (csrc/attention_prefill.cpp)."""
+    return _require().prefill_attention(q, k, v, scale, start, window)
+
+
+def glu_rows(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up of a contiguous fp32/bf16 gate_up [B, 2F] (F % 16 == 0), many rows, AVX-512
+    (prefill_attention_usable; csrc/prefill_glue.cpp)."""
+    return _require().glu_rows(gate_up, gelu)
+
+
+def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool, bf16: bool) -> torch.Tensor:
+    """RMSNorm of contiguous fp32 rows x [B, D] (D % 16 == 0), many rows, AVX-512, written in bf16 or fp32
+    (prefill_attention_usable; csrc/prefill_glue.cpp)."""
+    return _require().norm_rows(x, weight, eps, plus_one, bf16)
 
 
 def sparse_usable(wt: torch.Tensor) -> bool:

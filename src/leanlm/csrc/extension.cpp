@@ -4,8 +4,11 @@
 
 #include "gemv_small.cpp"
 #include "qlinear.cpp"
+#include "gemm_int8.cpp"
 #include "sparse.cpp"
 #include "attention.cpp"
+#include "attention_prefill.cpp"
+#include "prefill_glue.cpp"
 #include "fused_block.cpp"
 
 // the ISA level this build was compiled for (native.py checks it against the level it asked for)
@@ -27,8 +30,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the ISA level the extension was compiled for");
   m.def("small_linear", &small_linear, "x [1..16, K] . w [N, K]^T (+ b), fp32 accumulation (gemv_small.cpp)");
   m.def("q_linear", &q_linear, "x [1..16, K] . packed int4/int8 W^T -> fp32 [M, N] (qlinear.cpp)");
+  m.def("q_gemm", &q_gemm, "x [M, K] . packed int4/int8 W^T -> fp32 [M, N] on AVX512-VNNI (gemm_int8.cpp)");
+  m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
   m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
   m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)");
+  m.def("prefill_attention", &prefill_attention, "causal attention for many new positions, AVX-512 (attention_prefill.cpp)");
+  m.def("prefill_attention_supported", &prefill_attention_supported, "does this CPU run prefill_attention (AVX-512)?");
+  m.def("glu_rows", &glu_rows, "act(gate) * up for many rows, AVX-512 (prefill_glue.cpp)");
+  m.def("norm_rows", &norm_rows, "RMSNorm of many fp32 rows, AVX-512 (prefill_glue.cpp)");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, written in bf16 or fp32 (fused_block.cpp)");
   m.def("residual_norm", &residual_norm, "x += post_norm(h); then the next norm of x (fused_block.cpp)");
   m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");

@@ -18,10 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import native, ops
 from ..ops import FusedLinear, LinearKind
 from . import fused as _fused
 from .config import LayerSpec, ModelConfig
+
+
+def _native_rows(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Does a prefill's glue (more than ops.MAX_ROWS rows of fp32 x, or x in its dtype for the GLU) take leanlm's
+    AVX-512 kernels (csrc/prefill_glue.cpp)? Forwards of <= MAX_ROWS rows keep their path (the fused decode
+    step's numerics); so does autograd (the kernels have no backward)."""
+    if not Attention.native_prefill or x.device.type != "cpu" or x.shape[-1] % 16 or not x.is_contiguous():
+        return False
+    if x.numel() <= ops.MAX_ROWS * x.shape[-1] or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return ops.prefill_attention_usable()
 
 
 class RMSNorm(nn.Module):
@@ -31,13 +44,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_dtype = out_dtype or x.dtype
+        if x.dtype == torch.float32 and out_dtype in (torch.float32, torch.bfloat16) and _native_rows(x, self.weight):  # prefill: one AVX-512 pass
+            y = ops.norm_rows(x.reshape(-1, x.shape[-1]), self.weight, self.eps, self.plus_one, out_dtype == torch.bfloat16)
+            return y.view(x.shape)
         # fp32 math in transformers' order (bitwise equal to it); written out because
         # F.rms_norm dispatches ~3x more ops, which dominates at batch-1 decode
         h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
         h = h * (1.0 + w) if self.plus_one else h * w
-        out_dtype = out_dtype or x.dtype
         return h if h.dtype == out_dtype else h.to(out_dtype)
 
 
@@ -83,13 +99,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 def upcast_for_matmul(x: torch.Tensor) -> bool:
-    """On CPUs without native bf16/fp16 matmul, multi-row products are far faster in fp32.
+    """On CPUs without native bf16 matmul, multi-row products are far faster in fp32.
 
     Measured on an AVX2 CPU without AVX512-BF16: a 512x576 @ 576x1536 bf16 GEMM took 46 ms vs
     5.4 ms in fp32, while bf16 GEMV (one row) is faster than fp32 as it moves half the bytes.
     So low-precision weights stay low-precision in memory and are widened only for prefill.
+    Where the CPU has bf16 dot products (AVX512-BF16 / AMX, native.bf16_matmul), oneDNN's bf16 GEMM
+    beats widening + the fp32 GEMM (3-5x on SmolLM2's prefill shapes, AVX-512 EPYC): bf16 stays bf16.
     """
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] > 4
+    if x.device.type != "cpu" or x.numel() // x.shape[-1] <= 4:
+        return False
+    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not native.bf16_matmul())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,8 +236,15 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, start)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
+    native_prefill = True  # class-wide switch; False: SDPA and ATen's glue for every forward (A/B measurements)
+
     def attend(self, q, k, v, start: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
+        if T > ops.MAX_ROWS and self.native_prefill and self._native_prefill_ok(q):
+            # prefill: leanlm's kernel (csrc/attention_prefill.cpp, ~1.45x SDPA's on SmolLM2 at 512, one core);
+            # forwards of <= MAX_ROWS positions keep their path (the fused step's batch invariance)
+            out = ops.prefill_attention(q, k, v, self.scale, start, self.window or 0)
+            return out.view(q.shape[0], T, self.n_heads, self.head_dim).transpose(1, 2)
         mask, causal = None, False
         if T == 1:  # decode: every cached key is visible, except outside a window
             if self.window is not None and S > self.window:
@@ -234,17 +261,28 @@ class Attention(nn.Module):
         return out if out.dtype == dtype else out.to(dtype)
 
 
+    def _native_prefill_ok(self, q: torch.Tensor) -> bool:
+        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or self.head_dim % 16:
+            return False
+        if torch.is_grad_enabled() and q.requires_grad:  # the kernel has no backward
+            return False
+        return ops.prefill_attention_usable()
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
         self.ffn_dim = spec.ffn_dim
         self.w_gate_up = Linear(cfg.hidden_size, 2 * spec.ffn_dim, bias=False)
         self.w_down = Linear(spec.ffn_dim, cfg.hidden_size, bias=False)
+        self.gelu = cfg.activation != "silu"
         self.act = F.silu if cfg.activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w_gate_up(x)
         f = gate_up.shape[-1] // 2
+        if _native_rows(gate_up) and f % 16 == 0:  # prefill: act(gate) * up in one AVX-512 pass
+            return self.w_down(ops.glu_rows(gate_up.reshape(-1, 2 * f), self.gelu).view(*gate_up.shape[:-1], f))
         return self.w_down(self.act(gate_up[..., :f]) * gate_up[..., f:])
 
 

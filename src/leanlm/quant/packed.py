@@ -13,9 +13,12 @@ so `weight_bytes` (parameters + buffers) reports the real resident size. Backend
   layout depends on the CPU's vector width and is found by packing a probe once.
 - none: dequantize and use the float32 GEMM.
 
-Multi-row products (prefill, scoring) always dequantize to float32 and use the fp32 GEMM, which
-beat every low-bit kernel at 512 rows on the AVX2 CPU it was measured on (benchmarks/bench_quant.py --kernels);
-large matrices are dequantized in row chunks. Files store a portable layout (save.py); the
+Multi-row products (prefill, scoring) of the native layout run on leanlm.ops.q_gemm where the CPU has
+AVX512-VNNI (src/leanlm/csrc/gemm_int8.cpp: int8 dot products, activations quantized per block of 32 as the
+small-row kernel does; the weight is packed panel by panel per call, no second copy). Elsewhere (AVX2 CPUs,
+torch's layouts, autograd) they dequantize to float32 and use the fp32 GEMM, which beat every low-bit
+kernel at 512 rows on the AVX2 CPU it was measured on (benchmarks/bench_quant.py --kernels); large
+matrices are dequantized in row chunks. Files store a portable layout (save.py); the
 in-memory layout is rebuilt at load.
 """
 
@@ -307,15 +310,26 @@ class QuantLinear(nn.Module):
         return self._dequant(q, ids)
 
     # ---- forward ---------------------------------------------------------------------
+    int8_gemm = True  # class-wide switch; False: multi-row products dequantize + fp32 GEMM (A/B measurements)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.backend != "none" and x2.shape[0] <= self.max_kernel_rows and x.device.type == "cpu":
             y = self._kernel_mm(x2)
+        elif self._gemm_ok(x2):  # bias added in fp32 and rounded to x's dtype inside, as below
+            y = ops.q_gemm(x2, self.qweight, self.scales, self.zeros, self.spec.bits, self.kgroup, self.bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = self._dequant_mm(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _gemm_ok(self, x2: torch.Tensor) -> bool:
+        """Multi-row product on the native int8 GEMM (ops.q_gemm): the native layout on a VNNI CPU, no autograd."""
+        if not self.int8_gemm or self.backend != "native" or x2.device.type != "cpu" or not ops.q_gemm_usable():
+            return False
+        return not (torch.is_grad_enabled() and x2.requires_grad)
 
     @property
     def max_kernel_rows(self) -> int:

@@ -1,0 +1,297 @@
+// Low-bit weight GEMM for many rows (prefill, scoring): y = x . W^T on int8 dot products (AVX512-VNNI).
+//
+// Why: multi-row products of leanlm.quant's packed weights used to dequantize the weight to fp32 and run
+// the fp32 GEMM; this kernel keeps the weight in its codes and runs the dot products on `vpdpbusd` (64
+// u8 x s8 products per instruction), with the activations quantized on the fly, as llama.cpp's repacked
+// Q8_0/Q4_0 GEMMs and ONNX Runtime's MatMulNBits int8-compute path do.
+//
+// Numerics (the same scheme as qlinear.cpp's small-row kernel, so decode and prefill see the same
+// quantization): each activation row is quantized to int8 per block of 32 (scale amax/127, round to
+// nearest even), the weights are unsigned codes (int4: 0..15 around mid 8; int8: 0..255 around mid 128,
+// stored as code - 128), and
+//
+//   y[m,n] = sum_g s[n,g] * (sum_{b in g} sx[m,b] * sum_{k in b} q[n,k] qx[m,k]  -  mid * corr[m,g])
+//          + z[n,g] * sumx[m,g]                                               (asymmetric weights only)
+//
+// with corr[m,g] = sum_{b in g} sx[m,b] * sum_{k in b} qx[m,k] and sumx[m,g] = sum_{k in g} x[m,k]. The
+// integer sums are exact; the float sums run in a fixed order per output, so a row's result does not
+// depend on which thread computed it, but it differs from qlinear.cpp's order (the <= 16-row path keeps
+// its own kernel: speculative verification's batch invariance is a property of that path).
+//
+// Layout: the weight stays in its stored layout (no second copy). Each thread packs a panel of 32 output
+// columns at a time into a scratch buffer [k/4][32 columns][4 bytes] (a 16x16 dword transpose per 64
+// columns of k; int4 codes unpacked to bytes), then runs every row of x against it: the packing costs
+// O(N K) against the O(M N K) products, as a BLAS packs its B panels.
+//
+// The kernels carry their own target attribute (AVX512F/BW/VL + VNNI) so the extension, built for its
+// run-time ISA level (native.py), contains them whatever that level is; ops.py calls them only on a CPU
+// with those flags (native.vnni_gemm), and the entry point checks again.
+#include "leanlm.h"
+
+#define LEANLM_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace gemm_int8 {
+
+constexpr int64_t NR = 32;  // output columns per panel (two zmm of 16 int32 lanes)
+constexpr int MR = 4;       // activation rows per micro-tile
+
+struct Acts {  // one call's quantized activations
+  std::vector<int8_t> q;  // [M, Kp]
+  std::vector<float> sx;  // [M, NB] block scales
+  std::vector<float> corr, sumx;  // [M, G]
+};
+
+// quantize rows [m0, m1) of x (fp32 [M, K]) per block of 32, as qlinear.cpp does (q = rne(x * 127 / amax))
+LEANLM_VNNI static inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+LEANLM_VNNI static inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {  // bf16 -> fp32: a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+template <typename T>
+LEANLM_VNNI static void quantize_rows(const T* x, int64_t K, int64_t Kp, int64_t NB, int64_t G, int64_t BPG,
+                                      bool want_sum, Acts& a, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* xr = x + m * K;
+    int8_t* qr = a.q.data() + m * Kp;
+    float* cr = a.corr.data() + m * G;
+    float* sr = want_sum ? a.sumx.data() + m * G : nullptr;
+    for (int64_t g = 0; g < G; ++g) { cr[g] = 0.f; if (sr) sr[g] = 0.f; }
+    for (int64_t b = 0; b < NB; ++b) {
+      const int64_t k0 = b * 32, valid = std::max<int64_t>(0, std::min<int64_t>(32, K - k0));
+      const __mmask16 m_lo = (__mmask16)((1u << std::min<int64_t>(16, valid)) - 1);
+      const __mmask16 m_hi = (__mmask16)(valid > 16 ? (1u << (valid - 16)) - 1 : 0);
+      const __m512 v0 = load16(xr + k0, m_lo), v1 = load16(xr + k0 + 16, m_hi);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512 vi = _mm512_set1_ps(inv);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi));
+      _mm_storeu_si128((__m128i*)(qr + k0), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(qr + k0 + 16), _mm512_cvtepi32_epi8(q1));
+      const int isum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      a.sx[m * NB + b] = d;
+      cr[b / BPG] += d * (float)isum;
+      if (sr) sr[b / BPG] += _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+    }
+  }
+}
+
+// 16 rows of 16 dwords -> 16 columns of 16 dwords (r[i] becomes column i)
+LEANLM_VNNI static inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
+    b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i + 0], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i + 0], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), s1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), s3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// 64 unsigned codes of row n, columns [k0, k0 + 64) of the stored layout (zero past Kp or past N)
+template <int BITS>
+LEANLM_VNNI static inline __m512i load_codes(const uint8_t* w, int64_t n, int64_t N, int64_t Kp, int64_t k0) {
+  if (n >= N) return _mm512_setzero_si512();
+  const bool half = k0 + 64 > Kp;  // Kp is a multiple of 32: the last chunk may hold one block only
+  if (BITS == 8) {
+    const __m512i v = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + n * Kp + k0)
+                           : _mm512_loadu_si512((const void*)(w + n * Kp + k0));
+    return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // stored code - 128 -> code
+  }
+  const uint8_t* p = w + n * (Kp / 2) + k0 / 2;  // two blocks of 16 bytes: byte j = col j | col j+16 << 4
+  const __m256i raw = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)p))
+                           : _mm256_loadu_si256((const __m256i*)p);
+  const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
+  const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 128-bit lanes: lo0 lo1 hi0 hi1
+  const __m512i codes = _mm512_shuffle_i64x2(z, z, 0xD8);                    // lo0 hi0 lo1 hi1 = blocks in order
+  return half ? _mm512_maskz_mov_epi8(0xFFFFFFFFull, codes) : codes;
+}
+
+// panel [Kp/4][NR][4] of output columns [n0, n0 + NR), and its scales / zeros as fp32 [G][NR]
+template <int BITS>
+LEANLM_VNNI static void pack_panel(const uint8_t* w, const uint16_t* sp, const uint16_t* zp, int64_t N, int64_t Kp,
+                                   int64_t G, int64_t n0, uint8_t* panel, float* psw, float* pzw) {
+  for (int64_t k0 = 0; k0 < Kp; k0 += 64) {
+    const int64_t quads = std::min<int64_t>(16, (Kp - k0) / 4);
+    for (int64_t half = 0; half < NR / 16; ++half) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = load_codes<BITS>(w, n0 + half * 16 + i, N, Kp, k0);
+      transpose16(r);
+      for (int64_t q = 0; q < quads; ++q)
+        _mm512_storeu_si512((void*)(panel + ((k0 / 4 + q) * NR + half * 16) * 4), r[q]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < NR; ++j) {
+      const int64_t n = n0 + j;
+      psw[g * NR + j] = n < N ? bf16f(sp[n * G + g]) : 0.f;
+      pzw[g * NR + j] = n < N && zp ? bf16f(zp[n * G + g]) : 0.f;
+    }
+}
+
+// R rows (R <= MR) of x against one panel -> y[r, n0 .. n0 + ncols)
+LEANLM_VNNI static inline void store16(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+LEANLM_VNNI static inline void store16(c10::BFloat16* p, __mmask16 k, __m512 v) {  // round to nearest even, as torch
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+}
+
+template <int R, bool ZERO, typename TO>
+LEANLM_VNNI static void micro(const uint8_t* panel, const float* psw, const float* pzw, const int8_t* xq, int64_t Kp,
+                              const float* sx, int64_t NB, const float* corr, const float* sumx, int64_t G,
+                              int64_t BPG, float mid, const float* pb, TO* y, int64_t ldy, int64_t ncols) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 gacc[R][2];
+    for (int r = 0; r < R; ++r) gacc[r][0] = gacc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = g * BPG; b < (g + 1) * BPG; ++b) {
+      __m512i ia[R][2];
+      for (int r = 0; r < R; ++r) ia[r][0] = ia[r][1] = _mm512_setzero_si512();
+      const uint8_t* pw = panel + b * 8 * NR * 4;
+      const int8_t* xb = xq + b * 32;
+      for (int kq = 0; kq < 8; ++kq) {
+        const __m512i w0 = _mm512_loadu_si512((const void*)(pw + kq * NR * 4));
+        const __m512i w1 = _mm512_loadu_si512((const void*)(pw + kq * NR * 4 + 64));
+        for (int r = 0; r < R; ++r) {
+          int32_t xv;
+          std::memcpy(&xv, xb + r * Kp + kq * 4, 4);
+          const __m512i xb4 = _mm512_set1_epi32(xv);
+          ia[r][0] = _mm512_dpbusd_epi32(ia[r][0], w0, xb4);
+          ia[r][1] = _mm512_dpbusd_epi32(ia[r][1], w1, xb4);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_set1_ps(sx[r * NB + b]);
+        gacc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][0]), s, gacc[r][0]);
+        gacc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][1]), s, gacc[r][1]);
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      const __m512 sw = _mm512_loadu_ps(psw + g * NR + j * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 c = _mm512_set1_ps(mid * corr[r * G + g]);
+        acc[r][j] = _mm512_fmadd_ps(_mm512_sub_ps(gacc[r][j], c), sw, acc[r][j]);
+        if (ZERO) acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(pzw + g * NR + j * 16), _mm512_set1_ps(sumx[r * G + g]), acc[r][j]);
+      }
+    }
+  }
+  const __mmask16 k0 = (__mmask16)(ncols >= 16 ? 0xFFFF : (1u << ncols) - 1);
+  const __mmask16 k1 = (__mmask16)(ncols >= 32 ? 0xFFFF : ncols > 16 ? (1u << (ncols - 16)) - 1 : 0);
+  const __m512 b0 = pb ? _mm512_loadu_ps(pb) : _mm512_setzero_ps(), b1 = pb ? _mm512_loadu_ps(pb + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {  // y + bias in fp32, then rounded to the output dtype (QuantLinear's order)
+    store16(y + r * ldy, k0, _mm512_add_ps(acc[r][0], b0));
+    store16(y + r * ldy + 16, k1, _mm512_add_ps(acc[r][1], b1));
+  }
+}
+
+template <bool ZERO, typename TO>
+LEANLM_VNNI static void rows(int64_t R, const uint8_t* panel, const float* psw, const float* pzw, const float* pb,
+                             const Acts& a, int64_t m, int64_t Kp, int64_t NB, int64_t G, int64_t BPG, float mid, TO* y,
+                             int64_t N, int64_t n0) {
+  const int8_t* xq = a.q.data() + m * Kp;
+  const float *sx = a.sx.data() + m * NB, *corr = a.corr.data() + m * G;
+  const float* sumx = ZERO ? a.sumx.data() + m * G : nullptr;
+  TO* yp = y + m * N + n0;
+  const int64_t nc = std::min<int64_t>(NR, N - n0);
+  switch (R) {
+    case 4: micro<4, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+    case 3: micro<3, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+    case 2: micro<2, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+    default: micro<1, ZERO, TO>(panel, psw, pzw, xq, Kp, sx, NB, corr, sumx, G, BPG, mid, pb, yp, N, nc); break;
+  }
+}
+
+template <int BITS, typename TI, typename TO>
+LEANLM_VNNI static void run(const TI* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* sp,
+                            const uint16_t* zp, const float* bias, int64_t N, int64_t G, int64_t BPG, TO* y) {
+  const int64_t NB = G * BPG, Kp = NB * 32;
+  Acts a;
+  a.q.resize(M * Kp);
+  a.sx.resize(M * NB);
+  a.corr.resize(M * G);
+  if (zp) a.sumx.resize(M * G);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quantize_rows(x, K, Kp, NB, G, BPG, zp != nullptr, a, m0, m1); });
+  const float mid = BITS == 4 ? 8.f : 128.f;
+  const int64_t panels = (N + NR - 1) / NR;
+  // panels are handed out one at a time from a shared counter, not split in equal halves: on a busy machine a
+  // thread that lost its core does not hold up the others with half the work
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<uint8_t> panel(Kp * NR);
+    std::vector<float> psw(G * NR), pzw(G * NR), pb(NR, 0.f);
+    for (int64_t p = next++; p < panels; p = next++) {
+      const int64_t n0 = p * NR;
+      pack_panel<BITS>(w, sp, zp, N, Kp, G, n0, panel.data(), psw.data(), pzw.data());
+      if (bias)
+        for (int64_t j = 0; j < NR; ++j) pb[j] = n0 + j < N ? bias[n0 + j] : 0.f;
+      const float* pbp = bias ? pb.data() : nullptr;
+      for (int64_t m = 0; m < M; m += MR) {
+        const int64_t R = std::min<int64_t>(MR, M - m);
+        if (zp) rows<true>(R, panel.data(), psw.data(), pzw.data(), pbp, a, m, Kp, NB, G, BPG, mid, y, N, n0);
+        else rows<false>(R, panel.data(), psw.data(), pzw.data(), pbp, a, m, Kp, NB, G, BPG, mid, y, N, n0);
+      }
+    }
+  });
+}
+
+}  // namespace gemm_int8
+
+// does this CPU run the kernel (AVX512F/BW/VL + VNNI)?
+static bool q_gemm_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+template <int BITS>
+static void dispatch(const Tensor& x, const uint8_t* w, const uint16_t* sp, const uint16_t* zp, const float* bias,
+                     int64_t N, int64_t G, int64_t BPG, Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kBFloat16)
+    gemm_int8::run<BITS>(x.data_ptr<c10::BFloat16>(), M, K, w, sp, zp, bias, N, G, BPG, y.data_ptr<c10::BFloat16>());
+  else
+    gemm_int8::run<BITS>(x.data_ptr<float>(), M, K, w, sp, zp, bias, N, G, BPG, y.data_ptr<float>());
+}
+
+// x [M, K] (fp32 or bf16) times a packed int4 / int8 weight (qlinear.cpp's layout), + an fp32 bias when given ->
+// [M, N] in x's dtype (fp32 sums, rounded once)
+torch::Tensor q_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros, torch::Tensor bias,
+                     int64_t bits, int64_t group) {
+  TORCH_CHECK(q_gemm_supported(), "q_gemm: this CPU lacks AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && scales.dim() == 2 && group % 32 == 0 && group > 0, "q_gemm: bad shapes");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "q_gemm: scales must be bf16");
+  TORCH_CHECK(w.is_contiguous() && (bits == 4 || bits == 8), "q_gemm: bad weight");
+  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0), G = scales.size(1);
+  const int64_t BPG = group / 32, Kp = G * group;
+  TORCH_CHECK(K <= Kp && w.size(0) == N, "q_gemm: K <= padded K");
+  TORCH_CHECK(w.numel() == N * (bits == 4 ? Kp / 2 : Kp), "q_gemm: weight size does not match the scales");
+  const bool has_zero = zeros.numel() > 0, has_bias = bias.numel() > 0;
+  if (has_zero) TORCH_CHECK(zeros.scalar_type() == at::kBFloat16 && zeros.is_contiguous() && zeros.numel() == N * G);
+  if (has_bias) TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, "q_gemm: fp32 bias [N]");
+  auto xc = (x.scalar_type() == at::kBFloat16 ? x : x.to(at::kFloat)).contiguous();
+  auto y = torch::empty({M, N}, xc.options());
+  if (M == 0) return y;
+  const uint16_t* sp = (const uint16_t*)scales.data_ptr<at::BFloat16>();
+  const uint16_t* zp = has_zero ? (const uint16_t*)zeros.data_ptr<at::BFloat16>() : nullptr;
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const uint8_t* wp = (const uint8_t*)w.data_ptr();
+  if (bits == 4) dispatch<4>(xc, wp, sp, zp, bp, N, G, BPG, y);
+  else dispatch<8>(xc, wp, sp, zp, bp, N, G, BPG, y);
+  return y;
+}
