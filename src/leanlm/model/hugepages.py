@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -68,10 +69,13 @@ def _layout(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _placed(t: torch.Tensor) -> bool:
-    return any(t.untyped_storage().data_ptr() == a for a in _ARENAS)
+    ref = _ARENAS.get(t.untyped_storage().data_ptr())
+    return ref is not None and ref() is t.untyped_storage()
 
 
-_ARENAS: set[int] = set()  # data pointers of the huge-page regions made here (so placing twice is a no-op)
+# storage address -> weak reference to the storage of each huge-page region made here (so placing twice is
+# a no-op; a freed region's address may be reused by an ordinary tensor, which the dead reference tells)
+_ARENAS: dict[int, weakref.ref] = {}
 
 
 def _fill_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -81,7 +85,8 @@ def _fill_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         offsets.append(total)
         total += -(-t.numel() * t.element_size() // 4096) * 4096
     arena = hugepage_empty((total,), torch.uint8)
-    _ARENAS.add(arena.untyped_storage().data_ptr())
+    storage = arena.untyped_storage()
+    _ARENAS[storage.data_ptr()] = weakref.ref(storage)
     out = []
     for t, off in zip(tensors, offsets):
         shape = _layout(t)
