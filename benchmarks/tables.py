@@ -273,7 +273,10 @@ def peers(d: dict, rel: str) -> str:
          "llama.cpp Q8_0 busy ÷ idle", "int8 share of bound", "int4 share of bound"], summary_rows)  # fmt: skip
     out += (f"\n\nDRAM read: {num(get(bw, 'dram_read_gb_s', rel=rel))} GB/s at {bw.get('threads', '?')} threads "
             f"(best torch.sum over a {num(bw.get('tensor_gb'))} GB tensor). MB read / token: "
-            f"{d.get('bytes_per_token', '?')}. DRAM-bound tok/s = bandwidth ÷ bytes read per token. One core busy: "
+            f"{d.get('bytes_per_token', '?')}. DRAM-bound tok/s = bound bandwidth ÷ bytes read per token; the bound "
+            "bandwidth is the larger of that probe and the fastest weight-read rate an engine reached on the model ("
+            + ", ".join(f"{m}: {num(rec.get('bound_bandwidth_gb_s'))} GB/s" for m, rec in d["models"].items())
+            + "). One core busy: "
             f"another process spinning on CPU {s.get('busy_cpu', '?')}. Median of {s.get('runs', '?')} runs, engines "
             "interleaved in one process.")  # fmt: skip
     spun = {m: (rec.get("busy_core") or {}).get("spinner_core_share") for m, rec in d["models"].items()}
