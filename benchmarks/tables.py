@@ -366,7 +366,9 @@ interleaved run by run, on the same token ids. Each table says which baseline a 
 - quant: leanlm bf16 (decode); ppl, KL and top-1 against the fp32 model;
 - prune: the dense fp32 model; adaptive: the dense model of the same dtype (bf16) on leanlm's fused runtime;
 - kv: the full (unevicted, unquantized) cache; speculative: plain greedy decoding of the same target;
-- ab_refactor: the commit before the restructuring.
+- ab_refactor: the commit before the restructuring;
+- peers: the best peer of the same weight bits (prefill), llama.cpp of the same type (decode), the engine's own
+  idle decode (one core busy), bound bandwidth ÷ bytes read per token (DRAM bound).
 Speed figures from a run marked "machine shared" were taken while other jobs ran: read their ratios, not
 their absolute tok/s.
 """
