@@ -75,9 +75,9 @@ def test_kernel_sources_ship_as_package_data():
     for p in native.source_files():
         rel = p.relative_to(native.CSRC.parent).as_posix()
         assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), f"{rel} is not package data"
-    included = {Path(line.split('"')[1]).name for line in (native.CSRC / "extension.cpp").read_text().splitlines()
+    included = {Path(line.split('"')[1]).name for src in native.source_files() for line in src.read_text().splitlines()
                 if line.startswith('#include "')}  # fmt: skip
-    assert files - {"extension.cpp"} <= included  # every kernel file is compiled
+    assert files - {"extension.cpp"} <= included  # every kernel file is compiled (included by another)
 
 
 def test_native_disabled_gives_none_and_a_reason(monkeypatch):
@@ -159,3 +159,32 @@ def test_adaptive_one_row_products_run_on_the_runtime_native_kernel(tiny_dirs, m
         kv = adaptive_runtime.kv_projection(model.layers[0].attn, h)
     q_dim = model.layers[0].attn.split[0]
     assert calls and torch.allclose(kv, model.layers[0].attn.wqkv(h)[..., q_dim:], atol=1e-5)
+
+
+@pytest.mark.skipif(not ops.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("bits,group,symmetric", [(8, 0, True), (4, 128, False), (4, 64, True)])
+def test_q_linear_vnni_copy_equals_portable_path(bits, group, symmetric):
+    """qlinear's VNNI copy (its own target attribute, used where the CPU has VNNI) and the portable path give
+    the same integer sums, so the same outputs bit for bit, for 1 to 16 rows."""
+    from leanlm.quant import RTN
+    from leanlm.quant.packed import QuantLinear
+    from leanlm.quant.pipeline import rtn_rows
+
+    cpu = native.cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu:
+        pytest.skip("this CPU has no AVX512-VNNI: only the portable path runs")
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    lin = QuantLinear(rtn_rows(w, RTN(bits=bits, group=group, symmetric=symmetric).spec))
+    if lin.backend != "native":
+        pytest.skip("QuantLinear is not on the native backend here")
+    lib = native.extension()
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 256)
+        fast = lin(x)
+        old = lib.set_q_linear_vnni(False)
+        try:
+            portable = lin(x)
+        finally:
+            lib.set_q_linear_vnni(old)
+        assert torch.equal(fast, portable), (bits, group, rows)

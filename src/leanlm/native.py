@@ -9,8 +9,9 @@ ISA dispatch: at run time the CPU's flags (/proc/cpuinfo) say which levels of LE
 and one level's build is loaded (each level is a separate extension; a machine builds only the one it
 uses). Every level is AVX2 + FMA at heart: the kernels are written with 256-bit intrinsics, and the
 higher levels compile the same code with their -m flags, plus the variants the compiler's feature
-macros select (qlinear.cpp uses one VNNI instruction where two AVX2 ones did the same exact integer
-sums). All levels give the same numbers bit for bit. The default is the best level up to
+macros select. qlinear.cpp's GEMV also carries a copy with its own AVX512-VNNI target attribute, which
+runs where the CPU has VNNI whatever the level (one VNNI instruction where two AVX2 ones do the same exact
+integer sums). All levels give the same numbers bit for bit. The default is the best level up to
 DEFAULT_LEVEL: on an AVX-512 EPYC the avx512_bf16 build decoded Gemma-3-270M in bf16 more slowly than
 the AVX2 build (benchmarks/bench_ab_commits.py before/after runs; LEANLM_ISA A/B), and no kernel has a
 wider variant yet that would pay for it. LEANLM_ISA=<level> asks for a given level (A/B runs, or a
@@ -82,8 +83,8 @@ def compile_flags(level: str) -> list[str]:
 
 
 def source_files() -> list[Path]:
-    """The kernel sources shipped with the package (csrc/*.cpp and *.h)."""
-    return sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.h")])
+    """The kernel sources shipped with the package (csrc/*.cpp, *.inc and *.h)."""
+    return sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.inc"), *CSRC.glob("*.h")])
 
 
 def extension_name(level: str) -> str:
