@@ -84,8 +84,7 @@ def main() -> None:
             "leanlm_bf16_rel_change_vs_fp32": ppl["leanlm-bf16"]["ppl"] / ppl["leanlm-fp32"]["ppl"] - 1,
         }  # fmt: skip
 
-    # leanlm decodes with its native small-row kernel on row-major weights (as `leanlm generate` does)
-    m32.prepare_decode()
+    # each LeanlmEngine prepares its model for decode, as `leanlm generate` does (common.LeanlmEngine)
     bits = {"leanlm-fp32": 32, "leanlm-bf16": 16, "transformers-fp32": 32, "transformers-bf16": 16}
     engines = [LeanlmEngine(m32, "leanlm-fp32"), LeanlmEngine(m16, "leanlm-bf16")]
     for label, m in quant.items():

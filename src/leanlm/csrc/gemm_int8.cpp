@@ -28,7 +28,7 @@
 // with those flags (native.vnni_gemm), and the entry point checks again.
 #include "leanlm.h"
 
-#define LEANLM_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+// (LEANLM_VNNI: leanlm.h)
 
 namespace gemm_int8 {
 
@@ -253,11 +253,7 @@ LEANLM_VNNI static void run(const TI* x, int64_t M, int64_t K, const uint8_t* w,
 }  // namespace gemm_int8
 
 // does this CPU run the kernel (AVX512F/BW/VL + VNNI)?
-static bool q_gemm_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
+static bool q_gemm_supported() { return cpu_has_avx512_vnni(); }
 
 template <int BITS>
 static void dispatch(const Tensor& x, const uint8_t* w, const uint16_t* sp, const uint16_t* zp, const float* bias,

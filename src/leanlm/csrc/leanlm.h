@@ -21,6 +21,15 @@
 
 using at::Tensor;
 
+// Kernels with their own target attribute run on a CPU with these instructions whatever level the build
+// has (qlinear.cpp's VNNI GEMV copy, gemm_int8.cpp); callers check cpu_has_avx512_vnni() first.
+#define LEANLM_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+static inline bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
 template <typename T> static inline T rnd(float v) { return static_cast<T>(v); }  // round to T (RNE for bf16)
 template <typename T> static inline float f(T v) { return static_cast<float>(v); }
 

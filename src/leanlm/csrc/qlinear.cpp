@@ -36,7 +36,7 @@ namespace qlinear_portable {  // the build's own ISA level
 }  // namespace qlinear_portable
 
 namespace qlinear_vnni {  // AVX512-VNNI whatever the build's level (called only where the CPU has it)
-#define QL_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define QL_TARGET LEANLM_VNNI
 #define QL_VNNI 1
 #include "qlinear_gemv.inc"
 #undef QL_TARGET
@@ -47,8 +47,7 @@ namespace qlinear_vnni {  // AVX512-VNNI whatever the build's level (called only
 // tests compare the two)
 static bool q_linear_vnni_allowed = true;
 static bool q_linear_vnni() {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  static const bool cpu = cpu_has_avx512_vnni();
   return cpu && q_linear_vnni_allowed;
 }
 static bool set_q_linear_vnni(bool allowed) {

@@ -73,6 +73,11 @@ def _placed(t: torch.Tensor) -> bool:
     return ref is not None and ref() is t.untyped_storage()
 
 
+def _movable(t: torch.Tensor) -> bool:
+    """On CPU, in a layout _fill_arena copies, and not placed already."""
+    return t.device.type == "cpu" and _layout(t) is not None and not _placed(t)
+
+
 # storage address -> weak reference to the storage of each huge-page region made here (so placing twice is
 # a no-op; a freed region's address may be reused by an ordinary tensor, which the dead reference tells)
 _ARENAS: dict[int, weakref.ref] = {}
@@ -89,9 +94,8 @@ def _fill_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     _ARENAS[storage.data_ptr()] = weakref.ref(storage)
     out = []
     for t, off in zip(tensors, offsets):
-        shape = _layout(t)
-        view = arena[off : off + t.numel() * t.element_size()].view(t.dtype).view(shape)
-        new = view if shape == tuple(t.shape) and t.is_contiguous() else view.t()
+        view = arena[off : off + t.numel() * t.element_size()].view(t.dtype).view(_layout(t))
+        new = view if t.is_contiguous() else view.t()
         new.copy_(t)
         out.append(new)
     return out
@@ -100,9 +104,7 @@ def _fill_arena(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def to_hugepages(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` in huge-page memory, same values, shape and strides (row- or column-major); `t`
     itself where it is not on CPU, already placed, or in a layout this does not handle."""
-    if t.device.type != "cpu" or _layout(t) is None or _placed(t):
-        return t
-    return _fill_arena([t])[0]
+    return _fill_arena([t])[0] if _movable(t) else t
 
 
 @torch.no_grad()
@@ -127,8 +129,7 @@ def place_in_hugepages(model: nn.Module) -> int:
                         aliases.append((mod, name, seen[id(t)]))
                     continue
                 data = t.data if kind == "param" else t
-                if (data.device.type != "cpu" or data.numel() * data.element_size() < MIN_TENSOR_BYTES
-                        or _layout(data) is None or _placed(data)):  # fmt: skip
+                if data.numel() * data.element_size() < MIN_TENSOR_BYTES or not _movable(data):
                     continue
                 seen[id(t)] = len(slots)
                 slots.append((mod, kind, name, t))
@@ -140,6 +141,7 @@ def place_in_hugepages(model: nn.Module) -> int:
             size = 0
         groups[-1].append(i)
         size += nbytes
+    placed: list[torch.Tensor] = [None] * len(slots)
     for group in groups:
         if not group:
             continue
@@ -150,9 +152,9 @@ def place_in_hugepages(model: nn.Module) -> int:
                 t.data = new  # the same Parameter object everywhere it is shared
             else:
                 mod._buffers[name] = new
+            placed[i] = new
     for mod, name, i in aliases:
-        m0, kind, name0, _ = slots[i]
-        mod._buffers[name] = m0._buffers[name0]
+        mod._buffers[name] = placed[i]
     return len(slots)
 
 
