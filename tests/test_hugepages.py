@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from leanlm.errors import LeanlmError
 from leanlm.model import hugepages as hp
 
 needs_thp = pytest.mark.skipif(not hp.enabled(), reason="transparent huge pages are off here (or not Linux)")
@@ -59,6 +60,10 @@ def test_switch_off(monkeypatch):
     m = Tied()
     ptr = m.a.weight.data_ptr()
     assert hp.place_in_hugepages(m) == 0 and m.a.weight.data_ptr() == ptr
+    monkeypatch.setenv("LEANLM_HUGEPAGES", "no")
+    with pytest.raises(LeanlmError, match="LEANLM_HUGEPAGES='no'"):
+        hp.place_in_hugepages(m)
+    assert m.a.weight.data_ptr() == ptr  # nothing moved
 
 
 def test_thp_mode_parses_the_kernel_setting(tmp_path, monkeypatch):

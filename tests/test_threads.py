@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from leanlm.decode.threads import ThreadGovernor, candidate_counts
+from leanlm.errors import LeanlmError
 
 
 def drive(gov: ThreadGovernor, seconds_for, steps: int) -> list[int]:
@@ -60,6 +61,9 @@ def test_env_switch_turns_adaptation_off(monkeypatch):
     assert not ThreadGovernor(max_threads=2).adapt
     monkeypatch.setenv("LEANLM_ADAPT_THREADS", "1")
     assert ThreadGovernor(max_threads=2).adapt
+    monkeypatch.setenv("LEANLM_ADAPT_THREADS", "off")
+    with pytest.raises(LeanlmError, match="LEANLM_ADAPT_THREADS='off'"):
+        ThreadGovernor(max_threads=2)
 
 
 def test_generate_restores_threads_and_reports(tiny_model):

@@ -25,7 +25,13 @@ SLOWDOWN = 1.6  # a step this much slower than its running time suggests the mac
 
 
 def adapt_enabled() -> bool:
-    return os.environ.get("LEANLM_ADAPT_THREADS", "1") != "0"
+    value = os.environ.get("LEANLM_ADAPT_THREADS", "1").strip()
+    if value not in ("0", "1"):
+        from ..errors import LeanlmError
+
+        raise LeanlmError(f"LEANLM_ADAPT_THREADS={value!r}: use 1 (adapt the thread count per step, the default) "
+                          "or 0 (keep it fixed)")  # fmt: skip
+    return value == "1"
 
 
 def candidate_counts(max_threads: int) -> list[int]:

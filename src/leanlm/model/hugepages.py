@@ -37,8 +37,12 @@ def thp_mode() -> str | None:
 
 
 def enabled() -> bool:
-    return (sys.platform.startswith("linux") and os.environ.get("LEANLM_HUGEPAGES", "1") != "0"
-            and thp_mode() in ("always", "madvise"))  # fmt: skip
+    value = os.environ.get("LEANLM_HUGEPAGES", "1").strip()
+    if value not in ("0", "1"):
+        from ..errors import LeanlmError
+
+        raise LeanlmError(f"LEANLM_HUGEPAGES={value!r}: use 1 (large weights in huge pages, the default) or 0 (off)")
+    return sys.platform.startswith("linux") and value == "1" and thp_mode() in ("always", "madvise")
 
 
 def _madvise(addr: int, length: int) -> bool:
