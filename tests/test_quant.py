@@ -14,7 +14,7 @@ from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, ma
 from leanlm.quant.awq import output_error, search_clip, search_scale
 from leanlm.quant.gptq import gptq
 from leanlm.quant.packed import (_unpack_kernel_layout, exported_weight, int4_kernel_layout, int8_kernel_ok,
-                                  pack_blocks, unpack_blocks)  # fmt: skip
+                                  tile_codes, tiled_rows, untile_codes)  # fmt: skip
 
 SPECS = [QSpec(4, 32, False), QSpec(4, 64, True), QSpec(4, 128, False), QSpec(4, 0, False), QSpec(4, 0, True),
          QSpec(8, 0, True), QSpec(8, 0, False), QSpec(8, 128, False)]  # fmt: skip
@@ -25,8 +25,18 @@ def test_pack_unpack_roundtrip_exact():
     assert torch.equal(unpack_int4(pack_int4(q)), q)
     assert pack_int4(q).shape == (48, 48) and pack_int4(q).dtype == torch.uint8
     assert torch.equal(pack_int4(q)[0, 0], q[0, 0] | q[0, 1] << 4)  # the documented on-disk layout
-    assert torch.equal(unpack_blocks(pack_blocks(q)), q)
-    assert torch.equal(pack_blocks(q)[0, 0], q[0, 0] | q[0, 16] << 4)  # the native kernel's layout
+    for rows in (48, 37):  # whole tiles, and a padded last tile
+        q = torch.randint(0, 16, (rows, 96), dtype=torch.uint8)
+        t = tile_codes(q, 4, 8)
+        assert t.shape == (-(-rows // 16), 16 * 48)
+        assert torch.equal(untile_codes(t, 4, 96)[:rows], q) and bool((untile_codes(t, 4, 96)[rows:] == 8).all())
+        assert t[0, 4 * 3 + 1] == q[3, 1] | q[3, 5] << 4  # the native kernel's layout: byte 4r + j of a step
+        ids = torch.tensor([36, 0, 17, 17])
+        assert torch.equal(tiled_rows(t, 4, 96, ids), q[ids])
+        s8 = torch.randint(-128, 128, (rows, 96), dtype=torch.int8)
+        t8 = tile_codes(s8, 8, 0)
+        assert torch.equal(untile_codes(t8, 8, 96)[:rows], s8) and torch.equal(tiled_rows(t8, 8, 96, ids), s8[ids])
+        assert t8[0, 64 + 4 * 2 + 3] == s8[2, 7]  # second step of 4 columns, row 2, column 4 + 3
     layout = int4_kernel_layout()
     if layout is None:
         pytest.skip("torch has no int4 CPU kernel here")

@@ -18,10 +18,10 @@
 // depend on which thread computed it, but it differs from qlinear.cpp's order (the <= 16-row path keeps
 // its own kernel: speculative verification's batch invariance is a property of that path).
 //
-// Layout: the weight stays in its stored layout (no second copy). Each thread packs a panel of 32 output
-// columns at a time into a scratch buffer [k/4][32 columns][4 bytes] (a 16x16 dword transpose per 64
-// columns of k; int4 codes unpacked to bytes), then runs every row of x against it: the packing costs
-// O(N K) against the O(M N K) products, as a BLAS packs its B panels.
+// Layout: the weight stays in qlinear.cpp's tiled layout (no second copy). Each thread packs a panel of 32
+// output columns (two tiles) at a time into a scratch buffer [k/4][32 columns][4 bytes] (the tiles' 64-byte
+// steps side by side, made unsigned; int4 codes unpacked to bytes), then runs every row of x against it: the
+// packing costs O(N K) against the O(M N K) products, as a BLAS packs its B panels.
 //
 // The kernels carry their own target attribute (AVX512F/BW/VL + VNNI) so the extension, built for its
 // run-time ISA level (native.py), contains them whatever that level is; ops.py calls them only on a CPU
@@ -75,61 +75,31 @@ LEANLM_VNNI static void quantize_rows(const T* x, int64_t K, int64_t Kp, int64_t
   }
 }
 
-// 16 rows of 16 dwords -> 16 columns of 16 dwords (r[i] becomes column i)
-LEANLM_VNNI static inline void transpose16(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // b[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
-    b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i + 0], a[4 * i + 2]);
-    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i + 0], a[4 * i + 2]);
-    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), s1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-    const __m512i s2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), s3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
-  }
-}
-
-// 64 unsigned codes of row n, columns [k0, k0 + 64) of the stored layout (zero past Kp or past N)
-template <int BITS>
-LEANLM_VNNI static inline __m512i load_codes(const uint8_t* w, int64_t n, int64_t N, int64_t Kp, int64_t k0) {
-  if (n >= N) return _mm512_setzero_si512();
-  const bool half = k0 + 64 > Kp;  // Kp is a multiple of 32: the last chunk may hold one block only
-  if (BITS == 8) {
-    const __m512i v = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w + n * Kp + k0)
-                           : _mm512_loadu_si512((const void*)(w + n * Kp + k0));
-    return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));  // stored code - 128 -> code
-  }
-  const uint8_t* p = w + n * (Kp / 2) + k0 / 2;  // two blocks of 16 bytes: byte j = col j | col j+16 << 4
-  const __m256i raw = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)p))
-                           : _mm256_loadu_si256((const __m256i*)p);
-  const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
-  const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 128-bit lanes: lo0 lo1 hi0 hi1
-  const __m512i codes = _mm512_shuffle_i64x2(z, z, 0xD8);                    // lo0 hi0 lo1 hi1 = blocks in order
-  return half ? _mm512_maskz_mov_epi8(0xFFFFFFFFull, codes) : codes;
-}
-
-// panel [Kp/4][NR][4] of output columns [n0, n0 + NR), and its scales / zeros as fp32 [G][NR]
+// panel [Kp/4][NR][4] of output columns [n0, n0 + NR) (two tiles of qlinear.cpp's layout, codes made unsigned;
+// zero past the last tile), and its scales / zeros as fp32 [G][NR]
 template <int BITS>
 LEANLM_VNNI static void pack_panel(const uint8_t* w, const uint16_t* sp, const uint16_t* zp, int64_t N, int64_t Kp,
                                    int64_t G, int64_t n0, uint8_t* panel, float* psw, float* pzw) {
-  for (int64_t k0 = 0; k0 < Kp; k0 += 64) {
-    const int64_t quads = std::min<int64_t>(16, (Kp - k0) / 4);
-    for (int64_t half = 0; half < NR / 16; ++half) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = load_codes<BITS>(w, n0 + half * 16 + i, N, Kp, k0);
-      transpose16(r);
-      for (int64_t q = 0; q < quads; ++q)
-        _mm512_storeu_si512((void*)(panel + ((k0 / 4 + q) * NR + half * 16) * 4), r[q]);
+  const int64_t tiles = (N + TILE_ROWS - 1) / TILE_ROWS, tile_bytes = TILE_ROWS * (BITS == 4 ? Kp / 2 : Kp);
+  for (int64_t half = 0; half < NR / TILE_ROWS; ++half) {
+    const int64_t t = n0 / TILE_ROWS + half;
+    uint8_t* out = panel + half * TILE_ROWS * 4;
+    if (t >= tiles) {
+      for (int64_t k4 = 0; k4 < Kp / 4; ++k4) _mm512_storeu_si512((void*)(out + k4 * NR * 4), _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* wt = w + t * tile_bytes;
+    if (BITS == 8) {
+      for (int64_t k4 = 0; k4 < Kp / 4; ++k4)  // stored code - 128 -> code
+        _mm512_storeu_si512((void*)(out + k4 * NR * 4),
+                            _mm512_xor_si512(_mm512_loadu_si512((const void*)(wt + k4 * 64)), _mm512_set1_epi8((char)0x80)));
+    } else {
+      const __m512i m4 = _mm512_set1_epi8(0x0F);
+      for (int64_t k8 = 0; k8 < Kp / 8; ++k8) {  // low nibbles: columns 8 k8 .. +3, high: the next 4
+        const __m512i v = _mm512_loadu_si512((const void*)(wt + k8 * 64));
+        _mm512_storeu_si512((void*)(out + 2 * k8 * NR * 4), _mm512_and_si512(v, m4));
+        _mm512_storeu_si512((void*)(out + (2 * k8 + 1) * NR * 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+      }
     }
   }
   for (int64_t g = 0; g < G; ++g)
@@ -275,8 +245,9 @@ torch::Tensor q_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, tor
   TORCH_CHECK(w.is_contiguous() && (bits == 4 || bits == 8), "q_gemm: bad weight");
   const int64_t M = x.size(0), K = x.size(1), N = scales.size(0), G = scales.size(1);
   const int64_t BPG = group / 32, Kp = G * group;
-  TORCH_CHECK(K <= Kp && w.size(0) == N, "q_gemm: K <= padded K");
-  TORCH_CHECK(w.numel() == N * (bits == 4 ? Kp / 2 : Kp), "q_gemm: weight size does not match the scales");
+  TORCH_CHECK(K <= Kp, "q_gemm: K <= padded K");
+  TORCH_CHECK(w.numel() == (N + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS * (bits == 4 ? Kp / 2 : Kp),
+              "q_gemm: weight size does not match the scales (qlinear.cpp's tiles of 16 rows)");
   const bool has_zero = zeros.numel() > 0, has_bias = bias.numel() > 0;
   if (has_zero) TORCH_CHECK(zeros.scalar_type() == at::kBFloat16 && zeros.is_contiguous() && zeros.numel() == N * G);
   if (has_bias) TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, "q_gemm: fp32 bias [N]");

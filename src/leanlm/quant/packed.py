@@ -4,10 +4,10 @@
 so `weight_bytes` (parameters + buffers) reports the real resident size. Backends, best first:
 
 - native (leanlm.ops.q_linear, src/leanlm/csrc/qlinear.cpp, built once with the system compiler):
-  int4 in leanlm's block layout (per 32 columns, byte j = column j | column j+16 << 4) or int8
-  rows, bf16 `scales`/`zeros` [N, G]; the activation row is quantized to int8 per 32 and the dot
-  products run on int8 SIMD (AVX2, or AVX512-VNNI where the CPU has it). Up to NATIVE_MAX_ROWS rows
-  per call. QuantLinear implements the fused decode step's protocol (leanlm.ops) as a QUANT linear.
+  int4 / int8 codes in the kernel's "tiles" layout (tile_codes: 16 output rows interleaved 4 bytes at a
+  time, so one 64-byte load feeds all 16 rows' dot products and the weight streams in one pass), bf16
+  `scales`/`zeros` [N, G]; the activation row is quantized to int8 per 32 and the dot products run on
+  int8 SIMD (AVX2, or AVX512-VNNI where the CPU has it). Up to NATIVE_MAX_ROWS rows per call. QuantLinear implements the fused decode step's protocol (leanlm.ops) as a QUANT linear.
 - torch: `_weight_int8pack_mm` (int8 per channel; an asymmetric zero adds sum(x) * zero) and
   `_weight_int4pack_mm_for_cpu` (int4, torch's tinygemm layout, `scales_zeros` [G, N, 2]); that
   layout depends on the CPU's vector width and is found by packing a probe once.
@@ -120,21 +120,42 @@ def _kernel_group(K: int) -> tuple[int, int]:
     return next(g for g in KERNEL_GROUPS if Kk % g == 0), Kk
 
 
-# ---- leanlm's native layout (see native.py) -------------------------------------------------
-def pack_blocks(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (K % 32 == 0) -> [N, K/2]: per 32 columns, byte j = col j | col j+16 << 4."""
+# ---- leanlm's native layout (csrc/qlinear.cpp) ---------------------------------------------
+TILE_ROWS = 16  # output rows per tile of the native layout (csrc/qlinear.cpp)
+
+
+def tile_codes(q: torch.Tensor, bits: int, pad_value: int) -> torch.Tensor:
+    """Codes [N, K] (K % 32 == 0; int8 as stored, code - 128) -> the native kernel's tiles [ceil(N/16), 16 K / (8 / bits)]:
+    rows padded to a multiple of 16 with `pad_value`; per tile, int8: per 4 columns, 64 bytes = 16 rows x 4 values;
+    int4: per 8 columns, 64 bytes, byte 4r + j = column j (low nibble) | column j + 4 (high nibble) of row r."""
     N, K = q.shape
-    b = q.to(torch.uint8).view(N, K // 32, 2, 16)
-    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
+    T = -(-N // TILE_ROWS)
+    if T * TILE_ROWS > N:
+        q = F.pad(q, (0, 0, 0, T * TILE_ROWS - N), value=pad_value)
+    if bits == 8:
+        return q.view(T, TILE_ROWS, K // 4, 4).permute(0, 2, 1, 3).reshape(T, TILE_ROWS * K).contiguous()
+    v = q.to(torch.uint8).view(T, TILE_ROWS, K // 8, 2, 4)
+    packed = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # [T, 16, K/8, 4]
+    return packed.permute(0, 2, 1, 3).reshape(T, TILE_ROWS * K // 2).contiguous()
 
 
-def unpack_blocks(p: torch.Tensor) -> torch.Tensor:
-    N = p.shape[0]
-    b = p.view(N, -1, 16)
-    out = torch.empty(N, b.shape[1], 32, dtype=torch.uint8, device=p.device)
-    torch.bitwise_and(b, 15, out=out[..., :16])
-    torch.bitwise_right_shift(b, 4, out=out[..., 16:])
-    return out.view(N, -1)
+def untile_codes(t: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of tile_codes (padding rows included): [T * 16, K]."""
+    T = t.shape[0]
+    if bits == 8:
+        return t.view(T, K // 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(T * TILE_ROWS, K)
+    b = t.view(T, K // 8, TILE_ROWS, 4)
+    codes = torch.stack([b & 15, b >> 4], dim=2)  # [T, K/8, 2, 16, 4]
+    return codes.permute(0, 3, 1, 2, 4).reshape(T * TILE_ROWS, K)
+
+
+def tiled_rows(t: torch.Tensor, bits: int, K: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of tiled codes, [len(ids), K], without untiling the rest."""
+    tile, r = ids // TILE_ROWS, ids % TILE_ROWS
+    if bits == 8:
+        return t.view(-1, K // 4, TILE_ROWS, 4)[tile, :, r, :].reshape(len(ids), K)
+    b = t.view(-1, K // 8, TILE_ROWS, 4)[tile, :, r, :]  # [L, K/8, 4]
+    return torch.stack([b & 15, b >> 4], dim=2).reshape(len(ids), K)
 
 
 def _round32(k: int) -> int:
@@ -177,24 +198,26 @@ class QuantLinear(nn.Module):
             Kn = _round32(Kp) if want_native and G == 1 else -(-Kp // 16) * 16 if torch_ok else Kp
             if Kn > Kp:
                 q = F.pad(q, (0, Kn - Kp), value=128)
-            self.register_buffer("qweight", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+            stored = (q.to(torch.int16) - 128).to(torch.int8)
+            native = want_native and Kn % 32 == 0
+            self.register_buffer("qweight", tile_codes(stored, 8, 0) if native else stored.contiguous())
             self.register_buffer("scales", scale)
             self.register_buffer("zeros", zero)
             self.kgroup, self.stored_in = Kn // G, Kn
-            if want_native and Kn % 32 == 0:
-                self.backend = "native"
+            if native:
+                self.layout, self.backend = "tiles", "native"
             elif torch_ok:
                 self.backend = "torch"
             return
-        if want_native:  # int4, leanlm's block layout; per-channel widths padded to 32 columns
+        if want_native:  # int4 tiles; per-channel widths padded to 32 columns
             Kn = _round32(Kp) if G == 1 else Kp
             if Kn > Kp:
                 q = F.pad(q, (0, Kn - Kp), value=spec.mid)
-            self.register_buffer("qweight", pack_blocks(q).contiguous())
+            self.register_buffer("qweight", tile_codes(q, 4, spec.mid))
             self.register_buffer("scales", scale)
             self.register_buffer("zeros", zero)
             self.kgroup, self.stored_in = Kn // G, Kn
-            self.layout, self.backend = "blocks", "native"
+            self.layout, self.backend = "tiles", "native"
             return
         layout = int4_kernel_layout() if backend in ("auto", "torch") else None
         if layout is not None and N % 16 == 0:  # torch's tinygemm kernel
@@ -246,11 +269,16 @@ class QuantLinear(nn.Module):
 
     # ---- dequantization --------------------------------------------------------------
     def _codes(self, n0: int, n1: int) -> torch.Tensor:
-        """uint8 codes of rows [n0, n1) (int4; n0 a multiple of 64), width stored_in."""
+        """Codes of rows [n0, n1), width stored_in: int4 uint8 (n0 a multiple of 64 for torch's layout); int8 as
+        stored (code - 128)."""
+        if self.layout == "tiles":
+            t0, t1 = n0 // TILE_ROWS, -(-n1 // TILE_ROWS)
+            rows = untile_codes(self.qweight[t0:t1], self.spec.bits, self.stored_in)
+            return rows[n0 - t0 * TILE_ROWS : n1 - t0 * TILE_ROWS]
+        if self.spec.bits == 8:
+            return self.qweight[n0:n1]
         if self.layout == "plain":
             return unpack_int4(self.qweight[n0:n1])
-        if self.layout == "blocks":
-            return unpack_blocks(self.qweight[n0:n1])
         Kk = self.stored_in
         flat = self.qweight.reshape(-1)[n0 * Kk // 2 : n1 * Kk // 2]
         return _unpack_kernel_layout(flat, n1 - n0, Kk, self.layout)
@@ -276,8 +304,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_rows(self, n0: int, n1: int, dtype=torch.float32) -> torch.Tensor:
         """Weights of output rows [n0, n1) as [n1 - n0, in_features]."""
-        codes = self.qweight[n0:n1] if self.spec.bits == 8 else self._codes(n0, n1)
-        return self._dequant(codes, slice(n0, n1)).to(dtype)
+        return self._dequant(self._codes(n0, n1), slice(n0, n1)).to(dtype)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.dequantize_rows(0, self.out_features, dtype)
@@ -289,12 +316,12 @@ class QuantLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (embedding lookup), float32 [len(ids), in_features]."""
+        if self.layout == "tiles":
+            return self._dequant(tiled_rows(self.qweight, self.spec.bits, self.stored_in, ids), ids)
         if self.spec.bits == 8:
             return self._dequant(self.qweight[ids], ids)
         if self.layout == "plain":
             return self._dequant(unpack_int4(self.qweight[ids]), ids)
-        if self.layout == "blocks":
-            return self._dequant(unpack_blocks(self.qweight[ids]), ids)
         block, Kk, N = self.layout[1], self.stored_in, self.out_features  # torch layout: unpack whole blocks
         full = N // block
         bid = ids // block
@@ -371,7 +398,7 @@ class QuantLinear(nn.Module):
         G = spec.n_groups(K)
         t: dict[str, torch.Tensor] = {}
         if spec.bits == 8:
-            t["qweight"] = self.qweight[:, : self.padded_in]
+            t["qweight"] = self._codes(0, N)[:, : self.padded_in]
         else:
             t["qweight"] = pack_int4(self._codes(0, N)[:, : self.padded_in])
         s, z = self._scale_zero(slice(0, N))
