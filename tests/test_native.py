@@ -188,3 +188,29 @@ def test_q_linear_vnni_copy_equals_portable_path(bits, group, symmetric):
         finally:
             lib.set_q_linear_vnni(old)
         assert torch.equal(fast, portable), (bits, group, rows)
+
+
+@pytest.mark.skipif(not ops.available(), reason="native kernels unavailable")
+def test_small_linear_bf16_dot_path_is_batch_invariant_and_close_to_widening():
+    """bf16 x bf16 products run on vdpbf16ps where the CPU has AVX512-BF16: a k-row call equals k one-row calls bit
+    for bit (speculative verification stays exact), and the results match the fp32-widening path to fp32 rounding."""
+    if "avx512_bf16" not in native.cpu_flags():
+        pytest.skip("this CPU has no AVX512-BF16: only the widening path runs")
+    lib = native.extension()
+    g = torch.Generator().manual_seed(0)
+    for K in (896, 70):  # whole 32-column chunks, and a masked tail
+        w = torch.randn(133, K, generator=g).to(torch.bfloat16)
+        b = torch.randn(133, generator=g)
+        x = torch.randn(16, K, generator=g).to(torch.bfloat16)
+        for rows in (1, 2, 3, 5, 16):
+            many = lib.small_linear(x[:rows], w, b)
+            ones = torch.cat([lib.small_linear(x[i : i + 1], w, b) for i in range(rows)])
+            assert torch.equal(many, ones), (K, rows)
+        old = lib.set_small_bf16(False)
+        try:
+            widened = lib.small_linear(x, w, b)
+        finally:
+            lib.set_small_bf16(old)
+        fast = lib.small_linear(x, w, b)
+        ref = F.linear(x.float(), w.float(), b)
+        assert torch.allclose(fast.float(), ref, atol=0.05, rtol=0.02) and torch.allclose(widened.float(), ref, atol=0.05, rtol=0.02)

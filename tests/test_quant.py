@@ -435,3 +435,28 @@ def test_smollm2_int8_close_to_base(smollm2):
     # (top-1 agreement is 0.949 over 20 x 512 tokens, README; on 254 tokens one token is 0.4%: the KL bound decides)
     assert r["kl"] < 0.01 and r["top1_agreement"] > 0.93
     assert weight_bytes(model) < weight_bytes(base) / 3.5
+
+
+def test_gptq_of_a_bf16_model_casts_one_block_at_a_time_with_the_same_codes(tiny64):
+    """GPTQ / AWQ of a bf16 model cast each block to fp32 just before its turn (no fp32 copy of the whole model): the
+    codes and scales equal those of the same weights quantized from an fp32 load, and the model ends in bf16."""
+    g = torch.Generator().manual_seed(5)
+    calib = torch.randint(0, 97, (8, 48), generator=g)
+    for cfg in (GPTQ(bits=4, group=32), AWQ(bits=4, group=32, gptq=True)):
+        bf = load_model(tiny64["llama"], dtype="bfloat16")
+        fp = load_model(tiny64["llama"], dtype="bfloat16").float()  # the same bf16 values, held in fp32
+        seen = []
+        original = bf.layers[1].to
+
+        def spy(*a, **k):
+            seen.append(bf.layers[0].attn.wqkv.__class__.__name__)  # block 0 is done when block 1 is cast
+            return original(*a, **k)
+
+        bf.layers[1].to = spy
+        quantize(bf, cfg, calib, progress=False)
+        quantize(fp, cfg, calib, progress=False)
+        assert seen == ["QuantLinear"], seen
+        for name in ("layers.0.attn.wqkv", "layers.1.mlp.w_down"):
+            a, b = bf.get_submodule(name), fp.get_submodule(name)
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), (cfg.method, name)
+        assert bf.layers[1].attn_norm.weight.dtype == torch.bfloat16

@@ -209,10 +209,11 @@ class BlockRunner:
 
     `xs` holds the residual stream (fp32) entering the current block, in batches of `batch_size`."""
 
-    def __init__(self, model, tokens: torch.Tensor, batch_size: int = 8):
+    def __init__(self, model, tokens: torch.Tensor, batch_size: int = 8, dtype: torch.dtype | None = None):
         if tokens is None or tokens.numel() == 0:
             raise LeanlmError("calibration needs token windows; none were given")
         self.model = model
+        self.dtype = model.dtype if dtype is None else dtype  # the blocks' compute dtype
         self.T = tokens.shape[1]
         with torch.no_grad():
             self.xs = [model.embed(t.to(model.device)) for t in tokens.split(batch_size)]
@@ -223,14 +224,13 @@ class BlockRunner:
 
     def rope(self, i: int):
         m = self.model
-        return m.rope[m._rope_names[i]].get(0, self.T, m.dtype)
+        return m.rope[m._rope_names[i]].get(0, self.T, self.dtype)
 
     @torch.no_grad()
     def run(self, i: int) -> list[torch.Tensor]:
         """Outputs of block i for every stored input batch (the inputs are left as they are)."""
-        m = self.model
-        rope, layer = self.rope(i), m.layers[i]
-        return [layer(x, rope, 0, m.dtype) for x in self.xs]
+        rope, layer = self.rope(i), self.model.layers[i]
+        return [layer(x, rope, 0, self.dtype) for x in self.xs]
 
     def advance(self, outputs: list[torch.Tensor]) -> None:
         self.xs = outputs
@@ -238,14 +238,17 @@ class BlockRunner:
 
 @torch.no_grad()  # not inference_mode: AWQ edits weights that must stay usable outside it
 def run_sequential(model, tokens: torch.Tensor, per_block, batch_size: int = 16, progress: bool = True,
-                   desc: str = "calibrate") -> list[torch.Tensor]:  # fmt: skip
+                   desc: str = "calibrate", block_dtype: torch.dtype | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Call per_block(i, layer, xs, rope, dtype) for each decoder block in order, where xs are the
     block's inputs (a list of fp32 [b, T, D] batches) computed through the already-processed
     blocks. per_block may return the block's outputs (else the block is run on xs); returns the
-    final hidden states (list of batches)."""
-    runner = BlockRunner(model, tokens, batch_size)
+    final hidden states (list of batches). block_dtype: cast each block to it just before its turn and
+    compute in it (a bf16 model calibrated in fp32 without an fp32 copy of the whole model)."""
+    runner = BlockRunner(model, tokens, batch_size, block_dtype)
     for i, layer in enumerate(tqdm(model.layers, desc=desc, disable=not progress, leave=False)):
-        out = per_block(i, layer, runner.xs, runner.rope(i), model.dtype)
+        if block_dtype is not None:
+            layer.to(block_dtype)
+        out = per_block(i, layer, runner.xs, runner.rope(i), runner.dtype)
         runner.advance(out if out is not None else runner.run(i))
     return runner.xs
 

@@ -1,4 +1,4 @@
-"""`leanlm quantize`: load in float32, calibrate, quantize, write the directory atomically."""
+"""`leanlm quantize`: load (float32, or bf16 for a bf16 checkpoint), calibrate, quantize, write the directory atomically."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def main(args) -> int:
     from ..evaluate.speed import disk_bytes, weight_bytes
     from ..io import check_writable
     from ..model import load
+    from ..model.load import checkpoint_dtype
     from ..quant.calibrate import read_calibration
     from ..quant.pipeline import quantize
     from ..quant.save import save_quantized
@@ -68,7 +69,10 @@ def main(args) -> int:
     check_writable(args.out, args.force)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load(args.model, dtype="float32")
+    # a bf16 checkpoint stays bf16 in memory (quantize widens one block at a time); mixed precision and grid tuning
+    # need the whole model in fp32
+    dtype = checkpoint_dtype(args.model) if config.mixed is None and not config.tune_steps else torch.float32
+    model, tok = load(args.model, dtype=dtype)
     before = weight_bytes(model)
     calib = tune = None
     if config.method != "rtn" or config.mixed is not None:

@@ -29,6 +29,7 @@ static std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the ISA level the extension was compiled for");
   m.def("small_linear", &small_linear, "x [1..16, K] . w [N, K]^T (+ b), fp32 accumulation (gemv_small.cpp)");
+  m.def("set_small_bf16", &set_small_bf16, "allow (True) or refuse small_linear's bf16 dot-product path; returns the old setting");
   m.def("q_linear", &q_linear, "x [1..16, K] . packed int4/int8 W^T -> fp32 [M, N] (qlinear.cpp)");
   m.def("set_q_linear_vnni", &set_q_linear_vnni, "allow (True) or refuse q_linear's VNNI path; returns the old setting");
   m.def("q_gemm", &q_gemm, "x [M, K] . packed int4/int8 W^T -> fp32 [M, N] on AVX512-VNNI (gemm_int8.cpp)");

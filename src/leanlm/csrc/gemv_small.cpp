@@ -118,6 +118,72 @@ static void sk_rows(int64_t M, const W* w, const float* x, float* y, int64_t K, 
   }
 }
 
+// bf16 activations x bf16 weights on `vdpbf16ps` (AVX512-BF16): 32 products per instruction with fp32
+// accumulation, so the weights stream at memory speed with a quarter of the widening path's instructions (that
+// path converts every weight to fp32 first). Used where both operands are bf16 (a bf16 model's decode): the
+// products of two bf16 are exact in fp32, so the sums differ from the widening path only in order and in
+// flushing denormals. Each row's sums run in one fixed order whatever the number of rows (two chains over
+// alternate 32-column chunks, then their sum, then a fixed-order reduction), so a k-row call equals k one-row
+// calls bit for bit, as speculative verification needs. C weight rows (1-4) share each activation load.
+namespace gemv_bf16 {
+
+LEANLM_BF16 static inline __m512bh load32(const uint16_t* p, int64_t left) {
+  if (left >= 32) return (__m512bh)_mm512_loadu_si512((const void*)p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);  // zeros past K add nothing
+}
+
+template <int R, int C>
+LEANLM_BF16 static void tile(const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
+  __m512 acc[C][R][2];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r][0] = acc[c][r][1] = _mm512_setzero_ps();
+  int64_t k = 0, j = 0;
+  for (; k < K; k += 32, j ^= 1) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = load32(x + (m + r) * K + k, K - k);
+    for (int c = 0; c < C; ++c) {
+      const __m512bh wv = load32(w + (n + c) * K + k, K - k);
+      for (int r = 0; r < R; ++r) acc[c][r][j] = _mm512_dpbf16_ps(acc[c][r][j], wv, xv[r]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) y[(m + r) * N + n + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
+}
+
+// rows [n0, n1) against R activation rows from m: C weight rows at a time (more independent chains at few rows)
+template <int R, int C>
+LEANLM_BF16 static void pass(const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t N, int64_t n0,
+                             int64_t n1, int64_t m) {
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) tile<R, C>(w, x, y, K, N, n, m);
+  for (; n < n1; ++n) tile<R, 1>(w, x, y, K, N, n, m);
+}
+
+LEANLM_BF16 static void rows(int64_t M, const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t N,
+                             int64_t n0, int64_t n1) {
+  for (int64_t nb = n0; nb < n1; nb += 16) {  // a block of weight rows stays in L1/L2 for the passes after the first
+    const int64_t ne = std::min(nb + 16, n1);
+    int64_t m = 0;
+    for (; M - m >= 4; m += 4) pass<4, 1>(w, x, y, K, N, nb, ne, m);
+    if (M - m == 3) pass<3, 1>(w, x, y, K, N, nb, ne, m);
+    else if (M - m == 2) pass<2, 2>(w, x, y, K, N, nb, ne, m);
+    else if (M - m == 1) pass<1, 4>(w, x, y, K, N, nb, ne, m);
+  }
+}
+
+}  // namespace gemv_bf16
+
+static bool small_bf16_allowed = true;  // set_small_bf16(false): the widening path (tests compare the two)
+static bool small_bf16_dot() {
+  static const bool cpu = cpu_has_avx512_bf16();
+  return cpu && small_bf16_allowed;
+}
+static bool set_small_bf16(bool allowed) {
+  const bool before = small_bf16_allowed;
+  small_bf16_allowed = allowed;
+  return before;
+}
+
 static bool small_ok(const Tensor& x, const Tensor& w) {
   return x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 16 && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
          (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && x.size(1) == w.size(1);
@@ -128,8 +194,17 @@ static bool small_ok(const Tensor& x, const Tensor& w) {
 Tensor small_linear(Tensor x, Tensor w, std::optional<Tensor> b) {
   TORCH_CHECK(small_ok(x, w), "small_linear: x [1..16, K], w contiguous [N, K] fp32/bf16 on CPU");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  Tensor xf = as_float(x);
   Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && small_bf16_dot()) {
+    Tensor xc = x.contiguous();
+    const uint16_t* xp = (const uint16_t*)xc.data_ptr<at::BFloat16>();
+    const uint16_t* wp = (const uint16_t*)w.data_ptr<at::BFloat16>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { gemv_bf16::rows(M, wp, xp, yp, K, N, n0, n1); });
+    if (b) y.add_(*b);
+    return y.to(x.scalar_type());
+  }
+  Tensor xf = as_float(x);
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const void* wp = w.data_ptr();

@@ -30,6 +30,15 @@ static inline bool cpu_has_avx512_vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+// bf16 dot products (`vdpbf16ps`) whatever the build's level: gemv_small.cpp's bf16 x bf16 path; callers check
+// cpu_has_avx512_bf16() first
+#define LEANLM_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+static inline bool cpu_has_avx512_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
 template <typename T> static inline T rnd(float v) { return static_cast<T>(v); }  // round to T (RNE for bf16)
 template <typename T> static inline float f(T v) { return static_cast<float>(v); }
 

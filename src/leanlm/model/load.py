@@ -324,6 +324,21 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     return model.eval()
 
 
+def checkpoint_dtype(spec: str | Path) -> torch.dtype:
+    """bfloat16 when every floating tensor of the model's safetensors is stored in bf16 (the 1.5B's converted cache,
+    a bf16 HF checkpoint), else float32: the dtype that loads the weights without rounding them and without more
+    memory than they need."""
+    from safetensors import safe_open
+
+    directory = resolve(spec)
+    kinds = set()
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            kinds |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    floats = kinds & {"F64", "F32", "F16", "BF16"}
+    return torch.bfloat16 if floats == {"BF16"} else torch.float32
+
+
 def load_model(spec: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Transformer:
     """The model alone (no tokenizer) from a default name, GGUF path or HF directory."""
     directory = resolve(spec)

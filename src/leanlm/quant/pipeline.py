@@ -125,7 +125,12 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
         raise LeanlmError(f"{config.method} needs calibration tokens (e.g. --calib wikitext2-valid)")
     dtype = parse_dtype(config.dtype)
     t0 = time.perf_counter()
-    if model.dtype != torch.float32:
+    # A bf16 model is not copied to fp32 as a whole: GPTQ / AWQ cast one block at a time (run_sequential's
+    # block_dtype) and RTN widens one weight at a time, so the peak holds the bf16 model plus one fp32 block (the
+    # 1.5B: 3.1 GB, not 6.2 GB) and the codes equal those of an fp32 load of the same weights. The embedding lookup
+    # stays in the model's dtype (its output is widened). Mixed precision and grid tuning need the whole fp32 model.
+    per_block_fp32 = model.dtype != torch.float32 and config.mixed is None and not config.tune_steps
+    if model.dtype != torch.float32 and not per_block_fp32:
         cast_unquantized(model, torch.float32)
     names = quantizable(model, config.skip)
     if not names:
@@ -216,7 +221,8 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
                 for n in todo:
                     quantize_one(n, stats[n])
 
-        run_sequential(model, calib_tokens, per_block, batch_size, progress, desc=config.method)
+        run_sequential(model, calib_tokens, per_block, batch_size, progress, desc=config.method,
+                       block_dtype=torch.float32 if per_block_fp32 else None)  # fmt: skip
     else:
         for n in tqdm(names, desc="rtn", disable=not progress, leave=False):
             lin = get_module(model, n)
