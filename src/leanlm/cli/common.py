@@ -19,8 +19,8 @@ class Parser(argparse.ArgumentParser):
     """An argument error is one `leanlm: error:` line and exit code 2, as every other bad input is."""
 
     def error(self, message):
-        print(f"leanlm: error: {self.prog.removeprefix('leanlm ')}: {message} (see `{self.prog} --help`)",
-              file=sys.stderr)  # fmt: skip
+        verb = self.prog.removeprefix("leanlm").strip()
+        print(f"leanlm: error: {verb + ': ' if verb else ''}{message} (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -236,7 +236,12 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise LeanlmError(f"recipe {path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LeanlmError(f"recipe {path} is not valid YAML{where}: {problem}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanlmError(f"cannot read recipe {path} ({e})") from e
     return parse_recipe(d, str(path))
 
 
