@@ -29,10 +29,24 @@ def test_example_recipes_are_valid():
     ({"steps": []}, "non-empty"),
     ({"steps": [{"dtype": "bfloat16"}], "colour": "red"}, "unknown key.*colour"),
     ({"steps": [{"dtype": "bfloat16"}], "calibration": {"samples": 0}}, "samples >= 1"),
+    # values of the wrong type name the file, the step and the key (the config classes' annotations are the schema)
+    ({"steps": [{"quantize": {"method": "rtn", "symmetric": "false"}}]}, r"r\.yaml: step 1 \(quantize\): 'symmetric' must be true or false, got 'false'"),
+    ({"steps": [{"quantize": {"method": "rtn", "bits": 8.0}}]}, r"step 1 \(quantize\): 'bits' must be a whole number, got 8\.0"),
+    ({"steps": [{"dtype": "bf16"}, {"prune": {"method": "wanda", "sparsity": "half"}}]}, r"step 2 \(prune\): 'sparsity' must be a number or null"),
+    ({"steps": [{"quantize": {"skip": "layers.0"}}]}, "'skip' must be a list of strings"),
+    ({"steps": [{"quantize": {"mixed": {"target_bits": "5"}}}]}, "'mixed.target_bits' must be a number"),
+    ({"steps": [{"quantize": {"mixed": {"high": {"bits": 8.0}}}}]}, "'mixed.high.bits' must be a whole number"),
+    ({"steps": [{"quantize": {"mixed": {"colour": 1}}}]}, "'mixed': unknown key.*colour"),
+    ({"steps": [{"quantize": {"method": ["gptq"]}}]}, "unknown quantization method"),
+    ({"steps": [{"prune": {"structured": 5}}]}, "'structured' must be neurons, heads or layers"),
+    ({"steps": [{"dtype": "bfloat16"}], "calibration": "lots"}, "'calibration' must be a mapping"),
+    ({"steps": [{"dtype": "bfloat16"}], "calibration": {"samples": True}}, "calibration.samples must be a whole number"),
+    ({"steps": [{"dtype": "bfloat16"}], "name": 5}, "'name' must be a string"),
+    ({"steps": [{"dtype": "bfloat16"}], 5: 3}, "unknown key"),
 ])  # fmt: skip
 def test_validation_errors(recipe, message):
     with pytest.raises(LeanlmError, match=message):
-        parse_recipe(recipe)
+        parse_recipe(recipe, "r.yaml")
 
 
 def test_missing_and_broken_files(tmp_path):

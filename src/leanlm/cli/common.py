@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..errors import LeanlmError
@@ -12,6 +13,69 @@ MODEL_HELP = ("default name (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.
               "or a Hugging Face model directory")
 KV_HELP = ("KV-cache policy: int8 | int4 | sinks:4,window:1024[,int8] | h2o:BUDGET[,window:N] | "
            "snapkv:BUDGET[,obs:N] (default: full cache in the model dtype)")  # fmt: skip
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument error is one `leanlm: error:` line and exit code 2, as every other bad input is."""
+
+    def error(self, message):
+        verb = self.prog.removeprefix("leanlm").strip()
+        print(f"leanlm: error: {verb + ': ' if verb else ''}{message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def integer(low: int | None = None, high: int | None = None):
+    """An argparse type: a whole number in [low, high], refused while parsing (before any model loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number in the interval low..high (open ends where asked)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            bounds = ([] if low is None else [f"{'>' if low_open else '>='} {low:g}"]) + \
+                     ([] if high is None else [f"{'<' if high_open else '<='} {high:g}"])  # fmt: skip
+            raise argparse.ArgumentTypeError(" ".join(["must be a finite number", " and ".join(bounds)]).strip()
+                                             + f", got {text}")  # fmt: skip
+        return value
+
+    return parse
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: a string that is not empty (an empty --stop would stop before the first character)."""
+    if text == "":
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+THREADS = integer(1, 4096)
+SEED = integer(0, 2**63 - 1)
+
+
+def read_stdin_prompt(stdin) -> str:
+    """The prompt from standard input, which the command asked for; a terminal is refused rather than waited on."""
+    if stdin is None or stdin.isatty():
+        raise LeanlmError("no prompt: pass --prompt TEXT, or pipe the prompt into standard input")
+    return stdin.read()
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -34,7 +98,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus the options every verb that loads a model takes."""
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", help="weights/compute dtype: float32 | bfloat16 (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 

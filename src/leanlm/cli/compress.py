@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import MODEL_HELP, verb_parser
+from .common import MODEL_HELP, THREADS, verb_parser
 
 
 def add_parser(subparsers):
@@ -18,7 +18,7 @@ def add_parser(subparsers):
     p.add_argument("recipe", help="YAML recipe file")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--check", action="store_true", help="only validate the recipe and print its cost-model plan")
     return p
 

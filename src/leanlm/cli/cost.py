@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import MODEL_HELP, emit_json, table, verb_parser
+from .common import MODEL_HELP, check_json_dest, emit_json, integer, number, table, verb_parser
 
 
 def add_parser(subparsers):
@@ -17,38 +17,53 @@ def add_parser(subparsers):
     p.add_argument("--hw", default="cpu", help="a100, h100, h200, groq-lpu, cpu (calibrated), or a profile JSON")
     p.add_argument("--weights", default=None, help="weight dtype: fp32 bf16 fp16 fp8 int8 int4 (default: the model's)")
     p.add_argument("--compute", default=None, help="activation dtype (default: bf16 for low-bit weights, else weights')")
-    p.add_argument("--group", type=int, default=None, help="quantization group size")
-    p.add_argument("--sparsity", type=float, default=0.0)
+    p.add_argument("--group", type=integer(1), default=None, help="quantization group size")
+    p.add_argument("--sparsity", type=number(0, 1, high_open=True), default=0.0)
     p.add_argument("--pattern", default="none", help="none, unstructured, 2:4, 4:8")
-    p.add_argument("--act-sparsity", type=float, default=0.0, help="fraction of MLP inputs skipped")
+    p.add_argument("--act-sparsity", type=number(0, 1, high_open=True), default=0.0, help="fraction of MLP inputs skipped")
     p.add_argument("--kv-dtype", default=None)
-    p.add_argument("--kv-window", type=int, default=None, help="KV tokens kept per layer")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--kv-window", type=integer(1), default=None, help="KV tokens kept per layer")
+    p.add_argument("--batch", type=integer(1), default=1)
+    p.add_argument("--prompt-len", type=integer(1), default=512)
+    p.add_argument("--context", type=integer(1), default=512)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--force", action="store_true")
     return p
 
 
 def main(args) -> int:
+    from ..apply import plan_for
     from ..hardware import Plan, estimate, load_profile
     from ..model import load_model
 
     hw = load_profile(args.hw)
+    Plan(weight_dtype=args.weights or "fp32", compute_dtype=args.compute or "fp32", kv_dtype=args.kv_dtype,
+         sparsity=args.sparsity, sparsity_pattern=args.pattern, activation_sparsity=args.act_sparsity).validate()
+    check_json_dest(args)  # all of it before the model loads
     model = load_model(args.model)
-    own = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(model.dtype).removeprefix("torch.")]
-    weights = args.weights or own
-    compute = args.compute or ("bf16" if weights in ("int8", "int4", "fp8") else weights)
-    plan = Plan(weight_dtype=weights, compute_dtype=compute, group_size=args.group, sparsity=args.sparsity,
-                sparsity_pattern=args.pattern, activation_sparsity=args.act_sparsity, kv_dtype=args.kv_dtype,
-                kv_window=args.kv_window)  # fmt: skip
+    # the model's own format: what leanlm applied to it (a quantized directory streams int4/int8 weights)
+    plan = plan_for(model)
+    if args.weights:
+        plan.weight_dtype, plan.group_size = args.weights, None
+        plan.compute_dtype = "bf16" if args.weights in ("int8", "int4", "fp8") else args.weights
+    if args.compute:
+        plan.compute_dtype = args.compute
+    overrides = {"group_size": args.group, "kv_dtype": args.kv_dtype, "kv_window": args.kv_window}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(plan, key, value)
+    if args.sparsity:
+        plan.sparsity, plan.sparsity_pattern = args.sparsity, args.pattern
+    if args.act_sparsity:
+        plan.activation_sparsity = args.act_sparsity
+    weights, compute = plan.weight_dtype, plan.compute_dtype
     r = estimate(model.config, hw, plan, args.batch, args.prompt_len, args.context)
     if args.json:
         emit_json(r, args.json, args.force)
     if args.json != "-":
         rows = [("hardware", hw.name), ("plan", f"weights {weights}, compute {compute}" +
-                 (f", {args.pattern} sparsity {args.sparsity}" if args.sparsity else "")),
+                 (f", group {plan.group_size}" if plan.group_size else "") +
+                 (f", {plan.sparsity_pattern} sparsity {plan.sparsity:g}" if plan.sparsity else "")),
                 ("prefill", f"{r['prefill_tok_s']:.1f} tok/s at {args.prompt_len} tokens, batch {args.batch}"),
                 ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['decode_step_ms']:.2f} ms/step, context {args.context})"),
                 ("decode breakdown", ", ".join(f"{k} {v:.2f} ms" for k, v in r["decode_breakdown_ms"].items())),

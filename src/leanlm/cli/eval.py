@@ -7,7 +7,7 @@ import time
 
 from ..errors import LeanlmError
 from .common import (KV_HELP, add_adaptive_args, add_model_args, apply_adaptive, check_json_dest, compute_meter,
-                     emit_json, kv_policy, load_model, table, verb_parser)  # fmt: skip
+                     emit_json, integer, kv_policy, load_model, table, verb_parser)  # fmt: skip
 
 
 def add_parser(subparsers):
@@ -23,18 +23,18 @@ def add_parser(subparsers):
     p.add_argument("--ppl", action="store_true", help="perplexity on --text")
     p.add_argument("--kl-ref", metavar="MODEL", help="KL divergence and top-1 agreement vs this reference (fp32)")
     p.add_argument("--text", default="wikitext2", help="wikitext2 (default), moby-dick, pride-and-prejudice, or a file")
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity window length (default 512)")
-    p.add_argument("--windows", type=int, default=40, help="number of windows, 0 = whole text (default 40)")
+    p.add_argument("--seq-len", type=integer(2), default=512, help="perplexity window length (default 512)")
+    p.add_argument("--windows", type=integer(0), default=40, help="number of windows, 0 = whole text (default 40)")
     p.add_argument("--tasks", help="comma list of hellaswag,piqa,arc_easy,arc_challenge,winogrande,boolq,"
                                    "lambada,openbookqa, or 'all'")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--limit", type=integer(1), default=None, help="first N documents of each task")
     p.add_argument("--speed", action="store_true", help="prefill / decode tok/s and time to first token")
-    p.add_argument("--prompt-len", type=int, default=512, help="prefill prompt length (default 512)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decode tokens per run (default 128)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default 5)")
+    p.add_argument("--prompt-len", type=integer(1), default=512, help="prefill prompt length (default 512)")
+    p.add_argument("--new-tokens", type=integer(1), default=128, help="decode tokens per run (default 128)")
+    p.add_argument("--runs", type=integer(1), default=5, help="timed runs after one warm-up (default 5)")
     p.add_argument("--memory", action="store_true", help="weight MB, KV bytes/token, peak RSS, size on disk")
     p.add_argument("--kv", help=KV_HELP + "; perplexity is then scored chunk by chunk through the cache")
-    p.add_argument("--kv-chunk", type=int, default=256, help="chunk length for --kv perplexity (default 256)")
+    p.add_argument("--kv-chunk", type=integer(1), default=256, help="chunk length for --kv perplexity (default 256)")
     add_adaptive_args(p)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")

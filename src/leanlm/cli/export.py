@@ -27,13 +27,16 @@ def add_parser(subparsers):
 
 
 def main(args) -> int:
-    from ..io import check_writable
+    from ..io import check_writable, estimated_bytes
 
-    check_writable(args.out, args.force)  # fail before loading the model
     if args.format == "hf" and args.type not in (None, "f32", "f16", "bf16"):
         raise LeanlmError(f"--type {args.type} is for --format gguf; hf takes f32 | f16 | bf16")
     if args.format == "gguf" and args.type == "bf16":
         raise LeanlmError("--format gguf takes --type f32 | f16 | q8_0 | q4_0")
+    default_bits = 16 if args.format == "gguf" or args.dtype not in ("float32", "fp32") else 32
+    bits = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5}.get(args.type, default_bits)
+    check_writable(args.out, args.force, directory=args.format == "hf",
+                   need_bytes=estimated_bytes(args.model, bits))  # fail before loading the model  # fmt: skip
     model, tok = load_model(args)
     t0 = time.time()
     if args.format == "gguf":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import LeanlmError
-from .common import KV_HELP, add_adaptive_args, add_model_args, apply_adaptive, emit_json, kv_policy, load_model, verb_parser
+from .common import (KV_HELP, SEED, add_adaptive_args, add_model_args, apply_adaptive, check_json_dest, emit_json, integer,
+                     kv_policy, load_model, non_empty, number, read_stdin_prompt, verb_parser)  # fmt: skip
 
 
 def add_parser(subparsers):
@@ -19,12 +20,12 @@ def add_parser(subparsers):
                               "leanlm generate smollm2-135m --prompt 'Repeat: a b c a b c' --speculate lookup+self"])  # fmt: skip
     add_model_args(p)
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=integer(1), default=128, help="most tokens generated (default 128)")
+    p.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=integer(0), default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", type=non_empty, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion, no chat template")
     p.add_argument("--kv", help=KV_HELP)
@@ -36,9 +37,9 @@ def add_parser(subparsers):
                         "draft = --draft MODEL drafts; lookup+X = lookup, X when nothing matches")  # fmt: skip
     p.add_argument("--draft", metavar="MODEL", help="draft model for --speculate draft (same tokenizer)")
     p.add_argument("--draft-dtype", default="bfloat16", help="dtype of the draft / self copy (default bfloat16)")
-    p.add_argument("--draft-layers", type=int, default=None,
+    p.add_argument("--draft-layers", type=integer(1), default=None,
                    help="self-draft = the model's first N layers + LM head (shares its KV cache)")  # fmt: skip
-    p.add_argument("--draft-threshold", type=float, default=None,
+    p.add_argument("--draft-threshold", type=number(0, 1), default=None,
                    help="stop drafting when the draft's confidence falls below this (default: off)")  # fmt: skip
     p.add_argument("--gamma", default="auto", help="draft tokens per round: N, auto (learned online, default) or heuristic")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
@@ -72,12 +73,19 @@ def speculative_decoder(args, model):
 
 def main(args) -> int:
     from ..decode.generate import GenerationStats, Sampling, generate
+    from ..decode.speculative import make_policy
 
+    # every input is checked, and the prompt read, before the model loads
     kv = kv_policy(args)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.speculate:
+        make_policy(args.gamma)
+    check_json_dest(args)
+    prompt = args.prompt if args.prompt is not None else read_stdin_prompt(getattr(args, "stdin", sys.stdin))
+    if prompt == "":
+        raise LeanlmError("the prompt is empty: pass --prompt TEXT or pipe text into standard input")
     model, tok = load_model(args)
     apply_adaptive(args, model, tok)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     stats = GenerationStats()
     decode_fn = speculative_decoder(args, model) if args.speculate else None
     if decode_fn is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import emit_json, table, verb_parser
+from .common import THREADS, check_json_dest, emit_json, table, verb_parser
 
 
 def add_parser(subparsers):
@@ -16,7 +16,7 @@ def add_parser(subparsers):
                     examples=["leanlm hw calibrate --threads 2", "leanlm hw show h100"])  # fmt: skip
     p.add_argument("action", choices=["calibrate", "show"])
     p.add_argument("name", nargs="?", default="cpu", help="profile for show: a100, h100, h200, groq-lpu, cpu, or a JSON file")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--json", metavar="PATH", help="also write the profile as JSON to PATH ('-' for stdout)")
     p.add_argument("--force", action="store_true")
     return p
@@ -28,6 +28,7 @@ def main(args) -> int:
     from ..hardware import load_profile, save_profile
     from ..hardware.calibrate import calibrate
 
+    check_json_dest(args)
     if args.action == "calibrate":
         prof = calibrate(args.threads)
         print(f"saved {save_profile(prof)}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, emit_json, load_model, verb_parser
+from .common import add_model_args, check_json_dest, emit_json, load_model, verb_parser
 
 
 def add_parser(subparsers):
@@ -47,6 +47,7 @@ def model_info(model) -> dict:
 
 
 def main(args) -> int:
+    check_json_dest(args)
     model, _ = load_model(args)
     info = model_info(model)
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..errors import LeanlmError
-from .common import add_model_args, check_json_dest, emit_json, load_model, verb_parser
+from .common import add_model_args, check_json_dest, emit_json, integer, load_model, number, verb_parser
 
 
 def add_parser(subparsers):
@@ -24,7 +24,7 @@ def add_parser(subparsers):
     p.add_argument("--force", action="store_true", help="replace an existing --out / --json")
     g = p.add_argument_group("unstructured / N:M")
     g.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), help="weight pruning criterion")
-    g.add_argument("--sparsity", type=float, help="fraction of block weights zeroed, in [0, 1)")
+    g.add_argument("--sparsity", type=number(0, 1, high_open=True), help="fraction of block weights zeroed, in [0, 1)")
     g.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8 (N kept of every M)")
     g.add_argument("--allocation", default="uniform", choices=("uniform", "owl"),
                    help="per-layer ratios: uniform, or OWL outlier-weighted (default uniform)")
@@ -32,8 +32,8 @@ def add_parser(subparsers):
                    help="bitmask: smaller file, leanlm-only (default); dense: zeros stored, transformers-loadable")
     g = p.add_argument_group("structured")
     g.add_argument("--structured", choices=("neurons", "heads", "layers"), help="what to remove physically")
-    g.add_argument("--ratio", type=float, help="fraction of FFN neurons / heads removed, in (0, 1)")
-    g.add_argument("--remove", type=int, help="number of decoder layers removed (--structured layers)")
+    g.add_argument("--ratio", type=number(0, 1, low_open=True, high_open=True), help="fraction of FFN neurons / heads removed, in (0, 1)")
+    g.add_argument("--remove", type=integer(1), help="number of decoder layers removed (--structured layers)")
     g.add_argument("--importance", default="activation", choices=("activation", "wanda", "magnitude"),
                    help="neuron/head score (default activation: max residual contribution)")
     g.add_argument("--scope", default="layer", choices=("layer", "global"),
@@ -43,14 +43,14 @@ def add_parser(subparsers):
     g = p.add_argument_group("calibration and healing")
     g.add_argument("--calib-text", default="wikitext2-valid",
                    help="calibration text: wikitext2-valid (default), pride-and-prejudice, or a file")
-    g.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    g.add_argument("--calib-samples", type=integer(1), default=32, help="calibration windows (default 32)")
+    g.add_argument("--calib-seq-len", type=integer(16), default=512, help="calibration window length (default 512)")
     g.add_argument("--data-dir", help="data folder (default $LEANLM_DATA)")
-    g.add_argument("--heal-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
-    g.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (default 1e-4)")
-    g.add_argument("--heal-batch", type=int, default=2, help="healing windows per step (default 2)")
-    g.add_argument("--heal-seq-len", type=int, default=256, help="healing window length (default 256)")
-    g.add_argument("--eval-windows", type=int, default=0,
+    g.add_argument("--heal-steps", type=integer(0), default=0, help="distillation steps after pruning (default 0)")
+    g.add_argument("--heal-lr", type=number(0, 1, low_open=True, high_open=True), default=1e-4, help="healing learning rate (default 1e-4)")
+    g.add_argument("--heal-batch", type=integer(1), default=2, help="healing windows per step (default 2)")
+    g.add_argument("--heal-seq-len", type=integer(16), default=256, help="healing window length (default 256)")
+    g.add_argument("--eval-windows", type=integer(0), default=0,
                    help="report WikiText-2 ppl and KL vs the unpruned model on N 512-token windows (default off)")
     p.add_argument("--json", metavar="PATH", help="write the pruning report as JSON ('-' for stdout)")
     return p
@@ -61,7 +61,7 @@ def main(args) -> int:
     import copy
 
     from ..evaluate.speed import disk_bytes, weight_bytes
-    from ..io import check_writable
+    from ..io import check_writable, estimated_bytes
     from ..prune import (Structured, Unstructured, calibration_tokens, heal, prune_structured, prune_unstructured,
                          save_compressed)  # fmt: skip
 
@@ -72,7 +72,10 @@ def main(args) -> int:
         cfg = Unstructured(args.method, args.sparsity, args.pattern, args.allocation)
     else:
         cfg = Structured(args.structured, args.ratio, args.remove, args.importance, args.scope, args.head_mode)
-    check_writable(args.out, args.force)
+    # the output: about the kept weights at --dtype (a lower bound: a bitmask and layer removal not counted)
+    kept = (1 - (args.sparsity or 0.5)) if args.method else 1 - (args.ratio or 0)
+    bits = 32 if args.dtype in ("float32", "fp32") else 16
+    check_writable(args.out, args.force, directory=True, need_bytes=estimated_bytes(args.model, bits * kept))
     check_json_dest(args)
     if args.heal_steps and args.dtype not in ("float32", "fp32"):
         raise LeanlmError("healing trains in float32: drop --dtype or use --heal-steps 0")

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import LeanlmError
-from .common import MODEL_HELP, verb_parser
+from .common import MODEL_HELP, SEED, THREADS, integer, number, verb_parser
 
 
 def add_parser(subparsers):
@@ -58,15 +58,15 @@ def main(args) -> int:
     import torch
 
     from ..evaluate.speed import disk_bytes, weight_bytes
-    from ..io import check_writable
+    from ..io import check_writable, estimated_bytes
     from ..model import load
     from ..model.load import checkpoint_dtype
     from ..quant.calibrate import read_calibration
     from ..quant.pipeline import quantize
     from ..quant.save import save_quantized
 
-    config = config_from_args(args)  # bad options fail before anything is loaded
-    check_writable(args.out, args.force)
+    config = config_from_args(args)  # bad options, and an output that cannot be written, fail before the load
+    check_writable(args.out, args.force, directory=True, need_bytes=estimated_bytes(args.model, config.bits))
     if args.threads:
         torch.set_num_threads(args.threads)
     # a bf16 checkpoint stays bf16 in memory (quantize widens one block at a time); mixed precision and grid tuning
@@ -108,23 +108,23 @@ def main(args) -> int:
 def add_arguments(p) -> None:
     """Options of `leanlm quantize` after MODEL."""
     p.add_argument("--method", default="gptq", help="rtn | gptq | awq (default gptq)")
-    p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
-    p.add_argument("--group", type=int, default=128, help="input columns per scale: 32, 64, 128, 256, or 0 = per "
+    p.add_argument("--bits", type=integer(), default=4, help="4 or 8 (default 4)")
+    p.add_argument("--group", type=integer(), default=128, help="input columns per scale: 32, 64, 128, 256, or 0 = per "
                                                           "output channel (default 128)")  # fmt: skip
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point); default asymmetric")
     p.add_argument("--calib", default="wikitext2-valid",
                    help="calibration text: wikitext2-valid (default), pride-and-prejudice, moby-dick or a file")  # fmt: skip
-    p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows")
+    p.add_argument("--samples", type=integer(1), default=16, help="calibration windows (default 16)")
+    p.add_argument("--seq-len", type=integer(16), default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for picking calibration windows")
     p.add_argument("--data-dir", help="data folder for named texts (default $LEANLM_DATA)")
-    p.add_argument("--head-bits", type=int, default=8, help="LM head (and tied embeddings) bits: 8, 4 or 0 = keep")
-    p.add_argument("--embed-bits", type=int, default=8, help="untied input embedding bits: 8, 4 or 0 = keep")
+    p.add_argument("--head-bits", type=integer(), default=8, help="LM head (and tied embeddings) bits: 8, 4 or 0 = keep")
+    p.add_argument("--embed-bits", type=integer(), default=8, help="untied input embedding bits: 8, 4 or 0 = keep")
     p.add_argument("--skip", action="append", help="leave Linears whose name contains this unquantized (repeatable)")
-    p.add_argument("--target-bits", type=float, default=None,
+    p.add_argument("--target-bits", type=number(0, low_open=True), default=None,
                    help="mixed precision: promote the most sensitive Linears to int8 up to this average bits/weight")  # fmt: skip
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--damp", type=float, default=None, help="GPTQ: dampening, fraction of mean diagonal (default 0.01)")
+    p.add_argument("--damp", type=number(0, low_open=True), default=None, help="GPTQ: dampening, fraction of mean diagonal (default 0.01)")
     p.add_argument("--no-true-sequential", action="store_true",
                    help="GPTQ: calibrate all four Linears of a block on the unquantized block")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
@@ -132,30 +132,30 @@ def add_arguments(p) -> None:
                    help="GPTQ: clip each group's grid by an output-error search first (AWQ's clipping search)")  # fmt: skip
     p.add_argument("--gptq", dest="gptq_rounding", action="store_true",
                    help="AWQ: round the scaled weights with GPTQ instead of to nearest (AWQ + GPTQ, best g128 quality)")  # fmt: skip
-    p.add_argument("--tune-steps", type=int, default=0,
+    p.add_argument("--tune-steps", type=integer(0), default=0,
                    help="after quantizing, train every group's scale and zero (codes frozen) by KL distillation to "
                         "the unquantized model for this many steps (e.g. 200; ~6.5 s per 512-token step for "
                         "SmolLM2 on 2 cores); default 0 = off")  # fmt: skip
-    p.add_argument("--tune-samples", type=int, default=128, help="grid tuning: calibration windows (default 128)")
-    p.add_argument("--tune-lr", type=float, default=1e-3, help="grid tuning: learning rate (default 1e-3)")
-    p.add_argument("--tune-batch", type=int, default=1, help="grid tuning: windows per step (default 1)")
+    p.add_argument("--tune-samples", type=integer(1), default=128, help="grid tuning: calibration windows (default 128)")
+    p.add_argument("--tune-lr", type=number(0, 1, low_open=True, high_open=True), default=1e-3, help="grid tuning: learning rate (default 1e-3)")
+    p.add_argument("--tune-batch", type=integer(1), default=1, help="grid tuning: windows per step (default 1)")
     p.add_argument("--tune-codes", action="store_true",
                    help="grid tuning: also learn each weight's rounding (a code moves one step at most; same "
                         "storage and kernels)")  # fmt: skip
-    p.add_argument("--tune-codes-lr", type=float, default=2e-3,
+    p.add_argument("--tune-codes-lr", type=number(0, 1, low_open=True, high_open=True), default=2e-3,
                    help="grid tuning: learning rate of the rounding offsets, in code steps (default 2e-3)")  # fmt: skip
-    p.add_argument("--recon-steps", type=int, default=0,
+    p.add_argument("--recon-steps", type=integer(0), default=0,
                    help="GPTQ/AWQ: after each block is quantized, train its grids and rounding (one code step at "
                         "most) for this many steps so that its output matches the unquantized block's "
                         "(AutoRound-style block reconstruction; e.g. 100, with --samples 64); default 0 = off")  # fmt: skip
-    p.add_argument("--recon-lr", type=float, default=1e-3, help="block reconstruction: learning rate (default 1e-3)")
-    p.add_argument("--recon-batch", type=int, default=4, help="block reconstruction: windows per step (default 4)")
+    p.add_argument("--recon-lr", type=number(0, 1, low_open=True, high_open=True), default=1e-3, help="block reconstruction: learning rate (default 1e-3)")
+    p.add_argument("--recon-batch", type=integer(1), default=4, help="block reconstruction: windows per step (default 4)")
     p.add_argument("--recon-loss", default="mse", choices=["mse", "channel"],
                    help="block reconstruction: squared error (mse, default), or per residual channel relative to its "
                         "mean square (channel)")  # fmt: skip
     p.add_argument("--no-pad", dest="pad", action="store_false",
                    help="refuse layers whose in_features the group does not divide (default: shorter last group)")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the result: bfloat16 (default) | float32")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", required=True, help="output directory (refuses to overwrite without --force)")
     p.add_argument("--force", action="store_true", help="overwrite --out")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import LeanlmError
-from .common import MODEL_HELP, check_json_dest, emit_json, verb_parser
+from .common import MODEL_HELP, THREADS, check_json_dest, emit_json, integer, verb_parser
 
 
 def add_parser(subparsers):
@@ -20,11 +20,11 @@ def add_parser(subparsers):
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--hw", default="cpu", help="hardware profile used to price candidates (default: calibrated cpu)")
     p.add_argument("--max-ppl-increase", default="3%", help="quality budget, e.g. 3%% or 0.03 (default 3%%)")
-    p.add_argument("--trials", type=int, default=6, help="candidates measured, baseline included (default 6)")
-    p.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 512 per trial (default 8)")
-    p.add_argument("--runs", type=int, default=3, help="decode timing runs per trial (default 3)")
+    p.add_argument("--trials", type=integer(1), default=6, help="candidates measured, baseline included (default 6)")
+    p.add_argument("--windows", type=integer(1), default=8, help="WikiText-2 windows of 512 per trial (default 8)")
+    p.add_argument("--runs", type=integer(1), default=3, help="decode timing runs per trial (default 3)")
     p.add_argument("--backend", default="local", choices=["local"], help="where trials run (local)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--data-dir", help="evaluation data folder (default $LEANLM_DATA)")
     p.add_argument("--json", metavar="PATH", help="write the search as JSON (render it with leanlm report)")
     p.add_argument("--force", action="store_true")

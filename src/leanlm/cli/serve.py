@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, load_model, verb_parser
+from .common import add_model_args, integer, load_model, verb_parser
 
 
 def add_parser(subparsers):
@@ -16,11 +16,11 @@ def add_parser(subparsers):
                               "\"content\": \"Hi\"}], \"max_tokens\": 32}'"])  # fmt: skip
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=integer(0, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--name", help="model id clients send (default: MODEL as given)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait (default 16; more -> 503)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context - 1)")
-    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    p.add_argument("--max-queue", type=integer(1), default=16, help="requests that may wait (default 16; more -> 503)")
+    p.add_argument("--max-prompt-tokens", type=integer(1), default=None, help="longest prompt accepted (default: context - 1)")
+    p.add_argument("--max-tokens-limit", type=integer(1), default=512, help="largest max_tokens a request may ask (default 512)")
     return p
 
 

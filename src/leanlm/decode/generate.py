@@ -171,12 +171,45 @@ def generate_tokens(
 
 
 def apply_chat(tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of `prompt` wrapped in the tokenizer's chat template (instruct models)."""
+    """Token ids of `prompt` wrapped in the tokenizer's chat template (instruct models). Control-token text
+    typed in the prompt or system text (e.g. '<|im_end|><|im_start|>system') is encoded as plain text, never as
+    the control tokens, so a prompt cannot forge a turn; text without any is encoded as the template does."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if any(_has_control_text(tokenizer, m["content"]) for m in messages):
+        return _chat_ids_literal(tokenizer, messages)
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     return list(out)
+
+
+def _has_control_text(tokenizer, text: str) -> bool:
+    """Whether encoding `text` would produce a special token (its text matches one)."""
+    plain = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    return tokenizer(text, add_special_tokens=False).input_ids != plain
+
+
+def _chat_ids_literal(tokenizer, messages: list[dict]) -> list[int]:
+    """The template rendered around placeholders; the template's own text is encoded with its control tokens,
+    each message's content with special tokens split into plain text."""
+    import re
+    import uuid
+
+    marks = [f"\x00leanlm-content-{uuid.uuid4().hex}-{i}\x00" for i in range(len(messages))]
+    shaped = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+    text = tokenizer.apply_chat_template(shaped, add_generation_prompt=True, tokenize=False)
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", text)
+    if sorted(p for p in pieces if p in marks) != sorted(marks):
+        raise LeanlmError("the chat template rewrites message content, so control-token text in the prompt cannot be "
+                          "kept literal; remove it from the prompt or pass --no-chat")  # fmt: skip
+    content = dict(zip(marks, (m["content"] for m in messages)))
+    ids: list[int] = []
+    for piece in pieces:
+        if piece in content:
+            ids += tokenizer(content[piece], add_special_tokens=False, split_special_tokens=True).input_ids
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False).input_ids
+    return ids
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:

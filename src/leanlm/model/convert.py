@@ -139,6 +139,16 @@ class _TopLevelOnly:
         return []
 
 
+def _gguf_alone(stack: contextlib.ExitStack, path: Path) -> Path:
+    """A temporary folder holding only a link to GGUF `path`: transformers' gguf_file= loaders then read the
+    file alone, never a config.json / tokenizer_config.json beside it (which may name code to run)."""
+    import tempfile
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="leanlm-gguf-")))
+    (folder / path.name).symlink_to(path.resolve())
+    return folder
+
+
 def _unreadable(path: Path, e: Exception) -> LeanlmError:
     return LeanlmError(f"cannot read GGUF {path} ({type(e).__name__}: {e}); the file may be truncated or corrupt")
 
@@ -152,7 +162,7 @@ def convert(path: Path, out: Path) -> dict:
     with contextlib.ExitStack() as stack:
         try:
             reader = stack.enter_context(_one_reader(path))
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(_gguf_alone(stack, path), gguf_file=path.name, trust_remote_code=False)
         except LeanlmError:
             raise
         except Exception as e:  # the GGUF reader raises many kinds of errors on damaged files
@@ -178,14 +188,14 @@ def convert_weights(path: Path, out: Path, reader=None) -> dict:
         try:
             reader = reader or stack.enter_context(_one_reader(path))
             gguf_meta = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only: config + tokenizer
-            hf_cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+            hf_cfg = AutoConfig.from_pretrained(_gguf_alone(stack, path), gguf_file=path.name, trust_remote_code=False)
         except LeanlmError:
             raise
         except Exception as e:
             raise _unreadable(path, e) from e
         cfg = ModelConfig.from_hf(hf_cfg)  # fail early on unsupported architectures
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+            skeleton = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, trust_remote_code=False)
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         if cfg.tie_embeddings:
             expected.pop("lm_head.weight", None)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LeanlmError
-from ..io import atomic_dir, replace_with_umask
+from ..io import MARKER, atomic_dir, incomplete_output, replace_with_umask
 from .config import ModelConfig, apply_layer_overrides
 from .runtime import Transformer
 
@@ -167,7 +167,10 @@ def resolve(spec: str | Path) -> Path:
         )
     if path.is_file():
         return convert_gguf(path)
-    if not (path / "config.json").exists():
+    if incomplete_output(path):
+        raise LeanlmError(f"{path} is an output leanlm was still writing when it stopped (its {MARKER} says "
+                          "incomplete), so it is not loaded; delete it and run the command again")  # fmt: skip
+    if not (path / "config.json").is_file():
         raise LeanlmError(f"{path} has no config.json: pass a Hugging Face model directory or a .gguf file")
     return path
 
@@ -182,17 +185,24 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def converted_dir(path: Path) -> Path:
+    """Where convert_gguf caches the conversion of GGUF file `path` (it may not exist yet)."""
+    from .convert import CONVERTER_VERSION
+
+    return cache_root() / "converted" / f"{path.stem}-{_fingerprint(path)}-c{CONVERTER_VERSION}"
+
+
 def convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF file once into a cached HF directory and return that directory (model/convert.py:
     streamed tensor by tensor; models over 1e9 parameters are cached in bf16, smaller ones in fp32). The
     cache key is the file's fingerprint and the converter's version, so a changed converter never serves
     a directory an older one wrote."""
-    from .convert import CONVERTER_VERSION, convert
+    from .convert import convert
 
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise LeanlmError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf file or an HF directory")
-    out = cache_root() / "converted" / f"{path.stem}-{_fingerprint(path)}-c{CONVERTER_VERSION}"
+    out = converted_dir(path)
     if (out / "model.safetensors").exists():
         return out
     print(f"leanlm: converting {path.name} to safetensors (once; cached in {out})", flush=True)
@@ -293,11 +303,25 @@ def _read_safetensors(directory: Path, dtype: torch.dtype | None = None) -> dict
     return sd
 
 
+def read_config_json(directory: Path) -> dict:
+    """config.json of a model directory as a dict; a LeanlmError naming the file when it is not a JSON object."""
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanlmError(f"cannot read {path} ({e})") from e
+    except json.JSONDecodeError as e:
+        raise LeanlmError(f"{path} is not valid JSON ({e}); restore the model's config.json") from e
+    if not isinstance(raw, dict):
+        raise LeanlmError(f"{path} holds a JSON {type(raw).__name__}, expected an object of model settings")
+    return raw
+
+
 def hf_config(directory: Path):
     """transformers' config of a model directory (fills defaults, normalises rope parameters)."""
     from transformers import AutoConfig
 
-    raw = json.loads((directory / "config.json").read_text())
+    raw = read_config_json(directory)
     if "leanlm_layers" in raw:
         # per-layer shapes are leanlm's own; a pruned head count may fail transformers' global
         # checks (Gemma 3: hidden_size % num_attention_heads), so give it one that passes
@@ -307,9 +331,29 @@ def hf_config(directory: Path):
 
 
 def load_config(directory: Path) -> ModelConfig:
-    raw = json.loads((directory / "config.json").read_text())
-    ModelConfig.from_hf(raw)  # clear error for unsupported architectures before transformers sees it
-    return apply_layer_overrides(ModelConfig.from_hf(hf_config(directory)), raw)
+    """leanlm's config of a model directory; a missing key or a value of the wrong type in config.json is a
+    LeanlmError naming the file and the key (checked on the raw file before transformers reads it)."""
+    raw = read_config_json(directory)
+    path = Path(directory) / "config.json"
+    try:
+        ModelConfig.from_hf(raw)  # clear error for unsupported architectures before transformers sees it
+        cfg = apply_layer_overrides(ModelConfig.from_hf(hf_config(directory)), raw)
+        sizes = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.n_layers,
+                 "max_position_embeddings": cfg.max_seq_len}  # fmt: skip
+        for i, layer in enumerate(cfg.layers):
+            sizes.update({f"layer {i} heads": layer.n_heads, f"layer {i} key/value heads": layer.n_kv_heads,
+                          f"layer {i} head_dim": layer.head_dim, f"layer {i} intermediate_size": layer.ffn_dim})
+        for key, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LeanlmError(f"{path}: {key} must be a positive whole number, got {value!r}; restore the "
+                                  "model's config.json")  # fmt: skip
+        return cfg
+    except KeyError as e:
+        raise LeanlmError(f"{path} lacks the key {e}, which a '{raw.get('model_type')}' model needs; restore the "
+                          "model's config.json") from e  # fmt: skip
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:
+        raise LeanlmError(f"{path} has a value leanlm cannot use ({type(e).__name__}: {e}); restore the model's "
+                          "config.json") from e  # fmt: skip
 
 
 def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu") -> Transformer:
@@ -363,7 +407,7 @@ APPLIED_KEY = "leanlm_applied"  # config.json entry: the model.applied list (lea
 
 def read_applied(directory: Path) -> list[dict]:
     """What leanlm.apply recorded on a saved model; decode-time settings (a KV policy) act from this list."""
-    raw = json.loads((Path(directory) / "config.json").read_text()).get(APPLIED_KEY) or []
+    raw = read_config_json(Path(directory)).get(APPLIED_KEY) or []
     if not isinstance(raw, list) or not all(isinstance(e, dict) and "type" in e and "config" in e for e in raw):
         raise LeanlmError(f"{directory}/config.json: '{APPLIED_KEY}' must be a list of {{type, config, result}} "
                           "entries; re-save the model with leanlm")  # fmt: skip

@@ -64,11 +64,18 @@ def _init_fields(cls) -> dict[str, Any]:
 
 
 def _type_name(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return "a list" + (f" of {_type_name(args[0]).removeprefix('a ')}s" if len(args) == 1 else "")
     if hint is type(None):
         return "null"
-    return getattr(hint, "__name__", str(hint))
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} settings"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
 
 
 def _matches(value, hint) -> bool:
@@ -98,18 +105,23 @@ def _matches(value, hint) -> bool:
 
 
 def _check_keys(where: str, given: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
+    unknown = sorted(str(k) for k in set(given) - allowed)
     if unknown:
         raise LeanlmError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _checked(where: str, given: dict, cls) -> dict:
-    """`given` after checking its keys and value types against the fields of config class `cls`."""
+def _checked(where: str, given: dict, cls, prefix: str = "") -> dict:
+    """`given` after checking its keys and value types against the fields of config class `cls` (the schema
+    is the class's annotations); a nested config given as a mapping is checked the same way, key by key."""
     fields = _init_fields(cls)
-    _check_keys(where, given, set(fields))
+    _check_keys(where if not prefix else f"{where}: '{prefix[:-1]}'", given, set(fields))
     for k, v in given.items():
         if not _matches(v, fields[k]):
-            raise LeanlmError(f"{where}: '{k}' must be {_type_name(fields[k])}, got {v!r} ({type(v).__name__})")
+            raise LeanlmError(f"{where}: '{prefix}{k}' must be {_type_name(fields[k])}, got {v!r} "
+                              f"({type(v).__name__})")  # fmt: skip
+        nested = [a for a in (typing.get_args(fields[k]) or (fields[k],)) if dataclasses.is_dataclass(a)]
+        if nested and isinstance(v, dict):
+            _checked(where, v, nested[0], f"{prefix}{k}.")
     return given
 
 
@@ -124,7 +136,7 @@ def _parse_quantize(params, where: str) -> list:
 
     p = _mapping(where, "quantize", params)
     method = p.pop("method", "rtn")
-    if method not in CONFIGS:
+    if not isinstance(method, str) or method not in CONFIGS:
         raise LeanlmError(f"{where}: unknown quantization method '{method}'; use one of: {', '.join(CONFIGS)}")
     return [make_config(method, **_checked(where, p, CONFIGS[method]))]
 
@@ -134,6 +146,8 @@ def _parse_prune(params, where: str) -> list:
 
     p = _mapping(where, "prune", params)
     if "structured" in p:
+        if not isinstance(p["structured"], str):
+            raise LeanlmError(f"{where}: 'structured' must be neurons, heads or layers, got {p['structured']!r}")
         p["kind"] = p.pop("structured")
         return [Structured(**_checked(where, p, Structured))]
     return [Unstructured(**_checked(where, p, Unstructured))]
@@ -189,11 +203,17 @@ def parse_recipe(d: Any, source: str = "recipe") -> Recipe:
     steps_raw = d.get("steps")
     if not isinstance(steps_raw, list) or not steps_raw:
         raise LeanlmError(f"{source}: 'steps' must be a non-empty list of steps")
+    for key in ("name", "description"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise LeanlmError(f"{source}: '{key}' must be a string, got {d[key]!r}")
+    if d.get("calibration") is not None and not isinstance(d["calibration"], dict):
+        raise LeanlmError(f"{source}: 'calibration' must be a mapping such as {{text: wikitext2-valid, samples: 32, "
+                          f"seq_len: 512}}, got {d['calibration']!r}")  # fmt: skip
     calib = {"text": "wikitext2-valid", "samples": 32, "seq_len": 512, **(d.get("calibration") or {})}
     _check_keys(f"{source}: calibration", calib, set(CALIB_KEYS))
     for k, typ in CALIB_KEYS.items():
-        if not isinstance(calib[k], typ):
-            raise LeanlmError(f"{source}: calibration.{k} must be {typ.__name__}, got {calib[k]!r}")
+        if not _matches(calib[k], typ):
+            raise LeanlmError(f"{source}: calibration.{k} must be {_type_name(typ)}, got {calib[k]!r}")
     if calib["samples"] < 1 or calib["seq_len"] < 16:
         raise LeanlmError(f"{source}: calibration needs samples >= 1 and seq_len >= 16")
     steps = []
@@ -216,7 +236,12 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise LeanlmError(f"recipe {path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LeanlmError(f"recipe {path} is not valid YAML{where}: {problem}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanlmError(f"cannot read recipe {path} ({e})") from e
     return parse_recipe(d, str(path))
 
 
@@ -270,13 +295,12 @@ def compress(spec: str, recipe: Recipe, out: str | Path, force: bool = False, pr
 
     Steps whose calibrated state is kept apart from the weights (adaptive methods: `saved_apart`)
     must come last: they are applied to the saved weights and written to OUT/adaptive.safetensors."""
-    import json
     import time
 
-    from ..io import check_writable
+    from ..io import check_writable, estimated_bytes, write_json_atomic
     from ..model import load, save
 
-    check_writable(out, force)  # fail before the work, not after
+    check_writable(out, force, directory=True, need_bytes=estimated_bytes(spec, output_bits(recipe)))  # before the work
     apart = [all(getattr(c, "saved_apart", False) for c in s.configs()) and s.configs() != [] for s in recipe.steps]
     n_apart = sum(apart)
     if n_apart and apart[len(apart) - n_apart :] != [True] * n_apart:
@@ -299,5 +323,16 @@ def compress(spec: str, recipe: Recipe, out: str | Path, force: bool = False, pr
     report["model"] = str(spec)
     report["seconds"] = time.time() - t0
     report["applied"] = _jsonable(model.applied)
-    (Path(out) / "leanlm_recipe.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json_atomic(Path(out) / "leanlm_recipe.json", report)
     return report
+
+
+def output_bits(recipe: Recipe) -> float:
+    """Fewest bits per parameter the recipe's output may take (a lower bound for the free-space check)."""
+    bits = 32.0
+    for s in recipe.steps:
+        if s.kind == "quantize" and isinstance(s.params, dict):
+            bits = min(bits, s.params.get("bits", 4))
+        elif s.kind == "dtype":
+            bits = min(bits, 16 if s.params in ("bfloat16", "bf16") else 32)
+    return bits

@@ -9,6 +9,7 @@ machine) are reported as warnings, not hidden.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def read_json(path: str | Path, what: str = "result") -> dict:
         data = json.loads(src.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LeanlmError(f"{what} {src} is not valid JSON ({e})") from e
+    except RecursionError:
+        raise LeanlmError(f"{what} {src} nests its JSON too deeply to be a leanlm result") from None
     if not isinstance(data, dict):
         raise LeanlmError(f"{what} {src} holds a JSON {type(data).__name__}, expected an object (a leanlm result)")
     return data
@@ -119,7 +122,9 @@ class Ratio:
 
 
 def ratio(metric: Metric, value: float | None, base: float | None) -> Ratio | None:
-    if metric.ratio is None or value is None or base is None or value <= 0 or base <= 0:
+    if metric.ratio is None or value is None or base is None or not value > 0 or not base > 0:
+        return None  # also NaN: no ratio of a failed measurement
+    if math.isinf(value) or math.isinf(base):
         return None
     if metric.ratio == "ppl":
         change = value / base - 1

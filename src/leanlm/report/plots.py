@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 BLUE, GREY, DARK_GREY, RED = "#2563eb", "#b8c0cc", "#7b8794", "#d1495b"
@@ -18,7 +19,8 @@ def _pyplot():
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A value a plot can place: a finite int or float (a NaN perplexity is shown as n/a, not plotted)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def comparison_svg(cmp) -> str | None:
@@ -33,7 +35,7 @@ def comparison_svg(cmp) -> str | None:
         for ax, key in zip(axes[0], keys):
             m = metrics[key]
             cols = cmp.columns  # every panel lists every model, so that the rows line up with the first's labels
-            vals = [c.values.get(key) for c in cols]
+            vals = [c.values.get(key) if _number(c.values.get(key)) else None for c in cols]
             colors = [BLUE if c.role == "result" else DARK_GREY if c is cmp.ratio_base else GREY for c in cols]
             ys = list(range(len(cols)))
             ax.barh(ys, [v or 0 for v in vals], color=colors, height=0.62)
