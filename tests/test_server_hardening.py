@@ -243,7 +243,7 @@ def test_disconnect_cancels_within_one_step(tiny, stream):
 def test_disconnect_while_queued_never_starts(tiny):
     model, tok = tiny
     slow = SlowDecoder()
-    with Live(model, tok, decode_fn=slow, limits=ServerLimits(max_tokens=200)) as s:
+    with Live(model, tok, decode_fn=slow, limits=ServerLimits(max_tokens=200, max_active=1)) as s:
         first = threading.Thread(target=_post_and_drop, args=(s.base, {"model": NAME, "prompt": "w1", "max_tokens": 20}, 2.0))
         first.start()
         time.sleep(0.2)
@@ -333,7 +333,9 @@ def test_cli_api_key_and_limits_checked_before_loading(monkeypatch):
     # a model that does not exist: each bad option is reported first, before any loading
     for argv, msg in ((["--max-body-bytes", "0"], "max_body_bytes"), (["--max-queue", "-1"], "max_queue"),
                       (["--port", "70000"], "--port"), (["--kv", "bogus:1"], "kv"),
-                      (["--kv", "int8", "--speculate", "lookup"], "cannot be combined")):  # fmt: skip
+                      (["--kv", "int8", "--speculate", "lookup"], "cannot be combined"),
+                      (["--speculate", "lookup", "--max-active", "4"], "one request at a time"),
+                      (["--quantum", "0"], "quantum")):  # fmt: skip
         with pytest.raises(LeanlmError, match=msg):
             main(parse(["serve", "/nonexistent/model", *argv]))
 

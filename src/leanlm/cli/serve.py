@@ -13,7 +13,8 @@ def add_parser(subparsers):
     p = verb_parser(subparsers, "serve", help="OpenAI-compatible HTTP server (needs leanlm[serve])",
                     description="Serve one model over an OpenAI-compatible API: /v1/completions, "
                                 "/v1/chat/completions (stream=true for SSE), /v1/models, /health, /metrics. "
-                                "Requests are generated one at a time from a bounded queue (full -> 503); a client "
+                                "Requests wait in a bounded queue (full -> 503) and up to --max-active of them are "
+                                "decoded in turn (interleaved, not batched); a client "
                                 "that disconnects cancels its generation. Binds 127.0.0.1 unless --host says "
                                 "otherwise; set an API key (LEANLM_API_KEY) before binding other addresses.",
                     examples=["leanlm serve smollm2-135m --port 8000",
@@ -28,6 +29,11 @@ def add_parser(subparsers):
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait (default 16; more -> 503)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context - 1)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    p.add_argument("--max-active", type=int, default=None,
+                   help="requests decoded in turn, each with its own KV cache (default 4; 1 with --speculate, "
+                        "which decodes one request at a time)")  # fmt: skip
+    p.add_argument("--quantum", type=int, default=8,
+                   help="decode steps a request runs before the next active one's turn (default 8)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body in bytes (default 1048576; larger -> 413)")  # fmt: skip
     p.add_argument("--api-key", default=None,
@@ -63,8 +69,13 @@ def main(args) -> int:
     # every option is checked before the model loads
     if not 0 < args.port < 65536:
         raise LeanlmError(f"--port must be in 1..65535, got {args.port}")
+    if args.speculate and args.max_active not in (None, 1):
+        raise LeanlmError("--speculate decodes one request at a time (its draft keeps state between steps); "
+                          "drop --max-active or set it to 1")  # fmt: skip
+    max_active = args.max_active if args.max_active is not None else (1 if args.speculate else 4)
     limits = ServerLimits(max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
-                          max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)  # fmt: skip
+                          max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                          max_active=max_active, quantum=args.quantum)  # fmt: skip
     key = api_key(args)
     kv = kv_policy(args)
     if kv is not None and args.speculate:

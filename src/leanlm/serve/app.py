@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP server on leanlm's decoder (FastAPI + uvicorn).
 
-One model, one worker thread: requests wait in a bounded queue and are generated one at a time
-(the runtime decodes one sequence per forward, holding one KV cache), so each response is exactly
-what the same prompt gives alone. A full queue answers 503.
+One model, one worker thread: requests wait in a bounded queue (full: 503); up to max_active of them
+are decoded in turn, a few steps each, every one with its own KV cache, so each response is exactly
+what the same prompt gives alone and a short request is not stuck behind a long one. This interleaves
+requests; it does not batch them (the runtime decodes one sequence per forward), so throughput is
+that of one request at a time.
 
 What keeps one request from hurting the others:
 - the body is read with a size limit (413) and parsed strictly (400: invalid JSON, NaN/Infinity,
@@ -73,9 +75,11 @@ class ServerLimits:
     max_tokens: int = 512  # largest max_tokens a request may ask for
     default_max_tokens: int = 128
     max_body_bytes: int = 1 << 20  # request bodies above this answer 413
+    max_active: int = 4  # requests decoded in turn (each with its own KV cache); 1: one at a time
+    quantum: int = 8  # decode steps a request runs before the next active one has its turn
 
     def __post_init__(self):
-        for name in ("max_queue", "max_tokens", "default_max_tokens", "max_body_bytes"):
+        for name in ("max_queue", "max_tokens", "default_max_tokens", "max_body_bytes", "max_active", "quantum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise LeanlmError(f"server limit {name} must be a positive integer, got {v!r}")
@@ -147,26 +151,37 @@ DecodeFn = Callable  # (model, prompt_ids, max_new_tokens, sampling, eos_ids, st
 
 
 class Engine:
-    """The worker: takes jobs from the bounded queue and generates them one at a time.
+    """The worker thread: takes jobs from the bounded queue and decodes up to `limits.max_active` of them in
+    turn, `limits.quantum` decode steps each, so a short request is not stuck behind a long one.
 
-    `decode_fn` replaces generate_tokens (e.g. exact speculative decoding, decode/speculative.py);
+    This is interleaving, not batching: each forward still decodes one sequence (the runtime takes one
+    position per forward). Each active request has its own KV cache, installed on the model's layers
+    for its turn, so its tokens are exactly those it gets alone. max_active=1 decodes one request at a time.
+
+    `decode_fn` replaces generate_tokens (e.g. exact speculative decoding, decode/speculative.py); one
+    whose state lives outside the model's layer caches (a speculative draft) needs max_active=1.
     `kv` is the KV-cache policy plain decoding uses (leanlm.attention.KVPolicy; None: the model's own)."""
 
     def __init__(self, model, tokenizer, limits: ServerLimits, decode_fn: DecodeFn | None = None, kv=None):
         self.model, self.tok, self.limits = model, tokenizer, limits
         self.decode_fn, self.kv = decode_fn, kv
         self.jobs: "queue.Queue[Job | None]" = queue.Queue(maxsize=limits.max_queue)
-        self.busy = False
+        self.active: list[_Run] = []
         self.metrics = Metrics()
         self.eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos.add(tokenizer.eos_token_id)
+        self._installed: _Run | None = None  # whose caches the model's layers hold now
         self.thread = threading.Thread(target=self._loop, name="leanlm-worker", daemon=True)
         self.thread.start()
 
     @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    @property
     def queue_depth(self) -> int:
-        return self.jobs.qsize() + int(self.busy)
+        return self.jobs.qsize() + len(self.active)
 
     def submit(self, job: Job) -> Job:
         try:
@@ -183,80 +198,131 @@ class Engine:
             self.jobs.put(None)
             self.thread.join(timeout=10)
 
-    def _loop(self) -> None:
-        while True:
-            job = self.jobs.get()
+    # ---- the worker -------------------------------------------------------------------------------
+    def _admit(self) -> bool:
+        """Move queued jobs into the active set (waiting for one when nothing is active); False on close."""
+        while len(self.active) < self.limits.max_active:
+            try:
+                job = self.jobs.get(block=not self.active)
+            except queue.Empty:
+                return True
             if job is None:
-                return
+                return False
             if job.cancelled:  # its client left while it waited
                 with self.metrics.lock:
                     self.metrics.cancelled += 1
                 job.put(("done", "cancelled", _usage(job, 0)))
                 continue
-            self.busy = True
-            try:
-                self._run(job)
-            except Exception as e:  # report to the waiting request, keep serving
-                log.exception("generation failed")
-                job.put(("error", f"{type(e).__name__}: {e}"))
-            finally:
-                self.busy = False
+            self.active.append(_Run(self, job))
+        return True
+
+    def _install(self, run: "_Run") -> None:
+        """Put `run`'s KV caches on the model's layers (saving those of the run that held them)."""
+        if self._installed is run:
+            return
+        layers = self.model.layers
+        if self._installed is not None:
+            self._installed.caches = [layer.attn.cache for layer in layers]
+        for layer, cache in zip(layers, run.caches or [None] * len(layers)):
+            layer.attn.cache = cache
+        self._installed = run
+
+    def _loop(self) -> None:
+        while True:
+            if not self._admit():
+                for run in list(self.active):
+                    self._install(run)
+                    run.close()
+                return
+            for run in list(self.active):
+                self._install(run)
+                for _ in range(self.limits.quantum if len(self.active) > 1 else 1):
+                    if not run.step():
+                        self.active.remove(run)
+                        self._installed = None  # its generator cleared the caches on the way out
+                        break
 
     def _tokens(self, job: Job, stats: GenerationStats):
         if self.decode_fn is not None:
             return self.decode_fn(self.model, job.prompt_ids, job.max_tokens, job.sampling, self.eos, stats)
         return generate_tokens(self.model, job.prompt_ids, job.max_tokens, job.sampling, self.eos, stats, kv=self.kv)
 
-    def _run(self, job: Job) -> None:
-        t0 = time.perf_counter()
-        new: list[int] = []
-        sent = 0
-        finish = "length"
-        text = ""
-        tokens = self._tokens(job, GenerationStats())
+
+class _Run:
+    """One active job: its token generator, its KV caches while another job has the model, and its text so far."""
+
+    def __init__(self, engine: Engine, job: Job):
+        self.engine, self.job = engine, job
+        self.tokens = engine._tokens(job, GenerationStats())
+        self.caches: list | None = None
+        self.t0 = time.perf_counter()
+        self.new: list[int] = []
+        self.sent = 0
+        self.text = ""
+
+    def close(self) -> None:
+        close = getattr(self.tokens, "close", None)
+        if close is not None:
+            close()  # frees the KV cache now, not when the generator is collected
+
+    def step(self) -> bool:
+        """One decode step (with the cancel check after it); False once the job has ended."""
+        job = self.job
         try:
-            for tok in tokens:  # each item is one decode step: the cancel check below runs after every step
-                if job.cancelled:
-                    finish = "cancelled"
-                    break
-                if tok in self.eos:
-                    finish = "stop"
-                    break
-                new.append(tok)
-                text = self.tok.decode(new, skip_special_tokens=True)
-                hits = [text.index(s) for s in job.stop if s in text]
-                if hits:
-                    text = text[: min(hits)]
-                    finish = "stop"
-                # hold back a partial multi-byte character, and any tail that may start a stop string
-                safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
-                if not hits:
-                    base = safe
-                    for s in job.stop:
-                        for k in range(min(len(s) - 1, base), 0, -1):
-                            if text[:base].endswith(s[:k]):
-                                safe = min(safe, base - k)
-                                break
-                if safe > sent:
-                    job.put(("text", text[sent:safe]))
-                    sent = safe
-                if hits:
-                    break
-        finally:
-            close = getattr(tokens, "close", None)
-            if close is not None:
-                close()  # frees the KV cache now, not when the generator is collected
-        if len(text) > sent and finish != "cancelled":
-            job.put(("text", text[sent:]))
-        dt = time.perf_counter() - t0
-        m = self.metrics
+            if job.cancelled:  # left while waiting for its turn
+                return self._end("cancelled")
+            try:
+                tok = next(self.tokens)
+            except StopIteration:
+                return self._end("length")
+            if job.cancelled:
+                return self._end("cancelled")
+            if tok in self.engine.eos:
+                return self._end("stop")
+            return self._text(tok)
+        except Exception as e:  # report to the waiting request, keep serving the others
+            log.exception("generation failed")
+            self.close()
+            job.put(("error", f"{type(e).__name__}: {e}"))
+            return False
+
+    def _text(self, tok: int) -> bool:
+        job = self.job
+        self.new.append(tok)
+        text = self.engine.tok.decode(self.new, skip_special_tokens=True)
+        hits = [text.index(s) for s in job.stop if s in text]
+        if hits:
+            text = text[: min(hits)]
+        self.text = text
+        # hold back a partial multi-byte character, and any tail that may start a stop string
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        if not hits:
+            base = safe
+            for s in job.stop:
+                for k in range(min(len(s) - 1, base), 0, -1):
+                    if text[:base].endswith(s[:k]):
+                        safe = min(safe, base - k)
+                        break
+        if safe > self.sent:
+            job.put(("text", text[self.sent : safe]))
+            self.sent = safe
+        return self._end("stop") if hits else True
+
+    def _end(self, finish: str) -> bool:
+        self.close()
+        job = self.job
+        if len(self.text) > self.sent and finish != "cancelled":
+            job.put(("text", self.text[self.sent :]))
+        dt = time.perf_counter() - self.t0
+        m = self.engine.metrics
         with m.lock:
             m.prompt_tokens += len(job.prompt_ids)
-            m.completion_tokens += len(new)
+            m.completion_tokens += len(self.new)
             m.generate_s += dt
-            m.last_tok_s = len(new) / dt if dt > 0 else 0.0
+            m.last_tok_s = len(self.new) / dt if dt > 0 else 0.0
             m.cancelled += finish == "cancelled"
-        job.put(("done", finish, _usage(job, len(new))))
+        job.put(("done", finish, _usage(job, len(self.new))))
+        return False
 
 
 def _usage(job: Job, n_new: int) -> dict:
@@ -718,6 +784,9 @@ def create_app(model, tokenizer, model_name: str, limits: ServerLimits | None = 
                 "# HELP leanlm_queue_depth Requests waiting or being generated.",
                 "# TYPE leanlm_queue_depth gauge",
                 f"leanlm_queue_depth {engine.queue_depth}",
+                "# HELP leanlm_active_requests Requests being decoded (in turn).",
+                "# TYPE leanlm_active_requests gauge",
+                f"leanlm_active_requests {len(engine.active)}",
                 "# TYPE leanlm_queue_capacity gauge",
                 f"leanlm_queue_capacity {limits.max_queue}",
             ]
