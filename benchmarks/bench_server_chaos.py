@@ -61,7 +61,7 @@ def prompts(n: int) -> list[dict]:
         if i % 2:
             out.append({"id": i, "chat": True, "body": {"messages": [{"role": "user", "content": text}]}})
         else:
-            out.append({"id": i, "chat": False, "body": {"prompt": f"{text}\nAnswer:"}})
+            out.append({"id": i, "chat": False, "body": {"prompt": f"Two short facts about {topic}:\n1. {topic.capitalize()}"}})
     return out
 
 
@@ -276,6 +276,8 @@ def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
            "--max-tokens-limit", str(max(args.max_tokens, args.abandoned_tokens))]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.max_active:
+        cmd += ["--max-active", str(args.max_active)]
     log = log_path.open("w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -308,6 +310,7 @@ def main() -> None:
     ap.add_argument("--health-every", type=float, default=0.05, help="seconds between /health probes")
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--threads", type=int, default=None, help="server torch threads (default: all cores)")
+    ap.add_argument("--max-active", type=int, default=None, help="server --max-active (default: the server's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="4 clients for 15 s (an archived, partial result)")
     add_result_args(ap)
@@ -324,6 +327,8 @@ def main() -> None:
         chaos = Chaos(args, base, args.model)
         chaos.references()
         distinct = len(set(chaos.refs.values()))
+        if distinct < len(chaos.refs):  # two prompts with one answer: a swap between them would go unseen
+            print(f"warning: only {distinct} of {len(chaos.refs)} reference answers are distinct", file=sys.stderr)
         t0 = time.perf_counter()
         chaos.run()
         elapsed = time.perf_counter() - t0
@@ -361,6 +366,7 @@ def main() -> None:
         "normal_request_p99_s": s(percentile(chaos.latency["normal"], 99)),
         "normal_request_p50_s": s(percentile(chaos.latency["normal"], 50)),
         "server_tracebacks": tracebacks,
+        "distinct_reference_answers": f"{distinct}/{len(chaos.refs)}",
         "unexpected_rejections": unexpected,
         "served": served,
         "rejected": sum(v.get("rejected", 0) for v in chaos.outcomes.values()),
