@@ -58,7 +58,7 @@ CASES = [
     ("eval-windows-negative", ["eval", "{model}", "--windows", "-1"], {}, "--windows: must be a whole number >= 0", True),
     ("cost-batch-zero", ["cost", "{model}", "--hw", "h100", "--batch", "0"], {}, "--batch: must be a whole number >= 1", True),
     ("cost-weights-unknown", ["cost", "{model}", "--hw", "h100", "--weights", "int3"], {}, "unknown dtype 'int3'", True),
-    ("serve-port-range", ["serve", "{model}", "--port", "70000"], {}, "--port: must be a whole number from 0 to 65535", True),
+    ("serve-port-range", ["serve", "{model}", "--port", "70000"], {}, "--port: must be a whole number from 1 to 65535", True),
     ("unknown-flag", ["info", "{model}", "--colour"], {}, "unrecognized arguments: --colour", True),
     # outputs fail before the work
     ("out-parent-is-a-file", ["quantize", "{model}", "--method", "rtn", "--out", "{tmp}/afile/out"],

@@ -225,3 +225,110 @@ def test_cli_serve_help():
     args = build_parser().parse_args(["serve", "m", "--port", "9000", "--max-queue", "4"])
     assert args.port == 9000 and args.max_queue == 4 and args.host == "127.0.0.1"
     assert json.dumps({"ok": True})
+
+
+def _live(app):
+    import uvicorn
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    return f"http://127.0.0.1:{port}", srv, th
+
+
+def _ask_all(base: str, reqs: list[tuple[str, int]], workers: int) -> list[str]:
+    import httpx
+
+    def one(req):
+        prompt, n = req
+        r = httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": n,
+                                                       "temperature": 0}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, reqs))
+
+
+def test_interleaved_requests_are_exact_and_short_ones_finish_first(tiny):
+    """Four requests decoded in turn one step at a time: every answer is its prompt's alone, and a short
+    request sent after a long one finishes first."""
+    import httpx
+
+    from leanlm.decode.generate import generate_tokens
+
+    model, tok = tiny
+    order = []
+
+    def noting(model, ids, max_new, sampling, eos, stats):
+        try:
+            for t in generate_tokens(model, ids, max_new, sampling, eos, stats):
+                time.sleep(0.01)
+                yield t
+        finally:
+            order.append(len(ids))
+
+    app = create_app(model, tok, NAME, ServerLimits(max_tokens=64, max_active=4, quantum=1), decode_fn=noting)
+    base, srv, th = _live(app)
+    try:
+        reqs = [(" ".join(f"w{(i * 11 + j * 7 + 3) % 90}" for j in range(3 + i)), 6 + 5 * i) for i in range(8)]
+        assert sum(bool(expected(model, tok, tok(p).input_ids, n)[0]) for p, n in reqs) >= 6  # answers to compare
+        got = _ask_all(base, reqs, workers=8)
+        for (prompt, n), text in zip(reqs, got):
+            assert text == expected(model, tok, tok(prompt).input_ids, n)[0], (prompt, n)
+        assert len(expected(model, tok, tok("w1 w2 w3 w4 w5").input_ids, 60)[0].split()) > 20  # it is long
+        order.clear()
+        long_req = threading.Thread(target=_ask_all, args=(base, [("w1 w2 w3 w4 w5", 60)], 1))
+        long_req.start()
+        time.sleep(0.15)
+        _ask_all(base, [("w9", 3)], 1)
+        long_req.join()
+        assert order == [1, 5]  # the 1-token prompt's 3 tokens ended before the 5-token prompt's 60
+        assert "leanlm_active_requests 0" in httpx.get(base + "/metrics").text
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        app.state.engine.close()
+
+
+@pytest.mark.parametrize("option", ["kv-int8", "kv-window", "speculative-lookup"])
+def test_decode_options_from_the_server(tiny, option):
+    """KV policies and speculative decoding set from the server's options answer what the same option
+    gives alone (speculative decoding: exactly plain greedy decoding)."""
+    import functools
+
+    from leanlm.attention import KVPolicy
+    from leanlm.decode.speculative import make_draft, speculative_generate_tokens
+
+    model, tok = tiny
+    kv, decode_fn, max_active = None, None, 4
+    if option == "kv-int8":
+        kv = KVPolicy.parse("int8")
+    elif option == "kv-window":
+        kv = KVPolicy.parse("sinks:2,window:6")
+    else:
+        decode_fn = functools.partial(speculative_generate_tokens, draft=make_draft("lookup", model), gamma=3)
+        max_active = 1
+    app = create_app(model, tok, NAME, ServerLimits(max_tokens=64, max_active=max_active, quantum=2),
+                     decode_fn=decode_fn, kv=kv)  # fmt: skip
+    base, srv, th = _live(app)
+    try:
+        reqs = [(" ".join(f"w{(i * 5 + j * 2) % 90}" for j in range(4 + i % 3)), 12 + i) for i in range(6)]
+        got = _ask_all(base, reqs, workers=6)
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        app.state.engine.close()
+    eos = set(model.config.eos_token_ids) | {tok.eos_token_id}
+    for (prompt, n), text in zip(reqs, got):
+        new = []
+        for t in generate_tokens(model, tok(prompt).input_ids, n, Sampling(), eos, kv=kv):
+            if t in eos:
+                break
+            new.append(t)
+        assert text == tok.decode(new, skip_special_tokens=True), (option, prompt)
