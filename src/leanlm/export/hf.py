@@ -18,8 +18,6 @@ _USE_INSTEAD = ("use --format gguf (llama.cpp; Llama-family models) or leanlm's 
 
 def _not_dense_layout(model) -> str | None:
     """Why `model`'s tensors are not the dense layout transformers reads, or None when they are."""
-    if getattr(model, "quantization", None):
-        return "this model is quantized (leanlm's packed int4/int8 layout)"
     from ..model.runtime import Transformer
 
     with torch.device("meta"):  # the dense runtime of the same config: its tensor names and shapes
@@ -35,8 +33,13 @@ def _not_dense_layout(model) -> str | None:
 
 def export_hf(model, tokenizer, out: str | Path, force: bool = False, dtype=None) -> Path:
     """Write a directory transformers loads: dense safetensors + config.json + tokenizer, atomically,
-    never over an existing path without force. Quantized models, replaced (sparse) layers and per-layer
+    never over an existing path without force. A quantized model is written as a compressed-tensors checkpoint
+    (export_compressed_tensors; `dtype` then applies to its dense tensors). Replaced (sparse) layers and per-layer
     widths raise a LeanlmError instead of writing a directory transformers cannot read."""
+    if getattr(model, "quantization", None):
+        from .compressed_tensors import export_compressed_tensors
+
+        return export_compressed_tensors(model, tokenizer, out, force=force, dtype=dtype)
     reason = _not_dense_layout(model)
     if reason:
         raise LeanlmError(f"export --format hf: {reason}, which is not loadable by transformers yet; {_USE_INSTEAD}")
