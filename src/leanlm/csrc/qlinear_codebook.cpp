@@ -5,9 +5,10 @@
 // Why a table: a uniform 4-bit grid spends its levels evenly while weights are bell-shaped; 16 levels placed
 // where the weights are cut the rounding error at the same bits. The lookup is one `pshufb` per 32 weights, so
 // the kernel streams the same bytes as the uniform int4 kernel (qlinear.cpp) and does the same int8 dot products:
-// the activation row is quantized to int8 per block of 32 (scale amax/127), as qlinear.cpp does, and
+// the activation row is quantized to int8 per block of min(group, 64) columns (scale amax/127; qlinear.cpp's are
+// per 32), so each block's products sum in int32 and meet the float scales once:
 //
-//   y[n] = sum_g s[n,g] * sum_{b in g} sx[b] * sum_{k in b} T[c[n,k]] qx[k]
+//   y[n] = sum_g s[n,g] * sum_{a in g} sx[a] * sum_{k in a} T[c[n,k]] qx[k]
 //
 // computed as sum (T + 128) qx - 128 sum qx (the table shifted to unsigned bytes for `dpbusd`; see the .inc).
 // Weight layout: qlinear.cpp's int4 block layout (per row, per 32 columns, 16 bytes; byte j = column j | column
@@ -15,6 +16,7 @@
 #include "leanlm.h"
 
 static constexpr int64_t CB_PF_TILES = 4;
+static constexpr int64_t CB_ABLOCKS = 2;  // blocks of 32 per activation scale at most (64 columns; fewer if the group is 32)
 
 namespace codebook_portable {  // AVX2 sign trick, whatever the build's level
 #define CB_TARGET
@@ -43,7 +45,8 @@ static bool set_q_linear_codebook_vnni(bool allowed) {
 
 torch::Tensor q_linear_codebook(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor table,
                                 int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && scales.dim() == 2 && group > 0 && group % 32 == 0, "q_linear_codebook: bad shapes");
+  TORCH_CHECK(x.dim() == 2 && scales.dim() == 2 && group > 0 && group % 32 == 0 && (group == 32 || group % 64 == 0),
+              "q_linear_codebook: bad shapes (group 32 or a multiple of 64)");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "q_linear_codebook: scales must be bf16");
   TORCH_CHECK(table.scalar_type() == at::kChar && table.numel() == 16 && table.is_contiguous(),
               "q_linear_codebook: table must be 16 int8 values");
@@ -56,23 +59,27 @@ torch::Tensor q_linear_codebook(torch::Tensor x, torch::Tensor w, torch::Tensor 
   for (int i = 0; i < 16; ++i) TORCH_CHECK(tp[i] >= -127, "q_linear_codebook: table values must be in [-127, 127]");
   auto xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
+  // activations: int8 per block of min(group, 64) columns (scale amax / 127); corr: per weight group, the sum over its
+  // activation blocks of scale * sum of codes (the +128 table shift's correction)
+  const int64_t BPA = std::min<int64_t>(BPG, CB_ABLOCKS), APG = BPG / BPA, NA = G * APG, ablock = BPA * 32;
   std::vector<int8_t> qx(M * Kp);
-  std::vector<int32_t> qsum(M * NB * 8);  // 128 * sum of qx over each dot-product lane's 4 bytes (portable path)
-  std::vector<float> sx(M * NB), corr(M * G, 0.f);
+  std::vector<int32_t> qsum(M * NB * 8, 0);  // 128 * sum of qx over each dot-product lane's 4 bytes (portable path)
+  std::vector<float> sx(M * NA), corr(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < NB; ++b) {
+    for (int64_t a = 0; a < NA; ++a) {
+      const int64_t k0 = a * ablock, k1 = std::min(K, k0 + ablock);
       float amax = 0.f;
-      for (int64_t k = b * 32; k < b * 32 + 32 && k < K; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       int isum = 0;
-      for (int64_t k = b * 32; k < b * 32 + 32; ++k) {
+      for (int64_t k = k0; k < k0 + ablock; ++k) {
         const int q = k < K ? (int)std::nearbyint(xp[m * K + k] * inv) : 0;
         qx[m * Kp + k] = (int8_t)q;
-        qsum[(m * NB + b) * 8 + (k - b * 32) / 4] += 128 * q;
+        qsum[m * NB * 8 + k / 4] += 128 * q;
         isum += q;
       }
-      sx[m * NB + b] = d;
-      corr[m * G + b / BPG] += d * (float)isum;
+      sx[m * NA + a] = d;
+      corr[m * G + a / APG] += d * (float)isum;
     }
   }
   auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
@@ -86,7 +93,7 @@ torch::Tensor q_linear_codebook(torch::Tensor x, torch::Tensor w, torch::Tensor 
       const int64_t mc = std::min<int64_t>(8, M - m0);
       const int8_t* q = qx.data() + m0 * Kp;
       const int32_t* qs = qsum.data() + m0 * NB * 8;
-      const float *s = sx.data() + m0 * NB, *c = corr.data() + m0 * G;
+      const float *s = sx.data() + m0 * NA, *c = corr.data() + m0 * G;
       if (vnni) codebook_vnni::cb_gemv_rows(mc, wp, q, qs, s, c, sp, tp, yp + m0 * N, N, G, BPG, n0, n1);
       else codebook_portable::cb_gemv_rows(mc, wp, q, qs, s, c, sp, tp, yp + m0 * N, N, G, BPG, n0, n1);
     }

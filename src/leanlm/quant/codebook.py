@@ -161,6 +161,10 @@ class CodebookLinear(nn.Module):
     rows run on ops.q_linear_codebook; more rows dequantize (in row chunks) and use the fp32 GEMM."""
 
     fused_state = ("backend", "kgroup")
+    # class-wide: True runs products of more than NATIVE_MAX_ROWS rows on the kernel too, 16 rows per call (the decode
+    # path's numerics, activations rounded to int8, on whole windows: what bench_quality.py measures); False
+    # dequantizes them and uses the fp32 GEMM (faster prefill)
+    kernel_all_rows = False
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
@@ -228,8 +232,12 @@ class CodebookLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "native" and x2.shape[0] <= NATIVE_MAX_ROWS and x.device.type == "cpu":
+        native = self.backend == "native" and x.device.type == "cpu"
+        if native and x2.shape[0] <= NATIVE_MAX_ROWS:
             y = ops.q_linear_codebook(x2, self.qweight, self.scales, self.table, self.kgroup)
+        elif native and self.kernel_all_rows and not (torch.is_grad_enabled() and x2.requires_grad):
+            y = torch.cat([ops.q_linear_codebook(x2[i : i + NATIVE_MAX_ROWS], self.qweight, self.scales, self.table,
+                                                 self.kgroup) for i in range(0, x2.shape[0], NATIVE_MAX_ROWS)])  # fmt: skip
         else:
             y = self._dequant_mm(x2)
         if self.bias is not None:
