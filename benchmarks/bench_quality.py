@@ -53,10 +53,10 @@ LEANLM_ROWS = {
     "int8-g32": lambda: RTN(bits=8, group=32, symmetric=True),
     "int4-g128-gptq": lambda: GPTQ(bits=4, group=128, act_order=True, clip=True),
     "int4-g128-rtn": lambda: RTN(bits=4, group=128),
-    "cb4-iq4nl-g64-rtn": lambda: RTN(bits=4, group=64, symmetric=True, grid="iq4nl"),
-    "cb4-iq4nl-g64-gptq": lambda: GPTQ(bits=4, group=64, symmetric=True, grid="iq4nl", act_order=True),
-    "cb4-learned-g64-gptq": lambda: GPTQ(bits=4, group=64, symmetric=True, grid="learned", act_order=True),
-    "cb4-iq4nl-g32-gptq": lambda: GPTQ(bits=4, group=32, symmetric=True, grid="iq4nl", act_order=True),
+    "cb4-iq4nl-g64-rtn": lambda: RTN(bits=4, group=64, symmetric=True, levels="iq4nl"),
+    "cb4-iq4nl-g64-gptq": lambda: GPTQ(bits=4, group=64, symmetric=True, levels="iq4nl", act_order=True),
+    "cb4-learned-g64-gptq": lambda: GPTQ(bits=4, group=64, symmetric=True, levels="learned", act_order=True),
+    "cb4-iq4nl-g32-gptq": lambda: GPTQ(bits=4, group=32, symmetric=True, levels="iq4nl", act_order=True),
 }
 GGUF_ROWS = ("q8_0", "q4_0", "q4_k_m", "iq4_nl")
 SPEED_PAIRS = (("int8-g32", "int8-pc"), ("cb4-iq4nl-g64-gptq", "int4-g128-gptq"),

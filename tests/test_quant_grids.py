@@ -83,10 +83,10 @@ def test_gptq_on_a_table_grid_beats_table_rtn():
 
 @native
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
-@pytest.mark.parametrize("grid", ["iq4nl", "learned"])
-def test_codebook_kernel_matches_its_integer_arithmetic(group, grid):
+@pytest.mark.parametrize("levels", ["iq4nl", "learned"])
+def test_codebook_kernel_matches_its_integer_arithmetic(group, levels):
     w = _weights(n=52, k=320 if group <= 64 else 512)
-    m = CodebookLinear(rtn(w, QSpec(4, group, True, grid)))
+    m = CodebookLinear(rtn(w, QSpec(4, group, True, levels)))
     assert m.backend == "native"
     x = torch.randn(11, w.shape[1]) * 0.5
     x[:, 3] = 9.0  # an outlier input: the activation scale of its group
@@ -130,14 +130,14 @@ def test_codebook_linear_without_kernel_and_export_roundtrip():
     x = torch.randn(3, 100)
     assert torch.allclose(plain(x), x @ qw.dequantize().t(), atol=1e-5)
     t, meta = plain.export()
-    assert meta["grid"] == "learned" and t["table"].dtype == torch.int8
+    assert meta["levels"] == "learned" and t["table"].dtype == torch.int8
     again = CodebookLinear.from_export(t, meta)
     assert torch.equal(again.dequantize(), qw.dequantize())
     assert torch.equal(again.rows(torch.tensor([5, 0])), qw.dequantize()[[5, 0]])
 
 
-@pytest.mark.parametrize("cfg", [RTN(bits=4, group=32, symmetric=True, grid="iq4nl"),
-                                 GPTQ(bits=4, group=32, symmetric=True, grid="learned", act_order=True)])  # fmt: skip
+@pytest.mark.parametrize("cfg", [RTN(bits=4, group=32, symmetric=True, levels="iq4nl"),
+                                 GPTQ(bits=4, group=32, symmetric=True, levels="learned", act_order=True)])  # fmt: skip
 def test_quantize_model_with_a_table_grid_save_load_and_fused_decode(tiny64, tmp_path, word_tokenizer, cfg):  # noqa: F811
     base = load_model(tiny64["llama"])
     x = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -148,13 +148,13 @@ def test_quantize_model_with_a_table_grid_save_load_and_fused_decode(tiny64, tmp
     assert isinstance(model.layers[0].mlp.w_down, CodebookLinear) and model.layers[0].mlp.w_down.backend == (
         "native" if ops.available() else "none")
     assert isinstance(model.lm_head, QuantLinear)  # the head stays uniform int8
-    assert model.quantization["layers"]["layers.0.mlp.w_down"]["grid"] == cfg.grid
+    assert model.quantization["layers"]["layers.0.mlp.w_down"]["levels"] == cfg.levels
     assert model.quantization["bits_per_weight"] == pytest.approx(4.5)
     with torch.inference_mode():
         out = model(x)
     assert _kl(ref, out) < 0.2
-    path = save_quantized(model, word_tokenizer, tmp_path / cfg.grid)
-    assert json.loads((path / "config.json").read_text())["leanlm_quant"]["layers"]["layers.1.attn.wqkv"]["grid"]
+    path = save_quantized(model, word_tokenizer, tmp_path / cfg.levels)
+    assert json.loads((path / "config.json").read_text())["leanlm_quant"]["layers"]["layers.1.attn.wqkv"]["levels"]
     again = load_model(path, dtype="bfloat16")
     assert isinstance(again.layers[1].attn.wqkv, CodebookLinear) and weight_bytes(again) == weight_bytes(model)
     with torch.inference_mode():
@@ -184,17 +184,17 @@ def test_quantize_model_with_a_table_grid_save_load_and_fused_decode(tiny64, tmp
 
 def test_table_grid_bad_settings():
     with pytest.raises(LeanlmError, match="symmetric"):
-        make_config("rtn", bits=4, group=64, grid="iq4nl")  # asymmetric by default
+        make_config("rtn", bits=4, group=64, levels="iq4nl")  # asymmetric by default
     with pytest.raises(LeanlmError, match="4-bit table"):
-        make_config("rtn", bits=8, group=64, symmetric=True, grid="iq4nl")
+        make_config("rtn", bits=8, group=64, symmetric=True, levels="iq4nl")
     with pytest.raises(LeanlmError, match="group"):
-        make_config("rtn", bits=4, group=0, symmetric=True, grid="learned")
+        make_config("rtn", bits=4, group=0, symmetric=True, levels="learned")
     with pytest.raises(LeanlmError, match="not supported"):
-        make_config("rtn", bits=4, group=64, symmetric=True, grid="nf5")
+        make_config("rtn", bits=4, group=64, symmetric=True, levels="nf5")
     with pytest.raises(LeanlmError, match="AWQ"):
-        make_config("awq", bits=4, group=64, symmetric=True, grid="iq4nl")
+        make_config("awq", bits=4, group=64, symmetric=True, levels="iq4nl")
     with pytest.raises(LeanlmError, match="drop clip"):
-        make_config("gptq", bits=4, group=64, symmetric=True, grid="iq4nl", clip=True)
+        make_config("gptq", bits=4, group=64, symmetric=True, levels="iq4nl", clip=True)
     with pytest.raises(LeanlmError, match="head_group"):
         make_config("rtn", bits=8, group=32, symmetric=True, head_group=48)
 

@@ -118,7 +118,7 @@ def learn_table(groups: torch.Tensor, importance: torch.Tensor | None = None, it
 
 
 def table_for(spec: QSpec, groups: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    return learn_table(groups, importance) if spec.grid == "learned" else fixed_table(spec.grid)
+    return learn_table(groups, importance) if spec.levels == "learned" else fixed_table(spec.levels)
 
 
 def codebook_grid(W: torch.Tensor, spec: QSpec, importance: torch.Tensor | None = None):
@@ -259,7 +259,7 @@ class CodebookLinear(nn.Module):
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Portable tensors (save.py): qweight uint8 [N, Kp/2] (pack_int4 of the indices), scales, table, bias."""
         spec = self.spec
-        meta = {"bits": 4, "group": spec.group, "symmetric": True, "grid": spec.grid, "in_features": self.in_features,
+        meta = {"bits": 4, "group": spec.group, "symmetric": True, "levels": spec.levels, "in_features": self.in_features,
                 "out_features": self.out_features}  # fmt: skip
         t = {"qweight": pack_int4(self.codes()[:, : self.padded_in]), "scales": self.scales, "table": self.table}
         if self.bias is not None:
@@ -268,7 +268,7 @@ class CodebookLinear(nn.Module):
 
     @classmethod
     def from_export(cls, t: dict[str, torch.Tensor], meta: dict, backend: str = "auto") -> "CodebookLinear":
-        spec = QSpec(4, meta["group"], True, meta["grid"])
+        spec = QSpec(4, meta["group"], True, meta["levels"])
         if "table" not in t:
             raise LeanlmError(f"a {spec.label()} layer is missing its table; the file is incomplete")
         qw = QuantizedWeight(unpack_int4(t["qweight"]), t["scales"].to(torch.bfloat16), None, spec, meta["in_features"],

@@ -73,7 +73,7 @@ def _meta(m: QuantLinear | CodebookLinear) -> dict:
     meta = {"bits": m.spec.bits, "group": m.spec.group, "symmetric": m.spec.symmetric,
             "in_features": m.in_features, "out_features": m.out_features}  # fmt: skip
     if m.spec.codebook:
-        meta["grid"] = m.spec.grid
+        meta["levels"] = m.spec.levels
     return meta
 
 
