@@ -5,6 +5,7 @@ rows share the call, so a k-token verification forward equals k one-token steps 
 
 - `small_linear`  x [1..16, K] . W^T for a row-major fp32/bf16 W (csrc/gemv_small.cpp)
 - `q_linear`      x [1..16, K] . W^T for leanlm.quant's packed int4/int8 W (csrc/qlinear.cpp)
+- `q_linear_codebook` x [1..16, K] . W^T for a 4-bit table-coded W (csrc/qlinear_codebook.cpp)
 - `q_gemm`        x [M, K] . W^T for the same packed W, many rows (prefill) on AVX512-VNNI (csrc/gemm_int8.cpp;
                   not batch-invariant with q_linear, which keeps every product of up to 16 rows)
 - `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
@@ -50,6 +51,7 @@ class LinearKind(enum.IntEnum):
     DENSE = 0  # fp32/bf16 weight [N, K], row-major: small_linear
     QUANT = 1  # packed int4/int8 weight, bf16 scales (and zeros) [N, G]: q_linear
     SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear
+    CODEBOOK = 3  # 4-bit table indices (int4 block layout), bf16 scales [N, G], int8 table [16] as `zeros`
 
 
 _EMPTY = torch.empty(0)
@@ -63,7 +65,7 @@ class FusedLinear:
     weight: torch.Tensor  # DENSE: [N, K]; QUANT: packed codes; SPARSE_INPUT: W^T [K, N]
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None  # QUANT only
-    zeros: torch.Tensor | None = None  # QUANT, asymmetric only
+    zeros: torch.Tensor | None = None  # QUANT, asymmetric only; CODEBOOK: the int8 table [16]
     bits: int = 0  # QUANT: 4 or 8
     group: int = 0  # QUANT: columns per scale group of the stored width
     threshold: float = 0.0  # SPARSE_INPUT
@@ -129,6 +131,13 @@ def q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     """x [1..16, K] times a packed int4/int8 weight (leanlm.quant.packed's native layout) -> fp32 [M, N].
     scales/zeros: bf16 [N, G]; group: columns per group of the stored width (a multiple of 32)."""
     return _require().q_linear(x, qweight, scales, _EMPTY if zeros is None else zeros, bits, group)
+
+
+def q_linear_codebook(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
+                      group: int) -> torch.Tensor:  # fmt: skip
+    """x [1..16, K] times a 4-bit table-coded weight (leanlm.quant.codebook; the int4 block layout of indices into
+    `table`, int8 [16]) -> fp32 [M, N]. scales: bf16 [N, G]; group: columns per group of the stored width."""
+    return _require().q_linear_codebook(x, qweight, scales, table, group)
 
 
 def q_gemm_usable() -> bool:

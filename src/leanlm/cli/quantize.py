@@ -28,7 +28,7 @@ def config_from_args(args):
     from ..quant.config import MixedPrecision, make_config
 
     mixed = MixedPrecision(target_bits=args.target_bits) if args.target_bits else None
-    kwargs = dict(bits=args.bits, group=args.group, symmetric=args.sym, head_bits=args.head_bits,
+    kwargs = dict(bits=args.bits, group=args.group, symmetric=args.sym, levels=args.levels, head_bits=args.head_bits,
                   embed_bits=args.embed_bits, skip=args.skip or [], dtype=args.dtype, pad=args.pad, mixed=mixed)  # fmt: skip
     # method-specific flags only when given, so that e.g. --act-order with --method rtn is an error
     if args.damp is not None:
@@ -112,6 +112,8 @@ def add_arguments(p) -> None:
     p.add_argument("--group", type=integer(), default=128, help="input columns per scale: 32, 64, 128, 256, or 0 = per "
                                                           "output channel (default 128)")  # fmt: skip
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point); default asymmetric")
+    p.add_argument("--levels", default="uniform", help="uniform | iq4nl | learned: 4-bit levels; iq4nl / learned are "
+                   "16-level tables with one scale per group (need --bits 4 --sym; RTN or GPTQ)")
     p.add_argument("--calib", default="wikitext2-valid",
                    help="calibration text: wikitext2-valid (default), pride-and-prejudice, moby-dick or a file")  # fmt: skip
     p.add_argument("--samples", type=integer(1), default=16, help="calibration windows (default 16)")

@@ -88,6 +88,7 @@ enum LinearKind : int64_t {
   LINEAR_DENSE = 0,         // runtime.Linear: fp32/bf16 weight [N, K], small_linear (project)
   LINEAR_QUANT = 1,         // leanlm.quant's packed int4/int8 weight: q_linear, fp32 + fp32 bias, rounded to x's dtype
   LINEAR_SPARSE_INPUT = 2,  // leanlm.adaptive's input-sparse linear: weight W^T [K, N], inputs |x| <= threshold dropped
+  LINEAR_CODEBOOK = 3,      // leanlm.quant's 4-bit table-coded weight: q_linear_codebook, the table in the zeros slot
 };
 
 static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int64_t i, const std::vector<int64_t>& meta,
@@ -101,6 +102,9 @@ static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int6
       return project(x, w, bias);
     case LINEAR_QUANT:
       y = q_linear(x, w, lins[4 * i + 2], lins[4 * i + 3], bits, group);
+      break;
+    case LINEAR_CODEBOOK:
+      y = q_linear_codebook(x, w, lins[4 * i + 2], lins[4 * i + 3], group);
       break;
     case LINEAR_SPARSE_INPUT:
       y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));

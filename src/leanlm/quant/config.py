@@ -10,6 +10,11 @@ int4/int8 kernels consume, so the grid used while quantizing is exactly the one 
 compute with. When `group` does not divide a layer's in_features, the last group is shorter:
 the weight is stored zero-padded to a whole group and the input is zero-padded at run time
 (`pad=False` refuses such layers instead).
+
+`levels` picks non-uniform 4-bit grids instead (codebook.py): w_hat = scale * T[q], T a table of 16 int8
+values per tensor ("iq4nl": llama.cpp IQ4_NL's fixed table; "learned": fitted to each tensor's weights),
+one bf16 scale per group and no zero, so their bits per weight equal a symmetric uniform grid's
+(4 + 16 / group; plus 16 bytes per tensor for the table).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..errors import LeanlmError
 BITS = (4, 8)
 GROUPS = (0, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq", "awq")
+LEVELS = ("uniform", "iq4nl", "learned")  # uniform integer levels; codebook.py's tables
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,11 @@ class QSpec:
     bits: int = 4
     group: int = 128  # 0 = per output channel
     symmetric: bool = False
+    levels: str = "uniform"  # LEVELS: "uniform", or a 4-bit table (codebook.py)
+
+    @property
+    def codebook(self) -> bool:
+        return self.levels != "uniform"
 
     @property
     def mid(self) -> int:
@@ -57,6 +68,12 @@ class QSpec:
             raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8")
         if self.group not in GROUPS:
             raise LeanlmError(f"group={self.group} is not supported; use 32, 64, 128, 256 or 0 (per output channel)")
+        if self.levels not in LEVELS:
+            raise LeanlmError(f"levels={self.levels!r} is not supported; use one of {', '.join(LEVELS)}")
+        if self.codebook and (self.bits != 4 or not self.symmetric or not self.group):
+            raise LeanlmError(f"levels {self.levels!r} is a 4-bit table with one scale per group and no zero: use bits=4, "
+                              f"symmetric=True (--sym) and a group of 32, 64, 128 or 256, got bits={self.bits}, "
+                              f"symmetric={self.symmetric}, group={self.group}")  # fmt: skip
         if in_features is not None and self.group and in_features % self.group and not pad:
             raise LeanlmError(
                 f"group {self.group} does not divide in_features {in_features} of {name}; use a group that divides "
@@ -66,6 +83,8 @@ class QSpec:
 
     def label(self) -> str:
         g = f"g{self.group}" if self.group else "pc"
+        if self.codebook:
+            return f"cb4-{self.levels}-{g}"
         return f"int{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}"
 
 
@@ -89,10 +108,13 @@ class MixedPrecision:
 class QuantConfig:
     """Fields shared by every method.
 
-    bits/group/symmetric: the spec of decoder-layer Linears (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down).
-    head_bits: output layer (lm_head) bits, 8 or 4 (round-to-nearest, per channel for 8, `group` for 4);
-        0 keeps it in `dtype`. For tied embeddings the one table is quantized once and shared by the
-        lookup and the head.
+    bits/group/symmetric/levels: the spec of decoder-layer Linears (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down);
+        levels "iq4nl" / "learned": a 4-bit table instead of uniform levels (codebook.py; RTN or GPTQ, symmetric).
+    head_bits: output layer (lm_head) bits, 8 or 4 (round-to-nearest, uniform, symmetric for 8); 0 keeps it in
+        `dtype`. For tied embeddings the one table is quantized once and shared by the lookup and the head.
+    head_group: the head's (and embeddings') group; None: `group` when the decoder spec is int8 (an int8 g32
+        model keeps g32 everywhere, like llama.cpp's Q8_0), else per channel for 8 bits and `group` (or 128)
+        for 4 bits.
     embed_bits: untied input embedding table bits (8, 4 or 0 = keep). Ignored for tied models.
     skip: substrings of Linear names to leave unquantized (e.g. ["layers.0."]).
     dtype: compute dtype of the quantized model (bf16 by default: the kernels take bf16 inputs).
@@ -112,7 +134,9 @@ class QuantConfig:
     bits: int = 4
     group: int = 128
     symmetric: bool = False
+    levels: str = "uniform"
     head_bits: int = 8
+    head_group: int | None = None
     embed_bits: int = 8
     skip: list[str] = field(default_factory=list)
     dtype: str = "bfloat16"
@@ -131,7 +155,7 @@ class QuantConfig:
 
     @property
     def spec(self) -> QSpec:
-        return QSpec(self.bits, self.group, self.symmetric)
+        return QSpec(self.bits, self.group, self.symmetric, self.levels)
 
     @property
     def needs_calibration(self) -> bool:
@@ -151,6 +175,11 @@ class QuantConfig:
 
     def validate(self) -> "QuantConfig":
         self.spec.validate()
+        if self.head_group is not None and self.head_group not in GROUPS:
+            raise LeanlmError(f"head_group={self.head_group} is not supported; use 32, 64, 128, 256 or 0 (per channel)")
+        if self.spec.codebook and (self.method == "awq" or self.tune_steps or self.recon_steps):
+            raise LeanlmError(f"levels {self.levels!r} is quantized with RTN or GPTQ; AWQ, grid tuning (tune_steps) and "
+                              "block reconstruction (recon_steps) train uniform grids only")  # fmt: skip
         for name in ("head_bits", "embed_bits"):
             if getattr(self, name) not in (0, 4, 8):
                 raise LeanlmError(f"{name}={getattr(self, name)} is not supported; use 8, 4 or 0 (keep unquantized)")
@@ -221,6 +250,9 @@ class GPTQ(QuantConfig):
         super().validate()
         if not 0 < self.damp < 1:
             raise LeanlmError(f"damp must be in (0, 1), got {self.damp}")
+        if self.clip and self.spec.codebook:
+            raise LeanlmError(f"levels {self.levels!r} searches each group's scale itself (weighted by the Hessian "
+                              "diagonal); drop clip")  # fmt: skip
         if self.clip_grid < 1 or not 0 < self.max_shrink < 1:
             raise LeanlmError(f"GPTQ's clipping search needs clip_grid >= 1 and 0 < max_shrink < 1, got "
                               f"clip_grid={self.clip_grid}, max_shrink={self.max_shrink}")  # fmt: skip

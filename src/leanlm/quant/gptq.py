@@ -69,6 +69,8 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    if spec.codebook:
+        return _gptq_table(W, H, spec, damp, block_size, act_order)
 
     scale = torch.empty(N, G)
     zero = None if spec.symmetric else torch.empty(N, G)
@@ -98,14 +100,43 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
                            spec, K, residual.half())  # fmt: skip
 
 
-def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group) -> tuple[torch.Tensor, torch.Tensor]:
+def _gptq_table(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool) -> QuantizedWeight:
+    """GPTQ onto a table grid (codebook.py): static per-group scales searched on the weights, weighted by the
+    Hessian diagonal (each input's mean square), then each column rounded to its nearest scaled level."""
+    from .codebook import codebook_grid
+
+    N, K = W.shape
+    g, Kp = spec.group_size(K), spec.padded(K)
+    table, scale = codebook_grid(W, spec, H.diagonal())
+    col_group = [c // g for c in range(K)]
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        col_group = (perm // g).tolist()
+    U = inverse_hessian_factor(H, damp)
+    del H
+    bs = max(block_size // g, 1) * g
+    q, residual = _columns(W, U, scale.float(), None, spec, bs, col_group, table.float())
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        q, residual = q[:, inverse], residual[:, inverse]
+    if Kp > K:
+        q = torch.nn.functional.pad(q, (0, Kp - K), value=float(int(table.abs().argmin())))
+        residual = torch.nn.functional.pad(residual, (0, Kp - K))
+    return QuantizedWeight(q.to(torch.uint8), scale, None, spec, K, residual.half(), table)
+
+
+def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group, levels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The GPTQ column loop with lazy block updates; returns codes and rounding residuals (the
     error-compensated weight's position on the code axis minus its code). col_group: the static
-    group of each (permuted) column, or None: dynamic groups, whose scale/zero are filled in here."""
+    group of each (permuted) column, or None: dynamic groups, whose scale/zero are filled in here. levels: a
+    table grid's sorted levels (float [16]; codes are then table indices, w_hat = scale * levels[code])."""
     N, K = W.shape
     g = spec.group_size(K)
     q, residual = torch.empty(N, K), torch.empty(N, K)
     mid, qmax = float(spec.mid), float(spec.qmax)
+    mids = None if levels is None else (levels[1:] + levels[:-1]) * 0.5
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
         W1 = W[:, i1:i2].clone()
@@ -126,10 +157,17 @@ def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group) -> tuple[torch.
             s = scale[:, gi]
             w = W1[:, i]
             z = 0.0 if zero is None else zero[:, gi]
-            x = (w - z) / s + mid
-            c = torch.clamp(torch.round(x), 0, qmax)
-            wq = (c - mid) * s + z
-            q[:, col], residual[:, col] = c, x - c
+            if levels is None:
+                x = (w - z) / s + mid
+                c = torch.clamp(torch.round(x), 0, qmax)
+                wq = (c - mid) * s + z
+                q[:, col], residual[:, col] = c, x - c
+            else:
+                x = w / s
+                c = torch.bucketize(x, mids)
+                v = levels[c]
+                wq = v * s
+                q[:, col], residual[:, col] = c.float(), x - v
             err = (w - wq) / U1[i, i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err[:, i] = err

@@ -28,6 +28,7 @@ from .calibrate import sequential_block
 from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
+from .codebook import CodebookLinear
 from .packed import QuantEmbedding, QuantLinear
 from .reconstruct import reconstruct_block
 from .rtn import QuantizedWeight, rtn
@@ -55,12 +56,25 @@ def rtn_rows(w: torch.Tensor, spec: QSpec, chunk: int = 16384) -> QuantizedWeigh
 
 
 def head_spec(bits: int, config: QuantConfig) -> QSpec:
-    return QSpec(8, 0, True) if bits == 8 else QSpec(4, config.group or 128, config.symmetric)
+    """The (uniform) spec of the LM head / embeddings at `bits` (QuantConfig.head_group says which group)."""
+    if bits == 8:
+        group = config.head_group if config.head_group is not None else config.group if config.bits == 8 else 0
+        return QSpec(8, group, True)
+    group = config.head_group if config.head_group is not None else config.group or 128
+    return QSpec(4, group, config.symmetric)
 
 
-def _meta(m: QuantLinear) -> dict:
-    return {"bits": m.spec.bits, "group": m.spec.group, "symmetric": m.spec.symmetric,
+def make_linear(qw: QuantizedWeight, bias=None) -> QuantLinear | CodebookLinear:
+    """The packed module of a quantized weight: CodebookLinear for table grids, QuantLinear otherwise."""
+    return CodebookLinear(qw, bias) if qw.table is not None else QuantLinear(qw, bias)
+
+
+def _meta(m: QuantLinear | CodebookLinear) -> dict:
+    meta = {"bits": m.spec.bits, "group": m.spec.group, "symmetric": m.spec.symmetric,
             "in_features": m.in_features, "out_features": m.out_features}  # fmt: skip
+    if m.spec.codebook:
+        meta["levels"] = m.spec.levels
+    return meta
 
 
 def average_bits(layers: dict) -> float:
@@ -97,7 +111,7 @@ def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict) 
 def cast_unquantized(model, dtype: torch.dtype) -> None:
     """Cast float parameters/buffers outside the packed modules (and rotary tables) to dtype."""
     for m in model.modules():
-        if isinstance(m, (QuantLinear, RotaryTable)):
+        if isinstance(m, (QuantLinear, CodebookLinear, RotaryTable)):
             continue
         for _, p in m.named_parameters(recurse=False):
             if p.is_floating_point():
@@ -157,7 +171,7 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     residuals: dict = {}  # learnable rounding starts from each weight's rounding error
 
     def install(root, prefix: str, lin: str, qw: QuantizedWeight, bias) -> None:
-        module = QuantLinear(qw, None if bias is None else bias.data)
+        module = make_linear(qw, None if bias is None else bias.data)
         set_module(root, lin, module)
         layers[prefix + lin] = _meta(module)
         if (config.tune_codes or config.recon_steps) and qw.residual is not None:

@@ -29,6 +29,7 @@ class QuantizedWeight:
     # float16 [N, Kp]: where each weight sat on the code axis before rounding, minus its code (the
     # rounding error, in code steps; learnable rounding starts from it). Not stored, not packed.
     residual: torch.Tensor | None = None
+    table: torch.Tensor | None = None  # int8 [16]: table grids (codebook.py), w_hat = scale * table[q]
 
     @property
     def out_features(self) -> int:
@@ -36,6 +37,10 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, in_features] weights on the stored grid."""
+        if self.table is not None:
+            from .codebook import dequantize_table
+
+            return dequantize_table(self.q, self.scale, self.table)[:, : self.in_features].to(dtype)
         return dequantize_codes(self.q, self.scale, self.zero, self.spec)[:, : self.in_features].to(dtype)
 
 
@@ -102,7 +107,13 @@ def rtn(w: torch.Tensor, spec: QSpec, shrink: torch.Tensor | float | None = None
         residual: bool = False) -> QuantizedWeight:  # fmt: skip
     """Round-to-nearest on the min/max grid of each group (optionally shrunk); `residual` also
     returns the rounding errors (learnable rounding starts from them; searches that call this
-    many times skip them)."""
+    many times skip them). Table grids (spec.codebook) go to codebook.codebook_rtn (no shrink)."""
+    if spec.codebook:
+        if shrink is not None:
+            raise ValueError("table grids search their own scales; shrink applies to uniform grids only")
+        from .codebook import codebook_rtn
+
+        return codebook_rtn(w, spec)
     N, K = w.shape
     g, Kp = spec.group_size(K), spec.padded(K)
     groups = pad_columns(w.float(), Kp).view(N, Kp // g, g)

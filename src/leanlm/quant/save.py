@@ -14,6 +14,8 @@ A quantized directory holds
                          NAME.scales   bfloat16 [N, G]
                          NAME.zeros    bfloat16 [N, G] (asymmetric only)
                          NAME.bias     float32 [N] (when the Linear has one)
+                         NAME.table    int8 [16] (table grids, layer meta "levels": w_hat = scale * table[code],
+                                       codes packed as for 4 bits; see codebook.py)
                        every other tensor (norms, kept embeddings) in the saved dtype.
     tokenizer files
 
@@ -34,6 +36,7 @@ from ..io import atomic_dir
 from ..model.config import ModelConfig
 from ..model.runtime import Transformer
 from ..calibration import get_module, set_module
+from .codebook import CodebookLinear
 from .packed import QuantEmbedding, QuantLinear
 
 FORMAT = 1
@@ -116,7 +119,8 @@ def load_quantized(directory: Path, cfg: ModelConfig, dtype: torch.dtype, device
         if "qweight" not in t or "scales" not in t:
             raise LeanlmError(f"{directory}: tensors of quantized layer {name} are missing; the file is incomplete")
         consumed.update(prefix + k for k in t)
-        modules[name] = QuantLinear.from_export(t, meta)
+        modules[name] = CodebookLinear.from_export(t, meta) if meta.get("levels", "uniform") != "uniform" \
+            else QuantLinear.from_export(t, meta)  # fmt: skip
     for name, module in modules.items():
         if name == "tok_embeddings":
             module = QuantEmbedding(module, dtype)
