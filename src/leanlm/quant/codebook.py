@@ -31,7 +31,7 @@ from .. import ops
 from ..errors import LeanlmError
 from ..ops import FusedLinear, LinearKind
 from .config import QSpec
-from .packed import NATIVE_MAX_ROWS, CHUNK_ELEMENTS, pack_blocks, pack_int4, unpack_blocks, unpack_int4
+from .packed import NATIVE_MAX_ROWS, CHUNK_ELEMENTS, pack_int4, unpack_int4
 from .rtn import QuantizedWeight, pad_columns
 
 # llama.cpp's IQ4_NL levels (ggml-common.h kvalues_iq4nl): the format's definition
@@ -51,6 +51,24 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of the sorted float `levels` [16] for every entry of x (ties go down)."""
     return torch.bucketize(x, (levels[1:] + levels[:-1]) * 0.5)
 
+
+
+# The codebook kernel's layout (csrc/qlinear_codebook.cpp): per row, per 32 columns, 16 bytes; byte j = column j |
+# column j + 16 << 4, so one 16-byte load and one shift give 32 table indices in column order.
+def pack_blocks(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (K % 32 == 0) -> [N, K/2] in the block layout above."""
+    N, K = q.shape
+    b = q.to(torch.uint8).view(N, K // 32, 2, 16)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_blocks(p: torch.Tensor) -> torch.Tensor:
+    N = p.shape[0]
+    b = p.view(N, -1, 16)
+    out = torch.empty(N, b.shape[1], 32, dtype=torch.uint8, device=p.device)
+    torch.bitwise_and(b, 15, out=out[..., :16])
+    torch.bitwise_right_shift(b, 4, out=out[..., 16:])
+    return out.view(N, -1)
 
 def search_scales(groups: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | None = None,
                   tries: int = SCALE_TRIES) -> torch.Tensor:  # fmt: skip
