@@ -147,10 +147,10 @@ def test_every_config_prices_itself(tiny_dirs):
 
 
 @pytest.mark.parametrize("step, message", [
-    ("quantize: {method: rtn, bits: 8.0}", r"step 1 \(quantize\): 'bits' must be int, got 8.0"),
-    ("quantize: {method: rtn, symmetric: 'false'}", r"step 1 \(quantize\): 'symmetric' must be bool, got 'false'"),
-    ("prune: {structured: neurons, ratio: '0.25'}", r"step 1 \(prune\): 'ratio' must be float or null"),
-    ("prune: {method: wanda, sparsity: 0.5, heal_steps: 1.5}", r"step 1 \(prune\): 'heal_steps' must be int, got 1.5"),
+    ("quantize: {method: rtn, bits: 8.0}", r"step 1 \(quantize\): 'bits' must be a whole number, got 8.0"),
+    ("quantize: {method: rtn, symmetric: 'false'}", r"step 1 \(quantize\): 'symmetric' must be true or false, got 'false'"),
+    ("prune: {structured: neurons, ratio: '0.25'}", r"step 1 \(prune\): 'ratio' must be a number or null"),
+    ("prune: {method: wanda, sparsity: 0.5, heal_steps: 1.5}", r"step 1 \(prune\): 'heal_steps' must be a whole number, got 1.5"),
 ])  # fmt: skip
 def test_recipe_values_are_type_checked(tmp_path, step, message):
     f = tmp_path / "typo.yaml"
