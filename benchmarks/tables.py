@@ -188,6 +188,26 @@ def memory(d: dict, rel: str) -> str:
     return md_table([f"{d.get('model', '')} dtype", "peak RSS MB (load + 32 tokens)"], rows)
 
 
+def memory_large(d: dict, rel: str) -> str:
+    s = get(d, "summary", rel=rel)
+    rows = [["conversion of the GGUF (streamed, bf16 cache)", num(s["convert_peak_rss_gb"], 2), "4.00",
+             num(s["convert_seconds"] / 60, 1)]]
+    if "gptq" in d:
+        g = d["gptq"]
+        rows.append([f"GPTQ int4 g{g['group']}, {g['samples']} x {g['seq_len']} tokens, {g['threads']} threads",
+                     num(s["gptq_int4_peak_rss_gb"], 2), num(g["peak_bound_gb"], 2), num(s["gptq_int4_minutes"], 1)])
+    return md_table([f"{d.get('model', '')}: step", "peak RSS GB", "bound GB", "minutes"], rows)
+
+
+def head_bits(d: dict, rel: str) -> str:
+    rows = []
+    for model, s in get(d, "summary", rel=rel).items():
+        rows.append([model, f"{s['head_int8_kl']:.4f}", f"{s['head_int4_g128_kl']:.4f}",
+                     f"{s['int4_model_kl_head_int8']:.4f}", f"{s['int4_model_kl_head_int4']:.4f}"])
+    return md_table(["model", "KL: head int8, body bf16", "head int4 g128, body bf16", "int4 g128 body, head int8",
+                     "int4 g128 body, head int4"], rows)  # fmt: skip
+
+
 def tasks(d: dict, rel: str) -> str:
     rows = []
     for model, res in get(d, "results", rel=rel).items():
@@ -317,6 +337,10 @@ TABLES = [
     Table("costmodel", "benchmarks/results/costmodel.json", costmodel, "Cost model: predicted vs measured tok/s",
           optional=True),
     Table("memory", "benchmarks/results/memory_smollm2-135m.json", memory, "Peak memory (SmolLM2-135M)"),
+    Table("memory_large", "benchmarks/results/memory_qwen2.5-1.5b.json", memory_large,
+          "Memory and time of the 1.5B: conversion and GPTQ int4 calibration", optional=True),
+    Table("head_bits", "benchmarks/results/head_bits.json", head_bits,
+          "The LM head's bits: KL to the fp32 model", optional=True),
     Table("tasks", "benchmarks/results/tasks_smollm2-135m.json", tasks, "Zero-shot tasks (SmolLM2-135M)"),
     Table("tasks_gemma", "benchmarks/results/tasks_gemma3-270m.json", tasks, "Zero-shot tasks (Gemma-3-270M)",
           optional=True),

@@ -34,8 +34,15 @@ def test_save_refuses_to_overwrite(tiny_dirs, tmp_path):
     with pytest.raises(LeanlmError, match="--force"):
         save(model, None, target)
     assert (target / "keep.txt").read_text() == "precious"
-    save(model, None, target, force=True)
-    assert (target / "model.safetensors").exists() and not (target / "keep.txt").exists()
+    with pytest.raises(LeanlmError, match="not a directory leanlm wrote"):  # --force replaces only leanlm's outputs
+        save(model, None, target, force=True)
+    assert (target / "keep.txt").read_text() == "precious"
+    mine = tmp_path / "mine"
+    save(model, None, mine)
+    with pytest.raises(LeanlmError, match="--force"):
+        save(model, None, mine)
+    save(model, None, mine, force=True)
+    assert (mine / "model.safetensors").exists()
 
 
 def test_failed_save_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):

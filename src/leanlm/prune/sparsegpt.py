@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.gptq import inverse_hessian_factor, single_thread
 from .masks import _keep_top
 
 
@@ -32,44 +33,23 @@ class HessianAccumulator:
         return self.H.double() * (2.0 / max(self.n, 1))
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
-    diag = torch.arange(H.shape[0])
-    base = H.diagonal().mean().clamp_min(1e-12)
-    for factor in (1, 10, 100, 1000):
-        Hd = H.clone()
-        Hd[diag, diag] += damp * factor * base
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                return U
-    raise RuntimeError("SparseGPT: Hessian is not positive definite even with heavy damping")
-
-
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
                     blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (new weight, keep mask) for a [rows, cols] weight and its [cols, cols] Hessian."""
     # The column loop is thousands of small ops: one thread avoids a parallel-region
     # barrier per op, which on a busy 2-core CPU made it 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return _sparsegpt(weight, H, sparsity, nm, blocksize, damp)
-    finally:
-        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()  # the factorisation of a large Hessian uses them all
+    with single_thread(), torch.no_grad():
+        return _sparsegpt(weight, H, sparsity, nm, blocksize, damp, threads)
 
 
-def _sparsegpt(weight, H, sparsity, nm, blocksize, damp):
+def _sparsegpt(weight, H, sparsity, nm, blocksize, damp, threads):
     W = weight.detach().float().clone()
     cols = W.shape[1]
-    H = H.double().clone()
+    H = H.double()
     dead = H.diagonal() == 0  # inputs never active: their weights can go for free
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    Hinv = _inverse_cholesky(H, damp).float()
+    Hinv = inverse_hessian_factor(H, damp, dead, what="SparseGPT", threads=threads).float()
     if nm is not None:
         n, m = nm
         blocksize = max(m, blocksize - blocksize % m)
