@@ -46,5 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, written in bf16 or fp32 (fused_block.cpp)");
   m.def("residual_norm", &residual_norm, "x += post_norm(h); then the next norm of x (fused_block.cpp)");
   m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");
+  m.def("attend_rows", &attend_rows, "attend for a batch of sequences, each with its own cache and position (attention.cpp)");
   m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)");
+  m.def("decode_rows", &decode_rows, "one decoder block for a batch of sequences at their own positions (fused_block.cpp)");
 }
