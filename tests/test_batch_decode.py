@@ -3,6 +3,7 @@ its own caches, decoded in one forward per step give exactly what each gives alo
 
 import pytest
 import torch
+from conftest import needs_smollm2
 
 from leanlm import ops
 from leanlm.decode.batch import Sequence, batchable, generate_batch, step
@@ -102,3 +103,16 @@ def test_models_that_cannot_batch_say_so(tiny_dirs):
     assert not batchable(model)
     with pytest.raises(LeanlmError, match="cannot be decoded in a batch"):
         Sequence(model, [1, 2, 3], 4)
+
+
+@pytest.mark.real_model
+@needs_smollm2
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_real_model_batched_equals_alone(dtype):
+    """SmolLM2-135M: 6 short prompts decoded together give each prompt's own greedy tokens."""
+    import leanlm
+
+    model, tok = leanlm.load("smollm2-135m", dtype=dtype)
+    prompts = [tok(f"Two short facts about {w}:\n1.").input_ids for w in ("the moon", "rivers", "owls", "glass",
+                                                                          "chess", "coral reefs")]  # fmt: skip
+    assert generate_batch(model, prompts, 24, eos_ids=set()) == _alone(model, prompts, 24)
