@@ -5,16 +5,17 @@ request at a time: the serial server), both started by this run.
 Two server processes (`python -m leanlm serve MODEL`, the command users run) are up for the whole run:
 the batched one (the default --max-active) and the serial one (--max-active 1). Every prompt of the pool
 is first asked once, alone and greedily, of the serial server: its reference answer, the sequential run.
-Then each level sends 2 x clients requests (at least 4) from `clients` threads, each thread one request
-after another (closed loop), prompts taken in turn from the pool; every answer must equal its prompt's
-reference. An answer that differs is *mixed* when it equals another prompt's reference and *wrong*
+Then the batched server gets one 8-client warm-up (kept apart from the figures; its answers are checked
+too), and each level sends 2 x clients requests (at least 4) from `clients` threads, each thread one
+request after another (closed loop), prompts taken in turn from the pool; every answer must equal its
+prompt's reference. An answer that differs is *mixed* when it equals another prompt's reference and *wrong*
 otherwise; a request without a complete answer is *lost*. Throughput is completion tokens (the
 server's usage counts) per second of the level's wall time; latency is per request.
 
 The 8-client figure is measured on both servers in alternating rounds (serial, batched, serial,
 batched, ...) so load from other jobs on the machine hits both alike; the summary's
-throughput_8_clients_vs_serial is the median over rounds of (batched tok/s / serial tok/s) of the
-same round.
+throughput_8_clients_vs_serial is the median over the rounds (3 by default) of (batched tok/s / serial
+tok/s) of the same round.
 
     PYTHONPATH=src python benchmarks/bench_serve_load.py --machine-shared      # smollm2-135m bf16
     PYTHONPATH=src python benchmarks/bench_serve_load.py --quick               # 1, 4, 8 clients, 1 round (archived)
@@ -162,7 +163,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--clients", default="1,4,8,16,32", help="client counts (comma-separated)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating serial / batched rounds at 8 clients")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating serial / batched rounds at 8 clients")
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (each gets a reference answer)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     ap.add_argument("--max-active", type=int, default=None, help="batched server's --max-active (default: its default)")
@@ -177,7 +178,7 @@ def main() -> None:
 
     batched, serial = Server(args, args.max_active, "batched"), Server(args, 1, "serial")
     load = Load(args)
-    rows, rounds = [], []
+    rows, rounds, warmup = [], [], None
     try:
         wait_ready(serial.base, serial.proc, timeout=900)
         wait_ready(batched.base, batched.proc, timeout=900)
@@ -187,6 +188,7 @@ def main() -> None:
             print(f"warning: only {distinct} of {len(load.refs)} reference answers are distinct", file=sys.stderr)
         if batched.metric("leanlm_batching") != 1:
             raise SystemExit("the batched server does not batch (leanlm_batching 0 in /metrics)")
+        warmup = load.level(batched, 8, "batched (warm-up)")  # the serial server is warm from the references
         for r in range(args.rounds):  # 8 clients on both servers, alternating
             s8, b8 = load.level(serial, 8, "serial"), load.level(batched, 8, "batched")
             rounds.append({"serial": s8, "batched": b8, "ratio": round(b8["tok_s"] / s8["tok_s"], 3) if s8["tok_s"] else None})
@@ -217,6 +219,7 @@ def main() -> None:
         "machine": machine(),
         "servers": {"batched": batched.cmd[1:], "serial": serial.cmd[1:]},
         "levels": rows,
+        "warmup_8_clients": warmup,
         "rounds_8_clients": rounds,
         "failures": load.failures,
         "summary": summary,
