@@ -226,6 +226,43 @@ def export(d: dict, rel: str) -> str:
                      "prefill tok/s", "decode tok/s"], rows)  # fmt: skip
 
 
+def serve_load(d: dict, rel: str) -> str:
+    """Batched server at each client count, and the 8-client rounds against the serial server (--max-active 1)."""
+    sm = get(d, "summary", rel=rel)
+    rows = [[r["clients"], r["requests"], num(r["tok_s"]), num(r["p50_s"], 2), num(r["p99_s"], 2), num(r["mean_batch"], 2),
+             f"{r['served']}/{r['mixed']}/{r['wrong']}/{r['lost']}"] for r in get(d, "levels", rel=rel)]  # fmt: skip
+    out = md_table([f"{sm['model']} {sm['dtype']}, {sm['max_tokens']} tokens/answer: clients", "requests",
+                    "tok/s (batched server)", "p50 latency s", "p99 latency s", "mean batch",
+                    "answers exact/mixed/wrong/lost"], rows)  # fmt: skip
+    rounds = get(d, "rounds_8_clients", rel=rel)
+    out += "\n\n" + md_table(["8 clients, round", "serial server tok/s (--max-active 1)", "batched server tok/s",
+                               "batched ÷ serial"],
+                              [[i + 1, num(r["serial"]["tok_s"]), num(r["batched"]["tok_s"]), ratio(r["ratio"])]
+                               for i, r in enumerate(rounds)])  # fmt: skip
+    out += (f"\n\nThroughput at 8 clients vs the serial server (median of rounds): "
+            f"**{ratio(sm['throughput_8_clients_vs_serial'])}**; mixed or lost answers: "
+            f"**{sm['mixed_or_lost_answers']}** of {sm['answers_checked']} checked against sequential references.")
+    return out
+
+
+def server_chaos(d: dict, rel: str) -> str:
+    """What a mix of normal, streaming, abandoned, oversized and malformed requests got, and /health's latency."""
+    sm, h, c = get(d, "summary", rel=rel), get(d, "health_ms", rel=rel), get(d, "config", rel=rel)
+    busy = h["while_disruptive"]
+    rows = [["answers lost, mixed or wrong", sm["lost_or_mixed_answers"]],
+            ["answers served exact", sm["served"]],
+            ["malformed / oversized requests rejected with an OpenAI-shaped 4xx", sm["rejected"]],
+            ["requests refused 503 (queue full)", sm["rejected_busy_503"]],
+            ["unexpected responses", sm["unexpected_rejections"]],
+            ["server tracebacks", sm["server_tracebacks"]],
+            ["/health p50 / p99 / max ms, all probes", f"{num(h['p50'], 1)} / {num(h['p99'], 1)} / {num(h['max'], 1)}"],
+            ["/health p99 ms while a 10 MB or abandoned request was in flight",
+             f"{num(busy['p99'], 1)} ({busy['probes']} probes)"],
+            ["normal request p50 / p99 s", f"{num(sm['normal_request_p50_s'], 2)} / {num(sm['normal_request_p99_s'], 2)}"]]  # fmt: skip
+    head = [f"{c['model']}, {c['clients']} clients for {num(c['duration'], 0)} s", "result"]
+    return md_table(head, [[a, num(b) if not isinstance(b, str) else b] for a, b in rows])
+
+
 def ab_refactor(d: dict, rel: str) -> str:
     """Before/after medians (tok/s, same run, interleaved) per model, dtype and phase, from bench_ab_commits.py."""
     rows = []
@@ -347,6 +384,10 @@ TABLES = [
     Table("export", "benchmarks/results/export.json", export, "GGUF export loaded in llama.cpp", optional=True),
     Table("peers", "benchmarks/results/peers.json", peers,
           "leanlm vs llama.cpp and OpenVINO on real-size models: idle, one core busy, DRAM-read bound", optional=True),
+    Table("serve_load", "benchmarks/results/serve_load.json", serve_load,
+          "Server under load: continuous batching vs one request at a time (openai client)", optional=True),
+    Table("server_chaos", "benchmarks/results/server_chaos.json", server_chaos,
+          "Server chaos: normal, streaming, abandoned, oversized and malformed requests at once", optional=True),
     Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
           "Same-run A/B before and after the restructuring"),
     Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
@@ -391,6 +432,7 @@ interleaved run by run, on the same token ids. Each table says which baseline a 
 - prune: the dense fp32 model; adaptive: the dense model of the same dtype (bf16) on leanlm's fused runtime;
 - kv: the full (unevicted, unquantized) cache; speculative: plain greedy decoding of the same target;
 - ab_refactor: the commit before the restructuring;
+- serve_load: the same server with --max-active 1 (one request at a time), in alternating rounds of one run;
 - peers: the best peer of the same weight bits (prefill), llama.cpp of the same type (decode), the engine's own
   idle decode (one core busy), bound bandwidth ÷ bytes read per token (DRAM bound).
 Speed figures from a run marked "machine shared" were taken while other jobs ran: read their ratios, not

@@ -296,6 +296,92 @@ def test_interleaved_requests_are_exact_and_short_ones_finish_first(tiny):
         app.state.engine.close()
 
 
+def test_batched_requests_are_exact_decoded_together_and_short_ones_finish_first(tiny, monkeypatch):
+    """Continuous batching: 8 concurrent requests are decoded in shared forwards (more rows than steps in
+    /metrics), every answer is its prompt's alone, and a short request that joins a long one's batch
+    leaves it first."""
+    import httpx
+
+    from leanlm.decode import batch
+
+    model, tok = tiny
+    step = batch.step
+
+    def slow_step(model, seqs):  # steps slow enough that requests overlap on any machine
+        time.sleep(0.01)
+        return step(model, seqs)
+
+    monkeypatch.setattr(batch, "step", slow_step)
+    app = create_app(model, tok, NAME, ServerLimits(max_tokens=64, max_active=8))
+    assert app.state.engine.batched
+    base, srv, th = _live(app)
+    try:
+        reqs = [(" ".join(f"w{(i * 13 + j * 5 + 1) % 90}" for j in range(2 + i)), 8 + 4 * i) for i in range(8)]
+        assert sum(bool(expected(model, tok, tok(p).input_ids, n)[0]) for p, n in reqs) >= 6  # answers to compare
+        got = _ask_all(base, reqs, workers=8)
+        for (prompt, n), text in zip(reqs, got):
+            assert text == expected(model, tok, tok(prompt).input_ids, n)[0], (prompt, n)
+        metrics = httpx.get(base + "/metrics").text
+        value = lambda name: float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith(name + " ")))  # noqa: E731
+        assert value("leanlm_batching") == 1
+        assert value("leanlm_decode_rows_total") > 1.5 * value("leanlm_decode_steps_total")  # requests shared steps
+        done = []
+
+        def ask(prompt, n):
+            _ask_all(base, [(prompt, n)], 1)
+            done.append(n)
+
+        long_req = threading.Thread(target=ask, args=("w1 w2 w3 w4 w5", 60))
+        long_req.start()
+        time.sleep(0.15)
+        ask("w9", 3)
+        long_req.join()
+        assert done == [3, 60]
+        assert "leanlm_active_requests 0" in httpx.get(base + "/metrics").text
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        app.state.engine.close()
+
+
+def test_cancelled_request_leaves_the_batch(tiny, monkeypatch):
+    """A client that disconnects mid-stream is dropped from the batch at the next step; the others finish exact."""
+    import httpx
+
+    from leanlm.decode import batch
+
+    model, tok = tiny
+    step = batch.step
+    monkeypatch.setattr(batch, "step", lambda model, seqs: (time.sleep(0.02), step(model, seqs)))
+    app = create_app(model, tok, NAME, ServerLimits(max_tokens=64, max_active=8))
+    base, srv, th = _live(app)
+    try:
+        others = threading.Thread(target=lambda: got.extend(_ask_all(base, reqs, 2)))
+        reqs = [("w3 w4", 30), ("w7 w8 w9", 25)]
+        got: list[str] = []
+        others.start()
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", base + "/v1/completions", json={"model": NAME, "prompt": "w1 w2 w3", "max_tokens": 60,
+                                                                  "temperature": 0, "stream": True}) as r:  # fmt: skip
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # leave after the first chunk
+        others.join()
+        for (prompt, n), text in zip(reqs, got):
+            assert text == expected(model, tok, tok(prompt).input_ids, n)[0]
+        deadline = time.time() + 10
+        while "leanlm_cancelled_total 1" not in httpx.get(base + "/metrics").text and time.time() < deadline:
+            time.sleep(0.05)
+        metrics = httpx.get(base + "/metrics").text
+        assert "leanlm_cancelled_total 1" in metrics and "leanlm_active_requests 0" in metrics
+        completion = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("leanlm_completion_tokens_total")))
+        assert completion < 30 + 25 + 60  # the abandoned request did not run to its 60 tokens
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        app.state.engine.close()
+
+
 @pytest.mark.parametrize("option", ["kv-int8", "kv-window", "speculative-lookup"])
 def test_decode_options_from_the_server(tiny, option):
     """KV policies and speculative decoding set from the server's options answer what the same option
@@ -316,6 +402,7 @@ def test_decode_options_from_the_server(tiny, option):
         max_active = 1
     app = create_app(model, tok, NAME, ServerLimits(max_tokens=64, max_active=max_active, quantum=2),
                      decode_fn=decode_fn, kv=kv)  # fmt: skip
+    assert not app.state.engine.batched  # these decode one request per forward (interleaved)
     base, srv, th = _live(app)
     try:
         reqs = [(" ".join(f"w{(i * 5 + j * 2) % 90}" for j in range(4 + i % 3)), 12 + i) for i in range(6)]

@@ -315,7 +315,7 @@ def test_api_key(tiny):
         create_app(model, tok, NAME, api_key="")
 
 
-def test_cli_api_key_and_limits_checked_before_loading(monkeypatch):
+def test_cli_api_key_and_limits_checked_before_loading(monkeypatch, capsys):
     from leanlm.cli import build_parser
     from leanlm.cli.serve import api_key, main
 
@@ -330,14 +330,22 @@ def test_cli_api_key_and_limits_checked_before_loading(monkeypatch):
     with pytest.raises(LeanlmError, match="LEANLM_API_KEY is empty"):
         api_key(parse(["serve", "m"]))
     monkeypatch.delenv("LEANLM_API_KEY")
-    # a model that does not exist: each bad option is reported first, before any loading
-    for argv, msg in ((["--max-body-bytes", "0"], "max_body_bytes"), (["--max-queue", "-1"], "max_queue"),
+    # a model that does not exist: each bad option is reported first, before any loading (by the argument
+    # parser, exit 2 with one `leanlm: error:` line, or by main's checks)
+    for argv, msg in ((["--max-body-bytes", "0"], "--max-body-bytes"), (["--max-queue", "-1"], "--max-queue"),
                       (["--port", "70000"], "--port"), (["--kv", "bogus:1"], "kv"),
                       (["--kv", "int8", "--speculate", "lookup"], "cannot be combined"),
                       (["--speculate", "lookup", "--max-active", "4"], "one request at a time"),
-                      (["--quantum", "0"], "quantum")):  # fmt: skip
-        with pytest.raises(LeanlmError, match=msg):
+                      (["--quantum", "0"], "--quantum")):  # fmt: skip
+        try:
             main(parse(["serve", "/nonexistent/model", *argv]))
+        except LeanlmError as e:
+            assert msg in str(e), (argv, e)
+        except SystemExit as e:
+            err = capsys.readouterr().err
+            assert e.code == 2 and err.startswith("leanlm: error:") and msg in err, (argv, err)
+        else:
+            raise AssertionError(f"{argv} was accepted")
 
 
 # ---- chat content is text ------------------------------------------------------------------------

@@ -9,9 +9,11 @@ rows share the call, so a k-token verification forward equals k one-token steps 
 - `q_gemm`        x [M, K] . W^T for the same packed W, many rows (prefill) on AVX512-VNNI (csrc/gemm_int8.cpp;
                   not batch-invariant with q_linear, which keeps every product of up to 16 rows)
 - `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
-- `attend`        RoPE + KV-cache write + attention for 1..16 new positions (csrc/attention.cpp)
+- `attend`        RoPE + KV-cache write + attention for 1..16 new positions (csrc/attention.cpp);
+                  `attend_rows` the same for up to 16 sequences, each with its own cache and position
 - `rms_norm`, `residual_norm`, `glu`, `decode_layer`: a decoder block's glue, and the whole block in
-  one call (csrc/fused_block.cpp)
+  one call (csrc/fused_block.cpp); `decode_rows` the whole block for a batch of sequences at their own
+  positions (continuous batching: the weights are read once for all of them)
 
 `available()` says whether they built; without them (LEANLM_NATIVE=0, no AVX2, no compiler) the
 runtime takes torch's ops, and `small_linear` returns None.
@@ -224,6 +226,17 @@ def attend(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor 
                              eps, plus_one, scale)  # fmt: skip
 
 
+def attend_rows(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                cache_k: list[torch.Tensor], cache_v: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                positions: list[int], n_heads: int, n_kv_heads: int, window: int, eps: float, plus_one: bool,
+                scale: float) -> torch.Tensor:  # fmt: skip
+    """`attend` for B sequences, each with its own caches (cache_k[b], cache_v[b]: [1, nkv, L_b, hd]): the T new
+    positions of qkv [B, T, row] start at positions[b] for sequence b; cos / signed sin [B*T, hd]. Each
+    sequence's result equals `attend` of that sequence alone, bit for bit."""
+    return _require().attend_rows(qkv, q_norm, k_norm, cache_k, cache_v, cos, sin, positions, n_heads, n_kv_heads,
+                                  window, eps, plus_one, scale)  # fmt: skip
+
+
 def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     """act(gate) * up of a fused gate/up output [B, 2F] -> [B, F]: SiLU, or GELU-tanh (Gemma)."""
     return _require().glu(gate_up, gelu)
@@ -241,6 +254,18 @@ def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tens
     return _require().decode_layer(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
                                    mlp_post, cache_k, cache_v, cos, sin, pos, batch, n_heads, n_kv_heads, window, eps,
                                    plus_one, scale, gelu)  # fmt: skip
+
+
+def decode_rows(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],
+                thresholds: list[float], q_norm, k_norm, attn_post, mlp_norm: torch.Tensor, mlp_post,
+                cache_k: list[torch.Tensor], cache_v: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                positions: list[int], n_heads: int, n_kv_heads: int, window: int, eps: float, plus_one: bool,
+                scale: float, gelu: bool) -> torch.Tensor:  # fmt: skip
+    """`decode_layer` for B <= MAX_ROWS sequences, one new token each: x [B, D] (row b: sequence b at
+    positions[b], its caches cache_k[b] / cache_v[b]), cos / sin [B, hd]; the rest as decode_layer takes it."""
+    return _require().decode_rows(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm, mlp_post,
+                                  cache_k, cache_v, cos, sin, positions, n_heads, n_kv_heads, window, eps, plus_one,
+                                  scale, gelu)  # fmt: skip
 
 
 def block_args(linears: list[FusedLinear]) -> tuple[list[torch.Tensor], list[int], list[float]]:

@@ -14,7 +14,11 @@ def add_parser(subparsers):
                     description="Serve one model over an OpenAI-compatible API: /v1/completions, "
                                 "/v1/chat/completions (stream=true for SSE), /v1/models, /health, /metrics. "
                                 "Requests wait in a bounded queue (full -> 503) and up to --max-active of them are "
-                                "decoded in turn (interleaved, not batched); a client "
+                                "decoded together by continuous batching (one forward per step for all of them, each "
+                                "with its own KV cache; requests join and leave between steps; every answer is exactly "
+                                "the one it gets alone). --speculate, --kv policies and models whose blocks do not run "
+                                "as one fused step decode requests in turn instead (interleaved, --quantum steps each; "
+                                "--speculate one at a time). A client "
                                 "that disconnects cancels its generation. Binds 127.0.0.1 unless --host says "
                                 "otherwise; set an API key (LEANLM_API_KEY) before binding other addresses.",
                     examples=["leanlm serve smollm2-135m --port 8000",
@@ -30,10 +34,12 @@ def add_parser(subparsers):
     p.add_argument("--max-prompt-tokens", type=integer(1), default=None, help="longest prompt accepted (default: context - 1)")
     p.add_argument("--max-tokens-limit", type=integer(1), default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--max-active", type=integer(1), default=None,
-                   help="requests decoded in turn, each with its own KV cache (default 4; 1 with --speculate, "
-                        "which decodes one request at a time)")  # fmt: skip
+                   help="requests decoded at once, each with its own KV cache: batched together (16 per kernel "
+                        "call), or in turn where batching does not apply (default 16; 1 with --speculate, which "
+                        "decodes one request at a time; 1 = the serial server)")  # fmt: skip
     p.add_argument("--quantum", type=integer(1), default=8,
-                   help="decode steps a request runs before the next active one's turn (default 8)")  # fmt: skip
+                   help="when requests are decoded in turn (--kv, models that cannot batch): decode steps a request "
+                        "runs before the next active one's turn (default 8)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=integer(1), default=1 << 20,
                    help="largest request body in bytes (default 1048576; larger -> 413)")  # fmt: skip
     p.add_argument("--api-key", default=None,
@@ -41,8 +47,8 @@ def add_parser(subparsers):
                         "else no key; prefer the variable: arguments show in the process list)")  # fmt: skip
     p.add_argument("--kv", help=KV_HELP)
     p.add_argument("--speculate", choices=("lookup", "self", "draft", "lookup+self", "lookup+draft"),
-                   help="exact speculative decoding for every request (same output as without); see "
-                        "`leanlm generate --help`")  # fmt: skip
+                   help="exact speculative decoding for every request (same output as without), one request at a "
+                        "time (not batched); see `leanlm generate --help`")  # fmt: skip
     p.add_argument("--draft", metavar="MODEL", help="draft model for --speculate draft (same tokenizer)")
     p.add_argument("--draft-dtype", default="bfloat16", help="dtype of the draft / self copy (default bfloat16)")
     p.add_argument("--draft-layers", type=integer(1), default=None,
@@ -70,7 +76,7 @@ def main(args) -> int:
     if args.speculate and args.max_active not in (None, 1):
         raise LeanlmError("--speculate decodes one request at a time (its draft keeps state between steps); "
                           "drop --max-active or set it to 1")  # fmt: skip
-    max_active = args.max_active if args.max_active is not None else (1 if args.speculate else 4)
+    max_active = args.max_active if args.max_active is not None else (1 if args.speculate else 16)
     limits = ServerLimits(max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                           max_active=max_active, quantum=args.quantum)  # fmt: skip

@@ -1,4 +1,5 @@
-// Attention over the KV cache for 1..16 new positions (attention): (QK-norm +) RoPE of q and k, the
+// Attention over the KV cache for 1..16 new positions (attention), or for a batch of sequences each with its
+// own cache and position (attend_rows): (QK-norm +) RoPE of q and k, the
 // K/V write into the cache and softmax(q k^T) v per head, causal and optionally windowed. Each query's
 // result is computed the same way whatever the number of new positions, so a k-token verification
 // forward equals k one-token steps bit for bit (ATen's SDPA is not batch-invariant).
@@ -36,25 +37,36 @@ static inline void axpy_row(float p, const c10::BFloat16* v, float* acc, int64_t
   for (; d < n; ++d) acc[d] += p * bf16f(pv16[d]);
 }
 
+// where one sequence's keys and values live: its rows of a cache [.., nkv, len, hd], and the position of
+// its first new token (a batch shares one cache tensor and one position, or each sequence has its own)
+template <typename T>
+struct SeqKV {
+  T* k;
+  T* v;
+  int64_t len, pos;
+};
+
+// cos / sin rows: row (b, t) at cos + (b * cos_b + t) * hd (cos_b = 0: the batch shares positions)
 template <typename T>
 static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
-                          Tensor cache_k, Tensor cache_v, const Tensor& cos, const Tensor& sin, int64_t pos,
-                          int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
-  Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd] for positions pos .. pos+T-1
-  const int64_t B = qkv.size(0), Tn = qkv.size(1), hd = cache_k.size(3), L = cache_k.size(2), half = hd / 2;
+                          const std::vector<SeqKV<T>>& seqs, const Tensor& cos, const Tensor& sin, int64_t cos_b,
+                          int64_t hd, int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
+  Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd]: sequence b's positions pos_b .. pos_b+T-1
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), half = hd / 2;
   Tensor q = at::empty({B, nh, Tn, hd}, qkv.options());
   const T* qkvp = qkv.data_ptr<T>();
   T* qp = q.data_ptr<T>();
-  T* kc = cache_k.data_ptr<T>();
-  T* vc = cache_v.data_ptr<T>();
   Tensor qnw = q_norm ? as_float(*q_norm) : Tensor(), knw = k_norm ? as_float(*k_norm) : Tensor();
   std::vector<float> v(hd);
   std::vector<T> vn(hd);
   const int64_t row = (nh + 2 * nkv) * hd;
-  for (int64_t b = 0; b < B; ++b)
+  int64_t max_pos = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const SeqKV<T>& s = seqs[b];
+    max_pos = std::max(max_pos, s.pos);
     for (int64_t t = 0; t < Tn; ++t) {
-      const T* cp = cos.data_ptr<T>() + t * hd;
-      const T* sp = sin.data_ptr<T>() + t * hd;
+      const T* cp = cos.data_ptr<T>() + (b * cos_b + t) * hd;
+      const T* sp = sin.data_ptr<T>() + (b * cos_b + t) * hd;
       const T* src_row = qkvp + (b * Tn + t) * row;
       for (int64_t h = 0; h < nh + nkv; ++h) {
         const T* src = src_row + h * hd;
@@ -63,7 +75,7 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
           norm_row<T>(v.data(), (h < nh ? qnw : knw).data_ptr<float>(), hd, eps, plus_one, vn.data());
           for (int64_t d = 0; d < hd; ++d) v[d] = f(vn[d]);
         }
-        T* dst = h < nh ? qp + ((b * nh + h) * Tn + t) * hd : kc + ((b * nkv + (h - nh)) * L + pos + t) * hd;
+        T* dst = h < nh ? qp + ((b * nh + h) * Tn + t) * hd : s.k + ((h - nh) * s.len + s.pos + t) * hd;
         for (int64_t d = 0; d < hd; ++d) {  // x*cos + rotate_half(x)*sin (sign folded into sin)
           const float sw = v[d < half ? d + half : d - half];
           dst[d] = rnd<T>(f(rnd<T>(v[d] * f(cp[d]))) + sw * f(sp[d]));
@@ -71,24 +83,28 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
       }
       for (int64_t h = 0; h < nkv; ++h) {
         const T* src = src_row + (nh + nkv + h) * hd;
-        std::copy(src, src + hd, vc + ((b * nkv + h) * L + pos + t) * hd);
+        std::copy(src, src + hd, s.v + (h * s.len + s.pos + t) * hd);
       }
     }
+  }
   // attention per (row, head, new position) over its own keys: query pos+t sees cached positions
   // [lo, pos+t] (lo > 0 outside a sliding window). Each query's result is computed the same way
-  // whatever Tn is, so a k-token verification forward equals k one-token steps bit for bit.
+  // whatever Tn is and whatever other sequences share the call, so a k-token verification forward
+  // equals k one-token steps, and a batch of sequences equals each decoded alone, bit for bit.
   Tensor out = at::empty({B * Tn, nh * hd}, qkv.options());
   T* op = out.data_ptr<T>();
   const int64_t group = nh / nkv;
   const float sc = (float)scale;
   at::parallel_for(0, B * nh * Tn, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(pos + Tn), acc(hd);
+    std::vector<float> p(max_pos + Tn), acc(hd);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (nh * Tn), h = (i / Tn) % nh, t = i % Tn, qpos = pos + t;
+      const int64_t b = i / (nh * Tn), h = (i / Tn) % nh, t = i % Tn;
+      const SeqKV<T>& s = seqs[b];
+      const int64_t qpos = s.pos + t;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, qpos - window + 1) : 0;
       const T* qr = qp + ((b * nh + h) * Tn + t) * hd;
-      const T* kb = kc + (b * nkv + h / group) * L * hd;
-      const T* vb = vc + (b * nkv + h / group) * L * hd;
+      const T* kb = s.k + (h / group) * s.len * hd;
+      const T* vb = s.v + (h / group) * s.len * hd;
       float mx = -INFINITY;
       for (int64_t j = lo; j <= qpos; ++j) {
         p[j] = dot_row(qr, kb + j * hd, hd) * sc;
@@ -106,6 +122,26 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
   return out;
 }
 
+// one cache [B, nkv, L, hd] shared by the batch, every row at position pos
+template <typename T>
+static std::vector<SeqKV<T>> shared_kv(Tensor& cache_k, Tensor& cache_v, int64_t B, int64_t pos) {
+  const int64_t L = cache_k.size(2), stride = cache_k.size(1) * L * cache_k.size(3);
+  std::vector<SeqKV<T>> seqs;
+  for (int64_t b = 0; b < B; ++b)
+    seqs.push_back({cache_k.data_ptr<T>() + b * stride, cache_v.data_ptr<T>() + b * stride, L, pos});
+  return seqs;
+}
+
+// one cache [1, nkv, L_b, hd] per sequence b, at its own position
+template <typename T>
+static std::vector<SeqKV<T>> own_kv(std::vector<Tensor>& cache_k, std::vector<Tensor>& cache_v,
+                                    const std::vector<int64_t>& positions) {
+  std::vector<SeqKV<T>> seqs;
+  for (size_t b = 0; b < cache_k.size(); ++b)
+    seqs.push_back({cache_k[b].data_ptr<T>(), cache_v[b].data_ptr<T>(), cache_k[b].size(2), positions[b]});
+  return seqs;
+}
+
 // T new positions pos..pos+T-1: (QK-norm) + RoPE of q and k, K/V written to the cache, attention over
 // the cache (causal, windowed when window > 0); qkv [B, T, (nh+2nkv)*hd] -> [B*T, nh*hd]
 Tensor attend(Tensor qkv, std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, Tensor cache_k, Tensor cache_v,
@@ -116,7 +152,41 @@ Tensor attend(Tensor qkv, std::optional<Tensor> q_norm, std::optional<Tensor> k_
   const bool bf16 = qkv.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || qkv.scalar_type() == at::kFloat, "fp32 or bf16");
   TORCH_CHECK(qkv.dim() == 3 && pos + qkv.size(1) <= cache_k.size(2), "qkv [B, T, row] within the cache");
+  TORCH_CHECK(cache_k.size(0) >= qkv.size(0), "a cache row per batch row");
   Tensor c = cos.contiguous(), s = sin.contiguous();
-  return bf16 ? attend_impl<c10::BFloat16>(qkv, q_norm, k_norm, cache_k, cache_v, c, s, pos, nh, nkv, window, (float)eps, plus_one, scale)
-              : attend_impl<float>(qkv, q_norm, k_norm, cache_k, cache_v, c, s, pos, nh, nkv, window, (float)eps, plus_one, scale);
+  const int64_t B = qkv.size(0), hd = cache_k.size(3);
+  if (bf16)
+    return attend_impl<c10::BFloat16>(qkv, q_norm, k_norm, shared_kv<c10::BFloat16>(cache_k, cache_v, B, pos), c, s, 0,
+                                      hd, nh, nkv, window, (float)eps, plus_one, scale);
+  return attend_impl<float>(qkv, q_norm, k_norm, shared_kv<float>(cache_k, cache_v, B, pos), c, s, 0, hd, nh, nkv,
+                            window, (float)eps, plus_one, scale);
+}
+
+// the same for B sequences, each with its own cache ([1, nkv, L_b, hd]) and position: sequence b's T new
+// positions are positions[b] ..; cos / sin [B*T, hd] (row b*T + t for sequence b's t-th new position)
+Tensor attend_rows(Tensor qkv, std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, std::vector<Tensor> cache_k,
+                   std::vector<Tensor> cache_v, Tensor cos, Tensor sin, std::vector<int64_t> positions, int64_t nh,
+                   int64_t nkv, int64_t window, double eps, bool plus_one, double scale) {
+  const int64_t B = qkv.size(0);
+  TORCH_CHECK(qkv.dim() == 3, "qkv [B, T, row]");
+  TORCH_CHECK((int64_t)cache_k.size() == B && (int64_t)cache_v.size() == B && (int64_t)positions.size() == B,
+              "one cache pair and one position per sequence");
+  const bool bf16 = qkv.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || qkv.scalar_type() == at::kFloat, "fp32 or bf16");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && cos.size(0) == B * qkv.size(1), "cos / sin [B*T, hd]");
+  for (int64_t b = 0; b < B; ++b) {
+    const Tensor &k = cache_k[b], &v = cache_v[b];
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 4 && k.size(0) == 1 &&
+                    k.size(1) == nkv && k.scalar_type() == qkv.scalar_type() && v.scalar_type() == qkv.scalar_type(),
+                "cache of sequence ", b, ": contiguous [1, nkv, L, hd] in qkv's dtype");
+    TORCH_CHECK(k.size(3) == cache_k[0].size(3), "one head size");
+    TORCH_CHECK(positions[b] >= 0 && positions[b] + qkv.size(1) <= k.size(2), "sequence ", b, " within its cache");
+  }
+  Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t T = qkv.size(1), hd = cache_k[0].size(3);
+  if (bf16)
+    return attend_impl<c10::BFloat16>(qkv, q_norm, k_norm, own_kv<c10::BFloat16>(cache_k, cache_v, positions), c, s, T,
+                                      hd, nh, nkv, window, (float)eps, plus_one, scale);
+  return attend_impl<float>(qkv, q_norm, k_norm, own_kv<float>(cache_k, cache_v, positions), c, s, T, hd, nh, nkv,
+                            window, (float)eps, plus_one, scale);
 }

@@ -27,18 +27,22 @@ static std::string isa() {
 #endif
 }
 
+// the decode step's kernels release the GIL while they run, so a server's event loop and tokenizer threads
+// keep going during a step (they take tensors and return one: no Python inside)
+using nogil = py::call_guard<py::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the ISA level the extension was compiled for");
-  m.def("small_linear", &small_linear, "x [1..16, K] . w [N, K]^T (+ b), fp32 accumulation (gemv_small.cpp)");
+  m.def("small_linear", &small_linear, "x [1..16, K] . w [N, K]^T (+ b), fp32 accumulation (gemv_small.cpp)", nogil());
   m.def("set_small_bf16", &set_small_bf16, "allow (True) or refuse small_linear's bf16 dot-product path; returns the old setting");
-  m.def("q_linear", &q_linear, "x [1..16, K] . packed int4/int8 W^T -> fp32 [M, N] (qlinear.cpp)");
+  m.def("q_linear", &q_linear, "x [1..16, K] . packed int4/int8 W^T -> fp32 [M, N] (qlinear.cpp)", nogil());
   m.def("set_q_linear_vnni", &set_q_linear_vnni, "allow (True) or refuse q_linear's VNNI path; returns the old setting");
-  m.def("q_linear_codebook", &q_linear_codebook, "x [1..16, K] . 4-bit table-coded W^T -> fp32 [M, N] (qlinear_codebook.cpp)");
+  m.def("q_linear_codebook", &q_linear_codebook, "x [1..16, K] . 4-bit table-coded W^T -> fp32 [M, N] (qlinear_codebook.cpp)", nogil());
   m.def("set_q_linear_codebook_vnni", &set_q_linear_codebook_vnni, "allow (True) or refuse q_linear_codebook's VNNI path");
   m.def("q_gemm", &q_gemm, "x [M, K] . packed int4/int8 W^T -> fp32 [M, N] on AVX512-VNNI (gemm_int8.cpp)");
   m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
   m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
-  m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)");
+  m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)", nogil());
   m.def("prefill_attention", &prefill_attention, "causal attention for many new positions, AVX-512 (attention_prefill.cpp)");
   m.def("prefill_attention_supported", &prefill_attention_supported, "does this CPU run prefill_attention (AVX-512)?");
   m.def("glu_rows", &glu_rows, "act(gate) * up for many rows, AVX-512 (prefill_glue.cpp)");
@@ -46,5 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, written in bf16 or fp32 (fused_block.cpp)");
   m.def("residual_norm", &residual_norm, "x += post_norm(h); then the next norm of x (fused_block.cpp)");
   m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");
-  m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)");
+  m.def("attend_rows", &attend_rows, "attend for a batch of sequences, each with its own cache and position (attention.cpp)", nogil());
+  m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)", nogil());
+  m.def("decode_rows", &decode_rows, "one decoder block for a batch of sequences at their own positions (fused_block.cpp)", nogil());
 }

@@ -1,7 +1,8 @@
 // The glue of a decoder block and the whole block in one call (fused_block): RMSNorm of the fp32
 // residual, the residual add fused with the next norm (and Gemma's sandwich norms), the gated
 // activation, and decode_layer, which runs a block for 1..16 new positions: norm, the qkv linear,
-// attention (attention.cpp), wo, residual + norm, gate/up, GLU, down, residual. Numerics follow the
+// attention (attention.cpp), wo, residual + norm, gate/up, GLU, down, residual, and decode_rows, the same for
+// a batch of sequences each at its own position with its own cache. Numerics follow the
 // Python block (runtime.Block): fp32 residual and norm math, every intermediate rounded to the compute
 // dtype where the Python path rounds it (tests/test_fused_decode.py).
 #include "leanlm.h"
@@ -117,6 +118,21 @@ static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int6
   return y.to(x.scalar_type());
 }
 
+// the block around its attention: norm, qkv, attend_fn(qkv) -> attention output rows, wo, residual + norm,
+// gate/up, GLU, down, residual
+template <typename Attend>
+static Tensor block(Tensor x, const Tensor& attn_norm, const std::vector<Tensor>& lins, const std::vector<int64_t>& meta,
+                    const std::vector<double>& thresholds, const std::optional<Tensor>& attn_post, const Tensor& mlp_norm,
+                    const std::optional<Tensor>& mlp_post, bool bf16, double eps, bool plus_one, bool gelu,
+                    Attend attend_fn) {
+  TORCH_CHECK(lins.size() == 16 && meta.size() == 12 && thresholds.size() == 4, "decode_layer: 4 linears");
+  auto lin = [&](const Tensor& in, int64_t i) { return lin_forward(in, lins, i, meta, thresholds); };
+  Tensor att = attend_fn(lin(rms_norm(x, attn_norm, eps, plus_one, bf16), 0));
+  Tensor xn = residual_norm(x, lin(att, 1), attn_post, mlp_norm, eps, plus_one);
+  residual_norm(x, lin(glu(lin(xn, 2), gelu), 3), mlp_post, std::nullopt, eps, plus_one);
+  return x;
+}
+
 // the whole block in one call when each of its four linears is of a kind above; x [B*T, D];
 // lins/meta/thresholds: wqkv, wo, w_gate_up, w_down as lin_forward takes them
 Tensor decode_layer(Tensor x, Tensor attn_norm, std::vector<Tensor> lins, std::vector<int64_t> meta,
@@ -125,13 +141,28 @@ Tensor decode_layer(Tensor x, Tensor attn_norm, std::vector<Tensor> lins, std::v
                     Tensor mlp_norm, std::optional<Tensor> mlp_post,
                     Tensor cache_k, Tensor cache_v, Tensor cos, Tensor sin, int64_t pos, int64_t batch, int64_t nh,
                     int64_t nkv, int64_t window, double eps, bool plus_one, double scale, bool gelu) {
-  TORCH_CHECK(lins.size() == 16 && meta.size() == 12 && thresholds.size() == 4, "decode_layer: 4 linears");
   const bool bf16 = cache_k.scalar_type() == at::kBFloat16;
-  auto lin = [&](const Tensor& in, int64_t i) { return lin_forward(in, lins, i, meta, thresholds); };
-  Tensor qkv = lin(rms_norm(x, attn_norm, eps, plus_one, bf16), 0);
-  Tensor att = attend(qkv.view({batch, x.size(0) / batch, -1}), q_norm, k_norm, cache_k, cache_v, cos, sin, pos, nh,
-                      nkv, window, eps, plus_one, scale);
-  Tensor xn = residual_norm(x, lin(att, 1), attn_post, mlp_norm, eps, plus_one);
-  residual_norm(x, lin(glu(lin(xn, 2), gelu), 3), mlp_post, std::nullopt, eps, plus_one);
-  return x;
+  return block(x, attn_norm, lins, meta, thresholds, attn_post, mlp_norm, mlp_post, bf16, eps, plus_one, gelu,
+               [&](const Tensor& qkv) {
+                 return attend(qkv.view({batch, x.size(0) / batch, -1}), q_norm, k_norm, cache_k, cache_v, cos, sin,
+                               pos, nh, nkv, window, eps, plus_one, scale);
+               });
+}
+
+// the whole block for B sequences, one new position each, every sequence with its own caches and position
+// (continuous batching: the linears read their weights once for all rows); x [B, D]; cos / sin [B, hd]
+Tensor decode_rows(Tensor x, Tensor attn_norm, std::vector<Tensor> lins, std::vector<int64_t> meta,
+                   std::vector<double> thresholds,
+                   std::optional<Tensor> q_norm, std::optional<Tensor> k_norm, std::optional<Tensor> attn_post,
+                   Tensor mlp_norm, std::optional<Tensor> mlp_post,
+                   std::vector<Tensor> cache_k, std::vector<Tensor> cache_v, Tensor cos, Tensor sin,
+                   std::vector<int64_t> positions, int64_t nh, int64_t nkv, int64_t window, double eps, bool plus_one,
+                   double scale, bool gelu) {
+  TORCH_CHECK(!cache_k.empty() && x.size(0) == (int64_t)cache_k.size(), "decode_rows: one row per sequence");
+  const bool bf16 = cache_k[0].scalar_type() == at::kBFloat16;
+  return block(x, attn_norm, lins, meta, thresholds, attn_post, mlp_norm, mlp_post, bf16, eps, plus_one, gelu,
+               [&](const Tensor& qkv) {
+                 return attend_rows(qkv.view({x.size(0), 1, -1}), q_norm, k_norm, cache_k, cache_v, cos, sin,
+                                    positions, nh, nkv, window, eps, plus_one, scale);
+               });
 }

@@ -47,7 +47,7 @@ from .. import ops
 from ..ops import MAX_ROWS, FusedLinear
 from . import runtime as _rt  # runtime imports this module first; its classes are looked up at call time
 
-__all__ = ["MAX_ROWS", "available", "can_fuse", "decode_layer"]
+__all__ = ["MAX_ROWS", "available", "can_fuse", "decode_layer", "decode_rows", "rows_plan"]
 
 
 def available() -> bool:
@@ -116,28 +116,21 @@ def _plan_fresh(plan, dtype) -> bool:
 
 
 def _layer_plan(layer, dtype):
-    """decode_layer's per-layer arguments when the whole block runs as one C++ call, else None.
+    """decode_layer's per-layer arguments, less the cache's, when the whole block runs as one C++ call
+    (its attention and MLP are the stock ones and its four linears answer the protocol), else None.
 
     Why cached: rebuilding them (module attribute reads, protocol calls) every step cost about as
     much as the LM head's product in a profile of a bf16 step. The plan is kept on the layer and
-    reused while every module, weight, buffer, `fused_state` attribute and cache it read is the same
+    reused while every module, weight, buffer and `fused_state` attribute it read is the same
     object, no hook was added and no weight's layout changed (checked by identity each step, a few
-    us per layer)."""
+    us per layer). The cache is asked each call (`_fused_kv`): a batched step passes each sequence's own."""
     plan = layer.__dict__.get("_fused_plan")
     if _plan_fresh(plan, dtype):
         return plan[3]
     r = _Reads()
     a, m = r.get(layer, "attn"), r.get(layer, "mlp")
     args, watch = None, []
-    kv = None
     if type(a) is _rt.Attention and type(m) is _rt.MLP:
-        cache = r.get(a, "cache")
-        if cache is not None:
-            for name in ("k", "v"):
-                if name in cache._buffers:
-                    r.get(cache, name)
-            kv = _fused_kv(a, dtype)
-    if kv is not None:
         mods = [r.get(a, "wqkv"), r.get(a, "wo"), r.get(m, "w_gate_up"), r.get(m, "w_down")]
         for mod in mods:
             r.state_of(mod)
@@ -149,7 +142,7 @@ def _layer_plan(layer, dtype):
 
             lins, meta, thresholds = ops.block_args(linears)
             head = (norm(layer, "attn_norm"), lins, meta, thresholds, norm(a, "q_norm"), norm(a, "k_norm"),
-                    norm(layer, "attn_post_norm"), norm(layer, "mlp_norm"), norm(layer, "mlp_post_norm"), *kv)
+                    norm(layer, "attn_post_norm"), norm(layer, "mlp_norm"), norm(layer, "mlp_post_norm"))
             an = r.get(layer, "attn_norm")
             tail = (a.n_heads, a.n_kv_heads, a.window or 0, an.eps, an.plus_one, a.scale, m.act is not F.silu)
             args = (head, tail)
@@ -167,10 +160,11 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     cos, sin = (t.reshape(T, -1) for t in rope)
     whole = _rt.Linear.fused_small and B * T <= MAX_ROWS  # (fused_small False: ATen GEMVs, general path)
     plan = _layer_plan(layer, dtype) if whole else None
-    if plan is not None:
-        ops.decode_layer(x2, *plan[0], cos, sin, start, B, *plan[1])
-        return x
     a, m = layer.attn, layer.mlp
+    kv = None if plan is None else _fused_kv(a, dtype)
+    if kv is not None:
+        ops.decode_layer(x2, *plan[0], *kv, cos, sin, start, B, *plan[1])
+        return x
     eps, plus_one = layer.attn_norm.eps, layer.attn_norm.plus_one
     bf16 = dtype == torch.bfloat16
     post = lambda norm: None if norm is None else norm.weight  # noqa: E731
@@ -189,4 +183,22 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     else:
         h = m(xn.view(B, T, D)).view(B * T, D)
     ops.residual_norm(x2, h.to(dtype), post(layer.mlp_post_norm), None, eps, plus_one)
+    return x
+
+
+def rows_plan(layer, dtype: torch.dtype) -> bool:
+    """Can `decode_rows` run this block (the stock block, its whole body one C++ call)?"""
+    return can_fuse(layer, dtype) and _rt.Linear.fused_small and _layer_plan(layer, dtype) is not None
+
+
+def decode_rows(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: list[int], caches: list,
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """One block for B <= MAX_ROWS sequences, one new token each (continuous batching): x [B, D] fp32 (updated
+    in place, returned), row b at positions[b] of sequence b whose cache of this layer is caches[b]
+    (answering `fused_kv`); cos / sin [B, head_dim]. Needs rows_plan(layer, dtype)."""
+    plan = _layer_plan(layer, dtype)
+    kvs = [c.fused_kv(dtype) for c in caches]
+    if plan is None or any(kv is None for kv in kvs):
+        raise ValueError("decode_rows needs the stock block with fused linears and caches that answer fused_kv")
+    ops.decode_rows(x, *plan[0], [k for k, _ in kvs], [v for _, v in kvs], cos, sin, positions, *plan[1])
     return x

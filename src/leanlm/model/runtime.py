@@ -90,6 +90,12 @@ class RotaryTable(nn.Module):
         cos, sin = self._cast[key]
         return cos[start:end], sin[start:end]
 
+    def rows(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, signed sin) at one position per sequence, each [B, head_dim] (the same values `get` slices)."""
+        self.get(int(positions.max()), 1, dtype)  # grow the table and cache its cast
+        cos, sin = self._cast[(dtype, self.cos.device)]
+        return cos[positions, 0], sin[positions, 0]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; same values as transformers' apply_rotary_pos_emb."""
@@ -414,6 +420,12 @@ class Transformer(nn.Module):
             a = layer.attn
             a.cache = cache_cls(batch, a.n_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
+    def new_cache(self, max_len: int, cache_cls=KVCache) -> list[KVCache]:
+        """One sequence's KV caches (one per layer, batch 1), not installed on the layers: what a sequence of
+        `decode_rows` keeps as its own."""
+        return [cache_cls(1, layer.attn.n_kv_heads, max_len, layer.attn.head_dim, self.dtype, self.device)
+                for layer in self.layers]  # fmt: skip
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attn.cache = None
@@ -455,6 +467,37 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Final hidden states [B, T, D] before the output norm (score only what you need)."""
         return self.run_layers(self.embed(tokens), start)
+
+    def rows_supported(self) -> bool:
+        """Can `decode_rows` decode sequences together: leanlm's kernels are there and every block runs as one
+        fused call (the stock blocks with fused-protocol linears, fp32/bf16 on CPU); a subclass that changes
+        the forward (adaptive computation) cannot."""
+        stock = all(getattr(type(self), n) is getattr(Transformer, n) for n in ("forward", "hidden", "run_layers", "embed", "logits"))
+        return (stock and self.fused_decode and ops.available() and self.device.type == "cpu"
+                and all(_fused.rows_plan(layer, self.dtype) for layer in self.layers))  # fmt: skip
+
+    @torch.inference_mode()
+    def decode_rows(self, tokens: list[int], positions: list[int], caches: list[list[KVCache]]) -> torch.Tensor:
+        """fp32 logits [B, V] of one new token for each of B sequences decoded together (continuous batching):
+        tokens[b] goes at positions[b] of sequence b, whose per-layer KV caches are caches[b] (`new_cache`, filled
+        by its prefill). Every linear reads its weights once per ops.MAX_ROWS sequences; attention runs per
+        sequence over its own cache. Each row equals what `forward` gives that sequence alone, bit for bit (the
+        kernels are batch-invariant; tests/test_batch_decode.py). Needs `rows_supported()`."""
+        dtype, out = self.dtype, []
+        for i in range(0, len(tokens), ops.MAX_ROWS):
+            toks, pos = tokens[i : i + ops.MAX_ROWS], positions[i : i + ops.MAX_ROWS]
+            seq_caches = caches[i : i + ops.MAX_ROWS]
+            x = self.embed(torch.tensor(toks, device=self.device).view(-1, 1))  # [B, 1, D] fp32
+            x2 = x.reshape(len(toks), -1).contiguous()
+            where = torch.tensor(pos, device=self.device)
+            ropes: dict = {}
+            for j, layer in enumerate(self.layers):
+                name = self._rope_names[j]
+                if name not in ropes:
+                    ropes[name] = self.rope[name].rows(where, dtype)
+                _fused.decode_rows(layer, x2, *ropes[name], pos, [c[j] for c in seq_caches], dtype)
+            out.append(self.logits(x2.view(len(toks), 1, -1))[:, 0])
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def run_layers(self, x: torch.Tensor, start: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Residual stream x [B, T, D] (fp32) through layers lo..hi-1 at positions start.. (a

@@ -1,10 +1,11 @@
 """OpenAI-compatible HTTP server on leanlm's decoder (FastAPI + uvicorn).
 
 One model, one worker thread: requests wait in a bounded queue (full: 503); up to max_active of them
-are decoded in turn, a few steps each, every one with its own KV cache, so each response is exactly
-what the same prompt gives alone and a short request is not stuck behind a long one. This interleaves
-requests; it does not batch them (the runtime decodes one sequence per forward), so throughput is
-that of one request at a time.
+are decoded together by continuous batching (one forward per step for all of them, each with its own
+KV cache and position; requests join and leave between steps), so the weights are read once per step
+for up to 16 requests, and each response is exactly what the same prompt gives alone. Speculative
+decoding, KV-cache policies and models whose blocks do not run as one fused call are decoded in turn
+instead (interleaved, a few steps each; see Engine).
 
 What keeps one request from hurting the others:
 - the body is read with a size limit (413) and parsed strictly (400: invalid JSON, NaN/Infinity,
@@ -75,8 +76,8 @@ class ServerLimits:
     max_tokens: int = 512  # largest max_tokens a request may ask for
     default_max_tokens: int = 128
     max_body_bytes: int = 1 << 20  # request bodies above this answer 413
-    max_active: int = 4  # requests decoded in turn (each with its own KV cache); 1: one at a time
-    quantum: int = 8  # decode steps a request runs before the next active one has its turn
+    max_active: int = 16  # requests decoded at once (batched, or in turn; each with its own KV cache); 1: one at a time
+    quantum: int = 8  # when interleaving: decode steps a request runs before the next active one has its turn
 
     def __post_init__(self):
         for name in ("max_queue", "max_tokens", "default_max_tokens", "max_body_bytes", "max_active", "quantum"):
@@ -136,6 +137,7 @@ class Metrics:
         self.last_tok_s = 0.0
         self.rejected_full = 0
         self.cancelled = 0
+        self.decode_steps = self.decode_rows = 0  # batched forwards, and the requests they decoded
 
     def count(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -151,27 +153,36 @@ DecodeFn = Callable  # (model, prompt_ids, max_new_tokens, sampling, eos_ids, st
 
 
 class Engine:
-    """The worker thread: takes jobs from the bounded queue and decodes up to `limits.max_active` of them in
-    turn, `limits.quantum` decode steps each, so a short request is not stuck behind a long one.
+    """The worker thread: takes jobs from the bounded queue and decodes up to `limits.max_active` of them at once.
 
-    This is interleaving, not batching: each forward still decodes one sequence (the runtime takes one
-    position per forward). Each active request has its own KV cache, installed on the model's layers
-    for its turn, so its tokens are exactly those it gets alone. max_active=1 decodes one request at a time.
+    Continuous batching (`batched`, the default where the model allows it): each active request has its own
+    KV caches and position (decode/batch.py); every step is one forward for all of them (the linears read
+    each weight once per 16 requests, attention runs per request over its own cache). A new request is
+    prefilled alone between two steps and joins the batch; a finished or cancelled one leaves it. Every
+    request's tokens are exactly those it gets alone (the kernels are batch-invariant).
 
-    `decode_fn` replaces generate_tokens (e.g. exact speculative decoding, decode/speculative.py); one
-    whose state lives outside the model's layer caches (a speculative draft) needs max_active=1.
+    Interleaving otherwise (a `decode_fn` such as speculative decoding, a KV-cache policy, a model whose blocks
+    do not run as one fused call): each request's own generator runs `limits.quantum` steps in turn, its KV
+    caches installed on the model's layers for its turn, so it is still exact and a short request is not
+    stuck behind a long one, but each forward decodes one request. A `decode_fn` whose state lives outside
+    the layer caches (a speculative draft) needs max_active=1. max_active=1 decodes one request at a time.
+
+    `decode_fn` replaces generate_tokens (e.g. exact speculative decoding, decode/speculative.py).
     `kv` is the KV-cache policy plain decoding uses (leanlm.attention.KVPolicy; None: the model's own)."""
 
     def __init__(self, model, tokenizer, limits: ServerLimits, decode_fn: DecodeFn | None = None, kv=None):
+        from ..decode.batch import batchable
+
         self.model, self.tok, self.limits = model, tokenizer, limits
         self.decode_fn, self.kv = decode_fn, kv
+        self.batched = decode_fn is None and kv is None and batchable(model)
         self.jobs: "queue.Queue[Job | None]" = queue.Queue(maxsize=limits.max_queue)
         self.active: list[_Run] = []
         self.metrics = Metrics()
         self.eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos.add(tokenizer.eos_token_id)
-        self._installed: _Run | None = None  # whose caches the model's layers hold now
+        self._installed: _Run | None = None  # whose caches the model's layers hold now (interleaving)
         self.thread = threading.Thread(target=self._loop, name="leanlm-worker", daemon=True)
         self.thread.start()
 
@@ -228,6 +239,8 @@ class Engine:
         self._installed = run
 
     def _loop(self) -> None:
+        if self.batched:
+            return self._loop_batched()
         while True:
             if not self._admit():
                 for run in list(self.active):
@@ -237,10 +250,44 @@ class Engine:
             for run in list(self.active):
                 self._install(run)
                 for _ in range(self.limits.quantum if len(self.active) > 1 else 1):
-                    if not run.step():
-                        self.active.remove(run)
+                    if not run.step():  # (it left self.active)
                         self._installed = None  # its generator cleared the caches on the way out
                         break
+
+    def _loop_batched(self) -> None:
+        from ..decode.batch import step
+        from ..decode.threads import ThreadGovernor
+
+        governor = ThreadGovernor()
+        try:
+            while True:
+                if not self._admit():
+                    for run in self.active:
+                        run.close()
+                    return
+                # a run that ends leaves self.active (_Run._retire) before its client hears so
+                for run in [r for r in self.active if r.seq is None]:  # newcomers: prefill alone, first token
+                    run.start()
+                for run in [r for r in self.active if r.job.cancelled]:  # clients that left: out before the step
+                    run.end_cancelled()
+                live = list(self.active)
+                if not live:
+                    continue
+                try:
+                    with governor.step():
+                        step(self.model, [r.seq for r in live])
+                except Exception as e:  # a failed step cannot be pinned on one request: all in it get the error
+                    log.exception("batched decode step failed")
+                    for run in live:
+                        run.fail(e)
+                    continue
+                with self.metrics.lock:
+                    self.metrics.decode_steps += 1
+                    self.metrics.decode_rows += len(live)
+                for run in live:
+                    run.take(run.seq.token)
+        finally:
+            governor.restore()
 
     def _tokens(self, job: Job, stats: GenerationStats):
         if self.decode_fn is not None:
@@ -249,11 +296,13 @@ class Engine:
 
 
 class _Run:
-    """One active job: its token generator, its KV caches while another job has the model, and its text so far."""
+    """One active job and its text so far; when batched its Sequence (caches, position, next token), when
+    interleaved its token generator and its KV caches while another job has the model."""
 
     def __init__(self, engine: Engine, job: Job):
         self.engine, self.job = engine, job
-        self.tokens = engine._tokens(job, GenerationStats())
+        self.tokens = None if engine.batched else engine._tokens(job, GenerationStats())
+        self.seq = None
         self.caches: list | None = None
         self.t0 = time.perf_counter()
         self.new: list[int] = []
@@ -261,12 +310,56 @@ class _Run:
         self.text = ""
 
     def close(self) -> None:
+        if self.seq is not None:
+            self.seq.release()
         close = getattr(self.tokens, "close", None)
         if close is not None:
             close()  # frees the KV cache now, not when the generator is collected
 
+    def _retire(self) -> None:
+        """Leave the engine's active set (before the client is told, so /health never counts a finished job)."""
+        if self in self.engine.active:
+            self.engine.active.remove(self)
+
+    def fail(self, e: Exception) -> bool:
+        self.close()
+        self._retire()
+        self.job.put(("error", f"{type(e).__name__}: {e}"))
+        return False
+
+    def end_cancelled(self) -> bool:
+        return self._end("cancelled")
+
+    def start(self) -> bool:
+        """Batched: the prefill and the first token; False once the job has ended."""
+        from ..decode.batch import Sequence
+
+        if self.job.cancelled:
+            return self._end("cancelled")
+        job = self.job
+        try:
+            self.seq = Sequence(self.engine.model, job.prompt_ids, job.max_tokens, job.sampling, self.engine.eos)
+        except Exception as e:  # report to the waiting request, keep serving the others
+            log.exception("prefill failed")
+            return self.fail(e)
+        return self.take(self.seq.token)
+
+    def take(self, tok: int) -> bool:
+        """Batched: the sequence's newest token; False once the job has ended."""
+        try:
+            if self.job.cancelled:
+                return self._end("cancelled")
+            if tok in self.engine.eos:
+                return self._end("stop")
+            if not self._text(tok):
+                return False
+            return self._end("length") if self.seq.finished else True
+        except Exception as e:
+            log.exception("generation failed")
+            return self.fail(e)
+
     def step(self) -> bool:
-        """One decode step (with the cancel check after it); False once the job has ended."""
+        """Interleaved: one decode step (with the cancel check after it); False once the job has ended."""
         job = self.job
         try:
             if job.cancelled:  # left while waiting for its turn
@@ -282,9 +375,7 @@ class _Run:
             return self._text(tok)
         except Exception as e:  # report to the waiting request, keep serving the others
             log.exception("generation failed")
-            self.close()
-            job.put(("error", f"{type(e).__name__}: {e}"))
-            return False
+            return self.fail(e)
 
     def _text(self, tok: int) -> bool:
         job = self.job
@@ -321,6 +412,7 @@ class _Run:
             m.generate_s += dt
             m.last_tok_s = len(self.new) / dt if dt > 0 else 0.0
             m.cancelled += finish == "cancelled"
+        self._retire()
         job.put(("done", finish, _usage(job, len(self.new))))
         return False
 
@@ -784,9 +876,18 @@ def create_app(model, tokenizer, model_name: str, limits: ServerLimits | None = 
                 "# HELP leanlm_queue_depth Requests waiting or being generated.",
                 "# TYPE leanlm_queue_depth gauge",
                 f"leanlm_queue_depth {engine.queue_depth}",
-                "# HELP leanlm_active_requests Requests being decoded (in turn).",
+                "# HELP leanlm_active_requests Requests being decoded (together when batched, else in turn).",
                 "# TYPE leanlm_active_requests gauge",
                 f"leanlm_active_requests {len(engine.active)}",
+                "# HELP leanlm_decode_steps_total Batched decode forwards (continuous batching).",
+                "# TYPE leanlm_decode_steps_total counter",
+                f"leanlm_decode_steps_total {m.decode_steps}",
+                "# HELP leanlm_decode_rows_total Requests decoded by those forwards (rows / steps: the mean batch).",
+                "# TYPE leanlm_decode_rows_total counter",
+                f"leanlm_decode_rows_total {m.decode_rows}",
+                "# HELP leanlm_batching 1 when concurrent requests are decoded together, 0 when in turn.",
+                "# TYPE leanlm_batching gauge",
+                f"leanlm_batching {int(engine.batched)}",
                 "# TYPE leanlm_queue_capacity gauge",
                 f"leanlm_queue_capacity {limits.max_queue}",
             ]
