@@ -65,13 +65,18 @@ def pack_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
 # ---- IQ4_NL from floats ---------------------------------------------------------------------------------
 def quantize_iq4_nl(rows: np.ndarray) -> np.ndarray:
     """float rows [N, K] (K % 32 == 0) -> IQ4_NL bytes. Per block of 32: candidate scales map the block's
-    largest-magnitude weight to the table's negative end -127 +- 7 levels; each candidate rounds the block to its
+    largest-magnitude weight to the table's negative end -127 +- 5 levels; each candidate rounds the block to its
     nearest levels and takes the least-squares scale for them; the least squared error wins (the search of
     quant/codebook.py, here in numpy over one table end). The scale is rounded to fp16 before the final rounding."""
     from ..quant.codebook import IQ4NL
 
     levels = np.array(IQ4NL, np.float32)
-    mids = (levels[1:] + levels[:-1]) / 2
+    # nearest level by table lookup: every midpoint between levels is a multiple of 1/2, so all of [k/2, (k+1)/2)
+    # rounds to one level; 2x the table's range covers every x/d a candidate scale gives
+    lut = np.searchsorted((levels[1:] + levels[:-1]) / 2, (np.arange(-512, 512) + 0.25) / 2)
+
+    def nearest(u: np.ndarray) -> np.ndarray:
+        return lut[np.clip(np.floor(u * 2).astype(np.int32) + 512, 0, 1023)]
 
     def one(x: np.ndarray) -> np.ndarray:
         g = x.reshape(-1, 32)
@@ -79,15 +84,15 @@ def quantize_iq4_nl(rows: np.ndarray) -> np.ndarray:
         zero = amax == 0
         amax = np.where(zero, 1.0, amax)
         best_err, best = np.full(g.shape[0], np.inf, np.float32), amax / levels[0]
-        for t in range(-7, 8):
-            v = levels[np.searchsorted(mids, g / (amax / (levels[0] + t))[:, None])]
+        for t in range(-5, 6):
+            v = levels[nearest(g / (amax / (levels[0] + t))[:, None])]
             d = (v * g).sum(1) / np.maximum((v * v).sum(1), 1e-30)
             err = ((g - d[:, None] * v) ** 2).sum(1)
             better = err < best_err
             best_err, best = np.where(better, err, best_err), np.where(better, d, best)
         d = np.where(zero, 0.0, best).astype(np.float16)
         df = d.astype(np.float32)
-        q = np.searchsorted(mids, g / np.where(df == 0, 1.0, df)[:, None])
+        q = nearest(g / np.where(df == 0, 1.0, df)[:, None])
         return pack_q4_0(q.reshape(x.shape[0], -1), d.reshape(x.shape[0], -1))
 
     return _chunked(one, rows, 32)
