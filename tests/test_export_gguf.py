@@ -164,6 +164,15 @@ def quantizable_dir(tmp_path_factory):
     return d
 
 
+def test_tokenizer_fields_read_like_ggufreader(tiny_dirs, tmp_path):
+    """The header parser that copies a source GGUF's tokenizer reads what gguf.GGUFReader reads."""
+    path = export_gguf(*leanlm.load(tiny_dirs["qwen2"]), tmp_path / "m.gguf", "f16")
+    r = gguf.GGUFReader(str(path))
+    ref = [(k, f.contents(), int(f.types[0]), int(f.types[-1]) if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+           for k, f in r.fields.items() if k.startswith("tokenizer.")]  # fmt: skip
+    assert G.read_tokenizer_fields(path) == ref and len(ref) >= 5
+
+
 # ---- architectures -------------------------------------------------------------------------------------------------
 def _nonuniform(directory):
     from leanlm.prune import Structured, prune_structured
