@@ -4,11 +4,13 @@ metadata, and llama.cpp runs of the tiny and the four real models (skipped witho
 Tolerances of the llama.cpp comparisons, per type (what each allows and why):
 - F32 export, F32 KV cache, tiny models: logits within 1e-4 (same math, other summation order); 5e-3 for Gemma 3
   (ggml's GELU is an fp16 table lookup);
-- real models, F16 / Q8_0 export of the fp32 model: the next token agrees and the next-token logits of llama.cpp
-  correlate with leanlm's at >= 0.995 (F16 weights and llama.cpp's F16 KV cache and Q8 activations);
-- real models, 4-6 bit exports: the logits correlate at >= 0.95 (the types' own rounding error);
-- leanlm int8 / int4 g32 symmetric models exported with their own codes (Q8_0 / Q4_0): llama.cpp's logits correlate
-  with the quantized model's own at >= 0.995 (same weights; activation rounding differs).
+- tiny model, every type: llama.cpp's logits against leanlm's forward of the file's own (dequantized) weights,
+  largest difference / logit spread below TYPE_TOL (llama.cpp rounds activations to fp16 / 8 bits);
+- real models, Q8_0 export: the same next token at >= 90% of the prompt's positions (and at its end), mean KL
+  (leanlm fp32 || llama.cpp) < 0.05, last-position logits correlated at >= 0.995;
+- SmolLM2 at every type: mean KL below TYPE_KL (the types' own rounding error, measured, with a margin);
+- leanlm int8 / int4 g32 symmetric models exported with their own codes (Q8_0 / Q4_0): KL to the quantized model's
+  own logits < 0.02 (same weights; only activation rounding differs).
 """
 
 from __future__ import annotations
@@ -264,15 +266,18 @@ def _installed_model(name: str) -> bool:
 
 
 def _compare(model, tok, path) -> dict:
-    """leanlm's and llama.cpp's next-token logits on PROMPT (same token ids in)."""
+    """leanlm's and llama.cpp's next-token logits on PROMPT (same token ids in): at every position the top-1 and
+    KL(leanlm || llama.cpp); at the last one the correlation of the logits."""
     ids = tok(PROMPT).input_ids
     llm = _llama(path)
     llm.eval(ids)
-    theirs = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
     with torch.inference_mode():
-        ours = model(torch.tensor([ids]), last_only=True)[0, -1].double().numpy()
-    return {"corr": float(np.corrcoef(ours, theirs)[0, 1]), "top1_same": int(ours.argmax()) == int(theirs.argmax()),
-            "max_abs": float(np.abs(ours - theirs).max())}  # fmt: skip
+        ours = model(torch.tensor([ids]))[0].double()
+    kl = (ours.log_softmax(-1).exp() * (ours.log_softmax(-1) - theirs.log_softmax(-1))).sum(-1)
+    return {"top1": float((ours.argmax(-1) == theirs.argmax(-1)).double().mean()), "kl": float(kl.mean()),
+            "top1_last": int(ours[-1].argmax()) == int(theirs[-1].argmax()),
+            "corr_last": float(np.corrcoef(ours[-1].numpy(), theirs[-1].numpy())[0, 1])}  # fmt: skip
 
 
 REAL = [pytest.param("smollm2-135m", marks=needs_smollm2), pytest.param("gemma3-270m", marks=needs_gemma3),
@@ -283,43 +288,52 @@ REAL = [pytest.param("smollm2-135m", marks=needs_smollm2), pytest.param("gemma3-
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", REAL)
 def test_llama_cpp_runs_real_models(name, tmp_path):
-    """Each real model, exported as Q8_0, runs in llama.cpp with leanlm's next token and logits."""
+    """Each real model, exported as Q8_0, runs in llama.cpp with leanlm's next tokens and close logits."""
     if not _installed_model(name):
         pytest.skip(f"{name} is not installed")
     model, tok = leanlm.load(name)
     r = _compare(model, tok, export_gguf(model, tok, tmp_path / "m.gguf", "q8_0"))
-    assert r["top1_same"] and r["corr"] >= 0.995, r
+    assert r["top1_last"] and r["top1"] >= 0.9 and r["kl"] < 0.05 and r["corr_last"] >= 0.995, r
+
+
+# mean KL(leanlm fp32 || llama.cpp) over the prompt's positions, per type, on SmolLM2-135M (measured: f16 7e-6,
+# q6_k 0.02, q4_k 0.05, q5_k 0.11, iq4_nl 0.31, q4_0 1.0; its source is a Q4_1 GGUF, which Q4_K's sub-block
+# minima fit best). The bounds leave a margin over those; a misread block layout gives logits unrelated to
+# leanlm's (KL of several nats).
+TYPE_KL = {"f16": 1e-3, "q6_k": 0.1, "q4_k": 0.3, "q5_k": 0.3, "iq4_nl": 1.0, "q4_0": 2.0}
 
 
 @needs_llama_cpp
 @needs_smollm2
 @pytest.mark.real_model
-@pytest.mark.parametrize("wtype", ["f16", "q4_0", "q4_k", "q5_k", "q6_k", "iq4_nl"])
+@pytest.mark.parametrize("wtype", list(TYPE_KL))
 def test_llama_cpp_runs_every_type(smollm2, tmp_path, wtype):
     model, tok = smollm2
     r = _compare(model, tok, export_gguf(model, tok, tmp_path / f"{wtype}.gguf", wtype))
-    assert r["corr"] >= (0.995 if wtype == "f16" else 0.95), r
+    assert r["kl"] < TYPE_KL[wtype], r
     if wtype in ("f16", "q6_k"):
-        assert r["top1_same"], r
+        assert r["top1"] == 1.0, r
 
 
 @needs_llama_cpp
 @needs_smollm2
 @pytest.mark.real_model
 @pytest.mark.parametrize("bits,wtype", [(8, "q8_0"), (4, "q4_0")])
-def test_llama_cpp_runs_leanlm_quantized_codes(tmp_path, bits, wtype):
+def test_llama_cpp_runs_leanlm_quantized_codes(smollm2, tmp_path, bits, wtype):
     """A leanlm int8 / int4 g32 symmetric model in llama.cpp: its own codes, so llama.cpp's logits follow the
-    quantized model's (not only the dense one's)."""
+    quantized model's (measured KL 0.004 / 0.006; the dense model exported as Q4_0 is at 1.0)."""
+    import copy
+
     from leanlm.quant import quantize
     from leanlm.quant.config import RTN
 
-    model, tok = leanlm.load("smollm2-135m")
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
     quantize(model, RTN(bits=bits, group=32, symmetric=True, dtype="float32"), progress=False)
     report = {}
     path = export_gguf(model, tok, tmp_path / "m.gguf", wtype, report=report)
     assert report["blk.0.ffn_down.weight"] == (wtype.upper(), G.EXACT)
     r = _compare(model, tok, path)
-    assert r["top1_same"] and r["corr"] >= 0.995, r
+    assert r["top1"] >= 0.9 and r["kl"] < 0.02 and r["corr_last"] >= 0.995, r
 
 
 @needs_llama_cpp

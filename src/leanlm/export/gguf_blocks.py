@@ -65,12 +65,14 @@ def pack_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
 # ---- IQ4_NL from floats ---------------------------------------------------------------------------------
 def quantize_iq4_nl(rows: np.ndarray) -> np.ndarray:
     """float rows [N, K] (K % 32 == 0) -> IQ4_NL bytes. Per block of 32: candidate scales map the block's
-    largest-magnitude weight to the table's negative end -127 +- 5 levels; each candidate rounds the block to its
+    largest-magnitude weight near either end of the table (-127 or 113, +- 3 units); each candidate rounds the block to its
     nearest levels and takes the least-squares scale for them; the least squared error wins (the search of
-    quant/codebook.py, here in numpy over one table end). The scale is rounded to fp16 before the final rounding."""
+    quant/codebook.py, here in numpy with fewer candidates). The scale is rounded to fp16 before the final rounding."""
     from ..quant.codebook import IQ4NL
 
     levels = np.array(IQ4NL, np.float32)
+    # where the block's largest-magnitude weight may land: either end of the (asymmetric) table, +- 3 units
+    CANDIDATE_LEVELS = [levels[0] + t for t in range(-3, 4)] + [levels[-1] + t for t in range(-3, 4)]
     # nearest level by table lookup: every midpoint between levels is a multiple of 1/2, so all of [k/2, (k+1)/2)
     # rounds to one level; 2x the table's range covers every x/d a candidate scale gives
     lut = np.searchsorted((levels[1:] + levels[:-1]) / 2, (np.arange(-512, 512) + 0.25) / 2)
@@ -84,8 +86,8 @@ def quantize_iq4_nl(rows: np.ndarray) -> np.ndarray:
         zero = amax == 0
         amax = np.where(zero, 1.0, amax)
         best_err, best = np.full(g.shape[0], np.inf, np.float32), amax / levels[0]
-        for t in range(-5, 6):
-            v = levels[nearest(g / (amax / (levels[0] + t))[:, None])]
+        for level in CANDIDATE_LEVELS:
+            v = levels[nearest(g / (amax / level)[:, None])]
             d = (v * g).sum(1) / np.maximum((v * v).sum(1), 1e-30)
             err = ((g - d[:, None] * v) ** 2).sum(1)
             better = err < best_err
