@@ -296,6 +296,24 @@ def test_llama_cpp_runs_real_models(name, tmp_path):
     assert r["top1_last"] and r["top1"] >= 0.9 and r["kl"] < 0.05 and r["corr_last"] >= 0.995, r
 
 
+@needs_llama_cpp
+@needs_smollm2
+@pytest.mark.real_model
+def test_llama_cpp_runs_pruned_real_model(smollm2, tmp_path):
+    """SmolLM2 pruned to per-layer FFN widths runs in llama.cpp as `deci` with the pruned model's logits."""
+    import copy
+
+    from leanlm.prune import Structured, prune_structured
+
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
+    prune_structured(model, Structured("neurons", ratio=0.25, scope="global", importance="magnitude"), progress=False)
+    assert not model.config.is_uniform()
+    fields, _ = _read(path := export_gguf(model, tok, tmp_path / "pruned.gguf", "f16"))
+    assert fields["general.architecture"] == "deci"
+    r = _compare(model, tok, path)
+    assert r["top1"] == 1.0 and r["kl"] < 1e-3, r
+
+
 # mean KL(leanlm fp32 || llama.cpp) over the prompt's positions, per type, on SmolLM2-135M (measured: f16 7e-6,
 # q6_k 0.02, q4_k 0.05, q5_k 0.11, iq4_nl 0.31, q4_0 1.0; its source is a Q4_1 GGUF, which Q4_K's sub-block
 # minima fit best). The bounds leave a margin over those; a misread block layout gives logits unrelated to
