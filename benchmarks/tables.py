@@ -336,8 +336,9 @@ TABLES = [
     Table("tasks_gemma", "benchmarks/results/tasks_gemma3-270m.json", tasks, "Zero-shot tasks (Gemma-3-270M)",
           optional=True),
     Table("export", "benchmarks/results/export.json", export, "GGUF export loaded in llama.cpp", optional=True),
-    Table("gguf_compat", "benchmarks/results/gguf_compat.json", gguf_compat,
-          "GGUF exports of the real models run in llama.cpp: logit agreement with leanlm", optional=True),
+    Table("gguf_compat", "benchmarks/results/archive/2026-12-07/gguf_compat.json", gguf_compat,
+          "GGUF exports of the real models run in llama.cpp: logit agreement with leanlm (archived run, stopped "
+          "before its last row, the IQ4_NL own-codes model)"),
     Table("peers", "benchmarks/results/peers.json", peers,
           "leanlm vs llama.cpp and OpenVINO on real-size models: idle, one core busy, DRAM-read bound", optional=True),
     Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
