@@ -263,6 +263,21 @@ def server_chaos(d: dict, rel: str) -> str:
     return md_table(head, [[a, num(b) if not isinstance(b, str) else b] for a, b in rows])
 
 
+def gguf_compat(d: dict, rel: str) -> str:
+    """Per model and GGUF type: llama.cpp's next-token logits against leanlm's on the same token ids."""
+    rows = []
+    groups = [(m, r.get("types", {}), "") for m, r in get(d, "models", rel=rel).items()]
+    groups += [(f"smollm2-135m {label}", r, " (own codes)") for label, r in d.get("exact", {}).items()]
+    for model, types, note in groups:
+        for t, r in types.items():
+            rows.append([model, t + note, num(r["file_mb"]), num(r["top1_agreement"], 3), f"{r['mean_kl']:.4f}",
+                         num(r["last_logits_corr_min"], 4), f"{r['greedy_equal']}/{r['greedy_prompts']}"])  # fmt: skip
+    not_run = [f"{m} ({r['not_run']})" for m, r in d["models"].items() if "not_run" in r]
+    out = md_table(["model", "GGUF type", "file MB", "top-1 = leanlm", "KL (nats)", "logit corr (min)",
+                    f"greedy {d.get('greedy_tokens', '?')} = leanlm"], rows)  # fmt: skip
+    return out + ("\n\nNot run: " + "; ".join(not_run) + "." if not_run else "")
+
+
 def ab_refactor(d: dict, rel: str) -> str:
     """Before/after medians (tok/s, same run, interleaved) per model, dtype and phase, from bench_ab_commits.py."""
     rows = []
@@ -382,6 +397,9 @@ TABLES = [
     Table("tasks_gemma", "benchmarks/results/tasks_gemma3-270m.json", tasks, "Zero-shot tasks (Gemma-3-270M)",
           optional=True),
     Table("export", "benchmarks/results/export.json", export, "GGUF export loaded in llama.cpp", optional=True),
+    Table("gguf_compat", "benchmarks/results/archive/2026-12-07/gguf_compat.json", gguf_compat,
+          "GGUF exports of the real models run in llama.cpp: logit agreement with leanlm (archived run, stopped "
+          "before its last row, the IQ4_NL own-codes model)"),
     Table("peers", "benchmarks/results/peers.json", peers,
           "leanlm vs llama.cpp and OpenVINO on real-size models: idle, one core busy, DRAM-read bound", optional=True),
     Table("serve_load", "benchmarks/results/serve_load.json", serve_load,
