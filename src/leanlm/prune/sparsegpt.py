@@ -46,10 +46,11 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5
 def _sparsegpt(weight, H, sparsity, nm, blocksize, damp, threads):
     W = weight.detach().float().clone()
     cols = W.shape[1]
+    owned = H.dtype != torch.float64  # widened here: a copy of ours, whose storage the factorisation reuses
     H = H.double()
     dead = H.diagonal() == 0  # inputs never active: their weights can go for free
     W[:, dead] = 0.0
-    Hinv = inverse_hessian_factor(H, damp, dead, what="SparseGPT", threads=threads).float()
+    Hinv = inverse_hessian_factor(H, damp, dead, what="SparseGPT", threads=threads, overwrite=owned).float()
     if nm is not None:
         n, m = nm
         blocksize = max(m, blocksize - blocksize % m)

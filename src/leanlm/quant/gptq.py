@@ -27,15 +27,29 @@ from .rtn import QuantizedWeight, grid_params, pad_columns
 PARALLEL_FACTOR_MIN_K = 4096
 
 
+def flip_in_place(M: torch.Tensor) -> torch.Tensor:
+    """M[::-1, ::-1] written into M's own storage, a band of rows at a time (no second K x K copy)."""
+    K, band = M.shape[0], 256
+    for a in range(0, K // 2, band):
+        b = min(a + band, K // 2)
+        top, bottom = M[a:b].flip(0, 1), M[K - b : K - a].flip(0, 1)  # copies of two bands
+        M[a:b], M[K - b : K - a] = bottom, top
+    if K % 2:
+        M[K // 2] = M[K // 2].flip(0)
+    return M
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float, dead: torch.Tensor | None = None, what: str = "GPTQ",
-                           threads: int | None = None) -> torch.Tensor:  # fmt: skip
+                           threads: int | None = None, overwrite: bool = False) -> torch.Tensor:  # fmt: skip
     """Upper triangular U with U^T U = (H + damp * mean(diag H) I)^-1, retrying with more dampening; `dead`
-    (bool [K]) marks inputs never active, whose diagonal is taken as 1. H is left unchanged.
+    (bool [K]) marks inputs never active, whose diagonal is taken as 1. overwrite: H's storage is reused (U is
+    returned in it; H is then gone), else H is left unchanged.
 
     Why the flip: with J the exchange matrix, chol(J H J) = L gives H = R R^T with R = J L J upper, so
     H^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J. One Cholesky and one triangular inverse (2/3 K^3 flops) replace
-    Cholesky, inverse and a second Cholesky (4/3 K^3), and at most two K x K copies live at once beside H
-    (the 1.5B's 8960 x 8960 Hessian is 321 MB in fp32). threads: for a large K (default: torch's count)."""
+    Cholesky, inverse and a second Cholesky (4/3 K^3), and with `overwrite` two K x K matrices are alive at
+    the peak, H's storage and L (the 1.5B's 8960 x 8960 Hessian is 321 MB in fp32). threads: for a large K
+    (default: torch's count)."""
     K = H.shape[0]
     diag = H.diagonal().clone()
     if dead is not None:
@@ -43,21 +57,20 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, dead: torch.Tensor | No
     mean_diag = diag.mean().clamp_min(1e-8)
     threads = threads or torch.get_num_threads()
     with torch.no_grad():
+        Hf = flip_in_place(H) if overwrite else H.flip(0, 1)  # J H J; its off-diagonal is never written below
         for attempt in range(6):
-            Hf = H.flip(0, 1)  # a copy: J H J
             Hf.diagonal().copy_(diag.flip(0) + damp * (10**attempt) * mean_diag)
             with parallel(threads if K >= PARALLEL_FACTOR_MIN_K else 1):
                 L, info = torch.linalg.cholesky_ex(Hf)
-                del Hf
                 if int(info) != 0:
                     continue
-                Linv = torch.eye(K, dtype=L.dtype)
-                torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)  # in place: no third copy
+                Hf.zero_().diagonal().fill_(1.0)  # J H J is no longer needed: its storage becomes L^-1
+                torch.linalg.solve_triangular(L, Hf, upper=False, out=Hf)
             del L
-            U = Linv.flip(0, 1)
-            del Linv
+            U = flip_in_place(Hf)
             if torch.isfinite(U).all():
                 return U
+            break
     raise LeanlmError(f"{what}: the {K}x{K} calibration Hessian is not positive definite even with heavy dampening; "
                       "use more calibration samples")  # fmt: skip
 
@@ -84,24 +97,26 @@ def single_thread():
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QSpec, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, shrink: torch.Tensor | None = None) -> QuantizedWeight:  # fmt: skip
-    """Quantize W [N, K] with Hessian H [K, K] (mean of x x^T over calibration rows; left unchanged); shrink
-    [N, G] clips the (then static) group grids."""
+         act_order: bool = False, shrink: torch.Tensor | None = None, overwrite_h: bool = False) -> QuantizedWeight:  # fmt: skip
+    """Quantize W [N, K] with Hessian H [K, K] (mean of x x^T over calibration rows); shrink [N, G] clips the
+    (then static) group grids. overwrite_h: H (fp32) is the caller's to lose and its storage is reused (one
+    K x K matrix less at the peak), else it is left unchanged."""
     threads = torch.get_num_threads()  # the factorisation of a large Hessian uses them all
     with single_thread():
-        return _gptq(W, H, spec, damp, block_size, act_order, shrink, threads)
+        return _gptq(W, H, spec, damp, block_size, act_order, shrink, threads, overwrite_h)
 
 
 def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shrink=None,
-          threads: int = 1) -> QuantizedWeight:  # fmt: skip
+          threads: int = 1, overwrite: bool = False) -> QuantizedWeight:  # fmt: skip
     N, K = W.shape
     W = W.detach().float().clone()
-    H = H.detach().float()  # not copied: inverse_hessian_factor reads it (dead inputs passed beside it)
+    overwrite = overwrite or H.dtype != torch.float32  # a widened copy is ours anyway
+    H = H.detach().float()
     g, G, Kp = spec.group_size(K), spec.n_groups(K), spec.padded(K)
     dead = H.diagonal() == 0
     W[:, dead] = 0.0
     if spec.codebook:
-        return _gptq_table(W, H, spec, damp, block_size, act_order, dead, threads)
+        return _gptq_table(W, H, spec, damp, block_size, act_order, dead, threads, overwrite)
 
     scale = torch.empty(N, G)
     zero = None if spec.symmetric else torch.empty(N, G)
@@ -114,9 +129,10 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
         col_group = [c // g for c in range(K)]
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
-        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
+        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # a permuted copy: ours to overwrite
         col_group = (perm // g).tolist()
-    U = inverse_hessian_factor(H, damp, dead, threads=threads)
+        overwrite = True
+    U = inverse_hessian_factor(H, damp, dead, threads=threads, overwrite=overwrite)
     del H
 
     bs = max(block_size // g, 1) * g if spec.group else block_size  # groups never straddle blocks
@@ -132,7 +148,7 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
 
 
 def _gptq_table(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, dead,
-                threads: int = 1) -> QuantizedWeight:  # fmt: skip
+                threads: int = 1, overwrite: bool = False) -> QuantizedWeight:  # fmt: skip
     """GPTQ onto a table grid (codebook.py): static per-group scales searched on the weights, weighted by the
     Hessian diagonal (each input's mean square), then each column rounded to its nearest scaled level."""
     from .codebook import codebook_grid
@@ -144,9 +160,10 @@ def _gptq_table(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool
     perm = None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
-        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
+        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # a permuted copy: ours to overwrite
         col_group = (perm // g).tolist()
-    U = inverse_hessian_factor(H, damp, dead, threads=threads)
+        overwrite = True
+    U = inverse_hessian_factor(H, damp, dead, threads=threads, overwrite=overwrite)
     del H
     bs = max(block_size // g, 1) * g
     q, residual = _columns(W, U, scale.float(), None, spec, bs, col_group, table.float())

@@ -218,7 +218,8 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
                 H = stats.hessian()
                 shrink = search_clip(lin.weight.data.float(), H, local[n], config.clip_grid, config.max_shrink) \
                     if config.clip else None  # fmt: skip
-                qw = gptq(lin.weight.data, H, local[n], config.damp, config.block_size, config.act_order, shrink)
+                qw = gptq(lin.weight.data, H, local[n], config.damp, config.block_size, config.act_order, shrink,
+                          overwrite_h=True)  # H was handed over by stats.hessian()
                 install(layer, prefix, n, qw, lin.bias)
 
             if config.true_sequential:
