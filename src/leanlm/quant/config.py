@@ -201,6 +201,8 @@ class QuantConfig:
                               "with tune_steps may follow it)")  # fmt: skip
         if self.mixed is not None:
             self.mixed.high.validate()
+            if self.mixed.probe is not None:
+                self.mixed.probe.validate()
             lo, hi = self.spec.bits_per_weight(4096), self.mixed.high.bits_per_weight(4096)
             if not lo <= self.mixed.target_bits:
                 raise LeanlmError(f"target_bits={self.mixed.target_bits} is below the low spec's {lo:.2f} bits/weight")
@@ -210,7 +212,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["mixed"] = None if self.mixed is None else {**asdict(self.mixed), "high": asdict(self.mixed.high)}
+        d["mixed"] = None if self.mixed is None else asdict(self.mixed)
         d["method"] = self.method
         return d
 
@@ -298,8 +300,9 @@ def make_config(method: str, **kwargs) -> QuantConfig:
         kwargs["mixed"] = MixedPrecision(target_bits=float(mixed))
     elif isinstance(mixed, dict):
         m = dict(mixed)
-        if isinstance(m.get("high"), dict):
-            m["high"] = QSpec(**m["high"])
+        for k in ("high", "probe"):
+            if isinstance(m.get(k), dict):
+                m[k] = QSpec(**m[k])
         try:
             kwargs["mixed"] = MixedPrecision(**m)
         except TypeError as e:
