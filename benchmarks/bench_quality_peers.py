@@ -14,10 +14,11 @@ Rows:
   F16 GGUF, scored on the same token windows through llama-cpp-python's logits.
 - leanlm: GPTQ (act-order) on the 4-bit table grid (--levels, codebook.py), one row per bits-per-weight point: the
   bpw of each llama.cpp row (rows within 0.2 of each other share one leanlm row at their middle, within +-0.1 of
-  both), and the issue's int4 point (<= 4.6 bpw). For a point the plan picks the LM head's bits (int8 per channel,
-  or 4-bit g32 where int8 does not fit), the finest decoder group (32 / 64 / 128) that fits, and spends what is left
-  by mixed precision: the most sensitive decoder Linears to int8 per channel. Sensitivity is measured once per model
-  (KL of the model with one Linear rounded, uniform int4 g32 as the probe; --sens-tokens) and reused by every row.
+  both), and the issue's int4 point (<= 4.6 bpw). For a point the plan picks the LM head's and an untied
+  embedding's bits (int8 per channel; an int4 embedding at the decoder's group; both int4 g32) and the decoder group (32 / 64 / 128): the
+  setting of most bits within +-0.1 of the point, or no row when none lands there. With --mixed it takes the
+  finest group that fits and spends what is left by mixed precision: the most sensitive decoder Linears to int8 per
+  channel (sensitivity measured once per model, uniform int4 g32 as the probe, --sens-tokens; reused by every row).
   Scored through the decode kernels' numerics (table grids through their kernel, CodebookLinear.kernel_all_rows).
 
 bpw: storage bits of the whole model (codes, scales, zeros, tables, the LM head, embeddings counted once when tied,
@@ -69,7 +70,9 @@ SOURCE_GRID = {"qwen2.5-0.5b": "q5_0", "smollm2-135m": "q4_1", "gemma3-270m": "q
 BPW_TOL = 0.1  # "equal bits per weight"
 INT4_POINT = 4.6  # the issue's int4 target: <= 4.6 bpw
 PROBE = QSpec(4, 32, True)  # sensitivity probe: uniform int4 g32, a quick stand-in for the table grid
-HEADS = {"int8": dict(head_bits=8), "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # int8 first
+# LM head / untied embedding settings, most bits first (tied models: the one table takes head_bits)
+HEADS = {"int8": dict(head_bits=8), "int8-embed-int4": dict(head_bits=8, embed_bits=4),
+         "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
 TEXTS = ("wikitext2", "book")
 
 
