@@ -96,12 +96,19 @@ class MixedPrecision:
     next-token distribution to the unquantized model is measured on `kl_tokens` calibration
     tokens; layers are then promoted to int8 per channel, most sensitive per stored bit first,
     while the average storage bits/weight of the quantized Linears stays <= `target_bits`.
+
+    probe: the spec each Linear is measured at (None: the low spec). A uniform spec of the same bits is a
+        quick stand-in for a table grid, whose scale search costs about 28 rounding passes per Linear.
+    sensitivity: {Linear name: KL} measured before (report["mixed"]["sensitivity_kl"] of an earlier run on
+        the same model and probe), so several targets on one model measure once; None measures.
     """
 
     target_bits: float = 5.0
     high: QSpec = field(default_factory=lambda: QSpec(8, 0, True))
     kl_samples: int = 2
     kl_seq_len: int = 256
+    probe: QSpec | None = None
+    sensitivity: dict[str, float] | None = None
 
 
 @dataclass
