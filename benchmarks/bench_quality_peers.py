@@ -15,7 +15,8 @@ Rows:
 - leanlm: GPTQ (act-order) on the 4-bit table grid (--levels, codebook.py), one row per bits-per-weight point: the
   bpw of each llama.cpp row (rows within 0.2 of each other share one leanlm row at their middle, within +-0.1 of
   both), and the issue's int4 point (<= 4.6 bpw). For a point the plan picks the LM head's and an untied
-  embedding's bits (int8 per channel; an int4 embedding at the decoder's group; both int4 g32) and the decoder group (32 / 64 / 128): the
+  embedding's bits (int8 per channel; int8 g32 head and int4 g32 embedding; int8 head and an int4 embedding at the
+  decoder's group; both int4 g32) and the decoder group (32 / 64 / 128): the
   setting of most bits within +-0.1 of the point, or no row when none lands there. With --mixed it takes the
   finest group that fits and spends what is left by mixed precision: the most sensitive decoder Linears to int8 per
   channel (sensitivity measured once per model, uniform int4 g32 as the probe, --sens-tokens; reused by every row).
@@ -71,8 +72,8 @@ BPW_TOL = 0.1  # "equal bits per weight"
 INT4_POINT = 4.6  # the issue's int4 target: <= 4.6 bpw
 PROBE = QSpec(4, 32, True)  # sensitivity probe: uniform int4 g32, a quick stand-in for the table grid
 # LM head / untied embedding settings, most bits first (tied models: the one table takes head_bits)
-HEADS = {"int8": dict(head_bits=8), "int8-embed-int4": dict(head_bits=8, embed_bits=4),
-         "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
+HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, head_group=32, embed_bits=4),
+         "int8-embed-int4": dict(head_bits=8, embed_bits=4), "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
 TEXTS = ("wikitext2", "book")
 
 
@@ -201,7 +202,7 @@ def llamacpp_rows(args, directory, calib, tok, refs, n_params, source, rows: dic
                "bpw": round(bits / n_params, 3),
                "matches_source_grid": bool(source) and any(x.lower() == source for x in types)}  # fmt: skip
         log(f"llama.cpp {t} (imatrix): scoring ({', '.join(types)})")
-        rec.update(gguf_scores(path, refs, args.threads))
+        rec.update(gguf_scores(path, refs(), args.threads))
         rows[name] = rec
         log_row(name, rec)
         save()
@@ -263,23 +264,27 @@ def main() -> None:
     ap.add_argument("--levels", default="iq4nl", choices=("iq4nl", "learned"), help="leanlm's 4-bit table")
     ap.add_argument("--gguf-types", nargs="*", default=list(GGUF_TYPES))
     ap.add_argument("--no-llamacpp", action="store_true", help="leanlm's int4 point only (partial)")
-    ap.add_argument("--resume", type=Path, help="a result of an interrupted run with the same settings: its rows "
-                                                "are kept, not measured again")  # fmt: skip
+    ap.add_argument("--resume", type=Path, nargs="+", help="results of interrupted (or --targets) runs with the "
+                                                           "same settings: their rows are kept, not measured again")
+    ap.add_argument("--targets", type=float, nargs="+", help="measure leanlm at these bpw points only (no llama.cpp "
+                                                              "rows; partial: a feeder for --resume)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     CodebookLinear.kernel_all_rows = True  # score table grids with the decode kernel's numerics
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "archive", "machine_shared")}
-    rows, resumed = {}, None
-    if args.resume:
-        old = json.loads(args.resume.read_text())
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "targets", "archive", "machine_shared")}
+    rows, resumed = {}, []
+    for path in args.resume or []:
+        old = json.loads(path.read_text())
         block = old.get("models", {}).get(args.model) or {}
         if block.get("settings") != settings:
-            raise LeanlmError(f"--resume {args.resume}: its settings {block.get('settings')} differ from this run's "
+            raise LeanlmError(f"--resume {path}: its settings {block.get('settings')} differ from this run's "
                               f"{settings}; resume only a run of the same command")  # fmt: skip
-        rows, resumed = block["rows"], {"file": str(args.resume), "provenance": old.get("provenance")}
-        log(f"resuming: {len(rows)} rows from {args.resume}")
+        kept = {n: r for n, r in block["rows"].items() if n not in rows}
+        rows.update(kept)
+        resumed.append({"file": str(path), "rows": sorted(kept), "provenance": old.get("provenance")})
+        log(f"resuming: {len(kept)} rows from {path}")
 
     directory = resolve(args.model)
     base, tok = load_model(directory, "float32"), load_tokenizer(directory)
@@ -287,9 +292,24 @@ def main() -> None:
     base.set_decode_layout(False)
     names = quantizable(base)
     n_dec = sum(base.get_submodule(n).weight.numel() for n in names)
-    log(f"{args.model}: {n_params / 1e6:.1f} M parameters, {n_dec / 1e6:.1f} M in decoder Linears; reference windows")
-    refs = {"wikitext2": QualityRef(base, make_windows(tok, wikitext2_test(), args.seq_len, args.windows)),
-            "book": QualityRef(base, book_windows(tok, args.book, args.seq_len, args.windows))}  # fmt: skip
+    log(f"{args.model}: {n_params / 1e6:.1f} M parameters, {n_dec / 1e6:.1f} M in decoder Linears")
+    del base
+    gc.collect()
+    cache: dict = {}
+
+    def refs() -> dict:
+        """The reference log-probs, computed when a row is first measured (a resumed run may measure none)."""
+        if "refs" not in cache:
+            log("reference windows (float32)")
+            m = load_model(directory, "float32")
+            cache["refs"] = {"wikitext2": QualityRef(m, make_windows(tok, wikitext2_test(), args.seq_len, args.windows)),
+                             "book": QualityRef(m, book_windows(tok, args.book, args.seq_len, args.windows))}  # fmt: skip
+        return cache["refs"]
+
+    def outside() -> dict:
+        if "outside" not in cache:
+            cache["outside"] = block["outside_decoder_bits"] = {h: outside_decoder_bits(directory, HEADS[h]) for h in HEADS}
+        return cache["outside"]
     calib = read_calibration("wikitext2-valid", tok, args.samples, args.seq_len)
     measured: dict = {}
 
@@ -304,14 +324,11 @@ def main() -> None:
             log(f"sensitivity of {len(names)} Linears: {measured['s']:.0f} s")
         return measured["kl"]
 
-    del base
-    gc.collect()
-    outside = {h: outside_decoder_bits(directory, HEADS[h]) for h in HEADS}
-    partial = args.no_llamacpp or set(args.gguf_types) != set(GGUF_TYPES)
+    partial = args.no_llamacpp or bool(args.targets) or set(args.gguf_types) != set(GGUF_TYPES)
     source = SOURCE_GRID.get(args.model)
     block = {"settings": settings, "n_params": n_params, "n_decoder_linear_params": n_dec,
              "reference": "leanlm float32", "source_grid": source, "calibration": "wikitext2-valid",
-             "book": args.book, "outside_decoder_bits": outside,
+             "book": args.book,
              "rows": rows, "resumed": resumed}  # fmt: skip
     canonical = RESULTS / f"{NAME}.json"
     models = json.loads(canonical.read_text()).get("models", {}) if canonical.exists() else {}
@@ -326,7 +343,7 @@ def main() -> None:
     def leanlm_row(target: float, name: str) -> None:
         if name in rows:
             return
-        p = plan(target, outside, n_dec, n_params, args.mixed)
+        p = plan(target, outside(), n_dec, n_params, args.mixed)
         if p is None:
             why = f"no head / group reaches {target:.3f} +- {BPW_TOL} bpw" + ("" if args.mixed else " without --mixed")
             log(f"leanlm {name}: {why}; skipped")
@@ -347,7 +364,7 @@ def main() -> None:
                "int8_linears": len((model.quantization["report"].get("mixed") or {}).get("high", [])),
                "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu, 1),
                "quantize_s_with_sensitivity": round(seconds + (measured.get("s", 0.0) if cfg.mixed else 0.0), 1)}  # fmt: skip
-        for text, ref in refs.items():
+        for text, ref in refs().items():
             rec[text] = ref(model)
         rows[name] = rec
         log_row(name, rec)
@@ -356,6 +373,11 @@ def main() -> None:
         save()
 
     # the int4 point: the most bits that stay <= 4.6 (a plain setting within [4.42, 4.6], or mixed up to 4.58)
+    if args.targets:
+        for t in args.targets:
+            leanlm_row(t, f"leanlm@{t:.2f}")
+        save(final=True)
+        return
     leanlm_row(INT4_POINT - 0.02 if args.mixed else INT4_POINT - BPW_TOL + 0.01, f"leanlm@{INT4_POINT}")
     if not args.no_llamacpp:
         llamacpp_rows(args, directory, calib, tok, refs, n_params, source, rows, save)
