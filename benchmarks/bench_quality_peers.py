@@ -272,7 +272,6 @@ def main() -> None:
     add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    CodebookLinear.kernel_all_rows = True  # score table grids with the decode kernel's numerics
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "targets", "archive", "machine_shared")}
     rows, resumed = {}, []
     for path in args.resume or []:
@@ -364,8 +363,12 @@ def main() -> None:
                "int8_linears": len((model.quantization["report"].get("mixed") or {}).get("high", [])),
                "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu, 1),
                "quantize_s_with_sensitivity": round(seconds + (measured.get("s", 0.0) if cfg.mixed else 0.0), 1)}  # fmt: skip
-        for text, ref in refs().items():
-            rec[text] = ref(model)
+        CodebookLinear.kernel_all_rows = True  # score table grids with the decode kernel's numerics (not while
+        try:  # quantizing: GPTQ's calibration forwards would run 16 rows per kernel call)
+            for text, ref in refs().items():
+                rec[text] = ref(model)
+        finally:
+            CodebookLinear.kernel_all_rows = False
         rows[name] = rec
         log_row(name, rec)
         del model
