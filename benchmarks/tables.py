@@ -298,7 +298,7 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
         for name, r in sorted(block["rows"].items(), key=lambda kv: kv[1]["bpw"]):
             if r["engine"] == "leanlm":
                 c = r["config"]
-                what = (f"GPTQ {c['levels']} g{c['group']}, head int{c['head_bits']}"
+                what = (f"GPTQ {c['levels']} g{c['group']}, head / embedding {r.get('plan', {}).get('head', '?')}"
                         + (f", {r['int8_linears']} Linears int8" if r.get("int8_linears") else ""))  # fmt: skip
             else:
                 what = ("imatrix; " + ",".join(r["types"]) + (f" (includes the source's {source})"
@@ -315,7 +315,7 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
                              ratio(b.get("kl_ratio_vs_llamacpp_best_unmarked")),
                              "-" if sm.get("int4_ppl_delta_pct_at_4.6bpw") is None
                              else f"{sm['int4_ppl_delta_pct_at_4.6bpw']:+.2f}% ({num(sm.get('int4_bpw_at_4.6bpw'), 3)} bpw)",
-                             num(sm.get("quantize_minutes"), 1)])  # fmt: skip
+                             f"{num(sm.get('quantize_minutes'), 1)} ({num(sm.get('quantize_cpu_minutes'), 1)} CPU)"])  # fmt: skip
     if not rows:
         raise TableError(f"{rel}: no rows")
     s = next(iter(d["models"].values()))["settings"]
@@ -324,7 +324,7 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
     out += "\n\n" + md_table(
         ["model", "KL ratio WikiText-2 (worst row)", "KL ratio book", "ppl-delta ratio WikiText-2", "ppl-delta ratio book",
          "KL ratio WikiText-2, unmarked llama.cpp rows", "KL ratio book, unmarked", "int4 ppl delta at <= 4.6 bpw",
-         "quantize minutes (int4 point)"], summary_rows)  # fmt: skip
+         "quantize minutes, wall (CPU) (int4 point)"], summary_rows)  # fmt: skip
     out += (f"\n\nppl deltas and KL against the float32 leanlm model on the same {s['windows']} x {s['seq_len']}-token "
             f"windows of WikiText-2 test and of {s['book']} (never used for calibration); both engines calibrate on "
             f"{s['samples']} windows of WikiText-2 validation (leanlm's GPTQ; llama-imatrix). bpw: every tensor's "
