@@ -368,8 +368,8 @@ TABLES = [
           "leanlm vs llama.cpp and OpenVINO on real-size models: idle, one core busy, DRAM-read bound", optional=True),
     Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
           "Same-run A/B before and after the restructuring"),
-    Table("quality_vs_llamacpp", "benchmarks/results/quality_vs_llamacpp.json", quality_vs_llamacpp,
-          "4-bit quality beside llama.cpp's imatrix quants at equal bits per weight", optional=True),
+    Table("quality_vs_llamacpp", "benchmarks/results/archive/2026-12-07/quality_vs_llamacpp.json", quality_vs_llamacpp,
+          "4-bit quality beside llama.cpp's imatrix quants (Qwen2.5-0.5B, archived partial run)"),
     Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
           int4_tuning_curve, "Int4 g128 end-to-end tuning curve (SmolLM2-135M, archived run)"),
 ]
