@@ -109,10 +109,22 @@ def convert_hf_to_f16(directory: Path, out: Path) -> Path:
     return out
 
 
-def quantize_gguf(src: Path, out: Path, qtype: str, threads: int) -> Path:
-    """llama-quantize SRC OUT QTYPE THREADS, written atomically to `out`."""
+def quantize_gguf(src: Path, out: Path, qtype: str, threads: int, imatrix: Path | None = None) -> Path:
+    """llama-quantize [--imatrix IMATRIX] SRC OUT QTYPE THREADS, written atomically to `out`."""
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    _run([str(tool("llama-quantize")), str(src), str(tmp), qtype.upper(), str(threads)], f"llama-quantize {qtype}")
+    extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    _run([str(tool("llama-quantize")), *extra, str(src), str(tmp), qtype.upper(), str(threads)],
+         f"llama-quantize {qtype}")  # fmt: skip
+    tmp.rename(out)
+    return out
+
+
+def compute_imatrix(gguf: Path, text_file: Path, out: Path, seq_len: int, chunks: int, threads: int) -> Path:
+    """llama-imatrix over `chunks` chunks of `seq_len` tokens of `text_file` (llama.cpp's importance matrix: the
+    mean squared activation of every weight's input column), written atomically to `out` (GGUF format)."""
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}.gguf")
+    _run([str(tool("llama-imatrix")), "-m", str(gguf), "-f", str(text_file), "-o", str(tmp), "-c", str(seq_len),
+          "--chunks", str(chunks), "-t", str(threads), "--no-ppl"], "llama-imatrix")  # fmt: skip
     tmp.rename(out)
     return out
 

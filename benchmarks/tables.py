@@ -362,6 +362,49 @@ def peers(d: dict, rel: str) -> str:
     return out
 
 
+def quality_vs_llamacpp(d: dict, rel: str) -> str:
+    """bench_quality_peers.py: per model, leanlm's rows and llama.cpp's imatrix quants by bpw, then the summary."""
+    rows, summary_rows = [], []
+    for model, block in get(d, "models", rel=rel).items():
+        source = (block.get("source_grid") or "").upper()
+        for name, r in sorted(block["rows"].items(), key=lambda kv: kv[1]["bpw"]):
+            if r["engine"] == "leanlm":
+                c = r["config"]
+                what = (f"GPTQ {c['levels']} g{c['group']}, head / embedding {r.get('plan', {}).get('head', '?')}"
+                        + (f", {r['int8_linears']} Linears int8" if r.get("int8_linears") else ""))  # fmt: skip
+            else:
+                what = ("imatrix; " + ",".join(r["types"]) + (f" (includes the source's {source})"
+                                                              if r.get("matches_source_grid") else ""))  # fmt: skip
+            cells = [f"{pct(r[t]['ppl'] / r[t]['ppl_base'] - 1, 2)} / {num(r[t]['kl'], 4)}" for t in ("wikitext2", "book")]
+            kl_r = [r[t].get("kl_ratio_vs_llamacpp_best") for t in ("wikitext2", "book")] if r["engine"] == "leanlm" else []
+            rows.append([model, name, what, num(r["bpw"], 3), *cells, " / ".join(ratio(v) for v in kl_r) or "-"])
+        sm = (d.get("summary") or {}).get(model) or {}
+        w, b = sm.get("wikitext2") or {}, sm.get("book") or {}
+        summary_rows.append([model, ratio(w.get("kl_ratio_vs_llamacpp_best")), ratio(b.get("kl_ratio_vs_llamacpp_best")),
+                             ratio(w.get("ppl_delta_ratio_vs_llamacpp_best")),
+                             ratio(b.get("ppl_delta_ratio_vs_llamacpp_best")),
+                             ratio(w.get("kl_ratio_vs_llamacpp_best_unmarked")),
+                             ratio(b.get("kl_ratio_vs_llamacpp_best_unmarked")),
+                             "-" if sm.get("int4_ppl_delta_pct_at_4.6bpw") is None
+                             else f"{sm['int4_ppl_delta_pct_at_4.6bpw']:+.2f}% ({num(sm.get('int4_bpw_at_4.6bpw'), 3)} bpw)",
+                             f"{num(sm.get('quantize_minutes'), 1)} ({num(sm.get('quantize_cpu_minutes'), 1)} CPU)"])  # fmt: skip
+    if not rows:
+        raise TableError(f"{rel}: no rows")
+    s = next(iter(d["models"].values()))["settings"]
+    out = md_table(["model", "row", "grid", "bpw", "WikiText-2 ppl / KL", "book ppl / KL",
+                    "KL ÷ best llama.cpp within 0.1 bpw (WikiText-2 / book)"], rows)  # fmt: skip
+    out += "\n\n" + md_table(
+        ["model", "KL ratio WikiText-2 (worst row)", "KL ratio book", "ppl-delta ratio WikiText-2", "ppl-delta ratio book",
+         "KL ratio WikiText-2, unmarked llama.cpp rows", "KL ratio book, unmarked", "int4 ppl delta at <= 4.6 bpw",
+         "quantize minutes, wall (CPU) (int4 point)"], summary_rows)  # fmt: skip
+    out += (f"\n\nppl deltas and KL against the float32 leanlm model on the same {s['windows']} x {s['seq_len']}-token "
+            f"windows of WikiText-2 test and of {s['book']} (never used for calibration); both engines calibrate on "
+            f"{s['samples']} windows of WikiText-2 validation (leanlm's GPTQ; llama-imatrix). bpw: every tensor's "
+            "storage bits over the parameter count. A ratio divides leanlm's figure by the best llama.cpp row within "
+            "0.1 bpw; 'unmarked' leaves out llama.cpp rows whose types include the source checkpoint's own grid.")  # fmt: skip
+    return out
+
+
 @dataclass(frozen=True)
 class Table:
     name: str
@@ -408,6 +451,8 @@ TABLES = [
           "Server chaos: normal, streaming, abandoned, oversized and malformed requests at once", optional=True),
     Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
           "Same-run A/B before and after the restructuring"),
+    Table("quality_vs_llamacpp", "benchmarks/results/archive/2026-12-07/quality_vs_llamacpp.json", quality_vs_llamacpp,
+          "4-bit quality beside llama.cpp's imatrix quants (Qwen2.5-0.5B, archived partial run)"),
     Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
           int4_tuning_curve, "Int4 g128 end-to-end tuning curve (SmolLM2-135M, archived run)"),
 ]

@@ -12,7 +12,9 @@ from leanlm.model import load_model
 from leanlm.quant import (AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantLinear, make_config,
                           pack_int4, quantize, rtn, save_quantized, unpack_int4)  # fmt: skip
 from leanlm.quant.awq import output_error, search_clip, search_scale
+from leanlm.quant.calibrate import get_module
 from leanlm.quant.gptq import gptq
+from leanlm.quant.mixed import assign_bits
 from leanlm.quant.packed import (_unpack_kernel_layout, exported_weight, int4_kernel_layout, int8_kernel_ok,
                                   tile_codes, tiled_rows, untile_codes)  # fmt: skip
 
@@ -337,6 +339,27 @@ def test_mixed_precision_meets_target(tiny64):
     # the promoted layers are the most sensitive per stored bit: the top one is always promoted
     sens = mixed["sensitivity_kl"]
     assert max(sens, key=sens.get) in mixed["high"]
+
+
+def test_mixed_precision_probe_and_given_sensitivity(tiny64):
+    calib = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(2))
+    probe = QSpec(4, 32, True)
+    cfg = RTN(bits=4, group=32, mixed=MixedPrecision(target_bits=6.5, kl_samples=2, kl_seq_len=32, probe=probe))
+    assert RTN.from_dict(cfg.to_dict()).mixed.probe == probe  # saved configs keep the probe spec
+    sens = quantize(load_model(tiny64["llama"]), cfg, calib, progress=False).quantization["report"]["mixed"]["sensitivity_kl"]
+    # a given sensitivity is used as is: the layer measured least sensitive, marked the only sensitive one, is promoted
+    least = min(sens, key=sens.get)
+    given = {n: float(n == least) for n in sens}
+    cfg = RTN(bits=4, group=32, mixed=MixedPrecision(target_bits=6.5, sensitivity=given))
+    model = load_model(tiny64["llama"])
+    shapes = {n: (get_module(model, n).out_features, get_module(model, n).in_features) for n in sens}
+    chosen, _ = assign_bits(given, shapes, cfg.spec, cfg.mixed.high, 6.5)
+    q = quantize(model, cfg, calib, progress=False).quantization
+    assert least in q["report"]["mixed"]["high"]
+    assert sorted(q["report"]["mixed"]["high"]) == sorted(n for n, s in chosen.items() if s != cfg.spec)
+    with pytest.raises(LeanlmError, match="sensitivity lacks"):
+        bad = RTN(bits=4, group=32, mixed=MixedPrecision(target_bits=6.5, sensitivity={least: 1.0}))
+        quantize(load_model(tiny64["llama"]), bad, calib, progress=False)
 
 
 def test_untied_head_and_embeddings(tiny_dirs):

@@ -96,12 +96,19 @@ class MixedPrecision:
     next-token distribution to the unquantized model is measured on `kl_tokens` calibration
     tokens; layers are then promoted to int8 per channel, most sensitive per stored bit first,
     while the average storage bits/weight of the quantized Linears stays <= `target_bits`.
+
+    probe: the spec each Linear is measured at (None: the low spec). A uniform spec of the same bits is a
+        quick stand-in for a table grid, whose scale search costs about 28 rounding passes per Linear.
+    sensitivity: {Linear name: KL} measured before (report["mixed"]["sensitivity_kl"] of an earlier run on
+        the same model and probe), so several targets on one model measure once; None measures.
     """
 
     target_bits: float = 5.0
     high: QSpec = field(default_factory=lambda: QSpec(8, 0, True))
     kl_samples: int = 2
     kl_seq_len: int = 256
+    probe: QSpec | None = None
+    sensitivity: dict[str, float] | None = None
 
 
 @dataclass
@@ -201,6 +208,8 @@ class QuantConfig:
                               "with tune_steps may follow it)")  # fmt: skip
         if self.mixed is not None:
             self.mixed.high.validate()
+            if self.mixed.probe is not None:
+                self.mixed.probe.validate()
             lo, hi = self.spec.bits_per_weight(4096), self.mixed.high.bits_per_weight(4096)
             if not lo <= self.mixed.target_bits:
                 raise LeanlmError(f"target_bits={self.mixed.target_bits} is below the low spec's {lo:.2f} bits/weight")
@@ -210,7 +219,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["mixed"] = None if self.mixed is None else {**asdict(self.mixed), "high": asdict(self.mixed.high)}
+        d["mixed"] = None if self.mixed is None else asdict(self.mixed)
         d["method"] = self.method
         return d
 
@@ -298,8 +307,9 @@ def make_config(method: str, **kwargs) -> QuantConfig:
         kwargs["mixed"] = MixedPrecision(target_bits=float(mixed))
     elif isinstance(mixed, dict):
         m = dict(mixed)
-        if isinstance(m.get("high"), dict):
-            m["high"] = QSpec(**m["high"])
+        for k in ("high", "probe"):
+            if isinstance(m.get(k), dict):
+                m[k] = QSpec(**m[k])
         try:
             kwargs["mixed"] = MixedPrecision(**m)
         except TypeError as e:

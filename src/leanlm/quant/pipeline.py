@@ -160,7 +160,14 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
         mx = config.mixed
         kl_tokens = calib_tokens[: mx.kl_samples, : mx.kl_seq_len]
         t1 = time.perf_counter()
-        sens = layer_sensitivity(model, kl_tokens, names, config.spec, progress)
+        if mx.sensitivity is not None:
+            missing = sorted(set(names) - set(mx.sensitivity))
+            if missing:
+                raise LeanlmError(f"mixed precision: the given sensitivity lacks {len(missing)} Linear(s) of this "
+                                  f"model (e.g. {missing[0]}); measure it on this model (sensitivity=None)")  # fmt: skip
+            sens = {n: float(mx.sensitivity[n]) for n in names}
+        else:
+            sens = layer_sensitivity(model, kl_tokens, names, mx.probe or config.spec, progress)
         specs, avg = assign_bits(sens, shapes, config.spec, mx.high, mx.target_bits)
         report["mixed"] = {"sensitivity_kl": sens, "high": [n for n in names if specs[n] != config.spec],
                            "avg_bits_per_weight": avg, "seconds": time.perf_counter() - t1}  # fmt: skip
