@@ -229,7 +229,10 @@ FUSED = {"attn.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj
 
 
 def hf_to_leanlm(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    sd = {k.removeprefix("language_model."): v for k, v in sd.items()}
+    """leanlm's names and fused tensors from an HF state dict, which it consumes: each fused part is dropped once
+    concatenated, so the load never holds two copies of the q/k/v and gate/up weights (the 1.5B in bf16: 5.9 GB
+    peak otherwise, 3.1 GB of weights)."""
+    sd = {k.removeprefix("language_model."): sd.pop(k) for k in list(sd)}
     out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -244,7 +247,7 @@ def hf_to_leanlm(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
             for kind in ("weight", "bias"):
                 keys = [p + f"{part}.{kind}" for part in parts]
                 if all(k in sd for k in keys):
-                    out[f"layers.{i}.{ours}.{kind}"] = torch.cat([sd[k] for k in keys], dim=0)
+                    out[f"layers.{i}.{ours}.{kind}"] = torch.cat([sd.pop(k) for k in keys], dim=0)
     return out
 
 
