@@ -192,11 +192,19 @@ def test_q_linear_vnni_copy_equals_portable_path(bits, group, symmetric):
 
 @pytest.mark.skipif(not ops.available(), reason="native kernels unavailable")
 def test_small_linear_bf16_dot_path_is_batch_invariant_and_close_to_widening():
-    """bf16 x bf16 products run on vdpbf16ps where the CPU has AVX512-BF16: a k-row call equals k one-row calls bit
+    """bf16 x bf16 products on vdpbf16ps (where the CPU has AVX512-BF16, when turned on): a k-row call equals k one-row calls bit
     for bit (speculative verification stays exact), and the results match the fp32-widening path to fp32 rounding."""
     if "avx512_bf16" not in native.cpu_flags():
         pytest.skip("this CPU has no AVX512-BF16: only the widening path runs")
     lib = native.extension()
+    default = lib.set_small_bf16(True)  # off by default (slower at batch 1 here); its arithmetic is tested on
+    try:
+        _check_bf16_dot_path(lib)
+    finally:
+        lib.set_small_bf16(default)
+
+
+def _check_bf16_dot_path(lib):
     g = torch.Generator().manual_seed(0)
     for K in (896, 70):  # whole 32-column chunks, and a masked tail
         w = torch.randn(133, K, generator=g).to(torch.bfloat16)
