@@ -31,7 +31,7 @@ from .. import ops
 from ..errors import LeanlmError
 from ..ops import FusedLinear, LinearKind
 from .config import QSpec
-from .packed import NATIVE_MAX_ROWS, CHUNK_ELEMENTS, pack_int4, unpack_int4
+from .packed import NATIVE_MAX_ROWS, dequant_mm, pack_int4, unpack_int4
 from .rtn import QuantizedWeight, pad_columns
 
 # llama.cpp's IQ4_NL levels (ggml-common.h kvalues_iq4nl): the format's definition
@@ -263,16 +263,7 @@ class CodebookLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        xf = x2.float()
-        N, K = self.out_features, self.in_features
-        step = max(64, CHUNK_ELEMENTS // max(K, 1) // 64 * 64)
-        if step >= N:
-            return F.linear(xf, self.dequantize())
-        out = torch.empty(xf.shape[0], N, dtype=torch.float32, device=xf.device)
-        for n0 in range(0, N, step):
-            n1 = min(N, n0 + step)
-            torch.matmul(xf, self.dequantize_rows(n0, n1).t(), out=out[:, n0:n1])
-        return out
+        return dequant_mm(self, x2)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Portable tensors (save.py): qweight uint8 [N, Kp/2] (pack_int4 of the indices), scales, table, bias."""

@@ -120,20 +120,16 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
 
     scale = torch.empty(N, G)
     zero = None if spec.symmetric else torch.empty(N, G)
-    perm, col_group = None, None
+    col_group = None
     if act_order or shrink is not None:
         s, z = grid_params(pad_columns(W, Kp).view(N, G, g), spec, shrink)  # static groups
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)
         col_group = [c // g for c in range(K)]
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # a permuted copy: ours to overwrite
-        col_group = (perm // g).tolist()
-        overwrite = True
-    U = inverse_hessian_factor(H, damp, dead, threads=threads, overwrite=overwrite)
+    W, U, perm, order_groups = _ordered_factor(W, H, dead, g, act_order, damp, threads, overwrite)
     del H
+    col_group = order_groups or col_group
 
     bs = max(block_size // g, 1) * g if spec.group else block_size  # groups never straddle blocks
     q, residual = _columns(W, U, scale, zero, spec, bs, col_group)
@@ -147,6 +143,19 @@ def _gptq(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, shri
                            spec, K, residual.half())  # fmt: skip
 
 
+def _ordered_factor(W, H, dead, g: int, act_order: bool, damp: float, threads: int, overwrite: bool):
+    """(W, U, perm, col_group) in the column order GPTQ walks: act-order permutes columns by decreasing Hessian
+    diagonal (perm and each column's static group; else None for both) and factors the permuted copy, which is
+    ours to overwrite."""
+    perm = col_group = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
+        col_group = (perm // g).tolist()
+        overwrite = True
+    return W, inverse_hessian_factor(H, damp, dead, threads=threads, overwrite=overwrite), perm, col_group
+
+
 def _gptq_table(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, dead,
                 threads: int = 1, overwrite: bool = False) -> QuantizedWeight:  # fmt: skip
     """GPTQ onto a table grid (codebook.py): static per-group scales searched on the weights, weighted by the
@@ -156,15 +165,9 @@ def _gptq_table(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool
     N, K = W.shape
     g, Kp = spec.group_size(K), spec.padded(K)
     table, scale = codebook_grid(W, spec, H.diagonal())
-    col_group = [c // g for c in range(K)]
-    perm = None
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]  # a permuted copy: ours to overwrite
-        col_group = (perm // g).tolist()
-        overwrite = True
-    U = inverse_hessian_factor(H, damp, dead, threads=threads, overwrite=overwrite)
+    W, U, perm, col_group = _ordered_factor(W, H, dead, g, act_order, damp, threads, overwrite)
     del H
+    col_group = col_group or [c // g for c in range(K)]
     bs = max(block_size // g, 1) * g
     q, residual = _columns(W, U, scale.float(), None, spec, bs, col_group, table.float())
     if perm is not None:

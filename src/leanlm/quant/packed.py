@@ -171,6 +171,21 @@ def exported_weight(t: dict[str, torch.Tensor], meta: dict) -> QuantizedWeight:
     return QuantizedWeight(q, t["scales"].to(torch.bfloat16), zero, spec, meta["in_features"])
 
 
+def dequant_mm(layer, x2: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] times a quantized layer's weights, dequantized CHUNK_ELEMENTS at a time (layer.dequantize /
+    dequantize_rows), so the fp32 copy of a large weight is never whole."""
+    xf = x2.float()
+    N, K = layer.out_features, layer.in_features
+    step = max(64, CHUNK_ELEMENTS // max(K, 1) // 64 * 64)
+    if step >= N:
+        return F.linear(xf, layer.dequantize())
+    out = torch.empty(xf.shape[0], N, dtype=torch.float32, device=xf.device)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        torch.matmul(xf, layer.dequantize_rows(n0, n1).t(), out=out[:, n0:n1])
+    return out
+
+
 class QuantLinear(nn.Module):
     """Weight-only quantized Linear (see module docstring). Inputs/outputs in the caller's dtype.
 
@@ -378,16 +393,7 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, self.kgroup, sz)
 
     def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        xf = x2.float()
-        N, K = self.out_features, self.in_features
-        step = max(64, CHUNK_ELEMENTS // max(K, 1) // 64 * 64)
-        if step >= N:
-            return F.linear(xf, self.dequantize())
-        out = torch.empty(xf.shape[0], N, dtype=torch.float32, device=xf.device)
-        for n0 in range(0, N, step):
-            n1 = min(N, n0 + step)
-            torch.matmul(xf, self.dequantize_rows(n0, n1).t(), out=out[:, n0:n1])
-        return out
+        return dequant_mm(self, x2)
 
     # ---- export ----------------------------------------------------------------------
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
