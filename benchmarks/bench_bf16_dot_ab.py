@@ -1,8 +1,6 @@
 """Same-run A/B: bf16 decode with small_linear's AVX512-BF16 dot path on vs off (widening to fp32).
 
     python benchmarks/bench_bf16_dot_ab.py qwen2.5-0.5b   # writes benchmarks/results/archive/DATE/bf16_dot_ab.json
-
-The archived run of 2026-12-07 ran this script from a scratch path, at commit 790ec73 (docs edits uncommitted).
 """
 import sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))

@@ -173,7 +173,7 @@ LEANLM_BF16 static void rows(int64_t M, const uint16_t* w, const uint16_t* x, fl
 
 }  // namespace gemv_bf16
 
-// Off by default: on Qwen2.5-0.5B bf16 decode it ran at 0.88x the widening path, same run (AVX-512 EPYC;
+// Off by default: on Qwen2.5-0.5B bf16 decode it ran at 0.87x the widening path, same run (AVX-512 EPYC;
 // benchmarks/results/archive/2026-12-07/bf16_dot_ab.json): vdpbf16ps's chains do not hide the extra shuffles at
 // batch 1. set_small_bf16(true) turns it on (A/B runs; tests keep it correct).
 static bool small_bf16_allowed = false;
