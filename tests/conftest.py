@@ -72,6 +72,21 @@ def make_word_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def quantizable_dir(tmp_path_factory):
+    """A tiny Llama whose widths are multiples of the 32-wide quantization block (export and GGUF tests)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)  # fmt: skip
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    d = tmp_path_factory.mktemp("quantizable")
+    hf.save_pretrained(d, safe_serialization=True)
+    make_word_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """arch -> directory with the tiny model saved by transformers (safetensors) + tokenizer."""
     out = {}

@@ -32,23 +32,6 @@ def _deq(t) -> np.ndarray:
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
 
 
-@pytest.fixture(scope="module")
-def quantizable_dir(tmp_path_factory):
-    """A tiny Llama whose widths are multiples of the 32-wide quantization block."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from conftest import make_word_tokenizer
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)  # fmt: skip
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    d = tmp_path_factory.mktemp("quantizable")
-    hf.save_pretrained(d, safe_serialization=True)
-    make_word_tokenizer().save_pretrained(d)
-    return d
-
-
 def test_permutation_turns_half_split_rope_into_interleaved():
     """llama.cpp rotates pairs (2i, 2i+1); transformers rotates (i, i+d/2). Permuted rows agree."""
     torch.manual_seed(0)

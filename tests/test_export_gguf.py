@@ -152,20 +152,6 @@ def test_k_quant_types_and_fallbacks(wide_dir, quantizable_dir, tmp_path):
         assert tensors["blk.0.attn_q.weight"].tensor_type == fallback
 
 
-@pytest.fixture(scope="module")
-def quantizable_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)  # fmt: skip
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    d = tmp_path_factory.mktemp("quantizable")
-    hf.save_pretrained(d, safe_serialization=True)
-    make_word_tokenizer().save_pretrained(d)
-    return d
-
-
 def test_tokenizer_fields_read_like_ggufreader(tiny_dirs, tmp_path):
     """The header parser that copies a source GGUF's tokenizer reads what gguf.GGUFReader reads."""
     path = export_gguf(*leanlm.load(tiny_dirs["qwen2"]), tmp_path / "m.gguf", "f16")

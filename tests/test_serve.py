@@ -50,19 +50,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    import uvicorn
-
     model, tok = tiny
     app = create_app(model, tok, NAME, ServerLimits(max_queue=64, max_prompt_tokens=40, max_tokens=64))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", app
+    base, srv, th = _live(app)
+    yield base, app
     srv.should_exit = True
     th.join(timeout=10)
     app.state.engine.close()

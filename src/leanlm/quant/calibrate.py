@@ -89,13 +89,7 @@ def _steps(layer, xs, rope, dtype, names, quantize_one) -> list[torch.Tensor]:
     # The down projection's inputs are the widest activations (the 1.5B: 16 x 512 x 8960 fp32 = 294 MB): its
     # statistics are taken batch by batch and each input is computed again for the block's outputs, so they
     # are never all held at once.
-    if "mlp.w_down" in names:
-        down = get_module(layer, "mlp.w_down")
-        stats = InputStats(down)
-        stats.remove()  # fed directly, not through a hook
-        for t in m:
-            stats(down, (down_input(t),))
-        quantize_one("mlp.w_down", stats)
+    _calibrate(layer, "mlp.w_down", (down_input(t) for t in m), names, quantize_one)
     out = []
     for h, t in zip(hs, m):
         y = layer.mlp.w_down(down_input(t))
@@ -105,7 +99,8 @@ def _steps(layer, xs, rope, dtype, names, quantize_one) -> list[torch.Tensor]:
     return out
 
 
-def _calibrate(layer, name: str, inputs: list[torch.Tensor], names: list[str], quantize_one) -> None:
+def _calibrate(layer, name: str, inputs, names: list[str], quantize_one) -> None:
+    """Statistics of Linear `name` over `inputs` (a list, or a generator consumed once), then quantize_one."""
     if name not in names:
         return
     module = get_module(layer, name)
