@@ -144,3 +144,67 @@ def test_search_returns_a_non_dominated_front(tiny_dirs, capsys):
         assert not any(p[0] <= t["ppl"] and p[1] >= t["decode_tok_s"] and (p[0] < t["ppl"] or p[1] > t["decode_tok_s"])
                        for p in pts)  # fmt: skip
     assert len(pareto_front(pts)) >= 1
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local cluster from `ray start --head`, as a user would start one; stopped afterwards."""
+    import shutil
+    import socket
+    import subprocess
+
+    pytest.importorskip("ray")
+    ray_bin = shutil.which("ray")
+    if ray_bin is None:
+        pytest.skip("the ray command is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=180)  # fmt: skip
+    if start.returncode:
+        pytest.fail(f"ray start failed: {start.stderr[-2000:]}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_search_on_ray_gives_the_local_result_shape(tiny_dirs, ray_cluster, capsys):
+    """--backend ray runs the trials on the cluster (one per node at a time) and returns the same fields,
+    names and quality figures as --backend local (perplexity does not depend on where it runs)."""
+    from conftest import DATA
+
+    from leanlm.cli import main
+
+    import json
+
+    if not (DATA / "wikitext-2-raw").is_dir():
+        pytest.skip("needs LEANLM_DATA")
+    common = [str(tiny_dirs["llama"]), "--hw", "h100", "--trials", "2", "--windows", "1", "--runs", "1",
+              "--max-ppl-increase", "900%", "--json", "-"]  # fmt: skip
+    assert main(["search", *common]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["search", *common, "--backend", "ray", "--ray-address", ray_cluster]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote["backend"] == {"backend": "ray", "nodes": 1, "cpus_per_trial": 2}
+    assert local["backend"] == {"backend": "local", "nodes": 1}
+    assert [t["name"] for t in remote["trials"]] == [t["name"] for t in local["trials"]]
+    for a, b in zip(local["trials"], remote["trials"]):
+        assert set(a) - {"pareto"} == set(b) - {"pareto"}  # front membership depends on the timings
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-4)
+        assert b["node"]
+
+
+def test_search_backend_flags_are_checked():
+    from leanlm.errors import LeanlmError
+    from leanlm.recipe.backends import make_backend
+
+    with pytest.raises(LeanlmError, match="only used with --backend ray"):
+        make_backend("local", "127.0.0.1:6379")
+    with pytest.raises(LeanlmError, match="unknown backend"):
+        make_backend("slurm")

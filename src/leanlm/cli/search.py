@@ -23,7 +23,11 @@ def add_parser(subparsers):
     p.add_argument("--trials", type=integer(1), default=6, help="candidates measured, baseline included (default 6)")
     p.add_argument("--windows", type=integer(1), default=8, help="WikiText-2 windows of 512 per trial (default 8)")
     p.add_argument("--runs", type=integer(1), default=3, help="decode timing runs per trial (default 3)")
-    p.add_argument("--backend", default="local", choices=["local"], help="where trials run (local)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="where trials run: local (one after another here) or ray (a Ray cluster, one trial per node "
+                        "at a time; needs `pip install 'ray[default]'` and a cluster from `ray start --head`)")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="Ray cluster to join with --backend ray (default: auto, the cluster started on this machine)")
     p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--data-dir", help="evaluation data folder (default $LEANLM_DATA)")
     p.add_argument("--json", metavar="PATH", help="write the search as JSON (render it with leanlm report)")
@@ -53,7 +57,11 @@ def main(args) -> int:
         os.environ["LEANLM_DATA"] = args.data_dir
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = search(args.model, args.hw, ppl_budget(args.max_ppl_increase), args.trials, args.windows, args.runs)
+    from ..recipe.backends import make_backend
+
+    budget = ppl_budget(args.max_ppl_increase)
+    backend = make_backend(args.backend, args.ray_address)
+    result = search(args.model, args.hw, budget, args.trials, args.windows, args.runs, backend=backend)
     print(summary_table(result), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         emit_json(result, args.json, args.force)

@@ -11,8 +11,8 @@
    windows, decode tok/s (median of runs). Keep those within `--max-ppl-increase`.
 4. The measured Pareto front (ppl vs decode tok/s) is the answer.
 
-Trials run one after another in this process (`--backend local`); the search is written so a
-distributed backend only has to map `measure_trial` over candidates.
+Trials run one after another in this process (`--backend local`), or on a Ray cluster with one trial
+per node at a time (`--backend ray`, leanlm.recipe.backends); both give results of the same shape.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def predict(model, recipe: Recipe, hw) -> dict:
     return {"predicted_decode_tok_s": r["decode_tok_s"], "predicted_weight_mb": r["weight_mb"]}
 
 
-def measure_trial(spec: str, recipe: Recipe, windows: int, runs: int, base_ppl: float | None = None) -> dict:
+def measure_trial(spec: str, recipe: Recipe, windows: int, runs: int) -> dict:
     from ..evaluate.data import wikitext2_test
     from ..evaluate.perplexity import perplexity
     from ..evaluate.speed import measure_speed, weight_bytes
@@ -120,7 +120,6 @@ def measure_trial(spec: str, recipe: Recipe, windows: int, runs: int, base_ppl: 
         "name": recipe.name,
         "recipe": recipe.to_dict(),
         "ppl": ppl,
-        "ppl_increase": None if base_ppl is None else ppl / base_ppl - 1,
         "decode_tok_s": speed["decode_tok_s"]["median"],
         "prefill_tok_s": speed["prefill_tok_s"]["median"],
         "weight_mb": weight_bytes(model) / 2**20,
@@ -130,12 +129,13 @@ def measure_trial(spec: str, recipe: Recipe, windows: int, runs: int, base_ppl: 
 
 
 def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, trials: int = 6, windows: int = 8,
-           runs: int = 3, progress: bool = True) -> dict:  # fmt: skip
+           runs: int = 3, progress: bool = True, backend=None) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
     from ..hardware import load_profile
     from ..model import load_model
     from ..report import pareto_front
+    from .backends import LocalBackend
 
     if not 0 < max_ppl_increase < 10:
         raise LeanlmError(f"--max-ppl-increase must be a fraction in (0, 10), e.g. 0.03 for 3%, got {max_ppl_increase}")
@@ -160,16 +160,21 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
     results: list[dict] = []
     bar = tqdm(total=trials, desc="search trials", disable=not progress)
 
+    backend = backend or LocalBackend()
+
     def run(batch):
-        for recipe, pred in batch:
-            base_ppl = results[0]["ppl"] if results else None
-            r = measure_trial(spec, recipe, windows, runs, base_ppl)
+        # a batch's trials are independent (the backend may run them on several nodes at once);
+        # quality is judged against the baseline, the first trial of the first batch
+        measured = backend.map(measure_trial, [(spec, recipe, windows, runs) for recipe, _ in batch],
+                               on_done=lambda _: bar.update())  # fmt: skip
+        for (recipe, pred), r in zip(batch, measured):
             r.update(pred)
-            r["ppl_increase"] = 0.0 if base_ppl is None else r["ppl_increase"]
-            r["within_budget"] = r["ppl_increase"] <= max_ppl_increase
             r["bits"] = severity(recipe)[0]
             results.append(r)
-            bar.update()
+        base_ppl = results[0]["ppl"]
+        for r in results[-len(measured):]:
+            r["ppl_increase"] = r["ppl"] / base_ppl - 1
+            r["within_budget"] = r["ppl_increase"] <= max_ppl_increase
 
     run(([base] + plain)[:trials])
     stage1 = len(results)
@@ -187,6 +192,7 @@ def search(spec: str, hw_name: str = "cpu", max_ppl_increase: float = 0.03, tria
     return {
         "model": spec,
         "hardware": hw_name,
+        "backend": backend.describe(),
         "max_ppl_increase": max_ppl_increase,
         "candidates_priced": len(cands),
         "candidates_after_cost_model": len(keep),
