@@ -47,15 +47,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, QualityRef, add_result_args, machine, window_scores, write_result
+from common import RESULTS, QualityRef, add_result_args, machine, write_result
 
 from leanlm import LeanlmError
 from leanlm.evaluate.data import read_text, wikitext2_test
+from leanlm.evaluate.peers import gguf_scores
 from leanlm.evaluate.perplexity import make_windows
 from leanlm.evaluate.speed import weight_bytes
 from leanlm.model import load_model
@@ -140,36 +140,6 @@ def targets(gguf_bpw: list[float]) -> list[float]:
 def book_windows(tok, name: str, seq_len: int, n: int) -> list[torch.Tensor]:
     text = read_text(name)
     return make_windows(tok, text[len(text) // 3 :], seq_len, n)
-
-
-def gguf_scores(path, refs: dict, threads: int) -> dict:
-    """ppl / KL / top-1 of a GGUF on the refs' windows, from llama-cpp-python's logits."""
-    import llama_cpp
-    import torch.nn.functional as F
-
-    seq = max(w.shape[1] for ref in refs.values() for w in ref.windows)
-    llm = llama_cpp.Llama(str(path), n_ctx=seq, n_batch=seq, n_ubatch=seq, logits_all=True, n_threads=threads,
-                          verbose=False)  # fmt: skip
-    out = {}
-    for text, ref in refs.items():
-        kl = agree = nll_c = nll_b = 0.0
-        count = 0
-        for w, lb in zip(ref.windows, ref.base_lp):
-            llm.reset()
-            llm.eval(w[0].tolist())
-            V = lb.shape[-1]
-            logits = torch.from_numpy(llm.scores[: w.shape[1] - 1].copy()).float()
-            if logits.shape[-1] != V:
-                raise LeanlmError(f"{path}: vocabulary {logits.shape[-1]} != the reference's {V}")
-            target = w[0, 1:]
-            k, a, n = window_scores(lb, F.log_softmax(logits, -1), target)
-            kl, agree, nll_c = kl + k, agree + a, nll_c + n
-            nll_b -= lb.gather(-1, target[:, None]).sum().item()
-            count += target.numel()
-        out[text] = {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
-                     "top1_agreement": agree / count, "tokens": count, "windows": len(ref.windows)}  # fmt: skip
-    del llm
-    return out
 
 
 def log_row(name: str, rec: dict) -> None:

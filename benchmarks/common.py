@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from leanlm.evaluate.peers import (Engine, LlamaCppEngine, OpenVINOEngine, QualityRef,  # noqa: F401 (re-exported)
+                                   window_scores)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -123,16 +126,6 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-class Engine:
-    """prefill(ids) -> seconds to first token; decode(ids, n) -> decode tok/s over n-1 steps."""
-
-    name = "engine"
-
-    def prefill(self, ids: list[int]) -> float: ...
-
-    def decode(self, ids: list[int], n: int) -> float: ...
-
-
 def peak_rss_mb(spec: str, dtype: str, threads: int) -> float:
     """Peak RSS of a fresh process that loads `spec` and generates 32 tokens (what a user pays)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child would report this
@@ -208,72 +201,6 @@ class HFEngine(Engine):
         return (n - 1) / (total - first)
 
 
-class LlamaCppEngine(Engine):
-    """llama.cpp through llama-cpp-python on a GGUF file (greedy, batch 1)."""
-
-    def __init__(self, gguf: str, name: str, threads: int, n_ctx: int = 1024):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         n_batch=512, verbose=False, logits_all=False)  # fmt: skip
-        self.name = name
-
-    def prefill(self, ids):
-        self.llm.reset()
-        t = time.perf_counter()
-        self.llm.eval(ids)
-        return time.perf_counter() - t
-
-    def decode(self, ids, n):
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(ids)
-        tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        t = time.perf_counter()
-        for _ in range(n - 1):
-            self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        return (n - 1) / (time.perf_counter() - t)
-
-
-class OpenVINOEngine(Engine):
-    """OpenVINO GenAI LLMPipeline reading the GGUF directly (greedy, batch 1).
-
-    Prefix caching is off: the CPU pipeline's default scheduler keeps the KV blocks of earlier prompts, so a
-    repeated prompt skipped its prefill (5,000-8,500 tok/s "prefill" on SmolLM2 at 512 vs ~300 for a fresh
-    prompt, same run, busy machine, openvino-genai 2026.4)."""
-
-    def __init__(self, gguf: str, name: str, threads: int):
-        import openvino_genai as ov_genai
-
-        sched = ov_genai.SchedulerConfig()
-        sched.enable_prefix_caching = False
-        self.pipe = ov_genai.LLMPipeline(gguf, "CPU", {"scheduler_config": sched}, INFERENCE_NUM_THREADS=threads)
-        self.name = name
-
-    def _gen(self, ids, n):
-        import numpy as np
-        import openvino as ov
-        import openvino_genai as ov_genai
-
-        cfg = ov_genai.GenerationConfig()
-        cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample = n, n, False
-        tokens = ov_genai.TokenizedInputs(ov.Tensor(np.array([ids], dtype=np.int64)),
-                                          ov.Tensor(np.ones((1, len(ids)), dtype=np.int64)))  # fmt: skip
-        t = time.perf_counter()
-        self.pipe.generate(tokens, cfg)
-        return time.perf_counter() - t
-
-    def prefill(self, ids):
-        return self._gen(ids, 1)
-
-    def decode(self, ids, n):
-        total = self._gen(ids, n)
-        first = self._gen(ids, 1)
-        return (n - 1) / (total - first)
-
-
 def interleaved_speed(engines: list[Engine], prompt: list[int], short: list[int], new_tokens: int,
                       runs: int, warmup: int = 1, phases: tuple[str, ...] = ("prefill", "decode"),
                       desc: str = "speed runs") -> dict:
@@ -320,53 +247,6 @@ def _fmt(v) -> str:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
-
-
-def window_scores(lb: torch.Tensor, lc: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
-    """One window's sums for base log-probs lb and candidate log-probs lc ([T, V]) against the next
-    tokens: (KL(base || candidate), top-1 agreements, candidate NLL), as leanlm.evaluate.kl_divergence."""
-    import torch.nn.functional as F
-
-    kl = F.kl_div(lc, lb, log_target=True, reduction="sum").item()
-    agree = (lb.argmax(-1) == lc.argmax(-1)).sum().item()
-    return kl, agree, -lc.gather(-1, target[:, None]).sum().item()
-
-
-class QualityRef:
-    """A base model's log-probs on fixed windows, computed once; calling it on a candidate gives ppl,
-    KL(base || candidate) and top-1 agreement on the same windows (leanlm.evaluate.kl_divergence's
-    arithmetic), so a benchmark compares every configuration against one reference pass."""
-
-    def __init__(self, base, windows: list[torch.Tensor]):
-        import torch.nn.functional as F
-
-        self.windows = windows
-        with torch.inference_mode():
-            self.base_lp = [F.log_softmax(base(w)[0, :-1].float(), -1) for w in windows]
-
-    def base_ppl(self) -> float:
-        """The base model's perplexity on these windows (from the log-probs already computed)."""
-        import math
-
-        nll = sum(-lb.gather(-1, w[0, 1:, None]).sum().item() for w, lb in zip(self.windows, self.base_lp))
-        return math.exp(nll / sum(w.shape[1] - 1 for w in self.windows))
-
-    @torch.inference_mode()
-    def __call__(self, model) -> dict:
-        import math
-
-        import torch.nn.functional as F
-
-        kl = agree = nll_b = nll_c = 0.0
-        count = 0
-        for w, lb in zip(self.windows, self.base_lp):
-            target = w[0, 1:]
-            k, a, n = window_scores(lb, F.log_softmax(model(w)[0, :-1].float(), -1), target)
-            kl, agree, nll_c = kl + k, agree + a, nll_c + n
-            nll_b -= lb.gather(-1, target[:, None]).sum().item()
-            count += target.numel()
-        return {"ppl": math.exp(nll_c / count), "ppl_base": math.exp(nll_b / count), "kl": kl / count,
-                "top1_agreement": agree / count, "tokens": count, "windows": len(self.windows)}  # fmt: skip
 
 
 def leanlm_quant_configs() -> dict:
