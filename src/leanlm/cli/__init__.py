@@ -19,7 +19,7 @@ from ..errors import LeanlmError
 from .common import HelpFormatter, Parser
 
 # in --help order: inspect, use, measure, compress, deploy, cost
-VERBS = ("info", "generate", "eval", "quantize", "prune", "compress", "search", "report", "export", "serve", "hw",
+VERBS = ("info", "generate", "eval", "quantize", "prune", "compress", "search", "optimize", "report", "export", "serve", "hw",
          "cost")  # fmt: skip
 
 
