@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from leanlm.evaluate.peers import (Engine, LlamaCppEngine, OpenVINOEngine, QualityRef,  # noqa: F401 (re-exported)
+from leanlm.evaluate.peers import (Engine, HFEngine, LlamaCppEngine, OpenVINOEngine, QualityRef,  # noqa: F401
                                    window_scores)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,31 +174,6 @@ class LeanlmEngine(Engine):
 
     def decode(self, ids, n):
         return self._run(ids, n).decode_tok_s
-
-
-class HFEngine(Engine):
-    """transformers' generate(), greedy, as its users run it."""
-
-    def __init__(self, directory: str, dtype: torch.dtype, name: str):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-        self.name = name
-
-    def _gen(self, ids, n):
-        t = time.perf_counter()
-        with torch.inference_mode():
-            self.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)  # fmt: skip
-        return time.perf_counter() - t
-
-    def prefill(self, ids):
-        return self._gen(ids, 1)
-
-    def decode(self, ids, n):
-        total = self._gen(ids, n)
-        first = self._gen(ids, 1)
-        return (n - 1) / (total - first)
 
 
 def interleaved_speed(engines: list[Engine], prompt: list[int], short: list[int], new_tokens: int,

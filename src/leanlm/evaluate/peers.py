@@ -1,7 +1,8 @@
 """The engines a user would otherwise run, measured the way leanlm is, and quality against one reference.
 
-- `LlamaCppEngine` (llama-cpp-python on a GGUF) and `OpenVINOEngine` (OpenVINO GenAI on a GGUF): prefill seconds
-  and greedy decode tok/s on given token ids, as the benchmarks and `leanlm optimize` time them.
+- `LlamaCppEngine` (llama-cpp-python on a GGUF), `OpenVINOEngine` (OpenVINO GenAI on a GGUF) and `HFEngine`
+  (transformers' generate()): prefill seconds and greedy decode tok/s on given token ids, as the benchmarks and
+  `leanlm optimize` time them.
 - `QualityRef`: a base model's log-probs on fixed windows, computed once; a leanlm model (`ref(model)`) or a GGUF
   run by llama.cpp (`gguf_scores`) is then scored against it: perplexity, KL(base || candidate), top-1 agreement.
 """
@@ -25,6 +26,38 @@ class Engine:
     def prefill(self, ids: list[int]) -> float: ...
 
     def decode(self, ids: list[int], n: int) -> float: ...
+
+
+class GenerateEngine(Engine):
+    """An engine timed through one whole generate() call: decode tok/s = the n-1 tokens after the first over
+    (time of n tokens - time of 1 token)."""
+
+    def _gen(self, ids, n) -> float: ...
+
+    def prefill(self, ids):
+        return self._gen(ids, 1)
+
+    def decode(self, ids, n):
+        total = self._gen(ids, n)
+        first = self._gen(ids, 1)
+        return (n - 1) / (total - first)
+
+
+class HFEngine(GenerateEngine):
+    """transformers' generate(), greedy, as its users run it."""
+
+    def __init__(self, directory: str, dtype: torch.dtype, name: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        self.name = name
+
+    def _gen(self, ids, n):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=0)  # fmt: skip
+        return time.perf_counter() - t
 
 
 class LlamaCppEngine(Engine):
@@ -56,7 +89,7 @@ class LlamaCppEngine(Engine):
         return (n - 1) / (time.perf_counter() - t)
 
 
-class OpenVINOEngine(Engine):
+class OpenVINOEngine(GenerateEngine):
     """OpenVINO GenAI LLMPipeline reading the GGUF directly (greedy, batch 1).
 
     Prefix caching is off: the CPU pipeline's default scheduler keeps the KV blocks of earlier prompts, so a
@@ -83,14 +116,6 @@ class OpenVINOEngine(Engine):
         t = time.perf_counter()
         self.pipe.generate(tokens, cfg)
         return time.perf_counter() - t
-
-    def prefill(self, ids):
-        return self._gen(ids, 1)
-
-    def decode(self, ids, n):
-        total = self._gen(ids, n)
-        first = self._gen(ids, 1)
-        return (n - 1) / (total - first)
 
 
 def window_scores(lb: torch.Tensor, lc: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
