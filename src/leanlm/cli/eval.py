@@ -37,8 +37,40 @@ def add_parser(subparsers):
     p.add_argument("--kv-chunk", type=integer(1), default=256, help="chunk length for --kv perplexity (default 256)")
     add_adaptive_args(p)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
+    p.add_argument("--cascade", metavar="MODEL[,MODEL]",
+                   help="with --tasks: a cascade; MODEL answers first and these larger models (same tokenizer, "
+                        "cheapest first) are asked when its confidence is below --cascade-threshold")
+    p.add_argument("--cascade-threshold", default="0.6", metavar="P[,P]",
+                   help="per rung but the last: escalate when the chosen answer's probability over the choices "
+                        "is below P (default 0.6)")
+    p.add_argument("--hw", default="cpu", help="hardware profile that prices a cascade's cost (default cpu: this "
+                                                 "machine, calibrated on first use)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     return p
+
+
+def _cascade(args, model, tok):
+    """The cascade --cascade asks for: MODEL, then the listed models (loaded in --dtype), priced by the cost model."""
+    from ..adaptive.cascade import Cascade, Rung, check_shared_tokenizer, price_rungs
+    from ..model import load
+
+    names = [m.strip() for m in args.cascade.split(",") if m.strip()]
+    try:
+        th = [float(x) for x in args.cascade_threshold.split(",")]
+    except ValueError:
+        raise LeanlmError(f"--cascade-threshold takes probabilities like 0.6 or 0.6,0.7, got {args.cascade_threshold!r}")
+    if len(th) == 1 and len(names) > 1:
+        th = th * len(names)
+    if any(not 0 <= t <= 1 for t in th):
+        raise LeanlmError(f"--cascade-threshold values must be in [0, 1], got {args.cascade_threshold}")
+    rungs, toks = [Rung(args.model, model)], [tok]
+    for n in names:
+        m, t = load(n, dtype=args.dtype, device=args.device)
+        rungs.append(Rung(n, m))
+        toks.append(t)
+    check_shared_tokenizer(toks, [args.model, *names])
+    price_rungs(rungs, args.hw, log=lambda m: print(m, file=sys.stderr))
+    return Cascade(rungs, th)
 
 
 def run_eval(args) -> dict:
@@ -86,7 +118,14 @@ def run_eval(args) -> dict:
         del ref
     if adaptive is not None:
         result["adaptive"] = adaptive
-    if names:
+    if args.cascade and not names:
+        raise LeanlmError("--cascade scores choice tasks: add --tasks (e.g. --tasks arc_easy,piqa)")
+    if names and args.cascade:
+        from ..adaptive.cascade import evaluate_task_cascade
+
+        cascade = _cascade(args, model, tok)
+        result["tasks"] = {t: evaluate_task_cascade(cascade, tok, t, args.data_dir, args.limit) for t in names}
+    elif names:
         result["tasks"] = {t: tasks.evaluate_task(model, tok, t, args.data_dir, args.limit) for t in names}
     if args.speed or not want_any:
         model.prepare_decode()  # as `leanlm generate` decodes
@@ -119,6 +158,11 @@ def format_eval(r: dict) -> str:
         rows.append(("KL vs reference", f"{k['kl']:.5f}  top-1 agreement {k['top1_agreement']:.2%}  "
                                         f"(ppl {k['ppl']:.3f} vs {k['ppl_base']:.3f})"))  # fmt: skip
     for t, res in r.get("tasks", {}).items():
+        if "answered_share" in res:  # a cascade
+            shares = " / ".join(f"{s:.0%}" for s in res["answered_share"])
+            rows.append((f"{t} (n={res['n']}, cascade)", f"acc {res['acc']:.4f}  answered per model {shares}  "
+                                                         f"cost {res['cost_share_of_large']:.0%} of the last alone"))
+            continue
         line = f"acc {res['acc']:.4f} ± {res['acc_stderr']:.4f}"
         if "acc_norm" in res:
             line += f"  acc_norm {res['acc_norm']:.4f} ± {res['acc_norm_stderr']:.4f}"

@@ -209,3 +209,14 @@ def calibrate(threads: int | None = None, progress: bool = True) -> HardwareProf
                                             step(_prefill_token_overhead, hw, torch.bfloat16)])  # fmt: skip
     bar.close()
     return hw
+
+
+def profile_or_calibrate(name: str, log=print) -> HardwareProfile:
+    """load_profile(name); for 'cpu' on a machine not yet calibrated, calibrate it first (about a minute) and keep
+    the profile, as the verbs that price with the cost model need one."""
+    from .profiles import load_profile, profile_path, save_profile
+
+    if name == "cpu" and not profile_path().exists():
+        log("no calibrated profile of this CPU yet: measuring it (leanlm hw calibrate, about a minute)")
+        save_profile(calibrate(progress=False))
+    return load_profile(name)

@@ -212,16 +212,11 @@ def _identical(a: list[list[int]], b: list[list[int]]) -> int:
 
 
 def _predict(spec: str, hw_name: str, log) -> dict:
-    from ..hardware import load_profile
-    from ..hardware.calibrate import calibrate
-    from ..hardware.profiles import profile_path, save_profile
+    from ..hardware.calibrate import profile_or_calibrate
     from ..model import load_model
     from .search import predict
 
-    if hw_name == "cpu" and not profile_path().exists():  # the cost model prices for this machine: measure it once
-        log("no calibrated profile of this CPU yet: measuring it (leanlm hw calibrate, about a minute)")
-        save_profile(calibrate(progress=False))
-    hw = load_profile(hw_name)
+    hw = profile_or_calibrate(hw_name, log)
     model = load_model(spec)
     out = {f: predict(model, Recipe(f, steps), hw) for f, steps in FORMATS.items()}
     del model
