@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..apply import record, register
 from ..errors import LeanlmError
 from ..model.runtime import KVCache, upcast_for_matmul
@@ -149,6 +150,7 @@ def model_policy(model) -> "KVPolicy | None":
 
 class PolicyCache(KVCache):
     custom_attention = True
+    native_kvquant = True  # class-wide switch; False: the dequantize-then-attend path (the tests' reference)
 
     def __init__(self, policy: KVPolicy, batch, n_kv_heads, max_len, head_dim, dtype, device=None):
         nn.Module.__init__(self)  # not KVCache.__init__: no full-length float buffers
@@ -181,6 +183,8 @@ class PolicyCache(KVCache):
         Hkv, G = k.shape[1], H // k.shape[1]
         dev = q.device
         new_pos = torch.arange(start, start + T, device=dev, dtype=torch.int32)
+        if self._native_ok(q):
+            return self._attend_native(attn, q, k, v, start, new_pos)
         if T == 1 and self.method in ("full", "window") and attn.window is None:
             # decode: every kept key is visible to the new query (a full cache, or sinks + a ring
             # of window + 1 slots that after this write holds the last `window` keys and the new
@@ -224,6 +228,30 @@ class PolicyCache(KVCache):
                                                  enable_gqa=G > 1)  # fmt: skip
         out = out if out.dtype == dtype else out.to(dtype)
         self._insert(k, v, new_pos, start, keys, vals, kpos, probs)
+        return out
+
+    def _native_ok(self, q: torch.Tensor) -> bool:
+        """Can ops.attend_kvquant read this store as it is (int8/int4 full or window policy, 1..16 new rows)?"""
+        st = self.store
+        if not (self.native_kvquant and st.bits and self.method in ("full", "window") and q.shape[2] <= ops.MAX_ROWS):
+            return False
+        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] % (8 if st.bits == 8 else 32):
+            return False
+        if torch.is_grad_enabled() and q.requires_grad:  # the kernel has no backward
+            return False
+        return st.group % 8 == 0 and ops.available()
+
+    def _attend_native(self, attn, q, k, v, start, new_pos) -> torch.Tensor:
+        """The same attention as below (same keys, masks and stored values), computed on the codes in C++
+        (csrc/attention_kvquant.cpp) instead of over a dequantized copy of the whole store."""
+        window = attn.window or 0
+        sinks, ring = (self.policy.sinks, self.policy.window) if self.method == "window" else (0, -1)
+        if q.shape[2] == 1 and attn.window is None:  # decode: store first, as the path below does
+            self._insert(k, v, new_pos, start, None, None, None, None)
+            return ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, sinks=sinks, ring=ring)
+        out = ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, k.to(q.dtype), v.to(q.dtype),
+                                 sinks, ring)  # fmt: skip
+        self._insert(k, v, new_pos, start, None, None, None, None)
         return out
 
     # ---- storing / eviction ---------------------------------------------------------

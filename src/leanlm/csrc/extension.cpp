@@ -9,6 +9,7 @@
 #include "sparse.cpp"
 #include "attention.cpp"
 #include "attention_prefill.cpp"
+#include "attention_kvquant.cpp"
 #include "prefill_glue.cpp"
 #include "fused_block.cpp"
 
@@ -43,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
   m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
   m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)", nogil());
+  m.def("attend_kvquant", &attend_kvquant, "decode attention read straight from an int8/int4 KV store (attention_kvquant.cpp)", nogil());
   m.def("prefill_attention", &prefill_attention, "causal attention for many new positions, AVX-512 (attention_prefill.cpp)");
   m.def("prefill_attention_supported", &prefill_attention_supported, "does this CPU run prefill_attention (AVX-512)?");
   m.def("glu_rows", &glu_rows, "act(gate) * up for many rows, AVX-512 (prefill_glue.cpp)");
