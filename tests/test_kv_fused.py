@@ -100,14 +100,17 @@ def head32_dir(tmp_path_factory):
     return d
 
 
-def _count(monkeypatch) -> list:
-    calls, fn = [], ops.attend_kvquant
+def _count(monkeypatch) -> dict:
+    """Rows of each call of the two kernels, by name (the fused step's whole block, or the policy's attention)."""
+    calls = {"attend_kvquant": [], "decode_layer_kvquant": []}
+    for name, rows in calls.items():
+        fn = getattr(ops, name)
 
-    def counting(q, *a, **k):
-        calls.append(q.shape[2])
-        return fn(q, *a, **k)
+        def counting(*a, _fn=fn, _rows=rows, _name=name, **k):
+            _rows.append(a[0].shape[2] if _name == "attend_kvquant" else a[0].shape[0])
+            return _fn(*a, **k)
 
-    monkeypatch.setattr(ops, "attend_kvquant", counting)
+        monkeypatch.setattr(ops, name, counting)
     return calls
 
 
@@ -135,34 +138,41 @@ def test_tiny_model_native_equals_python_path(spec, dtype, tol, head32_dir, monk
     model = load_model(head32_dir, dtype=dtype)
     tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(8))
     ref = _run(model, tokens, spec, 5, native=False, fused=False).float()
-    calls = _count(monkeypatch)
     for fused in (True, False):
-        calls.clear()
+        calls = _count(monkeypatch)
         got = _run(model, tokens, spec, 5, native=True, fused=fused).float()
-        assert len(calls) == 2 * (4 + 20) and set(calls) == {5, 1}  # every layer, every forward
+        rows = calls["decode_layer_kvquant" if fused else "attend_kvquant"]
+        assert len(rows) == 2 * (4 + 20) and set(rows) == {5, 1}  # every layer, every forward
         if dtype == "float32":
             assert (got - ref).abs().max().item() <= tol
         else:  # the reference rounds dequantized keys to bf16; the kernel keeps them exact
             assert (got.softmax(-1) - ref.softmax(-1)).abs().max().item() <= tol
 
 
-def test_fused_step_keeps_its_glue_with_a_quantized_cache(head32_dir, monkeypatch):
-    """With an int8 cache the fused step runs the general path: RMSNorm, residual + norm and GLU in C++
-    around the policy's attention (not the whole Python block)."""
-    from leanlm.model import fused
+def test_fused_step_runs_whole_blocks_with_a_quantized_cache(head32_dir, monkeypatch):
+    """With an int8 cache every forward of <= 16 rows runs each block as one C++ call (decode_layer_kvquant): RoPE,
+    the quantized write and the attention on the codes inside, no Python attention; where a linear does not answer
+    the fused protocol (a hook) the block runs its glue in C++ around the policy's attention (attend_kvquant)."""
+    from leanlm.model import runtime
 
     model = load_model(head32_dir)
     tokens = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(9))
-    seen = []
-    orig = fused.decode_layer
-    monkeypatch.setattr(fused, "decode_layer", lambda *a: seen.append(1) or orig(*a))
-    glue = []
-    rn = ops.residual_norm
-    monkeypatch.setattr(ops, "residual_norm", lambda *a: glue.append(1) or rn(*a))
+    forwards = []
+    orig = runtime.Attention.forward
+    monkeypatch.setattr(runtime.Attention, "forward", lambda *a: forwards.append(1) or orig(*a))
     calls = _count(monkeypatch)
-    _run(model, tokens, "int8", 5, native=True, fused=True)
-    steps = 4 + 4  # 4 chunks of 5 rows, 4 decode steps: every forward of <= 16 rows is fused
-    assert len(seen) == 2 * steps and len(glue) == 2 * 2 * steps and len(calls) == 2 * steps
+    ref = _run(model, tokens, "int8", 5, native=False, fused=False)
+    forwards.clear()
+    a = _run(model, tokens, "int8", 5, native=True, fused=True)
+    steps = 4 + 4  # 4 chunks of 5 rows, 4 decode steps
+    assert len(calls["decode_layer_kvquant"]) == 2 * steps and not forwards and not calls["attend_kvquant"]
+    handle = model.layers[0].attn.wo.register_forward_hook(lambda *args: None)
+    try:
+        b = _run(model, tokens, "int8", 5, native=True, fused=True)
+    finally:
+        handle.remove()
+    assert len(forwards) == steps and len(calls["attend_kvquant"]) == steps
+    assert (a - ref).abs().max().item() <= 1e-4 and (b - ref).abs().max().item() <= 1e-4
 
 
 def test_window_larger_than_sequence_is_exact_int8_attention(tiny_dirs):

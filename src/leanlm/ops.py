@@ -34,7 +34,9 @@ answer per layer and asks again when a module, parameter or buffer is replaced, 
 `fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
 Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT) and
 adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
-`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None).
+`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), and a quantized
+cache `fused_store(dtype, start, rows, window) -> list | None` (decode_layer_kvquant's store arguments;
+attention.policies.PolicyCache).
 """
 
 from __future__ import annotations
@@ -273,6 +275,23 @@ def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tens
     return _require().decode_layer(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
                                    mlp_post, cache_k, cache_v, cos, sin, pos, batch, n_heads, n_kv_heads, window, eps,
                                    plus_one, scale, gelu)  # fmt: skip
+
+
+def decode_layer_kvquant(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],
+                         thresholds: list[float], q_norm, k_norm, attn_post, mlp_norm: torch.Tensor, mlp_post,
+                         store: list[torch.Tensor], pos: torch.Tensor, slots: list[int], n: int, store_first: bool,
+                         sinks: int, ring: int, bits: int, group: int, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                         batch: int, n_heads: int, n_kv_heads: int, window: int, eps: float, plus_one: bool,
+                         scale: float, gelu: bool) -> torch.Tensor:  # fmt: skip
+    """`decode_layer` with its attention over an int8/int4 KV store (store = [kq, ks, kz, vq, vs, vz] of a
+    leanlm.attention.kv_quant.KVStore, kz / vz empty for int8): the new keys / values are quantized into `slots`
+    (one per new position, -1 = not kept; their positions written to pos) before the attention over the slots
+    [0, n) when store_first, else after it (the new rows then attend in the compute dtype); masks as
+    attend_kvquant. The PolicyCache answers these arguments (fused_store)."""
+    return _require().decode_layer_kvquant(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
+                                           mlp_post, store, pos, slots, n, store_first, sinks, ring, bits, group, cos,
+                                           sin, start, batch, n_heads, n_kv_heads, window, eps, plus_one, scale,
+                                           gelu)  # fmt: skip
 
 
 def decode_rows(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],

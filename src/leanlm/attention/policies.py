@@ -254,6 +254,33 @@ class PolicyCache(KVCache):
         self._insert(k, v, new_pos, start, None, None, None, None)
         return out
 
+    def fused_store(self, dtype: torch.dtype, start: int, rows: int, window: int) -> list | None:
+        """ops.decode_layer_kvquant's store arguments for `rows` new positions from `start` (the fused decode step,
+        model/fused.py), or None where the kernel does not apply. Books the write it asks for (n)."""
+        st = self.store
+        if not (self.native_kvquant and st.bits and self.method in ("full", "window") and rows <= ops.MAX_ROWS):
+            return None
+        if dtype not in (torch.float32, torch.bfloat16) or st.kq.device.type != "cpu" or st.group % 8:
+            return None
+        if self.head_dim % (8 if st.bits == 8 else 32) or not ops.available():
+            return None
+        end = start + rows
+        if self.method == "full":
+            if end > self.cap:
+                raise LeanlmError(f"KV cache of {self.cap} tokens is full (position {end})")
+            slots, sinks, ring = list(range(start, end)), 0, -1
+        else:
+            s, w = self.policy.sinks, self.policy.window
+            slots = [p if p < s else s + (p - s) % (w + 1) for p in range(start, end)]
+            slots = [sl if p < s or p >= end - w - 1 else -1 for p, sl in zip(range(start, end), slots)]
+            sinks, ring = s, w
+        store_first = rows == 1 and window == 0  # as attend: a decode query attends its own key as stored
+        n_before = self.n
+        self.n = max(self.n, end) if self.method == "full" else min(self.cap, max(self.n, end))
+        e = torch.empty(0)
+        bufs = [st.kq, st.ks, st.kz if st.bits == 4 else e, st.vq, st.vs, st.vz if st.bits == 4 else e]
+        return [bufs, self.pos, slots, self.n if store_first else n_before, store_first, sinks, ring, st.bits, st.group]
+
     # ---- storing / eviction ---------------------------------------------------------
     def _insert(self, k, v, new_pos, start, keys, vals, kpos, probs) -> None:
         T = k.shape[2]

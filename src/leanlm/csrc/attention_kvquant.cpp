@@ -68,7 +68,7 @@ static inline void widen_int4(const uint8_t* c, float* out, int64_t D) {  // D %
     _mm256_storeu_ps(out + d + 24, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))));
   }
 }
-static inline float h2f(const at::Half h) { return static_cast<float>(h); }
+static inline float h2f(const at::Half h) { return _cvtsh_ss(h.x); }  // one F16C instruction (the avx2 level has F16C)
 
 struct Args {
   int64_t B, H, Hkv, G, T, D, bits, group, ng;
@@ -301,15 +301,13 @@ static Tensor run(const Args& a, const Tensor& q, const Tensor& kn, const Tensor
 
 }  // namespace kvq
 
-// q [B, H, T, D] (fp32 / bf16, positions start .. start+T-1) over the store's slots [0, n) and the new keys
-// k_new / v_new [B, Hkv, Tn, D] in q's dtype (Tn = 0: empty tensors) at positions start .. start+Tn-1
-// -> [B, H, T, D] in q's dtype
-Tensor attend_kvquant(Tensor q, Tensor kq, Tensor ks, Tensor kz, Tensor vq, Tensor vs, Tensor vz, Tensor pos, int64_t n,
-                      Tensor k_new, Tensor v_new, int64_t start, int64_t bits, int64_t group, int64_t window,
-                      int64_t sinks, int64_t ring, double scale) {
+// the kernel's arguments from the store's buffers, checked
+static kvq::Args kvq_args(const Tensor& q, const Tensor& kq, const Tensor& ks, const Tensor& kz, const Tensor& vq,
+                          const Tensor& vs, const Tensor& vz, const Tensor& pos, int64_t n, int64_t Tn, int64_t start,
+                          int64_t bits, int64_t group, int64_t window, int64_t sinks, int64_t ring, double scale) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits 8 or 4");
-  TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16), "q [B, H, T, D] fp32/bf16");
-  q = q.contiguous();
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "q [B, H, T, D] fp32/bf16");
   kvq::Args a{};
   a.B = q.size(0); a.H = q.size(1); a.T = q.size(2); a.D = q.size(3);
   TORCH_CHECK(kq.dim() == 4 && kq.is_contiguous() && vq.is_contiguous() && kq.sizes() == vq.sizes(), "codes [Bc, Hkv, S, .]");
@@ -329,17 +327,162 @@ Tensor attend_kvquant(Tensor q, Tensor kq, Tensor ks, Tensor kz, Tensor vq, Tens
   TORCH_CHECK(pos.scalar_type() == at::kInt && pos.is_contiguous() && pos.dim() == 3 && pos.size(0) >= a.B && pos.size(2) == a.S &&
                   (pos.size(1) == 1 || pos.size(1) == a.Hkv), "pos int32 [Bc, 1 or Hkv, S]");
   a.Hp = pos.size(1);
-  a.Tn = k_new.numel() ? k_new.size(2) : 0;
-  if (a.Tn) {
-    k_new = k_new.contiguous(); v_new = v_new.contiguous();
-    TORCH_CHECK(k_new.scalar_type() == q.scalar_type() && v_new.scalar_type() == q.scalar_type() && k_new.sizes() == v_new.sizes() &&
-                    k_new.dim() == 4 && k_new.size(0) == a.B && k_new.size(1) == a.Hkv && k_new.size(3) == a.D, "new keys [B, Hkv, Tn, D] in q's dtype");
-  }
+  a.Tn = Tn;
   a.start = start; a.window = window; a.sinks = sinks; a.ring = ring; a.scale = (float)scale;
   a.kq = kq.data_ptr(); a.vq = vq.data_ptr();
   a.ks = ks.data_ptr<at::Half>(); a.vs = vs.data_ptr<at::Half>();
   a.kz = bits == 4 ? kz.data_ptr<at::Half>() : nullptr; a.vz = bits == 4 ? vz.data_ptr<at::Half>() : nullptr;
   a.pos = pos.data_ptr<int32_t>();
+  return a;
+}
+
+// q [B, H, T, D] (fp32 / bf16, positions start .. start+T-1) over the store's slots [0, n) and the new keys
+// k_new / v_new [B, Hkv, Tn, D] in q's dtype (Tn = 0: empty tensors) at positions start .. start+Tn-1
+// -> [B, H, T, D] in q's dtype
+Tensor attend_kvquant(Tensor q, Tensor kq, Tensor ks, Tensor kz, Tensor vq, Tensor vs, Tensor vz, Tensor pos, int64_t n,
+                      Tensor k_new, Tensor v_new, int64_t start, int64_t bits, int64_t group, int64_t window,
+                      int64_t sinks, int64_t ring, double scale) {
+  q = q.contiguous();
+  const int64_t Tn = k_new.numel() ? k_new.size(2) : 0;
+  if (Tn) {
+    k_new = k_new.contiguous(); v_new = v_new.contiguous();
+    TORCH_CHECK(k_new.scalar_type() == q.scalar_type() && v_new.scalar_type() == q.scalar_type() && k_new.sizes() == v_new.sizes() &&
+                    k_new.dim() == 4 && k_new.size(0) == q.size(0) && k_new.size(1) == kq.size(1) && k_new.size(3) == q.size(3),
+                "new keys [B, Hkv, Tn, D] in q's dtype");
+  }
+  const kvq::Args a = kvq_args(q, kq, ks, kz, vq, vs, vz, pos, n, Tn, start, bits, group, window, sinks, ring, scale);
   if (q.scalar_type() == at::kBFloat16) return kvq::run<c10::BFloat16>(a, q, k_new, v_new);
   return kvq::run<float>(a, q, k_new, v_new);
+}
+
+namespace kvq {
+
+// one row x [D] quantized into the store, as leanlm.attention.kv_quant.quantize_int8 / quantize_int4 do it
+// (fp32 math, fp16 scale / zero, round half to even), so the store holds what the Python path writes
+static void quantize_row(const float* x, int64_t D, int64_t bits, int64_t group, void* codes, at::Half* s, at::Half* z) {
+  if (bits == 8) {
+    float mx = 0.f;
+    for (int64_t d = 0; d < D; ++d) mx = std::max(mx, std::fabs(x[d]));
+    const at::Half sh = static_cast<at::Half>(std::max(mx / 127.0f, 1e-8f));
+    const float sf = static_cast<float>(sh);
+    int8_t* c = (int8_t*)codes;
+    for (int64_t d = 0; d < D; ++d) c[d] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(x[d] / sf)));
+    s[0] = sh;
+    return;
+  }
+  uint8_t* c = (uint8_t*)codes;
+  for (int64_t g = 0; g < D / group; ++g) {
+    const float* xg = x + g * group;
+    float mn = xg[0], mx = xg[0];
+    for (int64_t d = 1; d < group; ++d) { mn = std::min(mn, xg[d]); mx = std::max(mx, xg[d]); }
+    const at::Half sh = static_cast<at::Half>(std::max((mx - mn) / 15.0f, 1e-8f)), zh = static_cast<at::Half>(mn);
+    const float sf = static_cast<float>(sh), zf = static_cast<float>(zh);
+    for (int64_t d = 0; d < group; d += 2) {
+      const uint8_t lo = (uint8_t)std::min(15.f, std::max(0.f, std::nearbyint((xg[d] - zf) / sf)));
+      const uint8_t hi = (uint8_t)std::min(15.f, std::max(0.f, std::nearbyint((xg[d + 1] - zf) / sf)));
+      c[(g * group + d) / 2] = lo | (hi << 4);
+    }
+    s[g] = sh;
+    z[g] = zh;
+  }
+}
+
+// (QK-norm +) RoPE of the new rows of qkv [B, T, (nh + 2 nkv) hd] into q [B, nh, T, hd] and k [B, nkv, T, hd],
+// v copied to [B, nkv, T, hd]; the same roundings as attention.cpp's attend (the Python path's)
+template <typename T>
+static void rope_split(const Tensor& qkv, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
+                       const Tensor& cos, const Tensor& sin, int64_t nh, int64_t nkv, float eps, bool plus_one, Tensor& q,
+                       Tensor& k, Tensor& v) {
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), hd = q.size(3), half = hd / 2, row = (nh + 2 * nkv) * hd;
+  const T* src_all = qkv.data_ptr<T>();
+  Tensor qnw = q_norm ? as_float(*q_norm) : Tensor(), knw = k_norm ? as_float(*k_norm) : Tensor();
+  std::vector<float> x(hd);
+  std::vector<T> xn(hd);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tn; ++t) {
+      const T* cp = cos.data_ptr<T>() + t * hd;
+      const T* sp = sin.data_ptr<T>() + t * hd;
+      const T* src_row = src_all + (b * Tn + t) * row;
+      for (int64_t h = 0; h < nh + nkv; ++h) {
+        const T* src = src_row + h * hd;
+        for (int64_t d = 0; d < hd; ++d) x[d] = f(src[d]);
+        if (q_norm) {
+          norm_row<T>(x.data(), (h < nh ? qnw : knw).data_ptr<float>(), hd, eps, plus_one, xn.data());
+          for (int64_t d = 0; d < hd; ++d) x[d] = f(xn[d]);
+        }
+        T* dst = h < nh ? q.data_ptr<T>() + ((b * nh + h) * Tn + t) * hd : k.data_ptr<T>() + ((b * nkv + h - nh) * Tn + t) * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          const float sw = x[d < half ? d + half : d - half];
+          dst[d] = rnd<T>(f(rnd<T>(x[d] * f(cp[d]))) + sw * f(sp[d]));
+        }
+      }
+      for (int64_t h = 0; h < nkv; ++h) {
+        const T* src = src_row + (nh + nkv + h) * hd;
+        std::copy(src, src + hd, v.data_ptr<T>() + ((b * nkv + h) * Tn + t) * hd);
+      }
+    }
+}
+
+// new keys / values [B, nkv, T, hd] quantized into their slots (slots[t] < 0: not kept), positions recorded
+template <typename T>
+static void store_rows(const Args& a, const std::vector<Tensor>& st, Tensor& pos, const Tensor& k, const Tensor& v,
+                       const std::vector<int64_t>& slots) {
+  const int64_t D = a.D, ng = a.ng, cw = a.bits == 8 ? D : D / 2;
+  std::vector<float> x(D);
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < a.Hkv; ++h)
+      for (int64_t t = 0; t < (int64_t)slots.size(); ++t) {
+        if (slots[t] < 0) continue;
+        const int64_t slot = (b * a.Hkv + h) * a.S + slots[t];
+        for (int kv = 0; kv < 2; ++kv) {
+          const T* src = (kv ? v : k).data_ptr<T>() + ((b * a.Hkv + h) * slots.size() + t) * D;
+          for (int64_t d = 0; d < D; ++d) x[d] = f(src[d]);
+          uint8_t* codes = (uint8_t*)st[3 * kv].data_ptr() + slot * cw;
+          at::Half* zp = a.bits == 4 ? st[3 * kv + 2].data_ptr<at::Half>() + slot * ng : nullptr;
+          quantize_row(x.data(), D, a.bits, a.group, codes, st[3 * kv + 1].data_ptr<at::Half>() + slot * ng, zp);
+        }
+      }
+  int32_t* pp = pos.data_ptr<int32_t>();
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < a.Hp; ++h)
+      for (int64_t t = 0; t < (int64_t)slots.size(); ++t)
+        if (slots[t] >= 0) pp[(b * a.Hp + h) * a.S + slots[t]] = (int32_t)(a.start + t);
+}
+
+}  // namespace kvq
+
+// decode_layer (fused_block.cpp) with its attention over an int8 / int4 store: RoPE, the quantized write of the new
+// keys / values into `slots` (and their positions into pos), attention over the store's slots [0, n) (store_first:
+// written before, else the new rows attend in q's dtype and are written after); store = {kq, ks, kz, vq, vs, vz}
+Tensor decode_layer_kvquant(Tensor x, Tensor attn_norm, std::vector<Tensor> lins, std::vector<int64_t> meta,
+                            std::vector<double> thresholds, std::optional<Tensor> q_norm, std::optional<Tensor> k_norm,
+                            std::optional<Tensor> attn_post, Tensor mlp_norm, std::optional<Tensor> mlp_post,
+                            std::vector<Tensor> store, Tensor pos, std::vector<int64_t> slots, int64_t n, bool store_first,
+                            int64_t sinks, int64_t ring, int64_t bits, int64_t group, Tensor cos, Tensor sin,
+                            int64_t start, int64_t batch, int64_t nh, int64_t nkv, int64_t window, double eps,
+                            bool plus_one, double scale, bool gelu) {
+  TORCH_CHECK(store.size() == 6, "store: kq, ks, kz, vq, vs, vz");
+  const bool bf16 = cos.scalar_type() == at::kBFloat16;
+  return block(x, attn_norm, lins, meta, thresholds, attn_post, mlp_norm, mlp_post, bf16, eps, plus_one, gelu,
+               [&](const Tensor& qkv_rows) {
+                 const int64_t Tn = x.size(0) / batch, hd = store[0].size(3) * (bits == 8 ? 1 : 2);
+                 Tensor qkv = qkv_rows.contiguous().view({batch, Tn, -1});
+                 TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && (int64_t)slots.size() == Tn &&
+                                 qkv.size(2) == (nh + 2 * nkv) * hd, "decode_layer_kvquant: qkv, cos and slots");
+                 Tensor q = at::empty({batch, nh, Tn, hd}, qkv.options());
+                 Tensor k = at::empty({batch, nkv, Tn, hd}, qkv.options()), v = at::empty_like(k);
+                 Tensor c = cos.contiguous(), s = sin.contiguous();
+                 if (bf16) kvq::rope_split<c10::BFloat16>(qkv, q_norm, k_norm, c, s, nh, nkv, (float)eps, plus_one, q, k, v);
+                 else kvq::rope_split<float>(qkv, q_norm, k_norm, c, s, nh, nkv, (float)eps, plus_one, q, k, v);
+                 const kvq::Args a = kvq_args(q, store[0], store[1], store[2], store[3], store[4], store[5], pos, n,
+                                              store_first ? 0 : Tn, start, bits, group, window, sinks, ring, scale);
+                 auto write = [&] {
+                   if (bf16) kvq::store_rows<c10::BFloat16>(a, store, pos, k, v, slots);
+                   else kvq::store_rows<float>(a, store, pos, k, v, slots);
+                 };
+                 if (store_first) write();
+                 Tensor out = bf16 ? kvq::run<c10::BFloat16>(a, q, k, v) : kvq::run<float>(a, q, k, v);
+                 if (!store_first) write();
+                 return out.transpose(1, 2).reshape({batch * Tn, nh * hd});
+               });
 }

@@ -9,9 +9,9 @@
 #include "sparse.cpp"
 #include "attention.cpp"
 #include "attention_prefill.cpp"
-#include "attention_kvquant.cpp"
 #include "prefill_glue.cpp"
 #include "fused_block.cpp"
+#include "attention_kvquant.cpp"  // after fused_block.cpp: its decode_layer_kvquant uses block()
 
 // the ISA level this build was compiled for (native.py checks it against the level it asked for)
 static std::string isa() {
@@ -54,5 +54,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");
   m.def("attend_rows", &attend_rows, "attend for a batch of sequences, each with its own cache and position (attention.cpp)", nogil());
   m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)", nogil());
+  m.def("decode_layer_kvquant", &decode_layer_kvquant, "decode_layer over an int8/int4 KV store (attention_kvquant.cpp)", nogil());
   m.def("decode_rows", &decode_rows, "one decoder block for a batch of sequences at their own positions (fused_block.cpp)", nogil());
 }
