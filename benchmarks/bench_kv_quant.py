@@ -7,7 +7,7 @@ int8 and int4 KV read by the fused kernel (ops.attend_kvquant, csrc/attention_kv
 Caches are filled with random keys / values at positions [0, context) (leanlm.attention.longctx.decode_speed's
 synthetic fill: decode cost does not depend on the values, and no long prefill runs); decode rounds of --steps
 tokens are interleaved across the policies, median tok/s reported, with each policy's speed relative to the
-plain cache of the same run. --reference adds `int8 (python)`: the dequantize-then-attend path the kernel
+plain cache of the same run. --reference adds `int8-python`: the dequantize-then-attend path the kernel
 replaced (PolicyCache.native_kvquant = False), slow at long context.
 Writes results/kv_quant.json for a default run, else (and with --archive) results/archive/DATE/kv_quant.json.
 """
@@ -56,7 +56,7 @@ def main() -> None:
 
     policies = {"plain": None, "int8": KVPolicy.parse("int8"), "int4": KVPolicy.parse("int4")}
     if args.reference:
-        policies["int8 (python)"] = Reference(bits=8)
+        policies["int8-python"] = Reference(bits=8)
     res = {"dtype": args.dtype, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
            "machine": machine(), "models": {}}  # fmt: skip
     partial = args.models != DEFAULT_MODELS or args.contexts != DEFAULT_CONTEXTS

@@ -203,3 +203,23 @@ def test_smollm2_int8_kv_greedy_close_to_bf16_cache():
     got = gen(KVPolicy.parse("int8"))
     first_diff = next((i for i, (x, y) in enumerate(zip(base, got)) if x != y), len(base))
     assert first_diff >= 24, (base, got)
+
+
+def test_batch_of_two_through_the_fused_block(head32_dir):
+    """Two sequences share one quantized cache (one position for both): the fused block equals the reference."""
+    model = load_model(head32_dir)
+    tokens = torch.randint(0, 97, (2, 26), generator=torch.Generator().manual_seed(11))
+    out = {}
+    for native in (True, False):
+        PolicyCache.native_kvquant = native
+        model.fused_decode = native
+        try:
+            model.setup_cache(2, 26, cache_cls=KVPolicy.parse("sinks:2,window:9,int4"))
+            with torch.inference_mode():
+                steps = [model(tokens[:, :6], start=0)] + [model(tokens[:, p : p + 1], start=p) for p in range(6, 26)]
+            out[native] = torch.cat(steps, 1)
+        finally:
+            PolicyCache.native_kvquant = True
+            model.fused_decode = True
+            model.clear_cache()
+    assert (out[True] - out[False]).abs().max().item() <= 1e-4
