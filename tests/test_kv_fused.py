@@ -44,7 +44,8 @@ def test_kernel_matches_dequantized_reference(bits, heads, kv_heads, head_dim, T
     g = torch.Generator().manual_seed(bits * 1000 + heads * 10 + T)
     B, S = 2, 700
     store = KVStore(B, kv_heads, S, head_dim, torch.float32, bits=bits)
-    store.write(0, torch.randn(B, kv_heads, S, head_dim, generator=g) * 2, torch.randn(B, kv_heads, S, head_dim, generator=g))
+    shape = (B, kv_heads, S, head_dim)
+    store.write(0, torch.randn(shape, generator=g) * 2, torch.randn(shape, generator=g))
     for n in (37, 613):
         start = n + 2  # two positions never stored
         pos = torch.arange(S, dtype=torch.int32).view(1, 1, S).repeat(B, kv_heads, 1)
@@ -88,8 +89,8 @@ def head32_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)  # fmt: skip
+    cfg = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=32, max_position_embeddings=256)  # fmt: skip
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():

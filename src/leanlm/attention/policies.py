@@ -183,7 +183,7 @@ class PolicyCache(KVCache):
         Hkv, G = k.shape[1], H // k.shape[1]
         dev = q.device
         new_pos = torch.arange(start, start + T, device=dev, dtype=torch.int32)
-        if self._native_ok(q):
+        if self._native_ok(T, q.dtype) and not (torch.is_grad_enabled() and q.requires_grad):  # (no backward)
             return self._attend_native(attn, q, k, v, start, new_pos)
         if T == 1 and self.method in ("full", "window") and attn.window is None:
             # decode: every kept key is visible to the new query (a full cache, or sinks + a ring
@@ -230,16 +230,12 @@ class PolicyCache(KVCache):
         self._insert(k, v, new_pos, start, keys, vals, kpos, probs)
         return out
 
-    def _native_ok(self, q: torch.Tensor) -> bool:
-        """Can ops.attend_kvquant read this store as it is (int8/int4 full or window policy, 1..16 new rows)?"""
+    def _native_ok(self, rows: int, dtype: torch.dtype) -> bool:
+        """Can the kernels read this store as it is (an int8/int4 full or window policy, 1..16 new rows on CPU)?"""
         st = self.store
-        if not (self.native_kvquant and st.bits and self.method in ("full", "window") and q.shape[2] <= ops.MAX_ROWS):
-            return False
-        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] % (8 if st.bits == 8 else 32):
-            return False
-        if torch.is_grad_enabled() and q.requires_grad:  # the kernel has no backward
-            return False
-        return st.group % 8 == 0 and ops.available()
+        return (self.native_kvquant and bool(st.bits) and self.method in ("full", "window") and rows <= ops.MAX_ROWS
+                and dtype in (torch.float32, torch.bfloat16) and st.kq.device.type == "cpu" and st.group % 8 == 0
+                and self.head_dim % (8 if st.bits == 8 else 32) == 0 and ops.available())  # fmt: skip
 
     def _attend_native(self, attn, q, k, v, start, new_pos) -> torch.Tensor:
         """The same attention as below (same keys, masks and stored values), computed on the codes in C++
@@ -248,23 +244,19 @@ class PolicyCache(KVCache):
         sinks, ring = (self.policy.sinks, self.policy.window) if self.method == "window" else (0, -1)
         if q.shape[2] == 1 and attn.window is None:  # decode: store first, as the path below does
             self._insert(k, v, new_pos, start, None, None, None, None)
-            return ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, sinks=sinks, ring=ring)
-        out = ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, k.to(q.dtype), v.to(q.dtype),
-                                 sinks, ring)  # fmt: skip
+            return ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, sinks=sinks,
+                                      ring=ring)  # fmt: skip
+        out = ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, k.to(q.dtype),
+                                 v.to(q.dtype), sinks, ring)  # fmt: skip
         self._insert(k, v, new_pos, start, None, None, None, None)
         return out
 
     def fused_store(self, dtype: torch.dtype, start: int, rows: int, window: int) -> list | None:
         """ops.decode_layer_kvquant's store arguments for `rows` new positions from `start` (the fused decode step,
         model/fused.py), or None where the kernel does not apply. Books the write it asks for (n)."""
-        st = self.store
-        if not (self.native_kvquant and st.bits and self.method in ("full", "window") and rows <= ops.MAX_ROWS):
+        if not self._native_ok(rows, dtype):
             return None
-        if dtype not in (torch.float32, torch.bfloat16) or st.kq.device.type != "cpu" or st.group % 8:
-            return None
-        if self.head_dim % (8 if st.bits == 8 else 32) or not ops.available():
-            return None
-        end = start + rows
+        st, end = self.store, start + rows
         if self.method == "full":
             if end > self.cap:
                 raise LeanlmError(f"KV cache of {self.cap} tokens is full (position {end})")
@@ -277,7 +269,7 @@ class PolicyCache(KVCache):
         store_first = rows == 1 and window == 0  # as attend: a decode query attends its own key as stored
         n_before = self.n
         self.n = max(self.n, end) if self.method == "full" else min(self.cap, max(self.n, end))
-        e = torch.empty(0)
+        e = ops._EMPTY
         bufs = [st.kq, st.ks, st.kz if st.bits == 4 else e, st.vq, st.vs, st.vz if st.bits == 4 else e]
         return [bufs, self.pos, slots, self.n if store_first else n_before, store_first, sinks, ring, st.bits, st.group]
 
