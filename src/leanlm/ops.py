@@ -11,6 +11,8 @@ rows share the call, so a k-token verification forward equals k one-token steps 
 - `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
 - `attend`        RoPE + KV-cache write + attention for 1..16 new positions (csrc/attention.cpp);
                   `attend_rows` the same for up to 16 sequences, each with its own cache and position
+- `attend_kvquant` attention for 1..16 new positions read straight from an int8/int4 KV store
+                  (leanlm.attention.kv_quant.KVStore), no dequantized copy (csrc/attention_kvquant.cpp)
 - `rms_norm`, `residual_norm`, `glu`, `decode_layer`: a decoder block's glue, and the whole block in
   one call (csrc/fused_block.cpp); `decode_rows` the whole block for a batch of sequences at their own
   positions (continuous batching: the weights are read once for all of them)
@@ -32,7 +34,9 @@ answer per layer and asks again when a module, parameter or buffer is replaced, 
 `fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
 Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT) and
 adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
-`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None).
+`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), and a quantized
+cache `fused_store(dtype, start, rows, window) -> list | None` (decode_layer_kvquant's store arguments;
+attention.policies.PolicyCache).
 """
 
 from __future__ import annotations
@@ -237,6 +241,23 @@ def attend_rows(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Te
                                   window, eps, plus_one, scale)  # fmt: skip
 
 
+def attend_kvquant(q: torch.Tensor, store, pos: torch.Tensor, n: int, start: int, scale: float, window: int = 0,
+                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, sinks: int = 0,
+                   ring: int = -1) -> torch.Tensor:  # fmt: skip
+    """Attention of q [B, H, T, D] (fp32/bf16, positions start..start+T-1; GQA by H / Hkv) over the slots [0, n) of an
+    int8/int4 `store` (a leanlm.attention.kv_quant.KVStore, read as stored) and the not yet stored k_new / v_new
+    [B, Hkv, Tn, D] in q's dtype at positions start..start+Tn-1 -> [B, H, T, D] in q's dtype.
+    pos int32 [B, 1 or Hkv, S]: each slot's original position (-1 = empty). A key at position p is visible to the
+    query at qpos when 0 <= p <= qpos, p > qpos - window (window > 0), and p < sinks or p >= start - ring
+    (ring >= 0: a sinks + window policy). fp32 accumulation (csrc/attention_kvquant.cpp)."""
+    kv = store
+    zk, zv = (kv.kz, kv.vz) if kv.bits == 4 else (_EMPTY, _EMPTY)
+    e = _EMPTY if k_new is None else k_new
+    return _require().attend_kvquant(q, kv.kq, kv.ks, zk, kv.vq, kv.vs, zv, pos, n, e,
+                                     _EMPTY if v_new is None else v_new, start, kv.bits, kv.group, window, sinks, ring,
+                                     scale)  # fmt: skip
+
+
 def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     """act(gate) * up of a fused gate/up output [B, 2F] -> [B, F]: SiLU, or GELU-tanh (Gemma)."""
     return _require().glu(gate_up, gelu)
@@ -254,6 +275,23 @@ def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tens
     return _require().decode_layer(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
                                    mlp_post, cache_k, cache_v, cos, sin, pos, batch, n_heads, n_kv_heads, window, eps,
                                    plus_one, scale, gelu)  # fmt: skip
+
+
+def decode_layer_kvquant(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],
+                         thresholds: list[float], q_norm, k_norm, attn_post, mlp_norm: torch.Tensor, mlp_post,
+                         store: list[torch.Tensor], pos: torch.Tensor, slots: list[int], n: int, store_first: bool,
+                         sinks: int, ring: int, bits: int, group: int, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                         batch: int, n_heads: int, n_kv_heads: int, window: int, eps: float, plus_one: bool,
+                         scale: float, gelu: bool) -> torch.Tensor:  # fmt: skip
+    """`decode_layer` with its attention over an int8/int4 KV store (store = [kq, ks, kz, vq, vs, vz] of a
+    leanlm.attention.kv_quant.KVStore, kz / vz empty for int8): the new keys / values are quantized into `slots`
+    (one per new position, -1 = not kept; their positions written to pos) before the attention over the slots
+    [0, n) when store_first, else after it (the new rows then attend in the compute dtype); masks as
+    attend_kvquant. The PolicyCache answers these arguments (fused_store)."""
+    return _require().decode_layer_kvquant(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
+                                           mlp_post, store, pos, slots, n, store_first, sinks, ring, bits, group, cos,
+                                           sin, start, batch, n_heads, n_kv_heads, window, eps, plus_one, scale,
+                                           gelu)  # fmt: skip
 
 
 def decode_rows(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],

@@ -1,7 +1,9 @@
 """KV-cache quantization: int8 (per token, per head, symmetric) and int4 (per token, per head,
 groups of `group` channels, asymmetric, two codes per byte). Scales/zeros are fp16.
 
-`KVStore` holds the slots of one layer's cache in float, int8 or int4 and dequantizes on read.
+`KVStore` holds the slots of one layer's cache in float, int8 or int4 and dequantizes on read (`read`: the
+Python path). Its buffers (codes [B, H, S, D] or [B, H, S, D/2], scales / zeros [B, H, S, groups], each slot's
+rows contiguous per head) are also what ops.attend_kvquant and ops.decode_layer_kvquant read in place.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..apply import record, register
 from ..errors import LeanlmError
 from ..model.runtime import KVCache, upcast_for_matmul
@@ -149,6 +150,7 @@ def model_policy(model) -> "KVPolicy | None":
 
 class PolicyCache(KVCache):
     custom_attention = True
+    native_kvquant = True  # class-wide switch; False: the dequantize-then-attend path (the tests' reference)
 
     def __init__(self, policy: KVPolicy, batch, n_kv_heads, max_len, head_dim, dtype, device=None):
         nn.Module.__init__(self)  # not KVCache.__init__: no full-length float buffers
@@ -181,6 +183,8 @@ class PolicyCache(KVCache):
         Hkv, G = k.shape[1], H // k.shape[1]
         dev = q.device
         new_pos = torch.arange(start, start + T, device=dev, dtype=torch.int32)
+        if self._native_ok(T, q.dtype) and not (torch.is_grad_enabled() and q.requires_grad):  # (no backward)
+            return self._attend_native(attn, q, k, v, start, new_pos)
         if T == 1 and self.method in ("full", "window") and attn.window is None:
             # decode: every kept key is visible to the new query (a full cache, or sinks + a ring
             # of window + 1 slots that after this write holds the last `window` keys and the new
@@ -225,6 +229,49 @@ class PolicyCache(KVCache):
         out = out if out.dtype == dtype else out.to(dtype)
         self._insert(k, v, new_pos, start, keys, vals, kpos, probs)
         return out
+
+    def _native_ok(self, rows: int, dtype: torch.dtype) -> bool:
+        """Can the kernels read this store as it is (an int8/int4 full or window policy, 1..16 new rows on CPU)?"""
+        st = self.store
+        return (self.native_kvquant and bool(st.bits) and self.method in ("full", "window") and rows <= ops.MAX_ROWS
+                and dtype in (torch.float32, torch.bfloat16) and st.kq.device.type == "cpu" and st.group % 8 == 0
+                and self.head_dim % (8 if st.bits == 8 else 32) == 0 and ops.available())  # fmt: skip
+
+    def _attend_native(self, attn, q, k, v, start, new_pos) -> torch.Tensor:
+        """The same attention as below (same keys, masks and stored values), computed on the codes in C++
+        (csrc/attention_kvquant.cpp) instead of over a dequantized copy of the whole store."""
+        window = attn.window or 0
+        sinks, ring = (self.policy.sinks, self.policy.window) if self.method == "window" else (0, -1)
+        if q.shape[2] == 1 and attn.window is None:  # decode: store first, as the path below does
+            self._insert(k, v, new_pos, start, None, None, None, None)
+            return ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, sinks=sinks,
+                                      ring=ring)  # fmt: skip
+        out = ops.attend_kvquant(q, self.store, self.pos, self.n, start, attn.scale, window, k.to(q.dtype),
+                                 v.to(q.dtype), sinks, ring)  # fmt: skip
+        self._insert(k, v, new_pos, start, None, None, None, None)
+        return out
+
+    def fused_store(self, dtype: torch.dtype, start: int, rows: int, window: int) -> list | None:
+        """ops.decode_layer_kvquant's store arguments for `rows` new positions from `start` (the fused decode step,
+        model/fused.py), or None where the kernel does not apply. Books the write it asks for (n)."""
+        if not self._native_ok(rows, dtype):
+            return None
+        st, end = self.store, start + rows
+        if self.method == "full":
+            if end > self.cap:
+                raise LeanlmError(f"KV cache of {self.cap} tokens is full (position {end})")
+            slots, sinks, ring = list(range(start, end)), 0, -1
+        else:
+            s, w = self.policy.sinks, self.policy.window
+            slots = [p if p < s else s + (p - s) % (w + 1) for p in range(start, end)]
+            slots = [sl if p < s or p >= end - w - 1 else -1 for p, sl in zip(range(start, end), slots)]
+            sinks, ring = s, w
+        store_first = rows == 1 and window == 0  # as attend: a decode query attends its own key as stored
+        n_before = self.n
+        self.n = max(self.n, end) if self.method == "full" else min(self.cap, max(self.n, end))
+        e = ops._EMPTY
+        bufs = [st.kq, st.ks, st.kz if st.bits == 4 else e, st.vq, st.vs, st.vz if st.bits == 4 else e]
+        return [bufs, self.pos, slots, self.n if store_first else n_before, store_first, sinks, ring, st.bits, st.group]
 
     # ---- storing / eviction ---------------------------------------------------------
     def _insert(self, k, v, new_pos, start, keys, vals, kpos, probs) -> None:

@@ -11,6 +11,7 @@
 #include "attention_prefill.cpp"
 #include "prefill_glue.cpp"
 #include "fused_block.cpp"
+#include "attention_kvquant.cpp"  // after fused_block.cpp: its decode_layer_kvquant uses block()
 
 // the ISA level this build was compiled for (native.py checks it against the level it asked for)
 static std::string isa() {
@@ -43,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
   m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
   m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)", nogil());
+  m.def("attend_kvquant", &attend_kvquant, "decode attention read straight from an int8/int4 KV store (attention_kvquant.cpp)", nogil());
   m.def("prefill_attention", &prefill_attention, "causal attention for many new positions, AVX-512 (attention_prefill.cpp)");
   m.def("prefill_attention_supported", &prefill_attention_supported, "does this CPU run prefill_attention (AVX-512)?");
   m.def("glu_rows", &glu_rows, "act(gate) * up for many rows, AVX-512 (prefill_glue.cpp)");
@@ -52,5 +54,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("glu", &glu, "act(gate) * up of a fused gate/up output (fused_block.cpp)");
   m.def("attend_rows", &attend_rows, "attend for a batch of sequences, each with its own cache and position (attention.cpp)", nogil());
   m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)", nogil());
+  m.def("decode_layer_kvquant", &decode_layer_kvquant, "decode_layer over an int8/int4 KV store (attention_kvquant.cpp)", nogil());
   m.def("decode_rows", &decode_rows, "one decoder block for a batch of sequences at their own positions (fused_block.cpp)", nogil());
 }
