@@ -11,8 +11,9 @@ from leanlm.attention import KVPolicy, TGACache, TGAPolicy, cache_bytes
 from leanlm.errors import LeanlmError
 
 
-def reference(q, k, v, window, group, scale, log_bias, layer_window=None):
-    """Every query at its own position, keys/values built from scratch: window + pooled groups before it."""
+def reference(q, k, v, window, group, scale, log_bias, layer_window=None, sinks=0):
+    """Every query at its own position, keys/values built from scratch: sinks and pooled groups before the
+    window, then the window."""
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
@@ -22,12 +23,16 @@ def reference(q, k, v, window, group, scale, log_bias, layer_window=None):
         lo = max(0, p - lw + 1)
         keys, vals, bias = [k[:, :, lo : p + 1]], [v[:, :, lo : p + 1]], [torch.zeros(p + 1 - lo)]
         if layer_window is None:
-            n_groups = max(0, (p - window + 1) // group)
+            before = p - window + 1  # positions [0, before) lie before the window
+            n_groups = max(0, before - sinks) // group
             if n_groups:
-                pk = k[:, :, : n_groups * group].unflatten(2, (n_groups, group)).mean(3)
-                pv = v[:, :, : n_groups * group].unflatten(2, (n_groups, group)).mean(3)
-                keys.insert(0, pk), vals.insert(0, pv)
+                g = slice(sinks, sinks + n_groups * group)
+                keys.insert(0, k[:, :, g].unflatten(2, (n_groups, group)).mean(3))
+                vals.insert(0, v[:, :, g].unflatten(2, (n_groups, group)).mean(3))
                 bias.insert(0, torch.full((n_groups,), math.log(group) if log_bias else 0.0))
+            ns = min(sinks, max(0, before))
+            if ns:
+                keys.insert(0, k[:, :, :ns]), vals.insert(0, v[:, :, :ns]), bias.insert(0, torch.zeros(ns))
         kk, vv, bb = torch.cat(keys, 2), torch.cat(vals, 2), torch.cat(bias)
         kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
         s = (q[:, :, p : p + 1] @ kk.transpose(-1, -2)) * scale + bb
@@ -47,18 +52,18 @@ def run_cache(policy, q, k, v, chunks, layer_window=None):
     return torch.cat(outs, 2), cache
 
 
-@pytest.mark.parametrize("log_bias", [False, True])
-@pytest.mark.parametrize("chunks", [[70], [1] * 70, [13, 1, 1, 20, 1, 5, 29], [33, 37]])
-def test_matches_reference(chunks, log_bias):
+@pytest.mark.parametrize("log_bias,sinks", [(False, 0), (True, 0), (False, 3), (True, 2)])
+@pytest.mark.parametrize("chunks", [[70], [1] * 70, [13, 1, 1, 20, 1, 5, 29], [2, 33, 35]])
+def test_matches_reference(chunks, log_bias, sinks):
     torch.manual_seed(0)
     B, H, Hkv, N, D = 1, 4, 2, 70, 8
     q, k, v = torch.randn(B, H, N, D), torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
-    pol = TGAPolicy(window=12, pool=4, log_bias=log_bias)
+    pol = TGAPolicy(window=12, pool=4, log_bias=log_bias, sinks=sinks)
     got, cache = run_cache(pol, q, k, v, chunks)
-    want = reference(q, k, v, 12, 4, D**-0.5, log_bias)
+    want = reference(q, k, v, 12, 4, D**-0.5, log_bias, sinks=sinks)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # memory: the ring of 12 + 70 // 4 pooled slots, keys and values
-    assert cache.nbytes() == 2 * B * Hkv * (12 + 17) * D * 4
+    # memory: the ring of 12, the sinks, (70 - sinks) // 4 pooled slots; keys and values
+    assert cache.nbytes() == 2 * B * Hkv * (12 + sinks + (70 - sinks) // 4) * D * 4
 
 
 def test_layer_with_own_window_gets_no_pooled_tokens():
@@ -116,6 +121,7 @@ def test_parse_and_errors():
     assert isinstance(p, TGAPolicy) and (p.pool, p.window, p.log_bias) == (16, 512, False)
     assert p.describe() == "tga:group=16,window=512"
     assert KVPolicy.parse(p.describe() + ",logg=1").log_bias
+    assert KVPolicy.parse("tga:group=8,window=64,sinks=4").describe() == "tga:group=8,window=64,sinks=4"
     assert isinstance(p(1, 2, 100, 8, torch.float32), TGACache)
     for bad in ("tga:group=1,window=8", "tga:group=16,window=8", "tga:group=4,foo=2", "tga:group=4,window=8,logg=2",
                 "tga:group=4,window:8"):

@@ -42,6 +42,7 @@ class TGAPolicy(KVPolicy):
     window: int = 512             # recent tokens at full resolution
     pool: int = 16                # tokens per pooled group (spec: group=)
     log_bias: bool = False        # add log(pool) to the pooled keys' logits (spec: logg=1)
+    sinks: int = 0                # first tokens kept as they are (attention sinks), not pooled (spec: sinks=N)
 
     def validate(self) -> "TGAPolicy":
         if self.method != "tga":
@@ -61,7 +62,7 @@ class TGAPolicy(KVPolicy):
         return False  # window + L / group keys: grows with the context (by 1 / group)
 
     def capacity(self, max_len: int) -> int:
-        return self.window + max_len // self.pool
+        return self.window + self.sinks + max(0, max_len - self.sinks) // self.pool
 
     def price(self, plan) -> None:
         """Cost model: a decode step reads window + (context - window) / group keys per layer."""
@@ -69,23 +70,24 @@ class TGAPolicy(KVPolicy):
         plan.kv_pool_group = self.pool
 
     def describe(self) -> str:
-        return f"tga:group={self.pool},window={self.window}" + (",logg=1" if self.log_bias else "")
+        return (f"tga:group={self.pool},window={self.window}" + (f",sinks={self.sinks}" if self.sinks else "")
+                + (",logg=1" if self.log_bias else ""))
 
     def __call__(self, batch, n_kv_heads, max_len, head_dim, dtype, device=None) -> "TGACache":
         return TGACache(self, batch, n_kv_heads, max_len, head_dim, dtype, device)
 
     @classmethod
     def parse(cls, spec: str) -> "TGAPolicy":
-        """'tga:group=G,window=W[,logg=0|1]'."""
+        """'tga:group=G,window=W[,sinks=N][,logg=0|1]'."""
         body = spec.strip()
         if not body.startswith("tga:"):
             raise LeanlmError(f"bad tga spec '{spec}'; expected e.g. tga:group=16,window=512")
         p = cls()
-        names = {"group": "pool", "window": "window", "logg": "log_bias"}
+        names = {"group": "pool", "window": "window", "logg": "log_bias", "sinks": "sinks"}
         for item in [s.strip() for s in body[4:].split(",") if s.strip()]:
             m = re.fullmatch(r"([a-z]+)=(\d+)", item)
             if not m or m.group(1) not in names:
-                raise LeanlmError(f"unknown tga item '{item}' in '{spec}'; use group=G, window=W, logg=0|1 "
+                raise LeanlmError(f"unknown tga item '{item}' in '{spec}'; use group=G, window=W, sinks=N, logg=0|1 "
                                   "(e.g. tga:group=16,window=512)")  # fmt: skip
             key, n = names[m.group(1)], int(m.group(2))
             if key == "log_bias" and n not in (0, 1):
@@ -96,8 +98,9 @@ class TGAPolicy(KVPolicy):
 
 class TGACache(KVCache):
     """One layer's keys/values: slots [0, L) are a ring of the last L positions (position p in slot p % L),
-    slots [L, L + P) the pooled groups in order. A decode step attends over the slice [0, L + visible)
-    in place: no copy, no mask (an additive log(G) bias on the pooled part when `log_bias`)."""
+    [L, L + S) the first S positions (sinks), [L + S, L + S + P) the pooled groups in order. A decode step
+    attends over the slice [0, L + visible sinks + visible groups) in place: no copy, no mask (an additive
+    log(G) bias on the pooled part when `log_bias`)."""
 
     custom_attention = True
 
@@ -106,24 +109,25 @@ class TGACache(KVCache):
         self.policy, self.G = policy, policy.pool
         self._max_len = max_len
         self.batch, self.n_kv_heads, self.head_dim, self.dtype, self.device = batch, n_kv_heads, head_dim, dtype, device
-        self._alloc(policy.window, max_len // self.G)
+        sinks = min(policy.sinks, max_len)
+        self._alloc(policy.window, sinks, max(0, max_len - sinks) // self.G)
         self.layer_window: int | None = None
         self.configured = False
 
-    def _alloc(self, ring: int, pooled: int) -> None:
-        self.L, self.P = ring, pooled
-        shape = (self.batch, self.n_kv_heads, ring + pooled, self.head_dim)
+    def _alloc(self, ring: int, sinks: int, pooled: int) -> None:
+        self.L, self.S, self.P = ring, sinks, pooled
+        shape = (self.batch, self.n_kv_heads, ring + sinks + pooled, self.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
-        bias = torch.zeros(ring + pooled, device=self.device)
-        bias[ring:] = math.log(self.G)
+        bias = torch.zeros(ring + sinks + pooled, device=self.device)
+        bias[ring + sinks :] = math.log(self.G)
         self.register_buffer("bias", bias, persistent=False)
 
     def _configure(self, attn) -> None:
-        """First call: a layer with its own sliding window keeps min(window, its window) keys and no pooled ones."""
+        """First call: a layer with its own sliding window keeps min(window, its window) keys, no sinks or groups."""
         if attn.window is not None:
             self.layer_window = attn.window
-            self._alloc(min(self.policy.window, attn.window), 0)
+            self._alloc(min(self.policy.window, attn.window), 0, 0)
         self.configured = True
 
     @property
@@ -131,24 +135,26 @@ class TGACache(KVCache):
         return self._max_len
 
     def nbytes(self) -> int:
-        """Bytes this layer's cache holds (window ring + pooled slots)."""
+        """Bytes this layer's cache holds (window ring + sinks + pooled slots)."""
         return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
     def update(self, k, v, start):
         raise NotImplementedError("TGACache is used through attend()")
 
+    def _groups(self, end: int) -> int:
+        """Complete groups among positions [S, end)."""
+        return min(max(0, end - self.S) // self.G, self.P)
+
     def _pool(self, local_k, local_v, base: int, start: int, end: int) -> int:
         """Pool the groups that complete in [start, end) from local keys at positions [base, end); returns
         the number of pooled groups now stored."""
-        if self.P == 0:
-            return 0
-        G, B = self.G, local_k.shape[0]
-        p0, p1 = start // G, min(end // G, self.P)
+        G, B, S, off = self.G, local_k.shape[0], self.S, self.L + self.S
+        p0, p1 = self._groups(start), self._groups(end)
         if p1 > p0:
             for src, dst in ((local_k, self.k), (local_v, self.v)):
-                seg = src[:, :, p0 * G - base : p1 * G - base]
+                seg = src[:, :, S + p0 * G - base : S + p1 * G - base]
                 mean = seg.float().unflatten(2, (p1 - p0, G)).mean(3)
-                dst[:B, :, self.L + p0 : self.L + p1] = mean.to(dst.dtype)
+                dst[:B, :, off + p0 : off + p1] = mean.to(dst.dtype)
         return p1
 
     def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -156,29 +162,30 @@ class TGACache(KVCache):
             self._configure(attn)
         B, H, T, D = q.shape
         Hkv = k.shape[1]
-        L, G = self.L, self.G
+        L, G, S = self.L, self.G, self.S
         end = start + T
         if end > self._max_len:
             raise LeanlmError(f"tga cache was set up for {self._max_len} tokens (position {end})")
         gqa = H != Hkv
+        if start < S:  # the first S positions are also kept as sinks
+            n = min(end, S) - start
+            self.k[:B, :, L + start : L + start + n] = k[:, :, :n]
+            self.v[:B, :, L + start : L + start + n] = v[:, :, :n]
         if T == 1:
             # decode: write into the ring first (it then holds positions (start - L, start]), pool a group
-            # that completes here, then attend over the ring and the visible pooled prefix in place
+            # that completes here, then attend over the ring, the sinks and the pooled groups before the window
             slot = start % L
             self.k[:B, :, slot : slot + 1] = k
             self.v[:B, :, slot : slot + 1] = v
-            if self.P and end % G == 0 and end // G <= self.P:
+            if self._groups(end) > self._groups(start):
                 idx = torch.arange(end - G, end, device=k.device) % L
-                j = L + end // G - 1
+                j = L + S + self._groups(end) - 1
                 for buf in (self.k, self.v):
                     buf[:B, :, j] = buf[:B, :, idx].float().mean(2).to(buf.dtype)
-            vis = max(0, (start - L + 1) // G) if self.P else 0
-            S = min(L, end) + vis
-            ck, cv = self.k[:B, :, :S], self.v[:B, :, :S]
-            if S > min(L, end):  # (vis > 0 only once the ring is full, so [0, S) is ring + pooled prefix)
-                mask = self.bias[None, :S].to(q.dtype) if self.policy.log_bias else None
-            else:
-                mask = None
+            before = start - L + 1  # positions [0, before) lie before the window
+            n_vis = min(L, end) + min(S, max(0, before)) + self._groups(before)  # groups need every sink visible
+            ck, cv = self.k[:B, :, :n_vis], self.v[:B, :, :n_vis]
+            mask = self.bias[None, :n_vis].to(q.dtype) if self.policy.log_bias and self._groups(before) else None
             return F.scaled_dot_product_attention(q, ck.to(q.dtype), cv.to(q.dtype), attn_mask=mask, scale=attn.scale,
                                                   enable_gqa=gqa)  # fmt: skip
         # chunk: the ring's keys (positions [base, start)) in position order, then the new ones
@@ -192,22 +199,24 @@ class TGACache(KVCache):
         else:
             local_k, local_v = k, v
         n_pool = self._pool(local_k, local_v, base, start, end)
+        n_sink = min(S, end)
         qpos = torch.arange(start, end, device=dev)[:, None]
         lpos = torch.arange(base, end, device=dev)[None, :]
         lwin = L if self.layer_window is None else min(L, self.layer_window)
         visible = (lpos <= qpos) & (lpos > qpos - lwin)
         keys, vals = local_k, local_v
-        if n_pool:
-            gend = torch.arange(1, n_pool + 1, device=dev)[None, :] * G - 1  # last position of each group
-            pvis = gend <= qpos - L
-            visible = torch.cat([pvis, visible], 1)
-            keys = torch.cat([self.k[:B, :, L : L + n_pool].to(k.dtype), local_k], 2)
-            vals = torch.cat([self.v[:B, :, L : L + n_pool].to(v.dtype), local_v], 2)
+        if n_sink or n_pool:
+            spos = torch.arange(n_sink, device=dev)[None, :]  # a sink is seen here once it left the window
+            gend = S + torch.arange(1, n_pool + 1, device=dev)[None, :] * G - 1  # last position of each group
+            visible = torch.cat([spos <= qpos - L, gend <= qpos - L, visible], 1)
+            far = slice(L, L + n_sink), slice(L + S, L + S + n_pool)
+            keys = torch.cat([self.k[:B, :, far[0]], self.k[:B, :, far[1]], local_k.to(self.k.dtype)], 2).to(k.dtype)
+            vals = torch.cat([self.v[:B, :, far[0]], self.v[:B, :, far[1]], local_v.to(self.v.dtype)], 2).to(v.dtype)
         dtype = q.dtype
         qf, kf, vf = (q.float(), keys.float(), vals.float()) if upcast_for_matmul(q) else (q, keys, vals)
         if self.policy.log_bias and n_pool:
             mask = torch.zeros(visible.shape, dtype=qf.dtype, device=dev)
-            mask[:, :n_pool] = math.log(G)
+            mask[:, n_sink : n_sink + n_pool] = math.log(G)
             mask.masked_fill_(~visible, float("-inf"))
         else:
             mask = visible
