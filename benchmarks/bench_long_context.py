@@ -19,6 +19,7 @@ One pass per (model, context, method, needle depth), sharing one prefill for eve
   `ppl_vs_full` is the ratio to the full cache on the same tokens;
 - needle: greedy decoding of --answer-tokens tokens from that cache; recalled = the exact number appears;
 - KV bytes: what the caches hold after the prompt (bookkeeping included);
+- context = prompt + answer + timed decode steps (the prompt is that much shorter), so 8k fits SmolLM2's window;
 - speed: the caches of the last depth are kept for all methods of the (model, context), then --rounds rounds
   of --steps decode steps run interleaved across methods (one warm-up round first), median tok/s.
   Real prefilled caches throughout (no random fill), so content-dependent methods are timed honestly.
@@ -67,8 +68,8 @@ QUICK_METHODS = "full;sinks:4,window:{b4};tga:group=16,window={w};int8"
 
 
 # ---- methods -----------------------------------------------------------------------------------------
-def _mla_transform(model, spec: str, tok):
-    """mla:rank=R -> leanlm.apply(model, <the MLA config parsed from the spec>) (leanlm.attention.mla)."""
+def _mla_config(spec: str):
+    """mla:rank=R -> the config leanlm.attention.mla parses from it (its parse() or its MLA class's)."""
     from leanlm.errors import LeanlmError
 
     try:
@@ -82,20 +83,26 @@ def _mla_transform(model, spec: str, tok):
         parse = cls.parse if cls else None
     if parse is None:
         raise LeanlmError(f"method '{spec}': leanlm.attention.mla has no parse() for its spec strings")
-    cfg = parse(spec)
+    return parse(spec)
+
+
+def _mla_transform(model, spec: str, tok):
+    """leanlm.apply(model, <MLA config>), with calibration text (WikiText-2 validation) when it needs some."""
+    import leanlm
+
+    cfg = _mla_config(spec)
     calib = None
     if getattr(cfg, "needs_calibration", False):
         from leanlm.calibration import Calibration
 
         calib = Calibration(tok, "wikitext2-valid", samples=16, seq_len=512)
-    import leanlm
-
     leanlm.apply(model, cfg, calib, progress=False)
     return model
 
 
-# a model transform: kind -> fn(model copy, spec, tokenizer) -> model (evaluated with a full cache)
-TRANSFORMS = {"mla": _mla_transform}
+# model transforms: kind -> (parse the spec, or raise; apply it to a fresh copy of the model). The variant is
+# evaluated with a full cache. Adding one = a function pair and a line here.
+TRANSFORMS = {"mla": (_mla_config, _mla_transform)}
 
 
 def kind_of(spec: str) -> str:
@@ -112,6 +119,7 @@ def parse_method(spec: str):
     from leanlm.attention import KVPolicy
 
     if kind_of(spec) in TRANSFORMS:
+        TRANSFORMS[kind_of(spec)][0](spec)  # parses, or raises
         return "transform", spec
     return "kv", (None if spec.strip() == "full" else KVPolicy.parse(spec))
 
@@ -150,7 +158,7 @@ def check_methods(plan: dict) -> None:
             for t in templates:
                 try:
                     parse_method(fill(t, ctx))
-                except (LeanlmError, KeyError, ValueError) as e:
+                except (LeanlmError, KeyError, ValueError, TypeError) as e:
                     raise SystemExit(f"bench_long_context: method '{t}' (at {ctx} tokens: '{fill(t, ctx)}') does not "
                                      f"parse: {e}\nfix the spec or leave it out with --methods") from e  # fmt: skip
 
@@ -202,11 +210,10 @@ def interleaved_decode(entries: dict, steps: int, rounds: int) -> dict:
     return {name: {"tok_s": statistics.median(v), "tok_s_runs": v} for name, v in runs.items()}
 
 
-def load_model(name: str, weights: str):
+def load_model(name: str):
     import leanlm
 
-    model, tok = leanlm.load(name, dtype="bfloat16")
-    return model, tok
+    return leanlm.load(name, dtype="bfloat16")
 
 
 def quantize_weights(model, weights: str):
@@ -223,7 +230,7 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
     from leanlm.evaluate.needle import make_case
 
     t_load = time.perf_counter()
-    base, tok = load_model(name, args.weights)
+    base, tok = load_model(name)
     variants = {}  # transform spec -> model (built on first use from an unquantized copy)
     limit = base.config.max_seq_len
     book_ids = {b: tok(read_text(b), add_special_tokens=False).input_ids for b in set(BOOKS)}
@@ -231,7 +238,7 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
     print(f"[{name}] loaded in {time.perf_counter() - t_load:.1f}s (context window {limit})", flush=True)
     extra = args.answer_tokens + (args.rounds + 1) * args.steps + 2
     for ctx, (templates, depths) in sorted(per_ctx.items()):
-        if ctx + extra > limit:
+        if ctx > limit:
             res["skipped"].append({"model": name, "context": ctx, "why": f"past the model's context window ({limit})"})
             print(f"[{name}] skip {ctx}: past its context window {limit}", flush=True)
             continue
@@ -241,14 +248,15 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
         keep = {}
         for di, depth in enumerate(depths):
             book = BOOKS[di]
-            case = make_case(tok, "", ctx, depth, seed=args.seed, score=args.score, book_ids=book_ids[book])
+            # the prompt leaves room for the answer and the timed steps: they end at `ctx` tokens
+            case = make_case(tok, "", ctx - extra, depth, seed=args.seed, score=args.score, book_ids=book_ids[book])
             for s in specs:
                 how, what = parse_method(s)
                 model, policy = base, what
                 if how == "transform":
                     if s not in variants:
-                        raw, _ = load_model(name, "bf16")
-                        variants[s] = quantize_weights(TRANSFORMS[kind_of(s)](raw, s, tok), args.weights)
+                        raw, _ = load_model(name)
+                        variants[s] = quantize_weights(TRANSFORMS[kind_of(s)][1](raw, s, tok), args.weights)
                     model, policy = variants[s], None
                 r = run_case(model, tok, case, policy, args, extra)
                 row = rows[s]

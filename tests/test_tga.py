@@ -119,9 +119,9 @@ def test_generate_and_apply(tiny_dirs):
 def test_parse_and_errors():
     p = KVPolicy.parse("tga:group=16,window=512")
     assert isinstance(p, TGAPolicy) and (p.pool, p.window, p.log_bias) == (16, 512, False)
-    assert p.describe() == "tga:group=16,window=512"
+    assert p.sinks == 4 and p.describe() == "tga:group=16,window=512,sinks=4"
     assert KVPolicy.parse(p.describe() + ",logg=1").log_bias
-    assert KVPolicy.parse("tga:group=8,window=64,sinks=4").describe() == "tga:group=8,window=64,sinks=4"
+    assert KVPolicy.parse("tga:group=8,window=64,sinks=0").describe() == "tga:group=8,window=64,sinks=0"
     assert isinstance(p(1, 2, 100, 8, torch.float32), TGACache)
     for bad in ("tga:group=1,window=8", "tga:group=16,window=8", "tga:group=4,foo=2", "tga:group=4,window=8,logg=2",
                 "tga:group=4,window:8"):

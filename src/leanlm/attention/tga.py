@@ -1,24 +1,31 @@
 """Pooled-global attention (TGA, the Transient Global Attention of LongT5, Guo et al. 2022) as a KV policy.
 
 Each layer attends to
-- a local window: the last `window` positions (the query's own included), at full resolution, and
-- pooled "global" tokens: every complete group of `group` tokens [jG, (j+1)G) averaged into one key and
-  one value per KV head (keys after RoPE, so a pooled key is the mean of rotated keys).
+- a local window: the last `window` positions (the query's own included), at full resolution,
+- sinks: the first `sinks` positions (default 4) as they are, once they have left the window, and
+- pooled "global" tokens: every complete group of `group` tokens after the sinks, [S + jG, S + (j+1)G),
+  averaged into one key and one value per KV head (keys after RoPE, so a pooled key is the mean of rotated
+  keys).
 A query at position p sees pooled group j only when the whole group lies before its local window
-((j+1)G - 1 <= p - window); the tokens of a group that straddles the window's edge are seen by neither
-part (at most G - 1 tokens). Unlike LongT5 (an encoder, where every token sees every block), this is
-causal: a group becomes visible once the window has moved past it.
+(S + (j+1)G - 1 <= p - window); the tokens of a group that straddles the window's edge are seen by neither
+part (at most G - 1 tokens). Unlike LongT5 (an encoder trained with it, where every token sees every block),
+this is causal and retrofitted to a model trained with full attention.
+
+Why sinks: pooling the first token (which these models use as an attention sink) into a group wrecks
+perplexity; with 4 sinks it is near the window policy (docs/attention-and-kv.md, benchmarks/results/archive/
+2026-12-07/kv_tga.json).
 
 `log_bias` (spec `logg=1`) adds log(G) to each pooled key's logit: a pooled key stands for G tokens, so
 under softmax it then weighs like G copies of the mean key (the attention a group of similar keys would
 have received together).
 
-Memory: the cache stores only the window (a ring of `window` slots) and the pooled tokens
-(max_len // group slots), so window + L / G keys per layer instead of L, and a decode step reads
-window + (pooled visible) keys. Layers with their own sliding window (Gemma 3's local layers) keep just
+Memory: the cache stores only the window (a ring of `window` slots), the sinks and the pooled tokens
+((max_len - sinks) // group slots), so window + sinks + L / G keys per layer instead of L, and a decode step
+reads the window and the sinks and groups before it. Layers with their own sliding window (Gemma 3's local layers) keep just
 min(window, their window) recent keys and no pooled tokens: they were trained never to see far context.
 
-Use: `KVPolicy.parse("tga:group=16,window=512")` (also `--kv`, recipes' `kv:` step, `leanlm.apply`).
+Use: `KVPolicy.parse("tga:group=16,window=512[,sinks=4][,logg=1]")` (also `--kv`, recipes' `kv:` step,
+`leanlm.apply`).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class TGAPolicy(KVPolicy):
     window: int = 512             # recent tokens at full resolution
     pool: int = 16                # tokens per pooled group (spec: group=)
     log_bias: bool = False        # add log(pool) to the pooled keys' logits (spec: logg=1)
-    sinks: int = 0                # first tokens kept as they are (attention sinks), not pooled (spec: sinks=N)
+    sinks: int = 4                # first tokens kept as they are (attention sinks), not pooled (spec: sinks=N)
 
     def validate(self) -> "TGAPolicy":
         if self.method != "tga":
@@ -70,8 +77,7 @@ class TGAPolicy(KVPolicy):
         plan.kv_pool_group = self.pool
 
     def describe(self) -> str:
-        return (f"tga:group={self.pool},window={self.window}" + (f",sinks={self.sinks}" if self.sinks else "")
-                + (",logg=1" if self.log_bias else ""))
+        return f"tga:group={self.pool},window={self.window},sinks={self.sinks}" + (",logg=1" if self.log_bias else "")
 
     def __call__(self, batch, n_kv_heads, max_len, head_dim, dtype, device=None) -> "TGACache":
         return TGACache(self, batch, n_kv_heads, max_len, head_dim, dtype, device)
