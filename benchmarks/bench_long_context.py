@@ -24,14 +24,18 @@ One pass per (model, context, method, needle depth), sharing one prefill for eve
   of --steps decode steps run interleaved across methods (one warm-up round first), median tok/s.
   Real prefilled caches throughout (no random fill), so content-dependent methods are timed honestly.
 
-Default matrix (DEFAULT_PLAN; chosen to fit ~40 min on 2 quiet cores, estimated by timing pieces):
-  smollm2-135m   2k: all methods x 3 depths, 4k: all x 2 depths, 8k: all x 1 depth
-  gemma3-270m    2k: all x 3, 4k: all x 2, 8k: all x 1, 16k: full, sinks, snapkv, tga, int8 x 1
-  qwen2.5-0.5b   2k: all x 2, 4k: core x 1, 8k: core x 1, 16k: full, tga x 1
-where core = full, sinks, snapkv, tga, int8 (prefill cost grows with the context and the model; qwen's 16k
-prefill is minutes per method). `--models`, `--contexts`, `--methods` or `--depths` run that matrix instead
-(all methods at every listed context) and mark the result partial (archive). `--quick`: smollm2-135m at 1024
-tokens, four methods, one depth (a smoke run of about a minute).
+Default matrix (DEFAULT_PLAN), sized for the 40-minute budget on 2 quiet cores:
+  smollm2-135m   2k: all methods x 2 depths, 4k and 8k: long x 1 depth
+  gemma3-270m    2k: all x 3 depths, 4k and 8k: long x 1, 16k: full, sinks, tga, int8 x 1
+  qwen2.5-0.5b   2k: all x 1, 8k: core x 1
+all = every --methods entry; long = all but int4 and the transforms (both measured at 2k); core = full, sinks,
+snapkv, tga, int8. Prefill dominates and grows with the context and the model (single-thread CPU seconds for a
+2k prefill: smollm2 6.4, gemma3 6.3, qwen2.5 13.0; attention makes smollm2's 8k ~9x its 2k), so qwen2.5-0.5b gets
+the short and the summary context only and 16k runs on gemma3, whose sliding-window layers keep it cheap.
+Estimate from those timed pieces: ~37 min (31-55 by the assumed parallel efficiency and policy overhead).
+`--models`, `--contexts`, `--methods` or `--depths` run that matrix instead (all methods at every listed
+context) and mark the result partial (archive). `--quick`: smollm2-135m at 1024 tokens, four methods, one depth
+(a smoke run of about a minute on a quiet machine).
 
 Summary: best_sparse_decode_speedup_8k_within_2pct (over sparse methods at 8k with ppl <= +2% vs full and the
 needle recalled at every depth where the full cache recalls it: decode tok/s / full), best_sparse_needle_recall,
@@ -56,10 +60,11 @@ from common import add_result_args, leanlm_quant_configs, machine, write_result 
 DEFAULT_METHODS = ("full;sinks:4,window:{b4};h2o:{b};snapkv:{b};quest:pages={p},page=16;topk:keys={b};"
                    "tga:group=16,window={w};int8;int4;mla:rank=128")
 CORE = ("full", "sinks", "snapkv", "tga", "int8")
+LONG = ("full", "sinks", "h2o", "snapkv", "quest", "topk", "tga", "int8")  # 4k / 8k: no int4, no transform
 DEFAULT_PLAN = {  # model -> context -> (method kinds or "all", number of needle depths)
-    "qwen2.5-0.5b": {2048: ("all", 2), 4096: (CORE, 1), 8192: (CORE, 1), 16384: (("full", "tga"), 1)},
-    "gemma3-270m": {2048: ("all", 3), 4096: ("all", 2), 8192: ("all", 1), 16384: (CORE, 1)},
-    "smollm2-135m": {2048: ("all", 3), 4096: ("all", 2), 8192: ("all", 1)},
+    "qwen2.5-0.5b": {2048: ("all", 1), 8192: (CORE, 1)},
+    "gemma3-270m": {2048: ("all", 3), 4096: (LONG, 1), 8192: (LONG, 1), 16384: (("full", "sinks", "tga", "int8"), 1)},
+    "smollm2-135m": {2048: ("all", 2), 4096: (LONG, 1), 8192: (LONG, 1)},
 }
 DEPTHS = (0.5, 0.2, 0.8)  # the first k are used
 BOOKS = ("moby-dick", "pride-and-prejudice", "moby-dick")
@@ -333,7 +338,7 @@ def main() -> None:
     ap.add_argument("--weights", default="bf16", choices=("bf16", "int8", "int4"))
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     ap.add_argument("--score", type=int, default=1024, help="book tokens scored per prompt (after the needle)")
-    ap.add_argument("--answer-tokens", type=int, default=10)
+    ap.add_argument("--answer-tokens", type=int, default=8, help="greedy tokens after the primed answer")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
     ap.add_argument("--seed", type=int, default=0)
