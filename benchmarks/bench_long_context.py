@@ -254,7 +254,8 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
         for di, depth in enumerate(depths):
             book = BOOKS[di]
             # the prompt leaves room for the answer and the timed steps: they end at `ctx` tokens
-            case = make_case(tok, "", ctx - extra, depth, seed=args.seed, score=args.score, book_ids=book_ids[book])
+            case = make_case(tok, "", ctx - extra, depth, seed=args.seed, offset=args.offset, score=args.score,
+                             book_ids=book_ids[book])  # fmt: skip
             for s in specs:
                 how, what = parse_method(s)
                 model, policy = base, what
@@ -342,6 +343,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--offset", type=int, default=10000, help="haystack starts this many tokens into the book "
+                    "(past the front matter and Moby-Dick's extracts)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: smollm2-135m, 1024 tokens, 4 methods, 1 depth")
     ap.add_argument("--out", default="long_context", help="results/OUT.json")
@@ -360,7 +363,7 @@ def main() -> None:
     res = {"machine": machine(), "threads": args.threads, "weights": args.weights, "plan": {
         m: {str(c): {"methods": [fill(t, c) for t in ts], "depths": list(ds)} for c, (ts, ds) in per.items()}
         for m, per in plan.items()}, "settings": {k: getattr(args, k) for k in ("chunk", "score", "answer_tokens",
-        "steps", "rounds", "seed")}, "rows": [], "skipped": []}  # fmt: skip
+        "steps", "rounds", "seed", "offset")}, "rows": [], "skipped": []}  # fmt: skip
     out = dict(partial=partial, archive=args.archive, machine_shared=args.machine_shared, root=args.results_root)
 
     def save(final: bool = False):
