@@ -45,7 +45,6 @@ best_kv_bytes_reduction_within_2pct (8k, same conditions, any method), int8_kv_d
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import statistics
@@ -134,7 +133,8 @@ def plan_from_args(args) -> tuple[dict, bool]:
     methods = args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)
     templates = [m.strip() for m in methods.split(";") if m.strip()]
     if args.quick:
-        models, contexts, n_depths = (args.models or "smollm2-135m").split(","), [args.contexts or "1024"], args.depths or 1
+        models = (args.models or "smollm2-135m").split(",")
+        contexts, n_depths = [args.contexts or "1024"], args.depths or 1
     elif args.models or args.contexts or args.depths:
         models = (args.models or ",".join(DEFAULT_PLAN)).split(",")
         contexts, n_depths = [args.contexts or "2048,4096,8192,16384"], args.depths or 1
@@ -268,12 +268,14 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
                 row = rows[s]
                 row["nll"] += r["nll"]
                 row["tokens_scored"] += r["n"]
-                row["needle"].append({"depth": depth, "book": book, "recalled": r["hit"], "prompt_tokens": len(case.ids)})
+                row["needle"].append({"depth": depth, "book": book, "recalled": r["hit"],
+                                      "prompt_tokens": len(case.ids)})  # fmt: skip
                 row["answers"].append(r["answer"])
                 row["prefill_s"].append(round(r["prefill_s"], 2))
                 row["kv_bytes"] = r["kv_bytes"]
                 print(f"[{name}] {ctx} depth {depth} {s}: nll/tok {r['nll'] / max(r['n'], 1):.4f} "
-                      f"needle {r['hit']} ({r['answer']!r}) kv {r['kv_bytes']} prefill {r['prefill_s']:.1f}s", flush=True)
+                      f"needle {r['hit']} ({r['answer']!r}) kv {r['kv_bytes']} prefill {r['prefill_s']:.1f}s",
+                      flush=True)  # fmt: skip
                 if di == len(depths) - 1:
                     keep[s] = (model, [l.attn.cache for l in model.layers], r["pos"])
                 model.clear_cache()
@@ -297,7 +299,8 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
 
 def summarize(rows: list[dict]) -> dict:
     def full_of(r):
-        return next((f for f in rows if f["model"] == r["model"] and f["context"] == r["context"] and f["method"] == "full"), None)
+        same = (r["model"], r["context"], "full")
+        return next((f for f in rows if (f["model"], f["context"], f["method"]) == same), None)
 
     def ok(r):  # ppl within 2% and the needle recalled wherever the full cache recalls it
         f = full_of(r)

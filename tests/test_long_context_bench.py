@@ -6,16 +6,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_long_context.py"
 
 
+needs_books = pytest.mark.skipif(not (DATA / "gutenberg" / "pg2701.txt").is_file(),
+                                 reason="set LEANLM_DATA to shared/data")  # fmt: skip
+
+
 def run(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LEANLM_DATA": str(DATA)}
     return subprocess.run([sys.executable, str(BENCH), *args, "--results-root", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
+@needs_books
 def test_quick_run_on_a_tiny_model(tiny_dirs, tmp_path):
     p = run(["--quick", "--models", str(tiny_dirs["llama"]), "--contexts", "192", "--threads", "1"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

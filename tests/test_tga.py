@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from leanlm.attention import KVPolicy, TGACache, TGAPolicy, cache_bytes
 from leanlm.errors import LeanlmError

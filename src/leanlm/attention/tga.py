@@ -21,7 +21,8 @@ have received together).
 
 Memory: the cache stores only the window (a ring of `window` slots), the sinks and the pooled tokens
 ((max_len - sinks) // group slots), so window + sinks + L / G keys per layer instead of L, and a decode step
-reads the window and the sinks and groups before it. Layers with their own sliding window (Gemma 3's local layers) keep just
+reads the window and the sinks and groups before it. Layers with their own sliding window (Gemma 3's local
+layers) keep just
 min(window, their window) recent keys and no pooled tokens: they were trained never to see far context.
 
 Use: `KVPolicy.parse("tga:group=16,window=512[,sinks=4][,logg=1]")` (also `--kv`, recipes' `kv:` step,

@@ -43,7 +43,8 @@ def _encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def make_case(tokenizer, text: str, context: int, depth: float, seed: int = 0, offset: int = 2000,
-              chat: bool | None = None, score: int = 1024, book_ids: list[int] | None = None) -> NeedleCase:  # fmt: skip
+              chat: bool | None = None, score: int = 1024,
+              book_ids: list[int] | None = None) -> NeedleCase:  # fmt: skip
     """A prompt of at most `context` tokens: haystack with the needle at `depth`, then the question."""
     if not 0.0 <= depth <= 1.0:
         raise LeanlmError(f"needle depth must be in [0, 1], got {depth}")
@@ -58,7 +59,8 @@ def make_case(tokenizer, text: str, context: int, depth: float, seed: int = 0, o
     overhead = len(_encode(tokenizer, needle + "\n\n" + QUESTION, chat)) + len(primer) + 4
     n = context - overhead
     if n < 64 or offset + n > len(ids):
-        raise LeanlmError(f"needle: a {context}-token prompt needs {n + offset} haystack tokens, the text has {len(ids)}")
+        raise LeanlmError(f"needle: a {context}-token prompt needs {n + offset} haystack tokens, the text has "
+                          f"{len(ids)}")
     for _ in range(4):  # re-tokenizing the joined text changes the count by a few tokens: trim until it fits
         hay = ids[offset : offset + n]
         cut = _sentence_cut(tokenizer, hay, int(len(hay) * depth))
