@@ -1,7 +1,8 @@
-"""Long-context attention: KV-cache policies (sinks+window, H2O, SnapKV), KV quantization, evaluation."""
+"""Long-context attention: KV-cache policies (sinks+window, H2O, SnapKV, pooled-global TGA), KV quantization, evaluation."""
 
 from .kv_quant import KVStore, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from .policies import KVPolicy, PolicyCache, cache_bytes
+from .tga import TGACache, TGAPolicy
 
-__all__ = ["KVPolicy", "PolicyCache", "KVStore", "cache_bytes", "quantize_int8", "dequantize_int8",
+__all__ = ["KVPolicy", "PolicyCache", "TGAPolicy", "TGACache", "KVStore", "cache_bytes", "quantize_int8", "dequantize_int8",
            "quantize_int4", "dequantize_int4"]

@@ -29,23 +29,28 @@ def _cache_cls(policy: KVPolicy | None):
 
 @torch.inference_mode()
 def chunked_prefill(model, ids: torch.Tensor, policy: KVPolicy | None, chunk: int = 256, max_len: int | None = None,
-                    score: bool = False):  # fmt: skip
-    """Feed ids [1, L] through a fresh cache in chunks; returns (summed NLL, count, tail NLL, tail count)."""
+                    score: bool = False, score_range: tuple[int, int] | None = None):  # fmt: skip
+    """Feed ids [1, L] through a fresh cache in chunks; returns (summed NLL, count, tail NLL, tail count).
+    `score_range` (lo, hi): score only the predictions made at positions [lo, hi) (chunks outside it skip the
+    LM head over their rows: long contexts scored on a slice)."""
     L = ids.shape[1]
     model.setup_cache(1, max_len or L, cache_cls=_cache_cls(policy))
     nll = tail = 0.0
     n = nt = 0
     half = L // 2
+    lo, hi = score_range or (0, L)
     for s in range(0, L, chunk):
         x = ids[:, s : s + chunk]
-        if not score:
+        if not score or s + x.shape[1] <= lo or s >= hi:
             model(x, start=s, last_only=True)
             continue
         logits = model(x, start=s)[0].float()
         tgt = ids[0, s + 1 : s + 1 + x.shape[1]]
         logits = logits[: tgt.shape[0]]
-        losses = F.cross_entropy(logits, tgt, reduction="none")
         pos = torch.arange(s, s + tgt.shape[0])  # position of the predicting token
+        keep = (pos >= lo) & (pos < hi)
+        logits, tgt, pos = logits[keep], tgt[keep], pos[keep]
+        losses = F.cross_entropy(logits, tgt, reduction="none")
         nll += losses.sum().item()
         n += tgt.shape[0]
         tail += losses[pos >= half].sum().item()

@@ -101,9 +101,14 @@ class KVPolicy:
     @classmethod
     def parse(cls, spec: str | None) -> "KVPolicy | None":
         """'full' | 'int8' | 'int4' | 'sinks:4,window:1024[,int8]' | 'window:1024' |
-        'h2o:1024[,window:256][,int4]' | 'snapkv:1024[,obs:32]'. None/'' -> None (plain cache)."""
+        'h2o:1024[,window:256][,int4]' | 'snapkv:1024[,obs:32]' | 'tga:group=16,window=512'.
+        None/'' -> None (plain cache)."""
         if not spec or spec.strip() in ("none", "fp", "default"):
             return None
+        if spec.strip().startswith("tga:"):  # pooled-global attention (attention/tga.py)
+            from .tga import TGAPolicy
+
+            return TGAPolicy.parse(spec)
         p = cls()
         seen_window = False
         for item in [s.strip() for s in spec.split(",") if s.strip()]:

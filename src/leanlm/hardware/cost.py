@@ -34,6 +34,7 @@ class Plan:
     activation_sparsity: float = 0.0  # fraction of MLP inputs skipped (input-sparse GEMV)
     kv_dtype: str | None = None  # None: compute dtype
     kv_window: int | None = None  # tokens kept per layer (sinks + window / eviction budget)
+    kv_pool_group: int | None = None  # pooled-global (TGA): + one pooled key per group of older tokens
     spec_accepted: float = 1.0  # mean tokens emitted per target forward (speculative decoding)
     spec_draft_cost: float = 0.0  # draft cost per target step, as a fraction of a target step
 
@@ -104,6 +105,8 @@ def forward_cost(cfg: ModelConfig, hw: HardwareProfile, plan: Plan, batch: int, 
         ops.append(_linear(hw, plan, f"layers.{i}.mlp.w_gate_up", D, 2 * l.ffn_dim, rows, dtype))
         ops.append(_linear(hw, plan, f"layers.{i}.mlp.w_down", l.ffn_dim, D, rows, dtype, plan.activation_sparsity))
         window = min(x for x in (l.sliding_window, plan.kv_window, context) if x)
+        if plan.kv_pool_group and not l.sliding_window:  # TGA: the window + the pooled groups before it
+            window += max(0, context - window) // plan.kv_pool_group
         # causal prefill sees on average half of the new tokens
         keys = window if new_tokens == 1 else min(window, context - new_tokens / 2)
         att_flops = 4 * batch * new_tokens * keys * l.n_heads * l.head_dim
@@ -132,6 +135,8 @@ def estimate(cfg: ModelConfig, hw: HardwareProfile, plan: Plan | None = None, ba
     weights += cfg.vocab_size * cfg.hidden_size * BITS[plan.embed_dtype or plan.compute_dtype] / 8
     kv_per_token = sum(2 * l.n_kv_heads * l.head_dim for l in cfg.layers) * BITS[plan.kv_dtype or plan.compute_dtype] / 8
     kv_tokens = min(context, plan.kv_window) if plan.kv_window else context
+    if plan.kv_window and plan.kv_pool_group:
+        kv_tokens += max(0, context - plan.kv_window) // plan.kv_pool_group
     bottleneck = max(decode, key=lambda o: o.seconds)
     return {
         "hardware": hw.name,
