@@ -1,0 +1,95 @@
+"""Query-aware sparse attention at decode (leanlm.attention.sparse): decode tok/s at long context, full attention
+vs Quest pages vs top-k keys, with bf16 weights and int4 weights (RTN int4, group 128: the linears shrink, so
+attention is a larger share of the step), and policy-aware perplexity on a Gutenberg book.
+
+Speed: leanlm.attention.longctx.decode_speed, caches filled with random keys / values at positions [0, context)
+(--synthetic-fill, default; decode cost does not depend on the values, and Quest and top-k do the same work
+whatever the keys), rounds interleaved across policies, median tok/s.
+Perplexity: leanlm.attention.longctx.policy_perplexity with chunks of 16 tokens (at most ops.MAX_ROWS: every
+query goes through the sparse kernel and selects its own pages / keys; longer chunks attend fully).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import add_result_args, machine, write_result  # noqa: E402
+
+DEFAULT_POLICIES = "full;quest:pages=64,page=16;topk:keys=1024"
+
+
+def load(name: str, weights: str):
+    import leanlm
+    from leanlm.quant import RTN, quantize
+
+    if weights == "bf16":
+        return leanlm.load(name, dtype="bfloat16")
+    m32, tok = leanlm.load(name, dtype="float32")
+    return quantize(m32, RTN(bits=4, group=128), progress=False), tok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen2.5-0.5b,smollm2-135m")
+    ap.add_argument("--weights", default="bf16,int4", help="comma list of bf16, int4")
+    ap.add_argument("--policies", default=DEFAULT_POLICIES, help="';'-separated --kv specs ('full' = plain cache)")
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill", action="store_true", help="speed: prefill a random prompt instead of random K/V")
+    ap.add_argument("--ppl-len", type=int, default=0, help="also policy-aware perplexity over one window of this length")
+    ap.add_argument("--ppl-windows", type=int, default=1)
+    ap.add_argument("--text", default="pride-and-prejudice")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="sparse_attention")
+    add_result_args(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from leanlm.attention import KVPolicy
+    from leanlm.attention.longctx import decode_speed, policy_perplexity
+    from leanlm.evaluate.data import read_text
+
+    specs = args.policies.split(";")
+    pols = {s: (KVPolicy.parse(s) if s != "full" else None) for s in specs}
+    res = {"machine": machine(), "threads": args.threads, "context": args.context, "settings": vars(args), "runs": []}
+    out = dict(partial=True, archive=args.archive, machine_shared=args.machine_shared)  # exploratory: archive only
+    for name in args.models.split(","):
+        for weights in args.weights.split(","):
+            model, tok = load(name, weights)
+            model.prepare_decode()
+            row = {"model": name, "weights": weights}
+            if not args.skip_speed:
+                sp = decode_speed(model, args.context, pols, args.steps, args.rounds, synthetic=not args.prefill)
+                full = sp["policies"].get("full")
+                for d in sp["policies"].values():
+                    d.pop("kv_bytes", None)
+                    if full:
+                        d["speedup_vs_full"] = d["tok_s"] / full["tok_s"]
+                row["speed"] = sp
+                print(name, weights, {k: round(v["tok_s"], 2) for k, v in sp["policies"].items()}, flush=True)
+            if args.ppl_len:
+                text = read_text(args.text)
+                row["ppl"] = {}
+                for s, pol in pols.items():
+                    r = policy_perplexity(model, tok, text, args.ppl_len, args.ppl_windows, pol, chunk=16)
+                    row["ppl"][s] = r
+                base = row["ppl"].get("full")
+                for r in row["ppl"].values():
+                    if base:
+                        r["ppl_vs_full"] = r["ppl"] / base["ppl"] - 1
+                print(name, weights, {s: round(r["ppl"], 4) for s, r in row["ppl"].items()}, flush=True)
+            res["runs"].append(row)
+            write_result(args.out, res, checkpoint=True, **out)
+            del model
+    write_result(args.out, res, **out)
+
+
+if __name__ == "__main__":
+    main()
