@@ -33,6 +33,52 @@ def load(name: str, weights: str):
     return quantize(m32, RTN(bits=4, group=128), progress=False), tok
 
 
+def kernel_times(model, context: int, pols: dict, reps: int = 20) -> dict:
+    """ms per call of one layer's decode attention (RoPE + KV write + attention, 1 new token, the model's dtype,
+    the first full-attention layer's heads) at `context`: ops.attend over the plain cache vs ops.sparse_attend."""
+    import statistics
+    import time
+
+    from leanlm import ops
+
+    layer = next((l for l in model.layers if l.attn.window is None), model.layers[0])
+    a, dt = layer.attn, model.dtype
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, 1, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, generator=g).to(dt)
+    cos, sin = torch.ones(1, a.head_dim, dtype=dt), torch.zeros(1, a.head_dim, dtype=dt)
+    out = {}
+    for s, pol in pols.items():
+        if pol is None:
+            cache = model.new_cache(context + 1)[0]
+        else:
+            cache = pol(1, a.n_kv_heads, context + 1, a.head_dim, dt)
+        cache.k[:, :, :context] = torch.randn(cache.k[:, :, :context].shape, generator=g).to(dt)
+        cache.v[:, :, :context] = torch.randn(cache.v[:, :, :context].shape, generator=g).to(dt)
+        if pol is None:
+            call = lambda: ops.attend(qkv, None, None, cache.k, cache.v, cos, sin, context, a.n_heads,  # noqa: E731
+                                      a.n_kv_heads, 0, 1e-6, False, a.scale)
+        else:
+            if cache.mode == 0:
+                cache.update_bounds(0, context, 1)
+            sp = cache.fused_sparse(dt)
+            call = lambda: ops.sparse_attend(qkv, None, None, sp[0], sp[1], sp[2], sp[3], cos, sin, context,  # noqa: E731
+                                             a.n_heads, a.n_kv_heads, 0, 1e-6, False, a.scale, *sp[4:])
+        for _ in range(3):
+            call()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t0)
+        out[s] = {"ms": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3}
+    full = out.get("full")
+    for d in out.values():
+        if full:
+            d["speedup_vs_full"] = full["ms"] / d["ms"]
+    return {"heads": a.n_heads, "kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dtype": str(dt), "context": context,
+            "threads": torch.get_num_threads(), "policies": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen2.5-0.5b,smollm2-135m")
@@ -46,6 +92,7 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=1)
     ap.add_argument("--text", default="pride-and-prejudice")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--kernel", action="store_true", help="also time one layer's attention kernel alone")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="sparse_attention")
     add_result_args(ap)
@@ -65,6 +112,10 @@ def main() -> None:
             model, tok = load(name, weights)
             model.prepare_decode()
             row = {"model": name, "weights": weights}
+            if args.kernel:
+                row["kernel"] = kernel_times(model, args.context, pols)
+                print(name, weights, "kernel ms", {k: round(v["ms"], 3) for k, v in row["kernel"]["policies"].items()},
+                      flush=True)  # fmt: skip
             if not args.skip_speed:
                 sp = decode_speed(model, args.context, pols, args.steps, args.rounds, synthetic=not args.prefill)
                 full = sp["policies"].get("full")
@@ -80,6 +131,8 @@ def main() -> None:
                 for s, pol in pols.items():
                     r = policy_perplexity(model, tok, text, args.ppl_len, args.ppl_windows, pol, chunk=16)
                     row["ppl"][s] = r
+                    print(name, weights, s, round(r["ppl"], 4), round(r["seconds"], 1), flush=True)
+                    write_result(args.out, {**res, "runs": res["runs"] + [row]}, checkpoint=True, **out)
                 base = row["ppl"].get("full")
                 for r in row["ppl"].values():
                     if base:
