@@ -35,7 +35,8 @@ def load(name: str, weights: str):
 
 def kernel_times(model, context: int, pols: dict, reps: int = 20) -> dict:
     """ms per call of one layer's decode attention (RoPE + KV write + attention, 1 new token, the model's dtype,
-    the first full-attention layer's heads) at `context`: ops.attend over the plain cache vs ops.sparse_attend."""
+    the first full-attention layer's heads) at `context`: ops.attend over the plain cache vs ops.sparse_attend.
+    On one thread: on a busy machine a call split over threads waits for the slowest (a neighbour's job)."""
     import statistics
     import time
 
@@ -47,6 +48,8 @@ def kernel_times(model, context: int, pols: dict, reps: int = 20) -> dict:
     qkv = torch.randn(1, 1, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, generator=g).to(dt)
     cos, sin = torch.ones(1, a.head_dim, dtype=dt), torch.zeros(1, a.head_dim, dtype=dt)
     out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for s, pol in pols.items():
         if pol is None:
             cache = model.new_cache(context + 1)[0]
@@ -71,12 +74,13 @@ def kernel_times(model, context: int, pols: dict, reps: int = 20) -> dict:
             call()
             ts.append(time.perf_counter() - t0)
         out[s] = {"ms": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3}
+    torch.set_num_threads(threads)
     full = out.get("full")
     for d in out.values():
         if full:
             d["speedup_vs_full"] = full["ms"] / d["ms"]
     return {"heads": a.n_heads, "kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "dtype": str(dt), "context": context,
-            "threads": torch.get_num_threads(), "policies": out}
+            "threads": 1, "policies": out}
 
 
 def main() -> None:
