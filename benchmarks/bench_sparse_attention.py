@@ -6,7 +6,9 @@ Speed: leanlm.attention.longctx.decode_speed, caches filled with random keys / v
 (--synthetic-fill, default; decode cost does not depend on the values, and Quest and top-k do the same work
 whatever the keys), rounds interleaved across policies, median tok/s.
 Perplexity: leanlm.attention.longctx.policy_perplexity with chunks of 16 tokens (at most ops.MAX_ROWS: every
-query goes through the sparse kernel and selects its own pages / keys; longer chunks attend fully).
+query goes through the sparse kernel and selects its own pages / keys; longer chunks attend fully); the full
+baseline may take --ppl-full-chunk 256 (exact attention whatever the chunk; use fp32 weights so that the two
+chunkings agree to float rounding).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ def load(name: str, weights: str):
     import leanlm
     from leanlm.quant import RTN, quantize
 
-    if weights == "bf16":
-        return leanlm.load(name, dtype="bfloat16")
+    if weights in ("bf16", "fp32"):
+        return leanlm.load(name, dtype="bfloat16" if weights == "bf16" else "float32")
     m32, tok = leanlm.load(name, dtype="float32")
     return quantize(m32, RTN(bits=4, group=128), progress=False), tok
 
@@ -86,7 +88,7 @@ def kernel_times(model, context: int, pols: dict, reps: int = 20) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen2.5-0.5b,smollm2-135m")
-    ap.add_argument("--weights", default="bf16,int4", help="comma list of bf16, int4")
+    ap.add_argument("--weights", default="bf16,int4", help="comma list of bf16, int4, fp32")
     ap.add_argument("--policies", default=DEFAULT_POLICIES, help="';'-separated --kv specs ('full' = plain cache)")
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=8)
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true", help="speed: prefill a random prompt instead of random K/V")
     ap.add_argument("--ppl-len", type=int, default=0, help="also policy-aware perplexity over one window of this length")
     ap.add_argument("--ppl-windows", type=int, default=1)
+    ap.add_argument("--ppl-full-chunk", type=int, default=16,
+                    help="chunk of the full-attention baseline (exact whatever the chunk; 256 is faster)")
     ap.add_argument("--text", default="pride-and-prejudice")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--kernel", action="store_true", help="also time one layer's attention kernel alone")
@@ -133,7 +137,8 @@ def main() -> None:
                 text = read_text(args.text)
                 row["ppl"] = {}
                 for s, pol in pols.items():
-                    r = policy_perplexity(model, tok, text, args.ppl_len, args.ppl_windows, pol, chunk=16)
+                    chunk = args.ppl_full_chunk if pol is None else 16
+                    r = policy_perplexity(model, tok, text, args.ppl_len, args.ppl_windows, pol, chunk=chunk)
                     row["ppl"][s] = r
                     print(name, weights, s, round(r["ppl"], 4), round(r["seconds"], 1), flush=True)
                     write_result(args.out, {**res, "runs": res["runs"] + [row]}, checkpoint=True, **out)
