@@ -13,6 +13,9 @@ rows share the call, so a k-token verification forward equals k one-token steps 
                   `attend_rows` the same for up to 16 sequences, each with its own cache and position
 - `attend_kvquant` attention for 1..16 new positions read straight from an int8/int4 KV store
                   (leanlm.attention.kv_quant.KVStore), no dequantized copy (csrc/attention_kvquant.cpp)
+- `sparse_attention` query-aware sparse attention (Quest pages or top-k keys) of rotated queries over a full
+                  cache (csrc/attention_topk.cpp); `sparse_attend` the same after `attend`'s RoPE + KV write,
+                  updating the page bounds; `decode_layer_sparse` the whole block with it (leanlm.attention.sparse)
 - `rms_norm`, `residual_norm`, `glu`, `decode_layer`: a decoder block's glue, and the whole block in
   one call (csrc/fused_block.cpp); `decode_rows` the whole block for a batch of sequences at their own
   positions (continuous batching: the weights are read once for all of them)
@@ -34,9 +37,11 @@ answer per layer and asks again when a module, parameter or buffer is replaced, 
 `fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
 Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT) and
 adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
-`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), and a quantized
+`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), a quantized
 cache `fused_store(dtype, start, rows, window) -> list | None` (decode_layer_kvquant's store arguments;
-attention.policies.PolicyCache).
+attention.policies.PolicyCache), and a cache with query-aware sparse attention
+`fused_sparse(dtype) -> (k, v, kmin, kmax, mode, budget, page, sinks) | None` (attention.sparse.SparseCache),
+which the step runs with `decode_layer_sparse`.
 """
 
 from __future__ import annotations
@@ -256,6 +261,37 @@ def attend_kvquant(q: torch.Tensor, store, pos: torch.Tensor, n: int, start: int
     return _require().attend_kvquant(q, kv.kq, kv.ks, zk, kv.vq, kv.vs, zv, pos, n, e,
                                      _EMPTY if v_new is None else v_new, start, kv.bits, kv.group, window, sinks, ring,
                                      scale)  # fmt: skip
+def sparse_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, kmin: torch.Tensor,
+                     kmax: torch.Tensor, pos: int, window: int, scale: float, mode: int, budget: int, page: int,
+                     sinks: int) -> torch.Tensor:  # fmt: skip
+    """Rotated queries q [B, nh, T, hd] at positions pos.. over the caches [B, nkv, L, hd] (already holding their
+    keys; causal, windowed when window > 0), each query over the keys it selects per kv group -> [B * T, nh * hd].
+    mode 0 (Quest): the `budget` pages of `page` keys with the highest bound sum_d max(q_d kmin_d, q_d kmax_d)
+    (kmin / kmax: fp32 [B, nkv, pages, hd]), always with the first `sinks` pages and the newest one; mode 1
+    (top-k): the `budget` keys with the best logit (kmin / kmax unused: empty tensors)."""
+    return _require().sparse_attention(q, cache_k, cache_v, kmin, kmax, pos, window, scale, mode, budget, page, sinks)
+
+
+def sparse_attend(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cache_k: torch.Tensor,
+                  cache_v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  pos: int, n_heads: int, n_kv_heads: int, window: int, eps: float, plus_one: bool, scale: float,
+                  mode: int, budget: int, page: int, sinks: int) -> torch.Tensor:  # fmt: skip
+    """`attend`'s RoPE and K/V write, the page bounds of the written positions recomputed (Quest), then
+    `sparse_attention` -> [B * T, nh * hd]."""
+    return _require().sparse_attend(qkv, q_norm, k_norm, cache_k, cache_v, kmin, kmax, cos, sin, pos, n_heads,
+                                    n_kv_heads, window, eps, plus_one, scale, mode, budget, page, sinks)  # fmt: skip
+
+
+def decode_layer_sparse(x: torch.Tensor, attn_norm: torch.Tensor, lins: list[torch.Tensor], meta: list[int],
+                        thresholds: list[float], q_norm, k_norm, attn_post, mlp_norm: torch.Tensor, mlp_post,
+                        cache_k: torch.Tensor, cache_v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, pos: int, batch: int, n_heads: int, n_kv_heads: int,
+                        window: int, eps: float, plus_one: bool, scale: float, gelu: bool, mode: int, budget: int,
+                        page: int, sinks: int) -> torch.Tensor:  # fmt: skip
+    """`decode_layer` with `sparse_attend` as its attention (the cache's bounds and selection after `gelu`)."""
+    return _require().decode_layer_sparse(x, attn_norm, lins, meta, thresholds, q_norm, k_norm, attn_post, mlp_norm,
+                                          mlp_post, cache_k, cache_v, kmin, kmax, cos, sin, pos, batch, n_heads,
+                                          n_kv_heads, window, eps, plus_one, scale, gelu, mode, budget, page, sinks)
 
 
 def glu(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:

@@ -123,9 +123,11 @@ def _fill_random(model, policy, context: int, max_len: int) -> None:
     g = torch.Generator().manual_seed(0)
     for layer in model.layers:
         c = layer.attn.cache
-        if policy is None:
+        if policy is None or not hasattr(c, "store"):  # the plain cache, or one that keeps every key (sparse.py)
             c.k[:, :, :context].copy_(torch.randn(c.k[:, :, :context].shape, generator=g))
             c.v[:, :, :context].copy_(torch.randn(c.v[:, :, :context].shape, generator=g))
+            if getattr(c, "mode", None) == 0:  # Quest's page bounds
+                c.update_bounds(0, context, 1)
             continue
         n = min(context, c.cap)
         shape = (1, c.n_kv_heads, n, c.head_dim)

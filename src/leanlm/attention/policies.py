@@ -101,14 +101,19 @@ class KVPolicy:
     @classmethod
     def parse(cls, spec: str | None) -> "KVPolicy | None":
         """'full' | 'int8' | 'int4' | 'sinks:4,window:1024[,int8]' | 'window:1024' |
-        'h2o:1024[,window:256][,int4]' | 'snapkv:1024[,obs:32]' | 'tga:group=16,window=512'.
-        None/'' -> None (plain cache)."""
+        'h2o:1024[,window:256][,int4]' | 'snapkv:1024[,obs:32]' | 'tga:group=16,window=512' |
+        'quest:pages=64,page=16' | 'topk:keys=1024' (tga: attention/tga.py's TGAPolicy; quest / topk:
+        attention/sparse.py's SparsePolicy). None/'' -> None (plain cache)."""
         if not spec or spec.strip() in ("none", "fp", "default"):
             return None
         if spec.strip().startswith("tga:"):  # pooled-global attention (attention/tga.py)
             from .tga import TGAPolicy
 
             return TGAPolicy.parse(spec)
+        from .sparse import SparsePolicy  # quest / topk: query-aware sparse attention (attention/sparse.py)
+
+        if SparsePolicy.wants(spec):
+            return SparsePolicy.parse(spec)
         p = cls()
         seen_window = False
         for item in [s.strip() for s in spec.split(",") if s.strip()]:
@@ -130,7 +135,7 @@ class KVPolicy:
                     p.method = "window"
             else:
                 raise LeanlmError(f"unknown --kv item '{item}'; use full, int8, int4, sinks:N, window:N, "
-                                  "h2o:BUDGET, snapkv:BUDGET, obs:N")  # fmt: skip
+                                  "h2o:BUDGET, snapkv:BUDGET, obs:N, quest:pages=N,page=N or topk:keys=N")  # fmt: skip
         if p.method == "h2o" and not seen_window:
             p.window = p.budget // 2  # H2O's default split: half heavy hitters, half recent
         p.validate()

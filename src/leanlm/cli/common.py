@@ -12,8 +12,8 @@ from ..errors import LeanlmError
 MODEL_HELP = ("default name (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), a .gguf file, "
               "or a Hugging Face model directory")
 KV_HELP = ("KV-cache policy: int8 | int4 | sinks:4,window:1024[,int8] | h2o:BUDGET[,window:N] | "
-           "snapkv:BUDGET[,obs:N] | tga:group=16,window=512[,sinks=4][,logg=1] "
-           "(default: full cache in the model dtype)")  # fmt: skip
+           "snapkv:BUDGET[,obs:N] | tga:group=16,window=512[,sinks=4][,logg=1] | quest:pages=N,page=N | "
+           "topk:keys=N (default: full cache in the model dtype)")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):

@@ -46,12 +46,12 @@ struct SeqKV {
   int64_t len, pos;
 };
 
+// (QK-norm +) RoPE of q and k, K and V written to each sequence's cache; returns q [B, nh, T, hd] (rotated).
 // cos / sin rows: row (b, t) at cos + (b * cos_b + t) * hd (cos_b = 0: the batch shares positions)
 template <typename T>
-static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
-                          const std::vector<SeqKV<T>>& seqs, const Tensor& cos, const Tensor& sin, int64_t cos_b,
-                          int64_t hd, int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
-  Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd]: sequence b's positions pos_b .. pos_b+T-1
+static Tensor rope_write(const Tensor& qkv, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
+                         const std::vector<SeqKV<T>>& seqs, const Tensor& cos, const Tensor& sin, int64_t cos_b,
+                         int64_t hd, int64_t nh, int64_t nkv, float eps, bool plus_one) {
   const int64_t B = qkv.size(0), Tn = qkv.size(1), half = hd / 2;
   Tensor q = at::empty({B, nh, Tn, hd}, qkv.options());
   const T* qkvp = qkv.data_ptr<T>();
@@ -60,10 +60,8 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
   std::vector<float> v(hd);
   std::vector<T> vn(hd);
   const int64_t row = (nh + 2 * nkv) * hd;
-  int64_t max_pos = 0;
   for (int64_t b = 0; b < B; ++b) {
     const SeqKV<T>& s = seqs[b];
-    max_pos = std::max(max_pos, s.pos);
     for (int64_t t = 0; t < Tn; ++t) {
       const T* cp = cos.data_ptr<T>() + (b * cos_b + t) * hd;
       const T* sp = sin.data_ptr<T>() + (b * cos_b + t) * hd;
@@ -87,6 +85,19 @@ static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_n
       }
     }
   }
+  return q;
+}
+
+template <typename T>
+static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
+                          const std::vector<SeqKV<T>>& seqs, const Tensor& cos, const Tensor& sin, int64_t cos_b,
+                          int64_t hd, int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
+  Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd]: sequence b's positions pos_b .. pos_b+T-1
+  const int64_t B = qkv.size(0), Tn = qkv.size(1);
+  Tensor q = rope_write<T>(qkv, q_norm, k_norm, seqs, cos, sin, cos_b, hd, nh, nkv, eps, plus_one);
+  const T* qp = q.data_ptr<T>();
+  int64_t max_pos = 0;
+  for (const SeqKV<T>& s : seqs) max_pos = std::max(max_pos, s.pos);
   // attention per (row, head, new position) over its own keys: query pos+t sees cached positions
   // [lo, pos+t] (lo > 0 outside a sliding window). Each query's result is computed the same way
   // whatever Tn is and whatever other sequences share the call, so a k-token verification forward

@@ -12,6 +12,7 @@
 #include "prefill_glue.cpp"
 #include "fused_block.cpp"
 #include "attention_kvquant.cpp"  // after fused_block.cpp: its decode_layer_kvquant uses block()
+#include "attention_topk.cpp"
 
 // the ISA level this build was compiled for (native.py checks it against the level it asked for)
 static std::string isa() {
@@ -55,5 +56,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_rows", &attend_rows, "attend for a batch of sequences, each with its own cache and position (attention.cpp)", nogil());
   m.def("decode_layer", &decode_layer, "one decoder block in one call (fused_block.cpp)", nogil());
   m.def("decode_layer_kvquant", &decode_layer_kvquant, "decode_layer over an int8/int4 KV store (attention_kvquant.cpp)", nogil());
+  m.def("sparse_attention", &sparse_attention, "query-aware sparse attention of rotated queries over the cache (attention_topk.cpp)", nogil());
+  m.def("sparse_attend", &sparse_attend, "attend with query-aware sparse attention and page bounds' update (attention_topk.cpp)", nogil());
+  m.def("decode_layer_sparse", &decode_layer_sparse, "decode_layer with sparse_attend as its attention (attention_topk.cpp)", nogil());
   m.def("decode_rows", &decode_rows, "one decoder block for a batch of sequences at their own positions (fused_block.cpp)", nogil());
 }

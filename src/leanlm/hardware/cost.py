@@ -35,6 +35,8 @@ class Plan:
     kv_dtype: str | None = None  # None: compute dtype
     kv_window: int | None = None  # tokens kept per layer (sinks + window / eviction budget)
     kv_pool_group: int | None = None  # pooled-global (TGA): + one pooled key per group of older tokens
+    kv_attend: int | None = None  # keys a decode query attends over, all kept (query-aware sparse attention)
+    kv_scan: float = 0.0  # rows read per visible key to choose them, in K rows (top-k: 1; Quest: its page bounds)
     spec_accepted: float = 1.0  # mean tokens emitted per target forward (speculative decoding)
     spec_draft_cost: float = 0.0  # draft cost per target step, as a fraction of a target step
 
@@ -109,8 +111,13 @@ def forward_cost(cfg: ModelConfig, hw: HardwareProfile, plan: Plan, batch: int, 
             window += max(0, context - window) // plan.kv_pool_group
         # causal prefill sees on average half of the new tokens
         keys = window if new_tokens == 1 else min(window, context - new_tokens / 2)
-        att_flops = 4 * batch * new_tokens * keys * l.n_heads * l.head_dim
-        att_bytes = batch * keys * 2 * kv * kv_bytes + rows * (q + 2 * kv) * act_bytes
+        read = 2 * keys  # K and V rows read per sequence
+        if plan.kv_attend and new_tokens <= 16:  # sparse decode: the chosen keys' K and V, and the selection scan
+            scan = plan.kv_scan * keys
+            keys = min(keys, plan.kv_attend)
+            read = 2 * keys + scan
+        att_flops = 4 * batch * new_tokens * (read / 2) * l.n_heads * l.head_dim
+        att_bytes = batch * read * kv * kv_bytes + rows * (q + 2 * kv) * act_bytes
         ops.append(OpCost(f"layers.{i}.attn.sdpa", att_bytes, att_flops,
                           max(att_bytes / hw.bandwidth("fp32"), att_flops / hw.flops(plan.compute_dtype))))  # fmt: skip
         ops.append(OpCost(f"layers.{i}.overhead", 0, 0, (hw.layer_overhead_us + (rows - 1) * hw.token_overhead_us) * 1e-6))

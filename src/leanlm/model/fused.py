@@ -33,8 +33,8 @@ intermediate rounded to the compute dtype where the Python path rounds it, so th
 to float rounding (tests/test_fused_decode.py). A block runs here when it is the stock Block
 on CPU in fp32/bf16 (the step re-implements exactly runtime.Block, Attention and MLP, so a
 subclass, which may override forward, runs its own); its cache runs inside when it answers
-`fused_kv` (or, an int8 / int4 cache policy, `fused_store`), else the attention's own forward runs between
-the C++ glue. It is the runtime's
+`fused_kv` (or, an int8 / int4 cache policy, `fused_store`; or, query-aware sparse attention, `fused_sparse`:
+attention/sparse.py), else the attention's own forward runs between the C++ glue. It is the runtime's
 default decode step (`Transformer.fused_decode`); LEANLM_NATIVE=0 or a machine without a C++
 compiler keeps the Python path.
 """
@@ -90,6 +90,11 @@ def _fused_kv(attn, dtype):
 def _fused_store(attn, dtype, start, rows, window):
     ask = getattr(attn.cache, "fused_store", None)
     return None if ask is None else ask(dtype, start, rows, window)
+
+
+def _fused_sparse(attn, dtype):
+    ask = getattr(attn.cache, "fused_sparse", None)
+    return None if ask is None else ask(dtype)
 
 
 class _Reads:
@@ -174,6 +179,10 @@ def decode_layer(layer, x: torch.Tensor, rope, start: int, dtype: torch.dtype) -
     st = None if plan is None else _fused_store(a, dtype, start, T, plan[1][2])
     if st is not None:  # an int8 / int4 cache policy: the whole block too, attention read from the codes
         ops.decode_layer_kvquant(x2, *plan[0], *st, cos, sin, start, B, *plan[1])
+        return x
+    sp = None if plan is None else _fused_sparse(a, dtype)
+    if sp is not None:  # a cache with query-aware sparse attention (attention/sparse.py): still one call
+        ops.decode_layer_sparse(x2, *plan[0], *sp[:4], cos, sin, start, B, *plan[1], *sp[4:])
         return x
     eps, plus_one = layer.attn_norm.eps, layer.attn_norm.plus_one
     bf16 = dtype == torch.bfloat16
