@@ -171,3 +171,12 @@ def test_smollm2_full_rank_conversion_is_exact(smollm2):
         ref = base(ids)
         assert (model(ids) - ref).abs().max().item() <= 2e-3 * ref.abs().max().item()
     assert kv_bytes_per_token(model) == kv_bytes_per_token(base)
+
+
+def test_recipe_step(tiny_dirs):
+    from leanlm.recipe import build_step
+
+    (cfg,) = build_step("mla", {"rank": 4, "rope_dims": 4, "heal_steps": 0})
+    assert cfg == MLA(rank=4, rope_dims=4)
+    with pytest.raises(LeanlmError, match="unknown key"):
+        build_step("mla", {"rank": 4, "ropedims": 4})
