@@ -248,7 +248,14 @@ def hf_to_leanlm(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
                 keys = [p + f"{part}.{kind}" for part in parts]
                 if all(k in sd for k in keys):
                     out[f"layers.{i}.{ours}.{kind}"] = torch.cat([sd.pop(k) for k in keys], dim=0)
+    out.update({k[len(OWN_PREFIX) :]: sd.pop(k) for k in list(sd) if k.startswith(OWN_PREFIX)})
     return out
+
+
+# tensors with no transformers counterpart (an mla-converted attention's projections, attention/mla.py) are
+# saved under this prefix and their leanlm names
+OWN_PREFIX = "leanlm."
+OWN_MODULES = (".attn.mla_",)
 
 
 def leanlm_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -269,6 +276,8 @@ def leanlm_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
                     out[f"model.layers.{i}.{part}.{kind}"] = piece
             elif module in renames:
                 out[f"model.layers.{i}.{renames[module]}.{kind}"] = t
+            elif any(m in name for m in OWN_MODULES):
+                out[OWN_PREFIX + name] = t
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -359,10 +368,16 @@ def load_config(directory: Path) -> ModelConfig:
                           "config.json") from e  # fmt: skip
 
 
-def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu") -> Transformer:
-    """Instantiate without random init (meta device), then adopt the given tensors."""
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu",
+                applied: list[dict] | None = None) -> Transformer:  # fmt: skip
+    """Instantiate without random init (meta device), then adopt the given tensors. `applied` (model.applied):
+    methods that change the modules' shapes (mla) shape them first."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    if any(e.get("type") == "MLA" for e in applied or []):
+        from ..attention.mla import rebuild
+
+        rebuild(model, applied)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
@@ -398,7 +413,8 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "float32", device: s
         model = load_quantized(directory, cfg, parse_dtype(dtype), device)
     else:
         dt = parse_dtype(dtype)
-        model = build_model(cfg, hf_to_leanlm(_read_safetensors(directory, dt), cfg), dt, device)
+        applied = read_applied(directory)
+        model = build_model(cfg, hf_to_leanlm(_read_safetensors(directory, dt), cfg), dt, device, applied)
     model.source = str(spec)
     model.directory = str(directory)
     model.applied = read_applied(directory)

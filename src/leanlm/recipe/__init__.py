@@ -12,7 +12,8 @@ turns its value into config objects: `prune` (structured: neurons|heads|layers w
 prune.Structured, or unstructured with the fields of prune.Unstructured; heal_steps on either),
 `quantize` (method + the fields of the quant config), `dtype` (float32 | bfloat16), `kv` (a
 cache-policy string, see `--kv`), `adaptive` (a leanlm.adaptive spec string such as "teal:0.4" or
-"skip:0.1", see `--adaptive`). Everything after parsing goes through `leanlm.apply`: each config
+"skip:0.1", see `--adaptive`), `mla` (the fields of attention.MLA: rank, rope_dims, heal_steps, ...).
+Everything after parsing goes through `leanlm.apply`: each config
 says whether it needs calibration (`needs_calibration`) and how the cost model prices it (`price`).
 Calibration windows are cut once (per shape) and shared by every step that needs them.
 """
@@ -178,8 +179,14 @@ def _parse_adaptive(params, where: str) -> list:
     return [parse_adaptive(params)]
 
 
+def _parse_mla(params, where: str) -> list:
+    from ..attention.mla import MLA
+
+    return [MLA(**_checked(where, _mapping(where, "mla", params), MLA))]
+
+
 STEP_PARSERS = {"prune": _parse_prune, "quantize": _parse_quantize, "dtype": _parse_dtype, "kv": _parse_kv,
-                "adaptive": _parse_adaptive}  # fmt: skip
+                "adaptive": _parse_adaptive, "mla": _parse_mla}  # fmt: skip
 STEP_KINDS = tuple(STEP_PARSERS)
 
 
