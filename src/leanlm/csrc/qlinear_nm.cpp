@@ -12,8 +12,9 @@
 //   byte 64 + r:      row r's pair codes, A in the low nibble, B in the high one.
 // Per row and 8 columns: 4 + 1 bytes, so 5/8 byte per weight (dense int8: 1).
 //
-// The positions become `pshufb` indexes in registers (no gather): each row's code nibble is spread over its
-// 4 bytes, a 16-entry table maps (code, first/second) to the position in the group, and +4 selects group B;
+// The positions become `pshufb` indexes in registers (no gather): each row's code byte is spread over its
+// 4 value bytes, a shift brings group B's nibble down, a 16-entry table maps (code, first/second) to the
+// position in the group, and +4 selects group B;
 // the activation's 8 bytes of the step are broadcast to every 128-bit lane, so one `pshufb` gathers the
 // 4 activation bytes each row needs. The mask depends on the weights only, so it is built once per step for
 // all activation rows.
@@ -72,6 +73,13 @@ torch::Tensor q_linear_nm(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   static const bool cpu_vnni = cpu_has_avx512_vnni();
   const bool vnni = cpu_vnni && q_linear_nm_vnni_allowed;
   const int64_t chunk = q_linear_chunk(vnni);
+  // the activation bytes the kernel reads: as quantized (AVX2's sign trick), or + 128 (VNNI's unsigned operand)
+  std::vector<uint8_t> biased;
+  if (vnni) {
+    biased.resize(a.q.size());
+    for (size_t i = 0; i < biased.size(); ++i) biased[i] = (uint8_t)(a.q[i] + 128);
+  }
+  const uint8_t* xb = vnni ? biased.data() : (const uint8_t*)a.q.data();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> ts(G * TILE_ROWS);
     const int64_t step = M <= chunk ? t1 - t0 : 2;  // as q_linear: later chunks re-read the tiles from cache
@@ -79,8 +87,8 @@ torch::Tensor q_linear_nm(torch::Tensor x, torch::Tensor w, torch::Tensor scales
       const int64_t te = std::min(t1, t + step);
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t mc = std::min(chunk, M - m0);
-        if (vnni) qlinear_nm_vnni::nm_chunk(mc, wp, a, m0, sp, yp, N, G, BPG, t, te, ts.data());
-        else qlinear_nm_portable::nm_chunk(mc, wp, a, m0, sp, yp, N, G, BPG, t, te, ts.data());
+        if (vnni) qlinear_nm_vnni::nm_chunk(mc, wp, a, xb, m0, sp, yp, N, G, BPG, t, te, ts.data());
+        else qlinear_nm_portable::nm_chunk(mc, wp, a, xb, m0, sp, yp, N, G, BPG, t, te, ts.data());
       }
     }
   });
