@@ -91,7 +91,7 @@ def test_kernel_equals_dense_int8_kernel_bit_for_bit(vnni):
 def test_not_2_4_names_the_fix():
     v = _nm_values(16, 64)
     v[3, 4:7] = 5  # three non-zeros in one group
-    with pytest.raises(LeanlmError, match="not 2:4.*prune --nm 2:4"):
+    with pytest.raises(LeanlmError, match="not 2:4.*prune --pattern 2:4"):
         tile_nm(v, "layers.0.mlp.w_down")
     lin = torch.nn.Linear(64, 16)
     with pytest.raises(LeanlmError, match="not 2:4"):
@@ -111,11 +111,13 @@ def test_module_forward_small_and_many_rows():
         lin.weight.copy_((w * keep).view(40, 72))
     m = NMInt8Linear.from_linear(lin)
     assert m.stored_in == 96 and m.qweight.numel() == 48 * 96 * 5 // 8
-    x = torch.randn(20, 72)
+    x = torch.randn(80, 72)
     with torch.no_grad():
         ref = lin(x)
         y_small = m(x[:4])
-        y_many = m(x)
+        y_mid = m(x[:20])  # kernel, 16 rows per call
+        y_many = m(x)  # dequantized
+    assert torch.equal(y_mid[:4], y_small)
     assert (y_small - y_many[:4]).abs().max() < 2e-2 * ref.abs().max()
     assert (y_many - ref).abs().max() < 2e-2 * ref.abs().max()
     assert torch.allclose(m.dequantize()[lin.weight == 0], torch.zeros(()))
@@ -131,7 +133,7 @@ def _decode_logits(model, tokens, fused_on, prompt=5):
     return torch.stack(out, 1)
 
 
-def test_tiny_model_decode_equals_dense_int8(tiny_dirs, monkeypatch):
+def test_tiny_model_decode_equals_dense_int8(tiny_dirs, monkeypatch, tmp_path):
     """Prune 2:4, RTN int8 per channel, then NMInt8: decode logits equal the dense int8 model's bit for bit
     (fused whole-block step and per-module path); NMInt8 of the float pruned model matches too."""
     import leanlm
@@ -161,6 +163,8 @@ def test_tiny_model_decode_equals_dense_int8(tiny_dirs, monkeypatch):
     for a, b in zip(pruned_float.layers, nm.layers):
         for x, y in ((a.attn.wqkv, b.attn.wqkv), (a.mlp.w_down, b.mlp.w_down)):
             assert torch.equal(x.qweight, y.qweight) and torch.equal(x.scales, y.scales)
+    with pytest.raises(LeanlmError, match="not saved yet"):  # no silent dense or broken file
+        leanlm.save(nm, None, tmp_path / "nm")
     # a model that is not 2:4 is refused with the fix
-    with pytest.raises(LeanlmError, match="prune --nm 2:4"):
+    with pytest.raises(LeanlmError, match="prune --pattern 2:4"):
         leanlm.apply(load_model(tiny_dirs["llama"]), NMInt8())

@@ -33,6 +33,7 @@ from .packed import TILE_ROWS, QuantLinear, dequant_mm
 from .rtn import rtn
 
 PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # pair code -> kept positions (csrc/qlinear_nm.cpp)
+KERNEL_ROWS = 64  # rows up to which forward runs the kernel 16 rows at a time; more: dequantize + fp32 GEMM
 STEP_BYTES = 80  # per tile of 16 rows and 8 columns: 64 value bytes + 16 code bytes
 _CODE = torch.full((16,), -1, dtype=torch.int64)
 for _c, (_a, _b) in enumerate(PAIRS):
@@ -43,7 +44,7 @@ _SECOND = torch.tensor([b for _, b in PAIRS])
 
 def not_nm_error(name: str, worst: int) -> LeanlmError:
     return LeanlmError(f"{name} is not 2:4 sparse (a group of 4 consecutive input weights has {worst} non-zeros); "
-                       "prune it first: leanlm prune --nm 2:4, or leanlm.apply(model, Unstructured(pattern='2:4'))")  # fmt: skip
+                       "prune it first: leanlm prune --pattern 2:4, or leanlm.apply(model, Unstructured(pattern='2:4'))")  # fmt: skip
 
 
 def nm_split(q: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +95,8 @@ def untile_nm(t: torch.Tensor, K: int) -> torch.Tensor:
 
 class NMInt8Linear(nn.Module):
     """2:4 sparse int8 Linear (see the module docstring). Buffers: `qweight` (uint8 tiles, tile_nm), `scales`
-    bf16 [N, G], `bias` fp32 or None. Up to ops.MAX_ROWS rows run on the native kernel, more are dequantized
-    to float32 (dequant_mm). Implements the fused decode step's protocol (leanlm.ops) as an NM linear."""
+    bf16 [N, G], `bias` fp32 or None. Up to KERNEL_ROWS rows run on the native kernel (16 per call), more are
+    dequantized to float32 (dequant_mm). Implements the fused decode step's protocol (leanlm.ops) as an NM linear."""
 
     fused_state = ("kgroup",)
 
@@ -175,9 +176,11 @@ class NMInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        small = x2.shape[0] <= ops.MAX_ROWS and x.device.type == "cpu" and ops.available()
-        if small and not (torch.is_grad_enabled() and x2.requires_grad):
-            y = ops.q_linear_nm(x2, self.qweight, self.scales, self.kgroup)
+        M = x2.shape[0]
+        kernel = M <= KERNEL_ROWS and x.device.type == "cpu" and ops.available()
+        if kernel and not (torch.is_grad_enabled() and x2.requires_grad):  # 16 rows per call (rows are independent)
+            y = torch.cat([ops.q_linear_nm(x2[i : i + ops.MAX_ROWS], self.qweight, self.scales, self.kgroup)
+                           for i in range(0, M, ops.MAX_ROWS)])  # fmt: skip
         else:
             y = dequant_mm(self, x2)
         if self.bias is not None:
