@@ -30,7 +30,8 @@ from leanlm.quant import RTN, NMInt8, quantize
 from leanlm.quant.nm import tile_nm
 from leanlm.quant.packed import tile_codes
 
-SHAPES = {"qwen2.5-0.5b": [(896, 896), (4864, 896), (896, 4864)], "smollm2-135m": [(576, 576), (1536, 576), (576, 1536)]}
+SHAPES = {"qwen2.5-0.5b": [(896, 896), (4864, 896), (896, 4864)],
+          "smollm2-135m": [(576, 576), (1536, 576), (576, 1536)]}
 
 
 def random_nm(N: int, K: int, seed: int = 0) -> torch.Tensor:
@@ -121,7 +122,8 @@ def model_rows(name: str, new_tokens: int, runs: int) -> dict:
 
     greedy = [list(generate_tokens(m, prompt, 24, eos_ids=set())) for m in models.values()]
     d, n = speed["dense int8 (2:4 zeros stored)"], speed["2:4 int8"]
-    return {"model": name, "block_linear_bytes": packed, "weight_bytes": {k: weight_bytes(m) for k, m in models.items()},
+    return {"model": name, "block_linear_bytes": packed,
+            "weight_bytes": {k: weight_bytes(m) for k, m in models.items()},
             "decode": speed, "speedup_wall": n["decode_tok_s"] / d["decode_tok_s"],
             "speedup_cpu": d["cpu_ms_per_token"] / n["cpu_ms_per_token"], "prompt_tokens": len(prompt),
             "greedy_24_tokens_equal": greedy[0] == greedy[1], "new_tokens": new_tokens, "runs": runs}  # fmt: skip
@@ -132,8 +134,8 @@ def main():
     ap.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--threads", type=int, default=2, help="threads of the decode rows")
     ap.add_argument("--kernel-threads", type=int, default=1,
-                    help="threads of the kernel rows (1: on a busy machine a 2-thread call waits for a descheduled thread, "
-                         "and the CPU-time columns count the one calling thread)")
+                    help="threads of the kernel rows (1: on a busy machine a 2-thread call waits for a descheduled "
+                         "thread, and the CPU-time columns count the one calling thread)")
     ap.add_argument("--kernel-only", action="store_true", help="skip the whole-model decode rows")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)

@@ -232,7 +232,8 @@ def nm_int8(model, cfg: NMInt8 | None = None) -> dict:
             elif isinstance(m, nn.Linear):
                 new = NMInt8Linear.from_linear(m, cfg.group, name)
             else:
-                raise LeanlmError(f"{name} is a {type(m).__name__}; 2:4 int8 storage takes a Linear or an int8 QuantLinear")
+                raise LeanlmError(f"{name} is a {type(m).__name__}; 2:4 int8 storage takes a Linear or an int8 "
+                                  "QuantLinear (apply NMInt8 before other methods that replace the linears)")
             set_module(layer, lin, new)
             before += size
             after += sum(t.numel() * t.element_size() for t in new.buffers())
