@@ -30,8 +30,8 @@ dtype `dtype`, or None when this module must run its own forward (then the block
 C++ glue between module calls). Each kind keeps the module's numerics. The fused step caches the
 answer per layer and asks again when a module, parameter or buffer is replaced, when one of the
 `fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
-Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT) and
-adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
+Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT),
+quant.nm.NMInt8Linear (NM) and adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
 `fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None).
 """
 
