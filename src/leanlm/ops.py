@@ -35,8 +35,8 @@ dtype `dtype`, or None when this module must run its own forward (then the block
 C++ glue between module calls). Each kind keeps the module's numerics. The fused step caches the
 answer per layer and asks again when a module, parameter or buffer is replaced, when one of the
 `fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
-Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT) and
-adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
+Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT),
+quant.nm.NMInt8Linear (NM) and adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
 `fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), a quantized
 cache `fused_store(dtype, start, rows, window) -> list | None` (decode_layer_kvquant's store arguments;
 attention.policies.PolicyCache), and a cache with query-aware sparse attention
@@ -63,6 +63,7 @@ class LinearKind(enum.IntEnum):
     QUANT = 1  # packed int4/int8 weight, bf16 scales (and zeros) [N, G]: q_linear
     SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear
     CODEBOOK = 3  # 4-bit table indices (int4 block layout), bf16 scales [N, G], int8 table [16] as `zeros`
+    NM = 4  # 2:4 sparse int8 (leanlm.quant.nm's tiles: kept values + position codes), bf16 scales [N, G]: q_linear_nm
 
 
 _EMPTY = torch.empty(0)
@@ -142,6 +143,18 @@ def q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     """x [1..16, K] times a packed int4/int8 weight (leanlm.quant.packed's native layout) -> fp32 [M, N].
     scales/zeros: bf16 [N, G]; group: columns per group of the stored width (a multiple of 32)."""
     return _require().q_linear(x, qweight, scales, _EMPTY if zeros is None else zeros, bits, group)
+
+
+def q_linear_nm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """x [1..16, K] times a 2:4 sparse int8 weight (leanlm.quant.nm's tiles: per 16 rows and 8 columns, the 4 kept
+    values of each row and their position codes) -> fp32 [M, N]; equals q_linear on the same codes with the pruned
+    ones stored, bit for bit. scales: bf16 [N, G]; group: columns per group of the stored width (a multiple of 32)."""
+    return _require().q_linear_nm(x, qweight, scales, group)
+
+
+def set_q_linear_nm_vnni(allowed: bool) -> bool:
+    """Allow (True) or refuse q_linear_nm's AVX512-VNNI copy (the AVX2 one gives the same numbers); the old setting."""
+    return _require().set_q_linear_nm_vnni(allowed)
 
 
 def q_linear_codebook(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,

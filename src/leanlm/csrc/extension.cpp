@@ -4,6 +4,7 @@
 
 #include "gemv_small.cpp"
 #include "qlinear.cpp"
+#include "qlinear_nm.cpp"
 #include "qlinear_codebook.cpp"
 #include "gemm_int8.cpp"
 #include "sparse.cpp"
@@ -39,6 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_small_bf16", &set_small_bf16, "allow (True) or refuse small_linear's bf16 dot-product path; returns the old setting");
   m.def("q_linear", &q_linear, "x [1..16, K] . packed int4/int8 W^T -> fp32 [M, N] (qlinear.cpp)", nogil());
   m.def("set_q_linear_vnni", &set_q_linear_vnni, "allow (True) or refuse q_linear's VNNI path; returns the old setting");
+  m.def("q_linear_nm", &q_linear_nm, "x [1..16, K] . 2:4 sparse int8 W^T -> fp32 [M, N] (qlinear_nm.cpp)", nogil());
+  m.def("set_q_linear_nm_vnni", &set_q_linear_nm_vnni, "allow (True) or refuse q_linear_nm's VNNI path; returns the old setting");
   m.def("q_linear_codebook", &q_linear_codebook, "x [1..16, K] . 4-bit table-coded W^T -> fp32 [M, N] (qlinear_codebook.cpp)", nogil());
   m.def("set_q_linear_codebook_vnni", &set_q_linear_codebook_vnni, "allow (True) or refuse q_linear_codebook's VNNI path");
   m.def("q_gemm", &q_gemm, "x [M, K] . packed int4/int8 W^T -> fp32 [M, N] on AVX512-VNNI (gemm_int8.cpp)");

@@ -90,6 +90,7 @@ enum LinearKind : int64_t {
   LINEAR_QUANT = 1,         // leanlm.quant's packed int4/int8 weight: q_linear, fp32 + fp32 bias, rounded to x's dtype
   LINEAR_SPARSE_INPUT = 2,  // leanlm.adaptive's input-sparse linear: weight W^T [K, N], inputs |x| <= threshold dropped
   LINEAR_CODEBOOK = 3,      // leanlm.quant's 4-bit table-coded weight: q_linear_codebook, the table in the zeros slot
+  LINEAR_NM = 4,            // leanlm.quant.nm's 2:4 sparse int8 weight: q_linear_nm
 };
 
 static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int64_t i, const std::vector<int64_t>& meta,
@@ -106,6 +107,9 @@ static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int6
       break;
     case LINEAR_CODEBOOK:
       y = q_linear_codebook(x, w, lins[4 * i + 2], lins[4 * i + 3], group);
+      break;
+    case LINEAR_NM:
+      y = q_linear_nm(x, w, lins[4 * i + 2], group);
       break;
     case LINEAR_SPARSE_INPUT:
       y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));

@@ -70,3 +70,6 @@ static void norm_row(const float* h, const float* w, int64_t D, float eps, bool 
 static inline Tensor as_float(const Tensor& t) {
   return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
 }
+
+// qlinear_nm.cpp: x [1..16, K] . a 2:4 sparse int8 weight (leanlm.quant.nm's tiles) -> fp32 [M, N]
+torch::Tensor q_linear_nm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t group);

@@ -10,7 +10,8 @@ add fused with the next norm, (QK-norm +) RoPE + KV write + attention, and the g
 When each of the block's four linears implements the fused-linear protocol (leanlm.ops' module
 docstring: `fused_linear_args(dtype, rows) -> FusedLinear | None`) and answers, the whole block
 is one `ops.decode_layer` call: dense weights run on `small_linear`, leanlm.quant's packed weights
-on `q_linear`, leanlm.adaptive's input-sparse linears on `sparse_linear`. Otherwise the same C++
+on `q_linear`, 2:4 int8 ones (quant.nm) on `q_linear_nm`, leanlm.adaptive's input-sparse linears on
+`sparse_linear`. Otherwise the same C++
 glue runs between the linear modules, so whatever a method put there (pruned, routed, hooked)
 keeps working at a few calls per block.
 

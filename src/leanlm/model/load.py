@@ -478,6 +478,11 @@ def save(model: Transformer, tokenizer, out: str | Path, force: bool = False, dt
     quantized models are written in leanlm's packed layout (quant/save.py), per-layer widths in `leanlm_layers`."""
     from safetensors.torch import save_file
 
+    from ..quant.nm import NMInt8Linear
+
+    if any(isinstance(m, NMInt8Linear) for m in model.modules()):
+        raise LeanlmError("2:4 int8 storage (NMInt8) is not saved yet: save the pruned (or int8-quantized) model "
+                          "before leanlm.apply(model, NMInt8()), and apply NMInt8 again after leanlm.load")  # fmt: skip
     if getattr(model, "quantization", None):  # packed weights: leanlm's quantized layout (quant/save.py)
         from ..quant.save import save_quantized
 

@@ -19,11 +19,12 @@ from ..calibration import calibration_tokens
 from .calibrate import read_calibration
 from .codebook import CodebookLinear
 from .config import AWQ, GPTQ, RTN, MixedPrecision, QSpec, QuantConfig, make_config
+from .nm import NMInt8, NMInt8Linear
 from .packed import QuantEmbedding, QuantLinear, pack_int4, unpack_int4
 from .pipeline import quantize
 from .rtn import QuantizedWeight, rtn
 from .save import is_quantized_dir, load_quantized, save_quantized
 
-__all__ = ["AWQ", "CodebookLinear", "GPTQ", "RTN", "MixedPrecision", "QSpec", "QuantConfig", "QuantEmbedding", "QuantLinear",
+__all__ = ["AWQ", "CodebookLinear", "GPTQ", "RTN", "MixedPrecision", "NMInt8", "NMInt8Linear", "QSpec", "QuantConfig", "QuantEmbedding", "QuantLinear",
            "QuantizedWeight", "calibration_tokens", "is_quantized_dir", "load_quantized", "make_config", "pack_int4",
            "quantize", "read_calibration", "rtn", "save_quantized", "unpack_int4"]  # fmt: skip
