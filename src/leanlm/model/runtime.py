@@ -506,6 +506,8 @@ class Transformer(nn.Module):
         hi = len(self.layers) if hi is None else hi
         ropes: dict = {}
         fused = T <= ops.MAX_ROWS and self.fused_decode and ops.available()
+        if fused and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            fused = False  # training (healing, distillation): the C++ step has no backward
         for i in range(lo, hi):
             layer, name = self.layers[i], self._rope_names[i]
             if name not in ropes:
