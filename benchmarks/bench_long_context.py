@@ -73,21 +73,17 @@ QUICK_METHODS = "full;sinks:4,window:{b4};tga:group=16,window={w};int8"
 
 # ---- methods -----------------------------------------------------------------------------------------
 def _mla_config(spec: str):
-    """mla:rank=R -> the config leanlm.attention.mla parses from it (its parse() or its MLA class's)."""
+    """mla:rank=R[,rope_dims=D][,heal_steps=N] -> leanlm.attention.MLA (raises LeanlmError naming a bad item)."""
+    from leanlm.attention import MLA
     from leanlm.errors import LeanlmError
 
-    try:
-        from leanlm.attention import mla
-    except ImportError as e:
-        raise LeanlmError(f"method '{spec}' needs leanlm.attention.mla, which this checkout lacks ({e})") from e
-    parse = getattr(mla, "parse", None) or getattr(mla, "parse_mla", None)
-    if parse is None:
-        cls = next((c for n, c in vars(mla).items() if isinstance(c, type) and "mla" in n.lower()
-                    and hasattr(c, "parse")), None)  # fmt: skip
-        parse = cls.parse if cls else None
-    if parse is None:
-        raise LeanlmError(f"method '{spec}': leanlm.attention.mla has no parse() for its spec strings")
-    return parse(spec)
+    kw = {}
+    for item in spec.partition(":")[2].split(","):
+        key, _, value = item.partition("=")
+        if key not in ("rank", "rope_dims", "heal_steps") or not value.isdigit():
+            raise LeanlmError(f"method '{spec}': use mla:rank=R[,rope_dims=D][,heal_steps=N] with whole numbers")
+        kw[key] = int(value)
+    return MLA(**kw)
 
 
 def _mla_transform(model, spec: str, tok):
