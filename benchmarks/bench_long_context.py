@@ -29,7 +29,7 @@ Default matrix (DEFAULT_PLAN), sized for the 40-minute budget on 2 quiet cores:
   gemma3-270m    2k: all x 3 depths, 4k and 8k: long x 1, 16k: full, sinks, tga, int8 x 1
   qwen2.5-0.5b   2k: all x 1, 8k: core x 1
 all = every --methods entry; long = all but int4 and the transforms (both measured at 2k); core = full, sinks,
-snapkv, tga, int8. Prefill dominates and grows with the context and the model (single-thread CPU seconds for a
+snapkv, quest, topk, tga, int8. Prefill dominates and grows with the context and the model (single-thread CPU seconds for a
 2k prefill: smollm2 6.4, gemma3 6.3, qwen2.5 13.0; attention makes smollm2's 8k ~9x its 2k), so qwen2.5-0.5b gets
 the short and the summary context only and 16k runs on gemma3, whose sliding-window layers keep it cheap.
 Estimate from those timed pieces: ~37 min (31-55 by the assumed parallel efficiency and policy overhead).
@@ -58,7 +58,7 @@ from common import add_result_args, leanlm_quant_configs, machine, write_result 
 
 DEFAULT_METHODS = ("full;sinks:4,window:{b4};h2o:{b};snapkv:{b};quest:pages={p},page=16;topk:keys={b};"
                    "tga:group=16,window={w};int8;int4;mla:rank=128")
-CORE = ("full", "sinks", "snapkv", "tga", "int8")
+CORE = ("full", "sinks", "snapkv", "quest", "topk", "tga", "int8")
 LONG = ("full", "sinks", "h2o", "snapkv", "quest", "topk", "tga", "int8")  # 4k / 8k: no int4, no transform
 DEFAULT_PLAN = {  # model -> context -> (method kinds or "all", number of needle depths)
     "qwen2.5-0.5b": {2048: ("all", 1), 8192: (CORE, 1)},
