@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import add_result_args, machine, write_result  # noqa: E402
@@ -75,7 +76,7 @@ def choose(per_rung, rungs, gold, dev: slice, gap_points: float) -> list[float]:
 
 def lambada_answers(rung: Rung, tok, docs) -> list[dict]:
     out = []
-    for doc in docs:
+    for doc in tqdm(docs, desc=f"lambada-generation {rung.name}", leave=False):
         ctx, target = encode_pair(tok, doc.contexts[0], doc.continuations[0])
         t0 = time.perf_counter()
         toks, confs = generate_with_confidence(rung.model, ctx, len(target), top_k=5, eos_ids=set())
@@ -110,7 +111,8 @@ def main() -> None:
             gold = np.ones(len(docs), dtype=int)  # pred is 1 for an exact match
         else:
             docs = load_docs(task, None, args.limit)
-            per_rung = [[score_doc(r.model, tok, d) for d in docs] for r in rungs]
+            per_rung = [[score_doc(r.model, tok, d) for d in tqdm(docs, desc=f"{task} {r.name}", leave=False)]
+                        for r in rungs]  # fmt: skip
             gold = np.array([d.gold for d in docs])
         half = len(docs) // 2
         dev, test = slice(0, half), slice(half, len(docs))
