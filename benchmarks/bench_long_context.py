@@ -184,8 +184,10 @@ def run_case(model, tok, case, policy, args, extra: int) -> dict:
 
     ids = torch.tensor([case.ids[:-1]], device=model.device)
     t0 = time.perf_counter()
+    # decode-time selection (quest, topk) runs in chunks of <= 16 rows: score their tokens that way
+    small = 16 if getattr(policy, "method", None) in ("quest", "topk") else None
     nll, n, _, _ = chunked_prefill(model, ids, policy, args.chunk, max_len=len(case.ids) + extra, score=True,
-                                   score_range=case.score_range)  # fmt: skip
+                                   score_range=case.score_range, score_chunk=small)  # fmt: skip
     prefill_s = time.perf_counter() - t0
     out = greedy(model, case.ids[-1], len(case.ids) - 1, args.answer_tokens, set(model.config.eos_token_ids))
     return {"nll": nll, "n": n, "hit": recalled(tok, out, case), "answer": tok.decode(out, skip_special_tokens=True),

@@ -28,19 +28,35 @@ def _cache_cls(policy: KVPolicy | None):
 
 
 @torch.inference_mode()
+def _chunks(L: int, chunk: int, lo: int, hi: int, score_chunk: int | None):
+    """(start, end) of the chunks: `chunk` tokens, and `score_chunk` inside [lo, hi) when given."""
+    if not score_chunk:
+        return [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+    out, s = [], 0
+    while s < L:
+        step = score_chunk if lo <= s < hi else chunk
+        e = min(s + step, L, lo if s < lo else L)
+        out.append((s, e))
+        s = e
+    return out
+
+
 def chunked_prefill(model, ids: torch.Tensor, policy: KVPolicy | None, chunk: int = 256, max_len: int | None = None,
-                    score: bool = False, score_range: tuple[int, int] | None = None):  # fmt: skip
+                    score: bool = False, score_range: tuple[int, int] | None = None,
+                    score_chunk: int | None = None):  # fmt: skip
     """Feed ids [1, L] through a fresh cache in chunks; returns (summed NLL, count, tail NLL, tail count).
     `score_range` (lo, hi): score only the predictions made at positions [lo, hi) (chunks outside it skip the
-    LM head over their rows: long contexts scored on a slice)."""
+    LM head over their rows: long contexts scored on a slice). `score_chunk`: feed the scored tokens in chunks
+    of this many, e.g. 16 for a decode-time method (quest, topk) that selects keys only in chunks of <= 16 rows
+    and attends fully in longer ones."""
     L = ids.shape[1]
     model.setup_cache(1, max_len or L, cache_cls=_cache_cls(policy))
     nll = tail = 0.0
     n = nt = 0
     half = L // 2
     lo, hi = score_range or (0, L)
-    for s in range(0, L, chunk):
-        x = ids[:, s : s + chunk]
+    for s, e in _chunks(L, chunk, lo, hi, score_chunk):
+        x = ids[:, s:e]
         if not score or s + x.shape[1] <= lo or s >= hi:
             model(x, start=s, last_only=True)
             continue
