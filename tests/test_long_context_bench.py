@@ -46,3 +46,19 @@ def test_a_spec_that_does_not_parse_stops_the_run(tmp_path):
     p = run(["--quick", "--methods", "full;quest:pages=bad"], tmp_path)
     assert p.returncode != 0 and "quest:pages=bad" in p.stderr and "does not parse" in p.stderr
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_scoring_in_small_chunks_equals_large_chunks_under_full_attention(tiny_dirs):
+    """score_chunk only changes how the scored tokens are fed; with the plain cache the scores are the same."""
+    import torch
+
+    from leanlm import load
+    from leanlm.attention.longctx import _chunks, chunked_prefill
+
+    assert _chunks(100, 32, 40, 70, 16) == [(0, 32), (32, 40), (40, 56), (56, 72), (72, 100)]
+    model, _ = load(str(tiny_dirs["llama"]), "float32")
+    ids = torch.randint(3, 90, (1, 120), generator=torch.Generator().manual_seed(0))
+    a = chunked_prefill(model, ids, None, 32, score=True, score_range=(50, 100))
+    b = chunked_prefill(model, ids, None, 32, score=True, score_range=(50, 100), score_chunk=16)
+    assert a[1] == b[1] == 50
+    assert abs(a[0] - b[0]) < 1e-3 * abs(a[0])
