@@ -59,6 +59,18 @@ def make_tiny_hf(arch: str, seed: int = 0):
     return hf
 
 
+def decode_logits(model, tokens, fused_on: bool, prompt: int = 6):
+    """Prefill `prompt` tokens, then decode the rest one at a time; logits of every decode step (the fused C++
+    step on or off)."""
+    model.fused_decode = fused_on
+    model.setup_cache(tokens.shape[0], 32)
+    with torch.inference_mode():
+        model(tokens[:, :prompt], 0)
+        out = [model(tokens[:, p : p + 1], p)[:, -1] for p in range(prompt, tokens.shape[1])]
+    model.clear_cache()
+    return torch.stack(out, 1)
+
+
 def make_word_tokenizer():
     """A 97-token word-level tokenizer matching the tiny models' vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -3,21 +3,14 @@
 import pytest
 import torch
 
+from conftest import decode_logits
+
 from leanlm import ops
 from leanlm.model import fused, load_model
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="no C++ compiler for the fused decode kernels")
 
 
-def _decode_logits(model, tokens, fused_on: bool, prompt: int = 6):
-    """Prefill `prompt` tokens, then decode the rest one at a time; logits of every decode step."""
-    model.fused_decode = fused_on
-    model.setup_cache(tokens.shape[0], 32)
-    with torch.inference_mode():
-        model(tokens[:, :prompt], 0)
-        out = [model(tokens[:, p : p + 1], p)[:, -1] for p in range(prompt, tokens.shape[1])]
-    model.clear_cache()
-    return torch.stack(out, 1)
 
 
 def _count_whole_block_calls(monkeypatch) -> list:
@@ -38,8 +31,8 @@ def test_bf16_fused_matches_python_path(arch, tiny_dirs):
     m16 = load_model(tiny_dirs[arch], dtype="bfloat16")
     m32 = load_model(tiny_dirs[arch])
     tokens = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(4))
-    ref = _decode_logits(m32, tokens, False).softmax(-1)
-    py, fz = (_decode_logits(m16, tokens, on).softmax(-1) for on in (False, True))
+    ref = decode_logits(m32, tokens, False).softmax(-1)
+    py, fz = (decode_logits(m16, tokens, on).softmax(-1) for on in (False, True))
     assert (py - fz).abs().max() < 0.02
     assert (fz - ref).abs().max() < 0.05
 
@@ -50,8 +43,8 @@ def test_batch_of_two_and_both_weight_layouts(column_major, tiny_dirs):
     assert model.fused_decode  # the default decode step
     model.set_decode_layout(column_major)
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
-    a = _decode_logits(model, tokens, True)
-    b = _decode_logits(model, tokens, False)
+    a = decode_logits(model, tokens, True)
+    b = decode_logits(model, tokens, False)
     assert (a - b).abs().max() <= 1e-4
 
 
@@ -68,7 +61,7 @@ def test_replaced_linears_and_cache_policies_run_inside_the_fused_step(tiny_dirs
     assert isinstance(model.layers[0].attn.wqkv, QuantLinear)
     calls = _count_whole_block_calls(monkeypatch)
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
-    a, b = _decode_logits(model, tokens, True), _decode_logits(model, tokens, False)
+    a, b = decode_logits(model, tokens, True), decode_logits(model, tokens, False)
     assert len(calls) == 9 * len(model.layers) and (a - b).abs().max() <= 1e-4  # 6-token prefill + 8 steps, every block
 
     def gen(on):
@@ -85,20 +78,20 @@ def test_cached_layer_plans_follow_replaced_modules_weights_and_layouts(tiny_dir
 
     model = load_model(tiny_dirs["llama"])
     tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(8))
-    before = _decode_logits(model, tokens, True)  # plans built and cached
+    before = decode_logits(model, tokens, True)  # plans built and cached
     down = model.layers[1].mlp.w_down
     down.weight = torch.nn.Parameter(down.weight.detach() * 0.5)  # a new weight object
-    a, b = _decode_logits(model, tokens, True), _decode_logits(model, tokens, False)
+    a, b = decode_logits(model, tokens, True), decode_logits(model, tokens, False)
     assert (a - b).abs().max() <= 1e-4 and (a - before).abs().max() > 1e-3
     model.set_decode_layout(True)  # same Parameters, storage moved to column-major
-    assert (_decode_logits(model, tokens, True) - b).abs().max() <= 1e-4
+    assert (decode_logits(model, tokens, True) - b).abs().max() <= 1e-4
     model.set_decode_layout(False)
     quantize(model, RTN(bits=4, group=32, dtype="float32"), progress=False)  # new linear modules
     fresh = load_model(tiny_dirs["llama"])  # the same edits on a model that never decoded
     fresh.layers[1].mlp.w_down.weight.data.mul_(0.5)
     quantize(fresh, RTN(bits=4, group=32, dtype="float32"), progress=False)
-    a = _decode_logits(model, tokens, True)
-    assert torch.equal(a, _decode_logits(fresh, tokens, True)) and (a - b).abs().max() > 1e-3
+    a = decode_logits(model, tokens, True)
+    assert torch.equal(a, decode_logits(fresh, tokens, True)) and (a - b).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "mistral"])
@@ -189,7 +182,7 @@ def test_input_sparse_linears_run_inside_the_whole_block_call(tiny_dirs, monkeyp
             layer.__dict__.pop("_fused_plan", None)
         if not whole_block:
             monkeypatch.setattr(fused, "_layer_plan", lambda *a, **k: None)  # glue path: module calls
-        out = _decode_logits(model, tokens, True, prompt=18)
+        out = decode_logits(model, tokens, True, prompt=18)
         monkeypatch.setattr(fused, "_layer_plan", layer_plan)
         return out
 
@@ -200,5 +193,5 @@ def test_input_sparse_linears_run_inside_the_whole_block_call(tiny_dirs, monkeyp
     assert len(calls) == 8 * len(model.layers)  # 8 steps, every block in one call
     assert torch.equal(whole, glue)
     model.layers[0].mlp.w_down.threshold = 1e9  # a changed threshold reaches the whole-block call
-    changed = _decode_logits(model, tokens, True, prompt=18)
+    changed = decode_logits(model, tokens, True, prompt=18)
     assert not torch.equal(changed, whole) and torch.equal(changed, decode(False))

@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from conftest import decode_logits
+
 from leanlm import ops
 from leanlm.errors import LeanlmError
 from leanlm.quant.nm import NMInt8, NMInt8Linear, nm_split, tile_nm, untile_nm
@@ -123,14 +125,6 @@ def test_module_forward_small_and_many_rows():
     assert torch.allclose(m.dequantize()[lin.weight == 0], torch.zeros(()))
 
 
-def _decode_logits(model, tokens, fused_on, prompt=5):
-    model.fused_decode = fused_on
-    model.setup_cache(tokens.shape[0], 32)
-    with torch.inference_mode():
-        model(tokens[:, :prompt], 0)
-        out = [model(tokens[:, p : p + 1], p)[:, -1] for p in range(prompt, tokens.shape[1])]
-    model.clear_cache()
-    return torch.stack(out, 1)
 
 
 def test_tiny_model_decode_equals_dense_int8(tiny_dirs, monkeypatch, tmp_path):
@@ -152,12 +146,12 @@ def test_tiny_model_decode_equals_dense_int8(tiny_dirs, monkeypatch, tmp_path):
     calls, decode_layer = [], ops.decode_layer
     monkeypatch.setattr(ops, "decode_layer", lambda *a: calls.append(1) or decode_layer(*a))
     tokens = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(2))
-    dense = _decode_logits(model, tokens, True)
+    dense = decode_logits(model, tokens, True, prompt=5)
     n = len(calls)
-    fused = _decode_logits(nm, tokens, True)
+    fused = decode_logits(nm, tokens, True, prompt=5)
     assert len(calls) - n == 9 * len(nm.layers)  # prefill (5 rows) + 8 steps, every block in one C++ call
     assert torch.equal(fused, dense)
-    assert torch.equal(_decode_logits(nm, tokens, False), _decode_logits(model, tokens, False))
+    assert torch.equal(decode_logits(nm, tokens, False, prompt=5), decode_logits(model, tokens, False, prompt=5))
     # from the float pruned model (RTN inside): the codes and scales of RTN int8 per channel
     leanlm.apply(pruned_float, NMInt8())
     for a, b in zip(pruned_float.layers, nm.layers):

@@ -49,7 +49,7 @@ class HFEngine(GenerateEngine):
     def __init__(self, directory: str, dtype: torch.dtype, name: str):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False).eval()
         self.name = name
 
     def _gen(self, ids, n):

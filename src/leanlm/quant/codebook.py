@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import ops
 from ..errors import LeanlmError
 from ..ops import FusedLinear, LinearKind
 from .config import QSpec
-from .packed import NATIVE_MAX_ROWS, dequant_mm, pack_int4, unpack_int4
+from .packed import NATIVE_MAX_ROWS, RowDequantized, dequant_mm, pack_int4, unpack_int4
 from .rtn import QuantizedWeight, pad_columns
 
 # llama.cpp's IQ4_NL levels (ggml-common.h kvalues_iq4nl): the format's definition
@@ -171,7 +170,7 @@ def dequantize_table(q: torch.Tensor, scale: torch.Tensor, table: torch.Tensor) 
     return w.view(N, Kp)
 
 
-class CodebookLinear(nn.Module):
+class CodebookLinear(RowDequantized):
     """A Linear with a 4-bit table-coded weight (see the module docstring). Buffers: `qweight` (indices in the int4
     block layout on the native backend, else plain pairs), `scales` bf16 [N, G], `table` int8 [16].
 
@@ -235,14 +234,6 @@ class CodebookLinear(nn.Module):
     def dequantize_rows(self, n0: int, n1: int, dtype=torch.float32) -> torch.Tensor:
         w = dequantize_table(self.codes(n0, n1), self.scales[n0:n1], self.table)
         return w[:, : self.in_features].to(dtype)
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self.dequantize_rows(0, self.out_features, dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (a new float32 tensor; for inspection, not the hot path)."""
-        return self.dequantize()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         q = unpack_blocks(self.qweight[ids]) if self.layout == "blocks" else unpack_int4(self.qweight[ids])

@@ -29,7 +29,7 @@ from ..apply import record, register
 from ..errors import LeanlmError
 from ..ops import FusedLinear, LinearKind
 from .config import QSpec
-from .packed import TILE_ROWS, QuantLinear, dequant_mm
+from .packed import TILE_ROWS, QuantLinear, RowDequantized, dequant_mm
 from .rtn import rtn
 
 PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # pair code -> kept positions (csrc/qlinear_nm.cpp)
@@ -93,7 +93,7 @@ def untile_nm(t: torch.Tensor, K: int) -> torch.Tensor:
     return out.view(T * TILE_ROWS, K)
 
 
-class NMInt8Linear(nn.Module):
+class NMInt8Linear(RowDequantized):
     """2:4 sparse int8 Linear (see the module docstring). Buffers: `qweight` (uint8 tiles, tile_nm), `scales`
     bf16 [N, G], `bias` fp32 or None. Up to KERNEL_ROWS rows run on the native kernel (16 per call), more are
     dequantized to float32 (dequant_mm). Implements the fused decode step's protocol (leanlm.ops) as an NM linear."""
@@ -165,14 +165,6 @@ class NMInt8Linear(nn.Module):
         s = self.scales[n0:n1].float()
         w = (v.view(n1 - n0, s.shape[1], -1) * s[..., None]).view(n1 - n0, -1)
         return w[:, : self.in_features].to(dtype)
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self.dequantize_rows(0, self.out_features, dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (a new float32 tensor; for inspection, not the hot path)."""
-        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -186,7 +186,20 @@ def dequant_mm(layer, x2: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class QuantLinear(nn.Module):
+class RowDequantized(nn.Module):
+    """A Linear stored in some packed form that can give back the float weights of any output rows
+    (`dequantize_rows(n0, n1, dtype)`): the whole weight and `.weight` follow from it."""
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new float32 tensor; for inspection, not the hot path)."""
+        return self.dequantize()
+
+
+class QuantLinear(RowDequantized):
     """Weight-only quantized Linear (see module docstring). Inputs/outputs in the caller's dtype.
 
     backend: "auto" (native if built, else torch's kernels), "native", "torch", or "none"
@@ -320,14 +333,6 @@ class QuantLinear(nn.Module):
     def dequantize_rows(self, n0: int, n1: int, dtype=torch.float32) -> torch.Tensor:
         """Weights of output rows [n0, n1) as [n1 - n0, in_features]."""
         return self._dequant(self._codes(n0, n1), slice(n0, n1)).to(dtype)
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self.dequantize_rows(0, self.out_features, dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (a new float32 tensor; for inspection, not the hot path)."""
-        return self.dequantize()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (embedding lookup), float32 [len(ids), in_features]."""
