@@ -217,15 +217,6 @@ class CodebookLinear(RowDequantized):
             return None
         return FusedLinear(LinearKind.CODEBOOK, self.qweight, self.bias, self.scales, self.table, 4, self.kgroup)
 
-    def _apply(self, fn, recurse=True):
-        """model.to(dtype) keeps the packed format (bf16 scales, int8 table, fp32 bias)."""
-        super()._apply(fn, recurse)
-        if self.scales.dtype != torch.bfloat16:
-            self._buffers["scales"] = self.scales.to(torch.bfloat16)
-        if self.bias is not None and self.bias.dtype != torch.float32:
-            self._buffers["bias"] = self.bias.float()
-        return self
-
     def codes(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """uint8 table indices of rows [n0, n1), width stored_in."""
         p = self.qweight[n0:n1]

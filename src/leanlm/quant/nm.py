@@ -145,15 +145,6 @@ class NMInt8Linear(RowDequantized):
             return None
         return FusedLinear(LinearKind.NM, self.qweight, self.bias, self.scales, None, 8, self.kgroup)
 
-    def _apply(self, fn, recurse=True):
-        """model.to(dtype) keeps the packed format (bf16 scales, fp32 bias)."""
-        super()._apply(fn, recurse)
-        if self.scales.dtype != torch.bfloat16:
-            self._buffers["scales"] = self.scales.to(torch.bfloat16)
-        if self.bias is not None and self.bias.dtype != torch.float32:
-            self._buffers["bias"] = self.bias.float()
-        return self
-
     def values(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """int8 values of rows [n0, n1) (zeros where pruned), width stored_in."""
         n1 = self.out_features if n1 is None else n1

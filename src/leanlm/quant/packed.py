@@ -188,7 +188,19 @@ def dequant_mm(layer, x2: torch.Tensor) -> torch.Tensor:
 
 class RowDequantized(nn.Module):
     """A Linear stored in some packed form that can give back the float weights of any output rows
-    (`dequantize_rows(n0, n1, dtype)`): the whole weight and `.weight` follow from it."""
+    (`dequantize_rows(n0, n1, dtype)`): the whole weight and `.weight` follow from it; moving it keeps the
+    packed format."""
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) / .float() move devices but keep the packed format (bf16 scales, fp32 bias)."""
+        super()._apply(fn, recurse)
+        for name in ("scales", "zeros", "scales_zeros"):
+            b = self._buffers.get(name)
+            if b is not None and b.dtype != torch.bfloat16:
+                self._buffers[name] = b.to(torch.bfloat16)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self._buffers["bias"] = self.bias.float()
+        return self
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.dequantize_rows(0, self.out_features, dtype)
@@ -283,17 +295,6 @@ class QuantLinear(RowDequantized):
             return None
         return FusedLinear(LinearKind.QUANT, self.qweight, self.bias, self.scales, self.zeros, self.spec.bits,
                            self.kgroup)  # fmt: skip
-
-    def _apply(self, fn, recurse=True):
-        """model.to(dtype) / .float() move devices but keep the packed format (bf16 scales, fp32 bias)."""
-        super()._apply(fn, recurse)
-        for name in ("scales", "zeros", "scales_zeros"):
-            b = self._buffers.get(name)
-            if b is not None and b.dtype != torch.bfloat16:
-                self._buffers[name] = b.to(torch.bfloat16)
-        if self.bias is not None and self.bias.dtype != torch.float32:
-            self._buffers["bias"] = self.bias.float()
-        return self
 
     # ---- dequantization --------------------------------------------------------------
     def _codes(self, n0: int, n1: int) -> torch.Tensor:
