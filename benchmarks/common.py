@@ -82,6 +82,16 @@ def bench_command() -> str:
     return shlex.join(["python", shown, *sys.argv[1:]])
 
 
+def stamp_top_level(obj: dict) -> dict:
+    """obj with commit, command and machine copied up from its provenance block (a result's own "machine"
+    summary, when it has one, is kept)."""
+    prov = obj["provenance"]
+    top = {"commit": prov.get("commit"), "command": prov.get("command")}
+    if "machine" not in obj:
+        top["machine"] = prov.get("machine")
+    return {**top, **obj}
+
+
 def write_result(name: str, obj: dict, *, partial: bool = False, archive: bool = False, checkpoint: bool = False,
                  machine_shared: bool | None = None, root: Path | None = None) -> Path:
     """Write a result stamped with its provenance (commit, command, machine, versions, date), atomically.
@@ -106,7 +116,9 @@ def write_result(name: str, obj: dict, *, partial: bool = False, archive: bool =
     except OSError:
         pass
     # complete: every row the script measures by default, to its end (an --archive run may be complete)
-    obj = {**obj, "complete": not partial and not checkpoint, "provenance": prov}
+    # the stamp also sits at the top level, where a reader (or a hook) finds commit, command and machine without
+    # knowing the provenance block; stamp_top_level keeps the two the same
+    obj = stamp_top_level({**obj, "complete": not partial and not checkpoint, "provenance": prov})
     if canonical:
         path = root / f"{name}.json"
         write_json_atomic(path, obj, force=True)

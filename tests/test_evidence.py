@@ -102,7 +102,8 @@ REQUIRED = ("commit", "command", "machine", "date")
 
 
 def test_every_result_json_is_stamped():
-    """Every JSON under benchmarks/results (archive/ too) records commit, command, machine, date and torch."""
+    """Every JSON under benchmarks/results (archive/ too) records commit, command, machine, date and torch, with
+    commit, command and machine also at the top level."""
     bad = []
     for path in sorted(RESULTS.rglob("*.json")):
         rel = path.relative_to(ROOT)
@@ -115,6 +116,9 @@ def test_every_result_json_is_stamped():
             lacking.append("versions/torch")
         if not (prov.get("machine") or {}).get("cpu"):
             lacking.append("machine/cpu")
+        data = json.loads(path.read_text())
+        if data.get("commit") != prov.get("commit") or data.get("command") != prov.get("command") or "machine" not in data:
+            lacking.append("top-level commit / command / machine matching the provenance block")
         if lacking:
             bad.append(f"{rel}: provenance lacks {', '.join(lacking)}")
     assert not bad, "\n".join(bad)
@@ -158,6 +162,7 @@ def test_write_result_stamps_provenance(tmp_path):
         assert prov[key], key
     assert prov["versions"]["torch"] and prov["machine"]["isa"] is not None and prov["machine_shared"] is True
     assert prov["command"].startswith("python")
+    assert (data["commit"], data["command"], data["machine"]) == (prov["commit"], prov["command"], prov["machine"])
 
 
 def test_partial_run_never_overwrites_the_canonical_file(tmp_path):
