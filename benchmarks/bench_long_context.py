@@ -47,7 +47,6 @@ best_kv_bytes_reduction_within_2pct (8k, same conditions, any method), int8_kv_d
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import statistics
@@ -200,22 +199,19 @@ def run_case(model, tok, case, policy, args, extra: int) -> dict:
 
 
 @torch.inference_mode()
-def interleaved_decode(entries: dict, steps: int, rounds: int) -> dict:
-    """entries: name -> (model, caches, next position). Median decode tok/s per name, rounds interleaved."""
-    runs = {name: [] for name in entries}
-    pos = {name: e[2] for name, e in entries.items()}
+def decode_speed(model, pos: int, steps: int, rounds: int) -> dict:
+    """Median decode tok/s of `model` continuing on the caches it holds from position `pos`: rounds of `steps`
+    steps after one warm-up round."""
+    x = torch.tensor([[min(1000, model.config.vocab_size - 1)]], device=model.device)
+    runs = []
     for r in range(rounds + 1):  # round 0 warms up
-        for name, (model, caches, _) in entries.items():
-            for layer, c in zip(model.layers, caches):
-                layer.attn.cache = c
-            x = torch.tensor([[min(1000, model.config.vocab_size - 1)]], device=model.device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                model(x, start=pos[name], last_only=True)
-                pos[name] += 1
-            if r:
-                runs[name].append(steps / (time.perf_counter() - t0))
-    return {name: {"tok_s": statistics.median(v), "tok_s_runs": v} for name, v in runs.items()}
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x, start=pos, last_only=True)
+            pos += 1
+        if r:
+            runs.append(steps / (time.perf_counter() - t0))
+    return {"tok_s": statistics.median(runs), "tok_s_runs": runs}
 
 
 def load_model(name: str):
@@ -253,7 +249,7 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
         specs = [fill(t, ctx) for t in templates]
         rows = {s: {"model": name, "context": ctx, "method": s, "kind": kind_of(s), "nll": 0.0, "tokens_scored": 0,
                     "needle": [], "answers": [], "prefill_s": []} for s in specs}  # fmt: skip
-        keep = {}
+        speed = {}
         for di, depth in enumerate(depths):
             book = BOOKS[di]
             # the prompt leaves room for the answer and the timed steps: they end at `ctx` tokens
@@ -281,11 +277,8 @@ def bench_model(name: str, per_ctx: dict, args, res: dict, save) -> None:
                       f"rss {current_rss_mb():.0f} MB",
                       flush=True)  # fmt: skip
                 if di == len(depths) - 1:  # timed now, on this method's own caches, then dropped
-                    keep[s] = interleaved_decode({s: (model, [l.attn.cache for l in model.layers], r["pos"])},
-                                                 args.steps, args.rounds)[s]  # fmt: skip
+                    speed[s] = decode_speed(model, r["pos"], args.steps, args.rounds)
                 model.clear_cache()
-                gc.collect()
-        speed = keep
         full = rows.get("full")
         for s, row in rows.items():
             row["ppl"] = math.exp(row.pop("nll") / max(row["tokens_scored"], 1))
