@@ -257,7 +257,8 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
     from ..evaluate.data import wikitext2_test
     from ..evaluate.perplexity import make_windows
     from ..evaluate.peers import QualityRef
-    from ..io import check_writable
+    from ..evaluate.speed import weight_bytes
+    from ..io import write_json_atomic
     from ..provenance import git_commit, stamp
 
     t_start = time.time()
@@ -324,9 +325,7 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
             bar.update(1 + len(settings.drafts))
             continue
         t0 = time.time()
-        model, _, apply_s, report = _load(settings.model, FORMATS[f], f, progress)
-        from ..evaluate.speed import weight_bytes
-
+        model, _, apply_s, _ = _load(settings.model, FORMATS[f], f, progress)
         if state.get(f) is None:
             q = ref(model)
             d = _decode(model, prompts, settings.new_tokens)
@@ -413,9 +412,6 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
         "provenance": stamp(code=code),
     }
     result["deploy"] = _write_answer(settings, answers.get("budget"), out, force, progress, log)
-    from ..io import write_json_atomic
-
-    check_writable(out / "optimize.json", force=True)
     write_json_atomic(out / "optimize.json", result, force=True)
     _report_page(result, out)
     return result
@@ -433,7 +429,7 @@ def _speed_table(settings, state, answers, peers, prompts, log) -> dict:
     engines = []
     for name, t in chosen.items():
         engines.append((name, _LeanlmRunner(settings, t)))
-    for tname, p in peers.items():
+    for p in peers.values():
         engines.append((p["name"], _LlamaRunner(LlamaCppEngine(p["gguf"], p["name"], torch.get_num_threads(),
                                                 n_ctx=max(map(len, prompts)) + settings.new_tokens + 8))))  # fmt: skip
     rates: dict[str, list[float]] = {n: [] for n, _ in engines}
