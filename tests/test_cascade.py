@@ -90,3 +90,12 @@ def test_eval_cascade_cli(tiny_dirs, tmp_path, capsys):
     assert main(["eval", str(tiny_dirs["llama"]), "--tasks", "arc_easy", "--limit", "2", "--cascade",
                  str(tiny_dirs["qwen2"]), "--hw", "h100"]) != 0  # fmt: skip
     assert "does not share" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [("high", "takes probabilities"), ("1.5", "must be in [0, 1]")])
+def test_eval_cascade_threshold_errors_name_the_fix(tiny_dirs, capsys, bad, message):
+    from leanlm.cli import main
+
+    assert main(["eval", str(tiny_dirs["llama"]), "--tasks", "arc_easy", "--limit", "2", "--cascade",
+                 str(tiny_dirs["llama_untied"]), "--cascade-threshold", bad, "--hw", "h100"]) != 0  # fmt: skip
+    assert message in capsys.readouterr().err
