@@ -79,3 +79,19 @@ def test_cost_model_never_lets_a_harsher_format_rule_out_a_milder_one():
             "int8": {"predicted_decode_tok_s": 9, "predicted_weight_mb": 120},   # beaten by bf16 on both
             "int4-gptq-g128": {"predicted_decode_tok_s": 30, "predicted_weight_mb": 30}}  # fmt: skip
     assert cost_model_keep(["bf16", "int8", "int4-gptq-g128"], pred) == ["bf16", "int4-gptq-g128"]
+
+
+def test_a_format_is_quantized_once_and_reloaded_unchanged(tiny_dirs, tmp_path):
+    import torch
+
+    from leanlm.recipe.optimize import FORMATS, _load
+
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    for fmt in ("bf16", "int8"):
+        first, _, seconds, report = _load(str(tiny_dirs["llama"]), FORMATS[fmt], fmt, False, tmp_path)
+        assert report is not None and (tmp_path / fmt / "config.json").exists()
+        again, _, seconds_again, report_again = _load(str(tiny_dirs["llama"]), FORMATS[fmt], fmt, False, tmp_path)
+        assert report_again is None and seconds_again == pytest.approx(seconds)  # loaded, not quantized again
+        assert next(again.parameters()).dtype == next(first.parameters()).dtype
+        with torch.no_grad():
+            assert torch.equal(first(ids), again(ids))

@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -161,14 +162,31 @@ class State:
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
-def _load(spec: str, steps: list[Step], name: str, progress: bool):
-    from ..model import load
+def _load(spec: str, steps: list[Step], name: str, progress: bool, keep: Path | None = None):
+    """The model with a format's recipe applied -> (model, tokenizer, seconds to apply, report). With `keep`, the
+    result is saved to keep/name the first time and loaded from there afterwards: a format is quantized once per
+    run (a resumed run included), not again for the speed table and the answer."""
+    from ..model import load, save
+    from ..io import write_json_atomic
+    from ..model.load import checkpoint_dtype
     from . import apply_recipe
 
+    saved = keep / name if keep is not None else None
+    if saved is not None and (saved / "config.json").exists():
+        meta = json.loads((saved / "config.json").read_text())
+        dtype = (meta.get("leanlm_quant") or {}).get("dtype") or checkpoint_dtype(saved)
+        model, tok = load(saved, dtype)
+        return model, tok, meta.get("leanlm_optimize_apply_seconds", 0.0), None
     model, tok = load(spec, "float32")
     t0 = time.time()
     report = apply_recipe(model, tok, Recipe(name, copy.deepcopy(steps)), progress=progress)
-    return model, tok, time.time() - t0, report
+    seconds = time.time() - t0
+    if saved is not None:
+        save(model, tok, saved, force=True)
+        meta = json.loads((saved / "config.json").read_text())
+        meta["leanlm_optimize_apply_seconds"] = seconds  # the resumed run reports the real quantization time
+        write_json_atomic(saved / "config.json", meta, force=True)
+    return model, tok, seconds, report
 
 
 def _decode(model, prompts: list[list[int]], n: int, draft_factory=None) -> dict:
@@ -275,6 +293,9 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
         raise LeanlmError(f"{out} exists and is not an optimize run; pick a new --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
     state = State(out, settings, force)
+    formats_dir = out / "formats"  # each format quantized once, reloaded by the speed table and the answer
+    if not state.data["done"] and formats_dir.exists():
+        shutil.rmtree(formats_dir)  # left by a run with other settings (--force): its weights may differ
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     deadline = t_start + settings.minutes * 60
@@ -308,7 +329,7 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
     def draft_for(kind: str):
         nonlocal draft_model
         if kind != "lookup" and draft_model is None:
-            draft_model = _load(settings.model, DRAFT_RECIPE, "self-int4", False)[0]
+            draft_model = _load(settings.model, DRAFT_RECIPE, "self-int4", False, formats_dir)[0]
         return make_draft_factory(kind, draft_model)
 
     def over_time(elapsed_per_item: float) -> bool:
@@ -325,7 +346,7 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
             bar.update(1 + len(settings.drafts))
             continue
         t0 = time.time()
-        model, _, apply_s, _ = _load(settings.model, FORMATS[f], f, progress)
+        model, _, apply_s, _ = _load(settings.model, FORMATS[f], f, progress, formats_dir)
         if state.get(f) is None:
             q = ref(model)
             d = _decode(model, prompts, settings.new_tokens)
@@ -393,7 +414,7 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
         answers["q4_k_m_quality"] = _fastest([t for t in trials if t["kl"] <= peers["q4_k_m"]["kl"]])
 
     del draft_model
-    shoot = _speed_table(settings, state, answers, peers, prompts, log=log)
+    shoot = _speed_table(settings, state, answers, peers, prompts, formats_dir, log=log)
     summary = _summary(answers, shoot, peers, t_start)
     result = {
         "model": settings.model,
@@ -411,13 +432,13 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
         "summary": summary,
         "provenance": stamp(code=code),
     }
-    result["deploy"] = _write_answer(settings, answers.get("budget"), out, force, progress, log)
+    result["deploy"] = _write_answer(settings, answers.get("budget"), out, formats_dir, force, progress, log)
     write_json_atomic(out / "optimize.json", result, force=True)
     _report_page(result, out)
     return result
 
 
-def _speed_table(settings, state, answers, peers, prompts, log) -> dict:
+def _speed_table(settings, state, answers, peers, prompts, formats_dir, log) -> dict:
     """The chosen configurations, plain bf16 and the peers, timed interleaved over --speed-runs rounds."""
     from ..evaluate.peers import LlamaCppEngine
 
@@ -428,7 +449,7 @@ def _speed_table(settings, state, answers, peers, prompts, log) -> dict:
         chosen.setdefault("bf16", state.get("bf16"))
     engines = []
     for name, t in chosen.items():
-        engines.append((name, _LeanlmRunner(settings, t)))
+        engines.append((name, _LeanlmRunner(settings, t, formats_dir)))
     for p in peers.values():
         engines.append((p["name"], _LlamaRunner(LlamaCppEngine(p["gguf"], p["name"], torch.get_num_threads(),
                                                 n_ctx=max(map(len, prompts)) + settings.new_tokens + 8))))  # fmt: skip
@@ -447,11 +468,11 @@ def _speed_table(settings, state, answers, peers, prompts, log) -> dict:
 class _LeanlmRunner:
     """A chosen configuration rebuilt for the interleaved speed table."""
 
-    def __init__(self, settings: Settings, trial: dict):
-        self.model = _load(settings.model, FORMATS[trial["format"]], trial["format"], False)[0]
+    def __init__(self, settings: Settings, trial: dict, formats_dir: Path):
+        self.model = _load(settings.model, FORMATS[trial["format"]], trial["format"], False, formats_dir)[0]
         self.draft_kind, self.draft = trial.get("draft"), None
         if self.draft_kind and "self-int4" in self.draft_kind:
-            self.draft = _load(settings.model, DRAFT_RECIPE, "self-int4", False)[0]
+            self.draft = _load(settings.model, DRAFT_RECIPE, "self-int4", False, formats_dir)[0]
 
     def rate(self, prompts, n) -> float:
         return _decode(self.model, prompts, n, make_draft_factory(self.draft_kind, self.draft))["decode_tok_s"]
@@ -490,7 +511,8 @@ def _summary(answers: dict, table: dict, peers: dict, t_start: float) -> dict:
     }
 
 
-def _write_answer(settings: Settings, answer: dict | None, out: Path, force: bool, progress: bool, log) -> dict:
+def _write_answer(settings: Settings, answer: dict | None, out: Path, formats_dir: Path, force: bool, progress: bool,
+                  log) -> dict:  # fmt: skip
     """OUT/recipe.yaml, OUT/model and the exports the answer's format allows; each export's outcome is recorded."""
     import yaml
 
@@ -504,7 +526,7 @@ def _write_answer(settings: Settings, answer: dict | None, out: Path, force: boo
                     description=f"leanlm optimize answer for {settings.model} within "
                                 f"+{settings.max_ppl_increase:.1%} perplexity")  # fmt: skip
     write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False), force=True)
-    model, tok, _, _ = _load(settings.model, FORMATS[fmt], fmt, progress)
+    model, tok, _, _ = _load(settings.model, FORMATS[fmt], fmt, progress, formats_dir)
     deploy: dict = {"recipe": str(out / "recipe.yaml")}
     save(model, tok, out / "model", force=True)
     run = f"leanlm generate {out / 'model'}"
