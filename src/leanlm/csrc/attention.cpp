@@ -88,49 +88,155 @@ static Tensor rope_write(const Tensor& qkv, const std::optional<Tensor>& q_norm,
   return q;
 }
 
+// Attention of q [B, nh, Tn, hd] over each sequence's cache, causal (query pos+t sees keys [lo, pos+t], lo > 0
+// outside a sliding window) -> [B*Tn, nh*hd].
+// Work items are (sequence, KV head, block of BLK keys): the keys of a block are widened to fp32 once per tile
+// of TK keys and serve every query head of the KV group (GQA) and every new position; q.k for 8 keys at a time,
+// an online softmax per block (fp32 running max / sum, vector exp) and p.v with the accumulators in registers.
+// The blocks' partials are merged per query in block order. Blocks and tiles sit at fixed key positions and a
+// query's arithmetic never involves another query, so its result is the same whatever the number of new
+// positions or sequences in the call: a k-token verification forward equals k one-token steps, bit for bit.
+namespace att {
+constexpr int64_t TK = 32;   // keys per tile
+constexpr int64_t BLK = 256;  // keys per work item: small enough to split an 8k cache over the threads
+}  // namespace att
+
+// n rows of hd values -> fp32 rows of hp >= hd (the padding stays zero)
+template <typename T>
+static inline void widen_rows(const T* src, int64_t n, int64_t hd, int64_t hp, float* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* r = src + j * hd;
+    float* o = dst + j * hp;
+    int64_t d = 0;
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(o + d, bf16x8((const uint16_t*)r + d));
+    else
+      for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(o + d, _mm256_loadu_ps((const float*)r + d));
+    for (; d < hd; ++d) o[d] = f(r[d]);
+  }
+}
+
+// One query row over one tile of cnt <= TK keys (fp32 rows of hp, padding rows of k zero): scores q.k (the scale
+// already in q), masked to absolute key positions [lo, qpos] when given (key u sits at js + u), then the online
+// softmax update of the row's running max m, sum l and unnormalised acc [hp]. p: TK floats of scratch.
+static inline void tile_softmax_pv(const float* q, const float* k, const float* v, int64_t hp, int64_t cnt, float* p,
+                                   float& m, float& l, float* acc, int64_t js = 0, int64_t qpos = INT64_MAX,
+                                   int64_t lo = 0) {
+  const int64_t jn = (cnt + 7) / 8 * 8;
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  const bool whole = jn == cnt && js >= lo && js + cnt - 1 <= qpos;  // every key visible: no mask
+  for (int64_t j = 0; j < jn; j += 8) {
+    _mm256_storeu_ps(p + j, dots8(q, k + j * hp, hp, hp));
+    if (!whole)
+      for (int64_t u = j; u < j + 8; ++u)  // mask: padding, the future, outside the window
+        if (u >= cnt || js + u > qpos || js + u < lo) p[u] = -INFINITY;
+    mx = _mm256_max_ps(mx, _mm256_loadu_ps(p + j));
+  }
+  alignas(32) float m8[8];
+  _mm256_store_ps(m8, mx);
+  float mt = -INFINITY;
+  for (float x : m8) mt = std::max(mt, x);
+  if (mt == -INFINITY) return;
+  if (mt > m) {  // a new running max: rescale what was summed so far
+    const float c = m == -INFINITY ? 0.f : std::exp(m - mt);
+    l *= c;
+    const __m256 cv = _mm256_set1_ps(c);
+    for (int64_t d = 0; d < hp; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
+    m = mt;
+  }
+  const __m256 mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 lsum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < jn; j += 8) {
+    const __m256 x = _mm256_loadu_ps(p + j);
+    const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(x, mv)), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
+    _mm256_storeu_ps(p + j, e);
+    lsum = _mm256_add_ps(lsum, e);
+  }
+  l += hsum8(lsum);
+  pv_cols(p, 1, v, hp, cnt, acc, 0, hp);
+}
+
+template <typename T>
+static Tensor attend_tiles(const Tensor& q, const std::vector<SeqKV<T>>& seqs, int64_t Tn, int64_t hd, int64_t nh,
+                           int64_t nkv, int64_t window, float scale) {
+  using att::BLK;
+  using att::TK;
+  const int64_t B = (int64_t)seqs.size(), G = nh / nkv, R = G * Tn, hp = (hd + 7) / 8 * 8;
+  int64_t nb = 1;  // blocks per sequence: enough for the longest
+  for (const SeqKV<T>& s : seqs) nb = std::max(nb, (s.pos + Tn + BLK - 1) / BLK);
+  const int64_t items = B * nkv * nb;
+  std::vector<float> pm(items * R), pl(items * R), pacc(items * R * hp);
+  const T* qp = q.data_ptr<T>();
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(R * hp, 0.f), kf(TK * hp, 0.f), vf(TK * hp, 0.f);
+    alignas(32) float sc[TK];
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t b = it / (nkv * nb), hk = (it / nb) % nkv, blk = it % nb;
+      const SeqKV<T>& s = seqs[b];
+      float *m = pm.data() + it * R, *l = pl.data() + it * R, *acc = pacc.data() + it * R * hp;
+      std::fill(m, m + R, -INFINITY);
+      std::fill(l, l + R, 0.f);
+      std::fill(acc, acc + R * hp, 0.f);
+      const int64_t last = s.pos + Tn - 1;  // the newest key
+      const int64_t j0 = blk * BLK, j1 = std::min((blk + 1) * BLK, last + 1);
+      const int64_t lo_min = window > 0 ? std::max<int64_t>(0, s.pos - window + 1) : 0;
+      if (j0 >= j1 || j1 <= lo_min) continue;  // beyond this sequence, or before every query's window
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < Tn; ++t) {
+          const T* src = qp + ((b * nh + hk * G + g) * Tn + t) * hd;
+          float* dst = qf.data() + (g * Tn + t) * hp;
+          for (int64_t d = 0; d < hd; ++d) dst[d] = f(src[d]) * scale;  // the softmax scale folded into q
+        }
+      const T* kb = s.k + hk * s.len * hd;
+      const T* vb = s.v + hk * s.len * hd;
+      for (int64_t js = j0; js < j1; js += TK) {
+        const int64_t cnt = std::min<int64_t>(TK, j1 - js), jn = (cnt + 7) / 8 * 8;
+        widen_rows<T>(kb + js * hd, cnt, hd, hp, kf.data());
+        widen_rows<T>(vb + js * hd, cnt, hd, hp, vf.data());
+        for (int64_t j = cnt; j < jn; ++j) std::fill(kf.data() + j * hp, kf.data() + (j + 1) * hp, 0.f);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t qpos = s.pos + r % Tn, lo = window > 0 ? std::max<int64_t>(0, qpos - window + 1) : 0;
+          if (js > qpos || js + cnt <= lo) continue;  // no visible key in this tile
+          tile_softmax_pv(qf.data() + r * hp, kf.data(), vf.data(), hp, cnt, sc, m[r], l[r], acc + r * hp, js, qpos, lo);
+        }
+      }
+    }
+  });
+  // merge the blocks of each (sequence, head, new position) in block order
+  Tensor out = at::empty({B * Tn, nh * hd}, q.options());
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B * nh * Tn, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> o(hp);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (nh * Tn), h = (i / Tn) % nh, t = i % Tn;
+      const int64_t r = (h % G) * Tn + t, base = (b * nkv + h / G) * nb;
+      float mx = -INFINITY;
+      for (int64_t k = 0; k < nb; ++k) mx = std::max(mx, pm[(base + k) * R + r]);
+      std::fill(o.begin(), o.end(), 0.f);
+      float sum = 0.f;
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t it = base + k;
+        if (pl[it * R + r] == 0.f) continue;  // no visible key in this block
+        const float c = std::exp(pm[it * R + r] - mx);
+        sum += c * pl[it * R + r];
+        const float* a = pacc.data() + (it * R + r) * hp;
+        for (int64_t d = 0; d < hd; ++d) o[d] += c * a[d];
+      }
+      T* dst = op + (b * Tn + t) * nh * hd + h * hd;
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < hd; ++d) dst[d] = rnd<T>(o[d] * inv);
+    }
+  });
+  return out;
+}
+
 template <typename T>
 static Tensor attend_impl(const Tensor& qkv_in, const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm,
                           const std::vector<SeqKV<T>>& seqs, const Tensor& cos, const Tensor& sin, int64_t cos_b,
                           int64_t hd, int64_t nh, int64_t nkv, int64_t window, float eps, bool plus_one, double scale) {
   Tensor qkv = qkv_in.contiguous();  // [B, T, (nh + 2 nkv) * hd]: sequence b's positions pos_b .. pos_b+T-1
-  const int64_t B = qkv.size(0), Tn = qkv.size(1);
   Tensor q = rope_write<T>(qkv, q_norm, k_norm, seqs, cos, sin, cos_b, hd, nh, nkv, eps, plus_one);
-  const T* qp = q.data_ptr<T>();
-  int64_t max_pos = 0;
-  for (const SeqKV<T>& s : seqs) max_pos = std::max(max_pos, s.pos);
-  // attention per (row, head, new position) over its own keys: query pos+t sees cached positions
-  // [lo, pos+t] (lo > 0 outside a sliding window). Each query's result is computed the same way
-  // whatever Tn is and whatever other sequences share the call, so a k-token verification forward
-  // equals k one-token steps, and a batch of sequences equals each decoded alone, bit for bit.
-  Tensor out = at::empty({B * Tn, nh * hd}, qkv.options());
-  T* op = out.data_ptr<T>();
-  const int64_t group = nh / nkv;
-  const float sc = (float)scale;
-  at::parallel_for(0, B * nh * Tn, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(max_pos + Tn), acc(hd);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (nh * Tn), h = (i / Tn) % nh, t = i % Tn;
-      const SeqKV<T>& s = seqs[b];
-      const int64_t qpos = s.pos + t;
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, qpos - window + 1) : 0;
-      const T* qr = qp + ((b * nh + h) * Tn + t) * hd;
-      const T* kb = s.k + (h / group) * s.len * hd;
-      const T* vb = s.v + (h / group) * s.len * hd;
-      float mx = -INFINITY;
-      for (int64_t j = lo; j <= qpos; ++j) {
-        p[j] = dot_row(qr, kb + j * hd, hd) * sc;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0.f;
-      for (int64_t j = lo; j <= qpos; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = lo; j <= qpos; ++j) axpy_row(p[j], vb + j * hd, acc.data(), hd);
-      T* o = op + (b * Tn + t) * nh * hd + h * hd;
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < hd; ++d) o[d] = rnd<T>(acc[d] * inv);
-    }
-  });
-  return out;
+  return attend_tiles<T>(q, seqs, qkv.size(1), hd, nh, nkv, window, (float)scale);
 }
 
 // one cache [B, nkv, L, hd] shared by the batch, every row at position pos

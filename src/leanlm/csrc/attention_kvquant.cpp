@@ -23,23 +23,6 @@ namespace kvq {
 
 constexpr int TK = 32;  // keys per tile
 
-static inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 static inline void axpy8(float p, const float* x, float* acc, int64_t n) {  // n % 8 == 0
   const __m256 pv = _mm256_set1_ps(p);
   for (int64_t d = 0; d < n; d += 8)
@@ -78,50 +61,6 @@ struct Args {
   const at::Half *ks, *kz, *vs, *vz;  // [Bc, Hkv, S, ng] (zeros: int4 only)
   const int32_t* pos;           // [Bc, Hp, S]
 };
-
-// 8 dot products q . k_i (k_i = k + i * stride, n floats, n % 8 == 0) as one vector
-static inline __m256 dots8(const float* q, const float* k, int64_t stride, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t d = 0; d < n; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
-    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + stride + d), a1);
-    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * stride + d), a2);
-    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * stride + d), a3);
-    a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 4 * stride + d), a4);
-    a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 5 * stride + d), a5);
-    a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 6 * stride + d), a6);
-    a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 7 * stride + d), a7);
-  }
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// acc[c0, c1) += sum_j coef[j * cs] * x[j * D + c], j < cnt; acc held in registers over the keys
-static inline void pv_cols(const float* coef, int64_t cs, const float* x, int64_t D, int64_t cnt, float* acc, int64_t c0,
-                           int64_t c1) {
-  int64_t c = c0;
-  for (; c + 32 <= c1; c += 32) {
-    __m256 a0 = _mm256_loadu_ps(acc + c), a1 = _mm256_loadu_ps(acc + c + 8), a2 = _mm256_loadu_ps(acc + c + 16),
-           a3 = _mm256_loadu_ps(acc + c + 24);
-    for (int64_t j = 0; j < cnt; ++j) {
-      const __m256 p = _mm256_set1_ps(coef[j * cs]);
-      const float* xr = x + j * D + c;
-      a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(xr), a0);
-      a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(xr + 8), a1);
-      a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(xr + 16), a2);
-      a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(xr + 24), a3);
-    }
-    _mm256_storeu_ps(acc + c, a0); _mm256_storeu_ps(acc + c + 8, a1);
-    _mm256_storeu_ps(acc + c + 16, a2); _mm256_storeu_ps(acc + c + 24, a3);
-  }
-  for (; c < c1; c += 8) {
-    __m256 a0 = _mm256_loadu_ps(acc + c);
-    for (int64_t j = 0; j < cnt; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(coef[j * cs]), _mm256_loadu_ps(x + j * D + c), a0);
-    _mm256_storeu_ps(acc + c, a0);
-  }
-}
 
 // partial result of one item: per query row (g * T + t) its running max, sum and unnormalised acc [D]
 template <typename T>

@@ -1,7 +1,7 @@
 // Query-aware sparse attention for 1..16 new positions (leanlm.attention.sparse): each query attends exactly
 // over a subset of its visible keys, chosen per kv head and shared by the query heads of its group (a chosen
 // key is read once per group). Softmax runs over the chosen keys only; when the budget covers every visible
-// key the result is full attention (same loop order as attention.cpp).
+// key the result is full attention (attention.cpp's tile arithmetic over the kept keys).
 // - SPARSE_QUEST (Quest, Tang et al. 2024): the cache is cut in pages of `page` keys; each page keeps the
 //   elementwise min and max of its keys (fp32). A page's score is the upper bound of q.k over it,
 //   sum_d max(q_d min_d, q_d max_d), summed over the group's heads; the `budget` best pages are kept, always
@@ -151,32 +151,42 @@ static Tensor sparse_impl(const Tensor& q, const std::vector<SeqKV<T>>& seqs, co
       }
     }
   });
-  // softmax(q k^T) v over the kept keys, per (row, head, position)
+  // softmax(q k^T) v over the kept keys, per (row, kv head, position): the kept keys are gathered in tiles,
+  // widened once for the group's query heads, with attention.cpp's tile arithmetic (dots8, online softmax)
   Tensor out = at::empty({B * Tn, nh * hd}, q.options());
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * nh * Tn, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p, acc(hd);
+  const int64_t hp = (hd + 7) / 8 * 8;
+  at::parallel_for(0, B * nkv * Tn, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(G * hp, 0.f), kf(att::TK * hp, 0.f), vf(att::TK * hp, 0.f), acc(G * hp), m(G), l(G);
+    alignas(32) float p[att::TK];
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (nh * Tn), h = (i / Tn) % nh, t = i % Tn;
-      const std::vector<int64_t>& ks = keep[(b * nkv + h / G) * Tn + t];
-      const T* qr = qp + i * hd;
-      const T* kb = seqs[b].k + (h / G) * seqs[b].len * hd;
-      const T* vb = seqs[b].v + (h / G) * seqs[b].len * hd;
-      const float* s = mode == SPARSE_TOPK ? logits.data() + i * max_vis : nullptr;
-      const int64_t n = ks.size();
-      p.resize(n);
-      float mx = -INFINITY;
-      for (int64_t c = 0; c < n; ++c) {
-        p[c] = s ? s[ks[c]] : dot_row(qr, kb + ks[c] * hd, hd) * sc;
-        mx = std::max(mx, p[c]);
+      const int64_t b = i / (nkv * Tn), g = (i / Tn) % nkv, t = i % Tn;
+      const std::vector<int64_t>& ks = keep[i];
+      const T* kb = seqs[b].k + g * seqs[b].len * hd;
+      const T* vb = seqs[b].v + g * seqs[b].len * hd;
+      for (int64_t h = 0; h < G; ++h) {
+        const T* src = qp + ((b * nh + g * G + h) * Tn + t) * hd;
+        for (int64_t d = 0; d < hd; ++d) qf[h * hp + d] = f(src[d]) * sc;
       }
-      float sum = 0.f;
-      for (int64_t c = 0; c < n; ++c) { p[c] = std::exp(p[c] - mx); sum += p[c]; }
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t c = 0; c < n; ++c) axpy_row(p[c], vb + ks[c] * hd, acc.data(), hd);
-      T* o = op + (b * Tn + t) * nh * hd + h * hd;
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < hd; ++d) o[d] = rnd<T>(acc[d] * inv);
+      const int64_t n = ks.size();
+      for (int64_t c0 = 0; c0 < n; c0 += att::TK) {
+        const int64_t cnt = std::min<int64_t>(att::TK, n - c0), jn = (cnt + 7) / 8 * 8;
+        for (int64_t j = 0; j < cnt; ++j) {
+          widen_rows<T>(kb + ks[c0 + j] * hd, 1, hd, hp, kf.data() + j * hp);
+          widen_rows<T>(vb + ks[c0 + j] * hd, 1, hd, hp, vf.data() + j * hp);
+        }
+        for (int64_t j = cnt; j < jn; ++j) std::fill(kf.data() + j * hp, kf.data() + (j + 1) * hp, 0.f);
+        for (int64_t h = 0; h < G; ++h)
+          tile_softmax_pv(qf.data() + h * hp, kf.data(), vf.data(), hp, cnt, p, m[h], l[h], acc.data() + h * hp);
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        T* o = op + (b * Tn + t) * nh * hd + (g * G + h) * hd;
+        const float inv = 1.f / l[h];
+        for (int64_t d = 0; d < hd; ++d) o[d] = rnd<T>(acc[h * hp + d] * inv);
+      }
     }
   });
   return out;
