@@ -309,6 +309,27 @@ def int4_tuning_curve(d: dict, rel: str) -> str:
                     rows)  # fmt: skip
 
 
+def optimize(d: dict, rel: str) -> str:
+    """bench_optimize.py: every trial (format x draft) with its quality, the peers, then the interleaved speed
+    table of the answers against llama.cpp and the summary."""
+    table = get(d, "speed_table", rel=rel)
+    answers = {v: k for k, v in get(d, "answers", rel=rel).items() if v}
+    rows = []
+    for t in get(d, "trials", rel=rel) + list(get(d, "peers", rel=rel).values()):
+        timed = table.get(t["name"], {}).get("decode_tok_s")
+        rows.append([t["name"], num(t.get("bits") or t.get("gguf_type", ""), 3), pct(t["ppl_increase"], 2),
+                     num(t["kl"], 4), f"{t.get('identical_to_reference', '-')}" if "identical_to_reference" in t else "-",
+                     num(t["decode_tok_s"]), num(timed) if timed else "-", answers.get(t["name"], "")])  # fmt: skip
+    s = get(d, "summary", rel=rel)
+    n = len(get(d, "settings", "prompts", rel=rel))
+    out = md_table(["configuration", "bits", "ppl vs fp32", "KL", f"greedy outputs = fp32's (of {n})", "decode tok/s (trial)",
+                    "decode tok/s (speed table)", "answer"], rows)  # fmt: skip
+    return out + (f"\n\nSame-run ratios from the speed table: lossless ({s['lossless']}) "
+                  f"{ratio(s['lossless_decode_vs_llamacpp_q8_0'])} llama.cpp Q8_0; at Q4_K_M's KL or lower "
+                  f"({s['q4_k_m_quality']}) {ratio(s['q4km_quality_decode_vs_llamacpp_q4_k_m'])} llama.cpp Q4_K_M; "
+                  f"within the budget ({s['budget']}) {ratio(s['budget_decode_vs_llamacpp_q8_0'])} llama.cpp Q8_0.")
+
+
 def share(v) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
@@ -453,6 +474,8 @@ TABLES = [
           "Same-run A/B before and after the restructuring"),
     Table("quality_vs_llamacpp", "benchmarks/results/archive/2026-12-07/quality_vs_llamacpp.json", quality_vs_llamacpp,
           "4-bit quality beside llama.cpp's imatrix quants (Qwen2.5-0.5B, archived partial run)"),
+    Table("optimize_qwen", "benchmarks/results/optimize_qwen2.5-0.5b.json", optimize,
+          "leanlm optimize on Qwen2.5-0.5B: every format and draft, llama.cpp in the same run", optional=True),
     Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
           int4_tuning_curve, "Int4 g128 end-to-end tuning curve (SmolLM2-135M, archived run)"),
 ]

@@ -79,6 +79,11 @@ def test_cost_model_never_lets_a_harsher_format_rule_out_a_milder_one():
             "int8": {"predicted_decode_tok_s": 9, "predicted_weight_mb": 120},   # beaten by bf16 on both
             "int4-gptq-g128": {"predicted_decode_tok_s": 30, "predicted_weight_mb": 30}}  # fmt: skip
     assert cost_model_keep(["bf16", "int8", "int4-gptq-g128"], pred) == ["bf16", "int4-gptq-g128"]
+    # per-channel int8 is predicted a little faster and smaller than int8 with a scale per 128, but it is the
+    # harsher of the two: it cannot rule the grouped one out
+    pred = {"int8": {"predicted_decode_tok_s": 3.26, "predicted_weight_mb": 471},
+            "int8-g128": {"predicted_decode_tok_s": 3.2, "predicted_weight_mb": 482}}  # fmt: skip
+    assert cost_model_keep(["int8-g128", "int8"], pred) == ["int8-g128", "int8"]
 
 
 def test_a_format_is_quantized_once_and_reloaded_unchanged(tiny_dirs, tmp_path):
