@@ -16,6 +16,7 @@ def add_parser(subparsers):
                                 "smaller, faster dense model. --heal-steps distils it back towards the original.",
                     examples=["leanlm prune smollm2-135m --method wanda --sparsity 0.5 --out pruned-w50",
                               "leanlm prune smollm2-135m --method sparsegpt --pattern 2:4 --out pruned-24",
+                              "leanlm prune smollm2-135m --method maskllm --pattern 2:4 --mask-steps 24 --out learned-24",
                               "leanlm prune smollm2-135m --structured neurons --ratio 0.25 --heal-steps 100 --out ffn75",
                               "leanlm prune smollm2-135m --structured layers --remove 4 --eval-windows 10 --out l26",
                               "leanlm prune gemma3-270m --structured heads --ratio 0.25 --head-mode q --out g-heads"])  # fmt: skip
@@ -23,13 +24,26 @@ def add_parser(subparsers):
     p.add_argument("--out", required=True, help="output directory (written atomically; --force to replace)")
     p.add_argument("--force", action="store_true", help="replace an existing --out / --json")
     g = p.add_argument_group("unstructured / N:M")
-    g.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), help="weight pruning criterion")
+    g.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "maskllm"),
+                   help="weight pruning criterion (maskllm: N:M masks learned from a prior, see below)")
     g.add_argument("--sparsity", type=number(0, 1, high_open=True), help="fraction of block weights zeroed, in [0, 1)")
     g.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8 (N kept of every M)")
     g.add_argument("--allocation", default="uniform", choices=("uniform", "owl"),
                    help="per-layer ratios: uniform, or OWL outlier-weighted (default uniform)")
     g.add_argument("--storage", default="bitmask", choices=("bitmask", "dense"),
                    help="bitmask: smaller file, leanlm-only (default); dense: zeros stored, transformers-loadable")
+    g = p.add_argument_group("learned N:M masks (--method maskllm)")
+    g.add_argument("--mask-prior", choices=("sparsegpt", "wanda", "magnitude"),
+                   help="mask the logits start from (default sparsegpt)")
+    g.add_argument("--mask-steps", type=integer(0), help="optimizer steps per block (default 24)")
+    g.add_argument("--mask-batch", type=integer(1), help="calibration windows per step (default 1)")
+    g.add_argument("--mask-weights", choices=("prior", "original"),
+                   help="frozen weights under the mask: the prior's (SparseGPT-compensated, default) or the original")
+    g.add_argument("--mask-target", choices=("teacher", "block"),
+                   help="block output target: the dense model's hidden state (default) or the dense block on the same input")
+    g.add_argument("--cost-weight", type=number(0), help="weight of the cost model's price of dense vs N:M per "
+                   "linear in the loss (each linear then learns whether to stay dense); needs --hardware")
+    g.add_argument("--hardware", help="hardware profile that prices the cost term (a100, h100, h200, cpu or a JSON)")
     g = p.add_argument_group("structured")
     g.add_argument("--structured", choices=("neurons", "heads", "layers"), help="what to remove physically")
     g.add_argument("--ratio", type=number(0, 1, low_open=True, high_open=True), help="fraction of FFN neurons / heads removed, in (0, 1)")
@@ -62,13 +76,25 @@ def main(args) -> int:
 
     from ..evaluate.speed import disk_bytes, weight_bytes
     from ..io import check_writable, estimated_bytes
-    from ..prune import (Structured, Unstructured, calibration_tokens, heal, prune_structured, prune_unstructured,
-                         save_compressed)  # fmt: skip
+    from ..prune import (MaskLLM, Structured, Unstructured, calibration_tokens, heal, prune_maskllm, prune_structured,
+                         prune_unstructured, save_compressed)  # fmt: skip
 
     if (args.method is None) == (args.structured is None):
-        raise LeanlmError("choose either --method magnitude|wanda|sparsegpt (unstructured / N:M) "
+        raise LeanlmError("choose either --method magnitude|wanda|sparsegpt|maskllm (unstructured / N:M) "
                           "or --structured neurons|heads|layers")  # fmt: skip
-    if args.method:
+    mask_args = {"prior": args.mask_prior, "weights": args.mask_weights, "target": args.mask_target,
+                 "steps": args.mask_steps, "batch": args.mask_batch, "cost_weight": args.cost_weight,
+                 "hardware": args.hardware}  # fmt: skip
+    if args.method == "maskllm":
+        if args.pattern is None or args.allocation != "uniform":
+            raise LeanlmError("--method maskllm learns an N:M pattern: give --pattern (e.g. 2:4), without --allocation")
+        cfg = MaskLLM(args.pattern, **{k: v for k, v in mask_args.items() if v is not None})
+        implied = 1 - cfg.nm[0] / cfg.nm[1]
+        if args.sparsity is not None and abs(args.sparsity - implied) > 1e-9:
+            raise LeanlmError(f"pattern {args.pattern} means sparsity {implied:g}, not {args.sparsity:g}; drop --sparsity")
+    elif any(v is not None for v in mask_args.values()):
+        raise LeanlmError("--mask-*, --cost-weight and --hardware belong to --method maskllm")
+    elif args.method:
         cfg = Unstructured(args.method, args.sparsity, args.pattern, args.allocation)
     else:
         cfg = Structured(args.structured, args.ratio, args.remove, args.importance, args.scope, args.head_mode)
@@ -88,7 +114,9 @@ def main(args) -> int:
     teacher = copy.deepcopy(model) if args.heal_steps or args.eval_windows else None
     before = {"weight_mb": weight_bytes(model) / 2**20, "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
-    if args.method:
+    if args.method == "maskllm":
+        report = prune_maskllm(model, cfg, calib)
+    elif args.method:
         report = prune_unstructured(model, cfg, calib)
     else:
         report = prune_structured(model, cfg, calib)

@@ -31,6 +31,7 @@ class Plan:
     embed_dtype: str | None = None  # LM head / embedding storage (None: as compute_dtype)
     sparsity: float = 0.0  # fraction of linear weights pruned
     sparsity_pattern: str = "none"  # none | unstructured | 2:4 | 4:8
+    dense_ops: list[str] = field(default_factory=list)  # linears left dense under the pattern (`layers.3.mlp.w_down`)
     activation_sparsity: float = 0.0  # fraction of MLP inputs skipped (input-sparse GEMV)
     kv_dtype: str | None = None  # None: compute dtype
     kv_window: int | None = None  # tokens kept per layer (sinks + window / eviction budget)
@@ -77,7 +78,9 @@ def _linear(hw: HardwareProfile, plan: Plan, name: str, n_in: int, n_out: int, r
     bytes_, flop_rate = dense_bytes, hw.flops(plan.compute_dtype)
     if rows > 8 and dtype in hw.weight_only_tflops:  # up to 8 rows run the GEMV kernel
         flop_rate = hw.weight_only_tflops[dtype] * 1e12
-    if plan.sparsity_pattern in ("2:4", "4:8") and plan.sparsity:
+    if name in plan.dense_ops:
+        pass  # left dense by the method (MaskLLM's cost-aware choice): priced as stored
+    elif plan.sparsity_pattern in ("2:4", "4:8") and plan.sparsity:
         # N:M: values + 2-bit indices stream; tensor cores run at nm_sparse_speedup
         bytes_ = dense_bytes * (1 - plan.sparsity) * (1 + 2 / BITS[dtype])
         if hw.nm_sparse_speedup > 1:

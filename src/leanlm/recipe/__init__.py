@@ -9,7 +9,8 @@
 
 A step is the YAML spelling of one config; STEP_PARSERS maps each step name to the function that
 turns its value into config objects: `prune` (structured: neurons|heads|layers with the fields of
-prune.Structured, or unstructured with the fields of prune.Unstructured; heal_steps on either),
+prune.Structured, method: maskllm with the fields of prune.MaskLLM, or unstructured with the fields of
+prune.Unstructured; heal_steps on structured and unstructured),
 `quantize` (method + the fields of the quant config), `dtype` (float32 | bfloat16), `kv` (a
 cache-policy string, see `--kv`), `adaptive` (a leanlm.adaptive spec string such as "teal:0.4" or
 "skip:0.1", see `--adaptive`), `mla` (the fields of attention.MLA: rank, rope_dims, heal_steps, ...).
@@ -143,9 +144,12 @@ def _parse_quantize(params, where: str) -> list:
 
 
 def _parse_prune(params, where: str) -> list:
-    from ..prune import Structured, Unstructured
+    from ..prune import MaskLLM, Structured, Unstructured
 
     p = _mapping(where, "prune", params)
+    if p.get("method") == "maskllm":  # learned N:M masks: a config of its own (prune/maskllm.py)
+        p.pop("method")
+        return [MaskLLM(**_checked(where, p, MaskLLM))]
     if "structured" in p:
         if not isinstance(p["structured"], str):
             raise LeanlmError(f"{where}: 'structured' must be neurons, heads or layers, got {p['structured']!r}")
