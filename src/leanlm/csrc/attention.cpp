@@ -5,7 +5,7 @@
 // forward equals k one-token steps bit for bit (ATen's SDPA is not batch-invariant).
 #include "leanlm.h"
 
-// q . k over one head (fp32 accumulate) and acc += p * v, for fp32 or bf16 rows
+// q . k over one head (fp32 accumulate), for fp32 or bf16 rows (top-k's logits over every visible key)
 static inline float dot_row(const float* a, const float* b, int64_t n) {
   __m256 s = _mm256_setzero_ps();
   int64_t d = 0;
@@ -22,19 +22,6 @@ static inline float dot_row(const c10::BFloat16* a, const c10::BFloat16* b, int6
   float r = hsum8(s);
   for (; d < n; ++d) r += bf16f(pa[d]) * bf16f(pb[d]);
   return r;
-}
-static inline void axpy_row(float p, const float* v, float* acc, int64_t n) {
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
-  for (; d < n; ++d) acc[d] += p * v[d];
-}
-static inline void axpy_row(float p, const c10::BFloat16* v, float* acc, int64_t n) {
-  const uint16_t* pv16 = (const uint16_t*)v;
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, bf16x8(pv16 + d), _mm256_loadu_ps(acc + d)));
-  for (; d < n; ++d) acc[d] += p * bf16f(pv16[d]);
 }
 
 // where one sequence's keys and values live: its rows of a cache [.., nkv, len, hd], and the position of
@@ -140,8 +127,7 @@ static inline void tile_softmax_pv(const float* q, const float* k, const float* 
   if (mt > m) {  // a new running max: rescale what was summed so far
     const float c = m == -INFINITY ? 0.f : std::exp(m - mt);
     l *= c;
-    const __m256 cv = _mm256_set1_ps(c);
-    for (int64_t d = 0; d < hp; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
+    scale8(c, acc, hp);
     m = mt;
   }
   const __m256 mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(-INFINITY);

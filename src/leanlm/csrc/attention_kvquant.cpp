@@ -29,11 +29,6 @@ static inline void axpy8(float p, const float* x, float* acc, int64_t n) {  // n
     _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(acc + d)));
 }
 
-static inline void scale8(float c, float* acc, int64_t n) {
-  const __m256 cv = _mm256_set1_ps(c);
-  for (int64_t d = 0; d < n; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
-}
-
 // one row of codes widened to fp32 (exact): int8 [D], or int4 packed two per byte (low nibble first) [D/2]
 static inline void widen_int8(const int8_t* c, float* out, int64_t D) {
   for (int64_t d = 0; d < D; d += 8)

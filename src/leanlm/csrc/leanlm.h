@@ -77,6 +77,12 @@ static inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// acc[0, n) *= c (n % 8 == 0): an online softmax's rescale when the running max grows
+static inline void scale8(float c, float* acc, int64_t n) {
+  const __m256 cv = _mm256_set1_ps(c);
+  for (int64_t d = 0; d < n; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
+}
+
 // 8 dot products q . k_i (k_i = k + i * stride, n floats, n % 8 == 0) as one vector
 static inline __m256 dots8(const float* q, const float* k, int64_t stride, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
