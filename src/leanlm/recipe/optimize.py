@@ -321,8 +321,9 @@ def optimize(settings: Settings, out: str | Path, hw: str = "cpu", force: bool =
     del ref_model
 
     predicted = state.get("predicted") or {}
-    if any(f not in predicted for f in settings.formats):
-        state.put("predicted", {**predicted, **_predict(settings.model, hw, log, settings.formats)})
+    unpriced = [f for f in settings.formats if f not in predicted]  # a resumed run prices only what is new
+    if unpriced:
+        state.put("predicted", {**predicted, **_predict(settings.model, hw, log, unpriced)})
     predicted = state.get("predicted")
     formats = cost_model_keep(settings.formats, predicted)
     # mildest first: a cut by the time budget loses the harshest formats
