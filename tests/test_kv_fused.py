@@ -64,6 +64,26 @@ def test_kernel_matches_dequantized_reference(bits, heads, kv_heads, head_dim, T
                 assert err <= tol, (n, dtype, window, sinks, ring, new, err)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_kernel_reads_an_unquantized_store(dtype, tol):
+    """A store kept in q's dtype (bits None: a bf16 sinks + window ring) goes through the same kernel, bits 16."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, S, D = 2, 2, 300, 64
+    store = KVStore(B, Hkv, S, D, dtype)
+    store.write(0, (torch.randn(B, Hkv, S, D, generator=g) * 2).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype))
+    assert store.kernel_buffers()[1] == 16
+    n, start = 250, 252
+    pos = torch.arange(S, dtype=torch.int32).view(1, 1, S).repeat(B, 1, 1).contiguous()
+    q = torch.randn(B, 14, 3, D, generator=g).to(dtype)
+    kn, vn = (torch.randn(B, Hkv, 3, D, generator=g).to(dtype) for _ in range(2))
+    for window, sinks, ring in ((0, 0, -1), (9, 0, -1), (0, 4, 30)):
+        args = (n, start, 0.125, window, kn, vn, sinks, ring)
+        got = ops.attend_kvquant(q, store, pos, *args)
+        assert (got.float() - _reference(q, store, pos, *args)).abs().max().item() <= tol
+    with pytest.raises(RuntimeError, match="code layout"):  # an unquantized store must be in q's dtype
+        ops.attend_kvquant(q.float() if dtype == torch.bfloat16 else q.bfloat16(), store, pos, n, start, 0.125)
+
+
 def test_kernel_splits_long_caches_across_threads():
     """One KV head and a long cache: the keys are split into blocks whose partial softmaxes are merged."""
     g = torch.Generator().manual_seed(7)
@@ -131,7 +151,7 @@ def _run(model, tokens, spec, chunk, native, fused=True):
         model.fused_decode = True
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "sinks:2,window:9,int8", "sinks:2,window:9,int4"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "sinks:2,window:9,int8", "sinks:2,window:9,int4", "sinks:2,window:9"])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.05)])
 def test_tiny_model_native_equals_python_path(spec, dtype, tol, head32_dir, monkeypatch):
     """Chunked prefill (chunks of 5 <= 16 rows) and decode through the kernel give the reference path's logits,

@@ -74,6 +74,16 @@ class KVStore(nn.Module):
     def slots(self) -> int:
         return getattr(self, self.names[0]).shape[2]
 
+    def kernel_buffers(self) -> tuple[list[torch.Tensor], int, int]:
+        """([kq, ks, kz, vq, vs, vz], bits, group) as csrc/attention_kvquant.cpp reads this store in place: empty
+        tensors where a part does not exist (zeros of int8, scales of an unquantized store); bits 16 = stored
+        unquantized in self.dtype."""
+        e = torch.empty(0)
+        if self.bits is None:
+            return [self.k, e, e, self.v, e, e], 16, self.group
+        zk, zv = (self.kz, self.vz) if self.bits == 4 else (e, e)
+        return [self.kq, self.ks, zk, self.vq, self.vs, zv], self.bits, self.group
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 

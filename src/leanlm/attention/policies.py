@@ -241,11 +241,14 @@ class PolicyCache(KVCache):
         return out
 
     def _native_ok(self, rows: int, dtype: torch.dtype) -> bool:
-        """Can the kernels read this store as it is (an int8/int4 full or window policy, 1..16 new rows on CPU)?"""
+        """Can the kernels read this store as it is (a full or window policy, 1..16 new rows on CPU, stored int8 /
+        int4, or unquantized in the compute dtype)?"""
         st = self.store
-        return (self.native_kvquant and bool(st.bits) and self.method in ("full", "window") and rows <= ops.MAX_ROWS
-                and dtype in (torch.float32, torch.bfloat16) and st.kq.device.type == "cpu" and st.group % 8 == 0
-                and self.head_dim % (8 if st.bits == 8 else 32) == 0 and ops.available())  # fmt: skip
+        stored_as_computed = st.bits is not None or st.dtype == dtype
+        return (self.native_kvquant and stored_as_computed and self.method in ("full", "window")
+                and rows <= ops.MAX_ROWS and dtype in (torch.float32, torch.bfloat16) and self.pos.device.type == "cpu"
+                and st.group % 8 == 0 and self.head_dim % (32 if st.bits == 4 else 8) == 0
+                and ops.available())  # fmt: skip
 
     def _attend_native(self, attn, q, k, v, start, new_pos) -> torch.Tensor:
         """The same attention as below (same keys, masks and stored values), computed on the codes in C++
@@ -279,9 +282,8 @@ class PolicyCache(KVCache):
         store_first = rows == 1 and window == 0  # as attend: a decode query attends its own key as stored
         n_before = self.n
         self.n = max(self.n, end) if self.method == "full" else min(self.cap, max(self.n, end))
-        e = ops._EMPTY
-        bufs = [st.kq, st.ks, st.kz if st.bits == 4 else e, st.vq, st.vs, st.vz if st.bits == 4 else e]
-        return [bufs, self.pos, slots, self.n if store_first else n_before, store_first, sinks, ring, st.bits, st.group]
+        bufs, bits, group = st.kernel_buffers()
+        return [bufs, self.pos, slots, self.n if store_first else n_before, store_first, sinks, ring, bits, group]
 
     # ---- storing / eviction ---------------------------------------------------------
     def _insert(self, k, v, new_pos, start, keys, vals, kpos, probs) -> None:

@@ -1,5 +1,6 @@
 // Decode attention straight from an int8 / int4 KV store (leanlm.attention.kv_quant.KVStore's buffers), so a
-// quantized cache is never dequantized as a whole: 1..16 new query positions over the store's slots [0, n),
+// quantized cache is never dequantized as a whole (bits 16: a store kept in q's dtype, read the same way, so a
+// bf16 sinks + window ring decodes fused too): 1..16 new query positions over the store's slots [0, n),
 // plus (optionally) the new keys / values in q's dtype that are not stored yet (a chunk attends to them before
 // the policy inserts them).
 //
@@ -62,10 +63,10 @@ template <typename T>
 static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b, int64_t hk, int64_t j0, int64_t j1,
                  bool with_new, float* pm, float* pl, float* pacc) {
   const int64_t D = a.D, R = a.G * a.T, ng = a.ng, grp = a.group;
-  // tiles: widened codes [TK, D]; key scales / zeros per group across the tile's keys [ng, TK] (vector loads);
-  // value scales / zeros [TK, ng]; an additive mask per new position [T, TK] (0 or -inf)
+  // tiles: widened codes [TK, D]; key and value scales / zeros per group across the tile's keys [ng, TK] (vector
+  // loads); an additive mask per new position [T, TK] (0 or -inf)
   std::vector<float> qf(R * D), qs(R * ng), zacc(R * ng, 0.f), kf(TK * D, 0.f), vf(TK * D, 0.f), sc(TK), coef(TK * ng);
-  std::vector<float> ksc(ng * TK), kzr(ng * TK), vsc(TK * ng), vzr(TK * ng), bias(a.T * TK);
+  std::vector<float> ksc(ng * TK), kzr(ng * TK), vsc(ng * TK), vzr(ng * TK), bias(a.T * TK);
   for (int64_t g = 0; g < a.G; ++g)
     for (int64_t t = 0; t < a.T; ++t) {
       const T* src = q + ((b * a.H + hk * a.G + g) * a.T + t) * D;
@@ -90,9 +91,20 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
     if (!fp) {
       const int64_t js = j0 + tile * TK;
       cnt = std::min<int64_t>(TK, j1 - js);
+      if (a.bits == 16) {  // unquantized: the tile's rows are contiguous slots
+        widen_rows<T>((const T*)a.kq + (row_s + js) * D, cnt, D, D, kf.data());
+        widen_rows<T>((const T*)a.vq + (row_s + js) * D, cnt, D, D, vf.data());
+      }
       for (int64_t j = 0; j < cnt; ++j) {
         const int64_t slot = row_s + js + j;
         kp[j] = pos[js + j];
+        if (a.bits == 16) {  // scale 1, zero 0
+          for (int64_t k = 0; k < ng; ++k) {
+            ksc[k * TK + j] = vsc[k * TK + j] = 1.f;
+            kzr[k * TK + j] = vzr[k * TK + j] = 0.f;
+          }
+          continue;
+        }
         if (a.bits == 8) {
           widen_int8((const int8_t*)a.kq + slot * D, kf.data() + j * D, D);
           widen_int8((const int8_t*)a.vq + slot * D, vf.data() + j * D, D);
@@ -102,9 +114,9 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
         }
         for (int64_t k = 0; k < ng; ++k) {
           ksc[k * TK + j] = h2f(a.ks[slot * ng + k]);
-          vsc[j * ng + k] = h2f(a.vs[slot * ng + k]);
+          vsc[k * TK + j] = h2f(a.vs[slot * ng + k]);
           kzr[k * TK + j] = zeros ? h2f(a.kz[slot * ng + k]) : 0.f;
-          vzr[j * ng + k] = zeros ? h2f(a.vz[slot * ng + k]) : 0.f;
+          vzr[k * TK + j] = zeros ? h2f(a.vz[slot * ng + k]) : 0.f;
         }
       }
     } else {
@@ -115,13 +127,13 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
         kp[j] = a.start + is + j;
         for (int64_t d = 0; d < D; ++d) { kf[j * D + d] = f(kn[row + d]); vf[j * D + d] = f(vn[row + d]); }
         for (int64_t k = 0; k < ng; ++k) {
-          ksc[k * TK + j] = vsc[j * ng + k] = 1.f;
-          kzr[k * TK + j] = vzr[j * ng + k] = 0.f;
+          ksc[k * TK + j] = vsc[k * TK + j] = 1.f;
+          kzr[k * TK + j] = vzr[k * TK + j] = 0.f;
         }
       }
     }
     for (int64_t j = cnt; j < TK; ++j)  // padding keys: finite values, masked
-      for (int64_t k = 0; k < ng; ++k) ksc[k * TK + j] = kzr[k * TK + j] = 0.f;
+      for (int64_t k = 0; k < ng; ++k) ksc[k * TK + j] = kzr[k * TK + j] = vsc[k * TK + j] = vzr[k * TK + j] = 0.f;
     bool any = false;
     for (int64_t t = 0; t < a.T; ++t) {
       const int64_t qpos = a.start + t;
@@ -170,12 +182,18 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
         lsum = _mm256_add_ps(lsum, e);
       }
       pl[r] += hsum8(lsum);
-      for (int64_t j = 0; j < cnt; ++j)
-        for (int64_t k = 0; k < ng; ++k) {
-          coef[j * ng + k] = sc[j] * vsc[j * ng + k];
-          za[k] += sc[j] * vzr[j * ng + k];
+      // per group: p s_g for the codes, and (int4) sum_j p z_g added once at the end; vectors over the keys
+      // (padding keys have p = 0)
+      for (int64_t k = 0; k < ng; ++k) {
+        __m256 zs = _mm256_setzero_ps();
+        for (int64_t j = 0; j < jn; j += 8) {
+          const __m256 p = _mm256_loadu_ps(sc.data() + j);
+          _mm256_storeu_ps(coef.data() + k * TK + j, _mm256_mul_ps(p, _mm256_loadu_ps(vsc.data() + k * TK + j)));
+          if (zeros) zs = _mm256_fmadd_ps(p, _mm256_loadu_ps(vzr.data() + k * TK + j), zs);
         }
-      for (int64_t k = 0; k < ng; ++k) pv_cols(coef.data() + k, ng, vf.data(), D, cnt, acc, k * grp, (k + 1) * grp);
+        if (zeros) za[k] += hsum8(zs);
+        pv_cols(coef.data() + k * TK, 1, vf.data(), D, cnt, acc, k * grp, (k + 1) * grp);
+      }
     }
   }
   if (zeros)
@@ -239,7 +257,7 @@ static Tensor run(const Args& a, const Tensor& q, const Tensor& kn, const Tensor
 static kvq::Args kvq_args(const Tensor& q, const Tensor& kq, const Tensor& ks, const Tensor& kz, const Tensor& vq,
                           const Tensor& vs, const Tensor& vz, const Tensor& pos, int64_t n, int64_t Tn, int64_t start,
                           int64_t bits, int64_t group, int64_t window, int64_t sinks, int64_t ring, double scale) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits 8 or 4");
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 16, "bits 8, 4 or 16 (the store in q's dtype)");
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "q [B, H, T, D] fp32/bf16");
   kvq::Args a{};
@@ -248,13 +266,16 @@ static kvq::Args kvq_args(const Tensor& q, const Tensor& kq, const Tensor& ks, c
   a.Hkv = kq.size(1); a.S = kq.size(2); a.n = n;
   TORCH_CHECK(a.H % a.Hkv == 0 && kq.size(0) >= a.B && 0 <= n && n <= a.S, "shapes");
   a.G = a.H / a.Hkv; a.bits = bits;
-  TORCH_CHECK(kq.size(3) == (bits == 8 ? a.D : a.D / 2) && kq.scalar_type() == (bits == 8 ? at::kChar : at::kByte), "code layout");
-  TORCH_CHECK(bits == 8 ? a.D % 8 == 0 : a.D % 32 == 0, "head dim: a multiple of 8 (int8) or 32 (int4)");
-  a.group = bits == 8 ? a.D : group;
+  const auto code_type = bits == 16 ? q.scalar_type() : bits == 8 ? at::kChar : at::kByte;
+  TORCH_CHECK(kq.size(3) == (bits == 4 ? a.D / 2 : a.D) && kq.scalar_type() == code_type && vq.scalar_type() == code_type,
+              "code layout (bits 16: the store in q's dtype)");
+  TORCH_CHECK(bits == 4 ? a.D % 32 == 0 : a.D % 8 == 0, "head dim: a multiple of 8 (int8, 16 bits) or 32 (int4)");
+  a.group = bits == 4 ? group : a.D;
   TORCH_CHECK(a.group % 8 == 0 && a.D % a.group == 0, "group");
   a.ng = a.D / a.group;
-  for (const Tensor* t : {&ks, &vs})
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == kq.size(0) * a.Hkv * a.S * a.ng, "scales fp16 [Bc, Hkv, S, ng]");
+  if (bits != 16)
+    for (const Tensor* t : {&ks, &vs})
+      TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == kq.size(0) * a.Hkv * a.S * a.ng, "scales fp16 [Bc, Hkv, S, ng]");
   if (bits == 4)
     for (const Tensor* t : {&kz, &vz})
       TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == kq.size(0) * a.Hkv * a.S * a.ng, "zeros fp16 [Bc, Hkv, S, ng]");
@@ -264,7 +285,7 @@ static kvq::Args kvq_args(const Tensor& q, const Tensor& kq, const Tensor& ks, c
   a.Tn = Tn;
   a.start = start; a.window = window; a.sinks = sinks; a.ring = ring; a.scale = (float)scale;
   a.kq = kq.data_ptr(); a.vq = vq.data_ptr();
-  a.ks = ks.data_ptr<at::Half>(); a.vs = vs.data_ptr<at::Half>();
+  a.ks = bits == 16 ? nullptr : ks.data_ptr<at::Half>(); a.vs = bits == 16 ? nullptr : vs.data_ptr<at::Half>();
   a.kz = bits == 4 ? kz.data_ptr<at::Half>() : nullptr; a.vz = bits == 4 ? vz.data_ptr<at::Half>() : nullptr;
   a.pos = pos.data_ptr<int32_t>();
   return a;
@@ -361,7 +382,7 @@ static void rope_split(const Tensor& qkv, const std::optional<Tensor>& q_norm, c
 template <typename T>
 static void store_rows(const Args& a, const std::vector<Tensor>& st, Tensor& pos, const Tensor& k, const Tensor& v,
                        const std::vector<int64_t>& slots) {
-  const int64_t D = a.D, ng = a.ng, cw = a.bits == 8 ? D : D / 2;
+  const int64_t D = a.D, ng = a.ng, cw = a.bits == 4 ? D / 2 : D;
   std::vector<float> x(D);
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t h = 0; h < a.Hkv; ++h)
@@ -370,6 +391,10 @@ static void store_rows(const Args& a, const std::vector<Tensor>& st, Tensor& pos
         const int64_t slot = (b * a.Hkv + h) * a.S + slots[t];
         for (int kv = 0; kv < 2; ++kv) {
           const T* src = (kv ? v : k).data_ptr<T>() + ((b * a.Hkv + h) * slots.size() + t) * D;
+          if (a.bits == 16) {  // the store in q's dtype: a copy
+            std::copy(src, src + D, (T*)st[3 * kv].data_ptr() + slot * D);
+            continue;
+          }
           for (int64_t d = 0; d < D; ++d) x[d] = f(src[d]);
           uint8_t* codes = (uint8_t*)st[3 * kv].data_ptr() + slot * cw;
           at::Half* zp = a.bits == 4 ? st[3 * kv + 2].data_ptr<at::Half>() + slot * ng : nullptr;
@@ -399,7 +424,7 @@ Tensor decode_layer_kvquant(Tensor x, Tensor attn_norm, std::vector<Tensor> lins
   const bool bf16 = cos.scalar_type() == at::kBFloat16;
   return block(x, attn_norm, lins, meta, thresholds, attn_post, mlp_norm, mlp_post, bf16, eps, plus_one, gelu,
                [&](const Tensor& qkv_rows) {
-                 const int64_t Tn = x.size(0) / batch, hd = store[0].size(3) * (bits == 8 ? 1 : 2);
+                 const int64_t Tn = x.size(0) / batch, hd = store[0].size(3) * (bits == 4 ? 2 : 1);
                  Tensor qkv = qkv_rows.contiguous().view({batch, Tn, -1});
                  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && (int64_t)slots.size() == Tn &&
                                  qkv.size(2) == (nh + 2 * nkv) * hd, "decode_layer_kvquant: qkv, cos and slots");
