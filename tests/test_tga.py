@@ -61,8 +61,10 @@ def test_matches_reference(chunks, log_bias, sinks):
     got, cache = run_cache(pol, q, k, v, chunks)
     want = reference(q, k, v, 12, 4, D**-0.5, log_bias, sinks=sinks)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # memory: the ring of 12, the sinks, (70 - sinks) // 4 pooled slots; keys and values
-    assert cache.nbytes() == 2 * B * Hkv * (12 + sinks + (70 - sinks) // 4) * D * 4
+    # memory: the ring of 12, the sinks, (70 - sinks) // 4 pooled slots; keys and values, and an int32 position
+    # per slot for the fused decode kernel
+    slots = 12 + sinks + (70 - sinks) // 4
+    assert cache.nbytes() == 2 * B * Hkv * slots * D * 4 + B * slots * 4
 
 
 def test_layer_with_own_window_gets_no_pooled_tokens():
@@ -97,6 +99,44 @@ def test_big_window_is_full_attention_on_model(tiny_dirs):
     assert n == 39 and math.isfinite(nll)
     assert cache_bytes(model) == sum(l.attn.cache.nbytes() for l in model.layers) > 0
     model.clear_cache()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.03)])
+def test_fused_decode_step_equals_python_path(tiny_dirs, dtype, tol, monkeypatch):
+    """Decode steps run whole blocks in C++ (decode_layer_kvquant over the ring, sinks and pooled groups read in
+    place, the new key written by the kernel; a completed group pooled by the next step) and give the logits of
+    the layer-by-layer Python path."""
+    import leanlm
+    from leanlm import ops
+
+    if not ops.available():
+        pytest.skip("no C++ compiler for the native kernels")
+    model, _ = leanlm.load(tiny_dirs["llama"], dtype=dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(3))
+    pol = KVPolicy.parse("tga:group=4,window=8,sinks=2")
+    calls = []
+    fn = ops.decode_layer_kvquant
+    monkeypatch.setattr(ops, "decode_layer_kvquant", lambda *a, **k: calls.append(1) or fn(*a, **k))
+
+    def run(fused):
+        model.fused_decode = fused
+        try:
+            model.setup_cache(1, 60, cache_cls=pol)
+            with torch.inference_mode():
+                out = [model(ids[:, :6], start=0)[0]] + [model(ids[:, s : s + 1], start=s)[0] for s in range(6, 60)]
+            model.clear_cache()
+            return torch.cat(out).float()
+        finally:
+            model.fused_decode = True
+
+    ref = run(False)
+    assert not calls
+    got = run(True)
+    assert len(calls) == len(model.layers) * 54
+    if dtype == "float32":
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    else:  # bf16: the kernel accumulates in fp32 where SDPA rounds
+        assert (got.softmax(-1) - ref.softmax(-1)).abs().max().item() <= tol
 
 
 def test_generate_and_apply(tiny_dirs):

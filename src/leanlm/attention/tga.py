@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..errors import LeanlmError
 from ..model.runtime import KVCache, upcast_for_matmul
 from .policies import KVPolicy
@@ -123,9 +124,14 @@ class TGACache(KVCache):
 
     def _alloc(self, ring: int, sinks: int, pooled: int) -> None:
         self.L, self.S, self.P = ring, sinks, pooled
+        self.pooled = 0  # groups stored so far
         shape = (self.batch, self.n_kv_heads, ring + sinks + pooled, self.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=self.dtype, device=self.device), persistent=False)
+        # slot positions for the fused decode kernel (fused_store): every slot it reads is visible, so 0 will do;
+        # the kernel records each new key's position here
+        self.register_buffer("slot_pos", torch.zeros(self.batch, 1, shape[2], dtype=torch.int32, device=self.device),
+                             persistent=False)  # fmt: skip
         bias = torch.zeros(ring + sinks + pooled, device=self.device)
         bias[ring + sinks :] = math.log(self.G)
         self.register_buffer("bias", bias, persistent=False)
@@ -142,8 +148,8 @@ class TGACache(KVCache):
         return self._max_len
 
     def nbytes(self) -> int:
-        """Bytes this layer's cache holds (window ring + sinks + pooled slots)."""
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+        """Bytes this layer's cache holds (window ring + sinks + pooled slots, and the kernel's slot positions)."""
+        return sum(b.numel() * b.element_size() for b in (self.k, self.v, self.slot_pos))
 
     def update(self, k, v, start):
         raise NotImplementedError("TGACache is used through attend()")
@@ -151,6 +157,37 @@ class TGACache(KVCache):
     def _groups(self, end: int) -> int:
         """Complete groups among positions [S, end)."""
         return min(max(0, end - self.S) // self.G, self.P)
+
+    def _pool_pending(self, end: int) -> None:
+        """Pool, from the ring, the groups that completed before position `end` and are not stored yet. A decode
+        step's completed group may wait for the next step: no query sees a group before it has left the window
+        (window >= group), and until then its tokens are still in the ring."""
+        G, off = self.G, self.L + self.S
+        for j in range(self.pooled, self._groups(end)):
+            idx = torch.arange(self.S + j * G, self.S + (j + 1) * G, device=self.k.device) % self.L
+            for buf in (self.k, self.v):
+                buf[:, :, off + j] = buf[:, :, idx].float().mean(2).to(buf.dtype)
+        self.pooled = max(self.pooled, self._groups(end))
+
+    def fused_store(self, dtype: torch.dtype, start: int, rows: int, window: int) -> list | None:
+        """ops.decode_layer_kvquant's arguments for a one-token decode step (model/fused.py): the ring, the sinks
+        and the pooled groups read in place as an unquantized store whose first n_vis slots are all visible, the
+        new key written to its ring slot by the kernel. None where that does not hold (a chunk, a layer with its
+        own window, logg=1, a step among the sinks) and the layer attends through `attend`."""
+        if (rows != 1 or window or not self.configured or self.layer_window is not None or self.policy.log_bias
+                or dtype != self.dtype or start < self.S or start + 1 > self._max_len or self.k.device.type != "cpu"
+                or self.head_dim % 8 or not ops.available()):  # fmt: skip
+            return None
+        self._pool_pending(start)
+        e = ops._EMPTY
+        return [[self.k, e, e, self.v, e, e], self.slot_pos, [start % self.L], self._visible(start), True, 0, -1, 16,
+                self.head_dim]  # fmt: skip
+
+    def _visible(self, start: int) -> int:
+        """Slots a decode query at `start` attends to, all in [0, n): the ring (positions (start - L, start]),
+        the sinks that left it, the groups wholly before it."""
+        before = start - self.L + 1  # positions [0, before) lie before the window
+        return min(self.L, start + 1) + min(self.S, max(0, before)) + self._groups(before)
 
     def _pool(self, local_k, local_v, base: int, start: int, end: int) -> int:
         """Pool the groups that complete in [start, end) from local keys at positions [base, end); returns
@@ -184,18 +221,15 @@ class TGACache(KVCache):
             slot = start % L
             self.k[:B, :, slot : slot + 1] = k
             self.v[:B, :, slot : slot + 1] = v
-            if self._groups(end) > self._groups(start):
-                idx = torch.arange(end - G, end, device=k.device) % L
-                j = L + S + self._groups(end) - 1
-                for buf in (self.k, self.v):
-                    buf[:B, :, j] = buf[:B, :, idx].float().mean(2).to(buf.dtype)
+            self._pool_pending(end)
             before = start - L + 1  # positions [0, before) lie before the window
-            n_vis = min(L, end) + min(S, max(0, before)) + self._groups(before)  # groups need every sink visible
+            n_vis = self._visible(start)  # groups need every sink visible
             ck, cv = self.k[:B, :, :n_vis], self.v[:B, :, :n_vis]
             mask = self.bias[None, :n_vis].to(q.dtype) if self.policy.log_bias and self._groups(before) else None
             return F.scaled_dot_product_attention(q, ck.to(q.dtype), cv.to(q.dtype), attn_mask=mask, scale=attn.scale,
                                                   enable_gqa=gqa)  # fmt: skip
         # chunk: the ring's keys (positions [base, start)) in position order, then the new ones
+        self._pool_pending(start)  # (a decode step before this chunk may have left its group for the next)
         n_ring = min(L, start)
         base = start - n_ring
         dev = q.device
@@ -206,6 +240,7 @@ class TGACache(KVCache):
         else:
             local_k, local_v = k, v
         n_pool = self._pool(local_k, local_v, base, start, end)
+        self.pooled = n_pool
         n_sink = min(S, end)
         qpos = torch.arange(start, end, device=dev)[:, None]
         lpos = torch.arange(base, end, device=dev)[None, :]
