@@ -330,6 +330,47 @@ def optimize(d: dict, rel: str) -> str:
                   f"within the budget ({s['budget']}) {ratio(s['budget_decode_vs_llamacpp_q8_0'])} llama.cpp Q8_0.")
 
 
+def long_context(d: dict, rel: str) -> str:
+    rows = []
+    for r in get(d, "rows", rel=rel):
+        rows.append([r["model"], f"{r['context'] // 1024}k", r["method"], pct(r.get("ppl_vs_full"), 2),
+                     num(r.get("needle_recall"), 2), num(r["kv_bytes"] / 2**20, 1), ratio(r.get("kv_bytes_reduction")),
+                     num(r.get("decode_tok_s")), ratio(r.get("decode_vs_full"))])  # fmt: skip
+    out = md_table(["model", "context", "method", "ppl vs full", "needle recall", "KV MiB", "KV ÷ full",
+                    "decode tok/s", "decode ÷ full"], rows)  # fmt: skip
+    s = d.get("summary") or {}
+    lines = []
+    for key, what in (("best_sparse_decode_speedup_8k_within_2pct", "best sparse decode ÷ full at 8k"),
+                      ("best_kv_bytes_reduction_within_2pct", "best KV bytes reduction at 8k")):
+        best = s.get(key) or {}
+        if best.get("value") is None:
+            lines.append(f"{what}: no method met the conditions")
+        else:
+            lines.append(f"{what}: {ratio(best['value'])} ({best['model']}, {best['method']})")
+    for model, v in (s.get("int8_kv_decode_vs_bf16_kv_8k") or {}).items():
+        lines.append(f"int8 KV decode ÷ bf16 KV at 8k ({model}): {ratio(v)}")
+    weights = d.get("weights", "bf16")
+    out += (f"\n\nWeights {weights}; ppl on the book tokens after the needle (the end of the context), against the "
+            "full cache; decode tok/s: median of timed rounds on each method's own prefilled caches.")  # fmt: skip
+    if lines:
+        out += "\n\n" + "; ".join(lines) + f" (conditions: {s.get('conditions', '?')})."
+    return out
+
+
+def maskllm(d: dict, rel: str) -> str:
+    rows = [[r["method"], r.get("pattern", "-"), num(r.get("sparsity_prunable"), 3), num(r["ppl"], 2), num(r["kl"], 3),
+             num(r.get("top1_agreement"), 3), num(r.get("minutes"), 1), num(r.get("cpu_minutes"), 1)]
+            for r in get(d, "rows", rel=rel)]  # fmt: skip
+    out = md_table(["method", "pattern", "sparsity (block linears)", "ppl", "KL", "top-1", "minutes", "CPU minutes"],
+                   rows)  # fmt: skip
+    cal = d.get("calibration", {})
+    out += (f"\n\nWikiText-2 test, {d.get('settings', {}).get('windows', '?')} x 512 tokens; KL and top-1 against the "
+            f"dense model. Calibration: {cal.get('samples', '?')} x {cal.get('seq_len', '?')} tokens of "
+            f"{cal.get('text', '?')}. Learned ppl ÷ SparseGPT ppl: "
+            f"{num(get(d, 'learned_nm_ppl_over_sparsegpt_nm', rel=rel), 3)}.")  # fmt: skip
+    return out
+
+
 def share(v) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
@@ -474,6 +515,10 @@ TABLES = [
           "Same-run A/B before and after the restructuring"),
     Table("quality_vs_llamacpp", "benchmarks/results/archive/2026-12-07/quality_vs_llamacpp.json", quality_vs_llamacpp,
           "4-bit quality beside llama.cpp's imatrix quants (Qwen2.5-0.5B, archived partial run)"),
+    Table("long_context", "benchmarks/results/long_context.json", long_context,
+          "Long context: sparse attention and KV compression on real text with a needle", optional=True),
+    Table("maskllm_qwen", "benchmarks/results/maskllm_qwen2.5-0.5b.json", maskllm,
+          "Learned 2:4 masks (MaskLLM-style) against Wanda and SparseGPT 2:4 (Qwen2.5-0.5B)", optional=True),
     Table("optimize_qwen", "benchmarks/results/optimize_qwen2.5-0.5b.json", optimize,
           "leanlm optimize on Qwen2.5-0.5B: every format and draft, llama.cpp in the same run", optional=True),
     Table("int4_tuning_curve", "benchmarks/results/archive/2026-11-25/quant_int4_e2e_tuning_curve.json",
