@@ -21,9 +21,9 @@ One pass per (model, context, method, needle depth), sharing one prefill for eve
 - KV bytes: what the caches hold after the prompt (bookkeeping included);
 - context = prompt + answer + timed decode steps (the prompt is that much shorter), so 8k fits SmolLM2's window;
 - speed: right after a method's last-depth prefill, --rounds rounds of --steps decode steps on its own caches
-  (one warm-up round first), median tok/s; then its caches are dropped. (Keeping every method's caches for one
-  pass interleaved across methods retained ~1.8 GB of memory per kept set on SmolLM2 at 2k, far more than the
-  caches hold, and ran out of 24 GB on Qwen2.5-0.5B; the cause is not found yet.)
+  (one warm-up round first), median tok/s; then its caches are dropped. (Memory: the chunked prefill used to run
+  with autograd on, and every chunk's graph stayed reachable from the cache, ~0.8 GB a chunk on Qwen2.5-0.5B:
+  that ran a Qwen 8k run out of 24 GB. It now runs in inference mode; tests/test_long_context_bench.py.)
   Real prefilled caches throughout (no random fill), so content-dependent methods are timed honestly.
 
 Default matrix (DEFAULT_PLAN), sized for the 40-minute budget on 2 quiet cores:

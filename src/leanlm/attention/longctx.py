@@ -27,7 +27,6 @@ def _cache_cls(policy: KVPolicy | None):
     return KVCache if policy is None else policy
 
 
-@torch.inference_mode()
 def _chunks(L: int, chunk: int, lo: int, hi: int, score_chunk: int | None):
     """(start, end) of the chunks: `chunk` tokens, and `score_chunk` inside [lo, hi) when given."""
     if not score_chunk:
@@ -41,6 +40,7 @@ def _chunks(L: int, chunk: int, lo: int, hi: int, score_chunk: int | None):
     return out
 
 
+@torch.inference_mode()  # with autograd on, each chunk's graph stayed reachable from the cache: +0.8 GB a chunk
 def chunked_prefill(model, ids: torch.Tensor, policy: KVPolicy | None, chunk: int = 256, max_len: int | None = None,
                     score: bool = False, score_range: tuple[int, int] | None = None,
                     score_chunk: int | None = None):  # fmt: skip
