@@ -85,19 +85,33 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
   const int32_t* pos = a.pos + (b * a.Hp + (a.Hp == 1 ? 0 : hk)) * a.S;
   const int64_t nt_store = (j1 - j0 + TK - 1) / TK, nt_new = with_new ? (a.Tn + TK - 1) / TK : 0;
   for (int64_t tile = 0; tile < nt_store + nt_new; ++tile) {
-    // load a tile: codes widened to fp32 + per-key scales / zeros, or the new keys with scale 1, zero 0
+    // the tile's keys: their positions first, and the mask; a tile no query sees is never loaded (a layer's
+    // sliding window over a full store, a ring's gap)
     int64_t cnt, kp[TK];
     const bool fp = tile >= nt_store;
+    const int64_t js = fp ? (tile - nt_store) * TK : j0 + tile * TK;
+    cnt = std::min<int64_t>(TK, (fp ? a.Tn : j1) - js);
+    for (int64_t j = 0; j < cnt; ++j) kp[j] = fp ? a.start + js + j : pos[js + j];
+    bool any = false;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t qpos = a.start + t;
+      for (int64_t j = 0; j < TK; ++j) {
+        const int64_t p = j < cnt ? kp[j] : -1;
+        const bool vis = p >= 0 && p <= qpos && (a.window <= 0 || p > qpos - a.window) &&
+                         (fp || a.ring < 0 || p < a.sinks || p >= a.start - a.ring);
+        bias[t * TK + j] = vis ? 0.f : -INFINITY;
+        any |= vis;
+      }
+    }
+    if (!any) continue;
+    // load it: codes widened to fp32 + per-key scales / zeros, or the new keys with scale 1, zero 0
     if (!fp) {
-      const int64_t js = j0 + tile * TK;
-      cnt = std::min<int64_t>(TK, j1 - js);
       if (a.bits == 16) {  // unquantized: the tile's rows are contiguous slots
         widen_rows<T>((const T*)a.kq + (row_s + js) * D, cnt, D, D, kf.data());
         widen_rows<T>((const T*)a.vq + (row_s + js) * D, cnt, D, D, vf.data());
       }
       for (int64_t j = 0; j < cnt; ++j) {
         const int64_t slot = row_s + js + j;
-        kp[j] = pos[js + j];
         if (a.bits == 16) {  // scale 1, zero 0
           for (int64_t k = 0; k < ng; ++k) {
             ksc[k * TK + j] = vsc[k * TK + j] = 1.f;
@@ -120,11 +134,8 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
         }
       }
     } else {
-      const int64_t is = (tile - nt_store) * TK;
-      cnt = std::min<int64_t>(TK, a.Tn - is);
       for (int64_t j = 0; j < cnt; ++j) {
-        const int64_t row = ((b * a.Hkv + hk) * a.Tn + is + j) * D;
-        kp[j] = a.start + is + j;
+        const int64_t row = ((b * a.Hkv + hk) * a.Tn + js + j) * D;
         for (int64_t d = 0; d < D; ++d) { kf[j * D + d] = f(kn[row + d]); vf[j * D + d] = f(vn[row + d]); }
         for (int64_t k = 0; k < ng; ++k) {
           ksc[k * TK + j] = vsc[k * TK + j] = 1.f;
@@ -134,18 +145,6 @@ static void item(const Args& a, const T* q, const T* kn, const T* vn, int64_t b,
     }
     for (int64_t j = cnt; j < TK; ++j)  // padding keys: finite values, masked
       for (int64_t k = 0; k < ng; ++k) ksc[k * TK + j] = kzr[k * TK + j] = vsc[k * TK + j] = vzr[k * TK + j] = 0.f;
-    bool any = false;
-    for (int64_t t = 0; t < a.T; ++t) {
-      const int64_t qpos = a.start + t;
-      for (int64_t j = 0; j < TK; ++j) {
-        const int64_t p = j < cnt ? kp[j] : -1;
-        const bool vis = p >= 0 && p <= qpos && (a.window <= 0 || p > qpos - a.window) &&
-                         (fp || a.ring < 0 || p < a.sinks || p >= a.start - a.ring);
-        bias[t * TK + j] = vis ? 0.f : -INFINITY;
-        any |= vis;
-      }
-    }
-    if (!any) continue;
     const int64_t jn = (cnt + 7) / 8 * 8;  // key vectors holding real keys
     for (int64_t r = 0; r < R; ++r) {
       const float* qr = qf.data() + r * D;
