@@ -61,7 +61,8 @@ class LinearKind(enum.IntEnum):
 
     DENSE = 0  # fp32/bf16 weight [N, K], row-major: small_linear
     QUANT = 1  # packed int4/int8 weight, bf16 scales (and zeros) [N, G]: q_linear
-    SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear
+    SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear (int8 codes:
+    #                   fp32 per-output scales [N] and optional zeros [N])
     CODEBOOK = 3  # 4-bit table indices (int4 block layout), bf16 scales [N, G], int8 table [16] as `zeros`
     NM = 4  # 2:4 sparse int8 (leanlm.quant.nm's tiles: kept values + position codes), bf16 scales [N, G]: q_linear_nm
 
@@ -76,7 +77,7 @@ class FusedLinear:
     kind: LinearKind
     weight: torch.Tensor  # DENSE: [N, K]; QUANT: packed codes; SPARSE_INPUT: W^T [K, N]
     bias: torch.Tensor | None = None
-    scales: torch.Tensor | None = None  # QUANT only
+    scales: torch.Tensor | None = None  # QUANT; SPARSE_INPUT with int8 codes (fp32 [N])
     zeros: torch.Tensor | None = None  # QUANT, asymmetric only; CODEBOOK: the int8 table [16]
     bits: int = 0  # QUANT: 4 or 8
     group: int = 0  # QUANT: columns per scale group of the stored width
@@ -215,15 +216,25 @@ def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool,
 
 
 def sparse_usable(wt: torch.Tensor) -> bool:
-    """Can sparse_linear run on this transposed weight [K, N]?"""
-    return (wt.device.type == "cpu" and wt.dtype in (torch.float32, torch.bfloat16) and wt.dim() == 2
+    """Can sparse_linear run on this transposed weight [K, N] (fp32, bf16, or int8 codes)?"""
+    return (wt.device.type == "cpu" and wt.dtype in (torch.float32, torch.bfloat16, torch.int8) and wt.dim() == 2
             and wt.shape[1] % 8 == 0 and wt.is_contiguous() and available())  # fmt: skip
 
 
-def sparse_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+def sparse_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float, scales: torch.Tensor | None = None,
+                  zeros: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:  # fmt: skip
     """(x * (|x| > threshold)) @ wt for x [M, K] (or [K]) and wt = W^T [K, N] (sparse_usable):
-    (fp32 [M, N], the number of active inputs summed over the rows)."""
-    return _require().sparse_linear(x, wt, threshold)
+    (fp32 [M, N], the number of active inputs summed over the rows). An int8 wt holds codes of a per-output-channel
+    grid: the product is then scaled by `scales` (fp32 [N]) and, asymmetric, gets zeros [N] * (sum of the active x):
+    y = s * (x_active @ q) + z * sum(x_active), accumulated in fp32."""
+    e = _EMPTY
+    return _require().sparse_linear(x, wt, threshold, e if scales is None else scales, e if zeros is None else zeros)
+
+
+def set_sparse_avx512(allowed: bool) -> bool:
+    """Allow (True) or refuse the int8 sparse_linear's AVX-512 copy (the AVX2 one gives the same numbers); the old
+    setting."""
+    return _require().set_sparse_avx512(allowed)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool, bf16: bool) -> torch.Tensor:

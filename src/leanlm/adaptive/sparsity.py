@@ -13,6 +13,13 @@ native kernel, ops.sparse_linear - threshold, index list and row sweep in one ca
 and the fastest is kept (`kernel="auto"`); the timings are in the report. Multi-row inputs
 (prefill, scoring) use a dense product of the masked input, so quality is the same as at decode.
 
+int8 weights (leanlm.quant's int8 per-output-channel grid, e.g. RTN(bits=8, group=0, symmetric=True)) compose
+with it: an int8 QuantLinear becomes a `SparseInputQuantLinear` whose codes are stored transposed (int8 [in, out])
+with fp32 scales [out], and ops.sparse_linear sweeps the active codes' rows in fp32, scaling once at the end
+(y = s * (x_active @ q) + b), at a quarter of the fp32 bytes per row. `kernel="auto"` times it against the int8
+dense product (q_linear, which reads every weight) per shape. It runs inside the fused decode step like the
+float kernel. Other grids (int4, grouped int8) are refused.
+
 `criterion="wina"` (WINA, Chen et al. 2025): rank inputs by |x_i| * ||W[:, i]|| instead of |x_i|,
 i.e. by how much each dropped input would move the output. Implemented by a reparametrization
 that leaves the model's function unchanged: each input channel's column norm c_i is folded into
@@ -181,6 +188,97 @@ class SparseInputLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold:.4g}, kernel={self.kernel}"
 
 
+def int8_channel(mod) -> bool:
+    """Is `mod` a leanlm.quant int8 linear with one scale per output channel (the grid SparseInputQuantLinear takes)?"""
+    from ..quant.packed import QuantLinear
+
+    return (isinstance(mod, QuantLinear) and mod.spec.bits == 8 and not mod.spec.codebook
+            and mod.scales is not None and mod.scales.shape[1] == 1)  # fmt: skip
+
+
+class SparseInputQuantLinear(SparseInputLinear):
+    """SparseInputLinear over an int8 per-output-channel weight (`int8_channel`): y = s * ((x * (|x| > t)) q^T)
+    (+ z * sum of the kept x when asymmetric) + b. kernel "native": the codes transposed, `weight` int8 [in, out]
+    (one contiguous row per input), `scales` / `zeros` fp32 [out], run by ops.sparse_linear's int8 sweep (the fused
+    decode step's SPARSE_INPUT); multi-row inputs take the dequantized product of the masked input. kernel "dense":
+    the QuantLinear kept as it is (`inner`) and fed the masked input: its q_linear reads every weight."""
+
+    def __init__(self, qlin, threshold: float, kernel: str):
+        nn.Module.__init__(self)
+        if not int8_channel(qlin):
+            raise LeanlmError(f"int8 activation sparsity needs an int8 per-channel QuantLinear, got {qlin!r}")
+        if kernel not in ("native", "dense"):
+            raise LeanlmError(f"int8 weights take kernel native, dense or auto, got {kernel!r}")
+        self.out_features, self.in_features = qlin.out_features, qlin.in_features
+        self.threshold, self.kernel, self.last_flops = float(threshold), kernel, None
+        if kernel == "dense":
+            self.inner = qlin
+            return
+        N, K = self.out_features, self.in_features
+        codes = qlin._codes(0, N)[:, :K]  # int8 as stored: code - 128
+        if not ops.sparse_usable(torch.empty(K, N, dtype=torch.int8)):
+            raise LeanlmError("the native sparse GEMV is not available here (needs AVX2/FMA, a C++ compiler, "
+                              "out_features % 8 == 0); use kernel=dense or auto")  # fmt: skip
+        self.register_buffer("weight", codes.t().contiguous())
+        self.register_buffer("scales", qlin.scales.float().view(-1).contiguous())
+        self.register_buffer("zeros", None if qlin.zeros is None else qlin.zeros.float().view(-1).contiguous())
+        self.register_buffer("bias", None if qlin.bias is None else qlin.bias.float())
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) moves devices but keeps the format: int8 codes, fp32 scales, zeros and bias."""
+        super()._apply(fn, recurse)
+        for name in ("scales", "zeros", "bias"):
+            b = self._buffers.get(name)
+            if b is not None and b.dtype != torch.float32:
+                self._buffers[name] = b.float()
+        return self
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in] float32, dequantized (a new tensor; the multi-row path and inspection)."""
+        if self.kernel == "dense":
+            return self.inner.dequantize()
+        w = self.weight.t().float() * self.scales[:, None]
+        return w if self.zeros is None else w + self.zeros[:, None]
+
+    def fused_linear_args(self, dtype: torch.dtype, rows: int) -> FusedLinear | None:
+        if self.kernel != "native":
+            return None
+        return FusedLinear(LinearKind.SPARSE_INPUT, self.weight, self.bias, self.scales, self.zeros,
+                           threshold=self.threshold)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernel == "native" and x2.shape[0] == 1:
+            y, n = ops.sparse_linear(x2, self.weight, self.threshold, self.scales, self.zeros)
+            self.last_flops = 2.0 * n * self.out_features
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        mask = x2.abs() > self.threshold
+        self.last_flops = mask.sum(-1) * (2.0 * self.out_features)
+        xm = x2 * mask
+        if self.kernel == "dense":
+            return self.inner(xm.view(shape))
+        xf = xm.float()
+        y = (xf @ self.weight.float()) * self.scales  # the sweep's arithmetic, in one GEMM
+        if self.zeros is not None:
+            y = y + xf.sum(-1, keepdim=True) * self.zeros
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", int8 per channel"
+
+
+def sparse_module(mod, threshold: float, kernel: str) -> SparseInputLinear:
+    """The input-sparse replacement of a plain Linear or an int8 per-channel QuantLinear."""
+    if int8_channel(mod):
+        return SparseInputQuantLinear(mod, threshold, kernel)
+    return SparseInputLinear(mod.weight, mod.bias, threshold, kernel)
+
+
 class HeadTableEmbedding(nn.Module):
     """Token embeddings read from an input-sparse LM head's table (tied embeddings): `weight` is a
     [vocab, hidden] view of the head's [hidden, vocab] weight, so one copy serves both."""
@@ -229,26 +327,59 @@ def time_kernels(K: int, N: int, sparsity: float, dtype=torch.float32, copies: i
     return out
 
 
+def time_kernels_int8(K: int, N: int, sparsity: float, copies: int = 8, reps: int = 30) -> dict:
+    """time_kernels for an int8 per-channel weight: "dense" (the QuantLinear's q_linear on the masked input) and
+    "native" (ops.sparse_linear's int8 sweep), median microseconds per batch-1 call."""
+    from ..quant.packed import QuantLinear
+    from ..quant.rtn import QSpec, rtn
+
+    g = torch.Generator().manual_seed(0)
+    copies = max(1, min(copies, (64 << 20) // (K * N)))
+    reps = max(3, min(reps, (1 << 30) // (K * N)))
+    spec = QSpec(8, 0, True)
+    qls = [QuantLinear(rtn(torch.randn(N, K, generator=g), spec)) for _ in range(copies)]
+    kinds = ("dense",) + (("native",) if ops.sparse_usable(torch.empty(K, N, dtype=torch.int8)) else ())
+    x = torch.randn(1, 1, K, generator=g).to(torch.bfloat16)
+    thr = float(x.abs().float().quantile(sparsity)) if sparsity > 0 else -1.0
+    out = {}
+    for k in kinds:
+        ms = [SparseInputQuantLinear(q, thr, k) for q in qls]
+        times = []
+        for r in range(5):
+            t0 = time.perf_counter()
+            for i in range(reps):
+                ms[i % copies](x)
+            times.append((time.perf_counter() - t0) / reps * 1e6)
+        out[k] = sorted(times)[2]
+        del ms
+    return out
+
+
 def choose_kernels(model, names: list[str], sparsity: float, head: float | None = None) -> dict:
     """(K, N) -> {"kernel": fastest, "us": {kernel: microseconds}} for the decoder's shapes (and
     the LM head's, at its own sparsity, when `head` is set)."""
     shapes = {}
     for layer in model.layers:
         for n in names:
-            mod = get_module(layer, n)
-            shapes.setdefault((mod.in_features, mod.out_features), None)
+            shapes.setdefault(shape_key(get_module(layer, n)), None)
     out = {}
     if head is not None:
         V, D = model.output_weight().shape
         us = time_kernels(D, V, head, model.dtype)
         out[("head", D, V)] = {"kernel": min(us, key=us.get), "us": us}
-    for K, N in shapes:
+    for key in shapes:
+        K, N = key[:2]
         try:
-            us = time_kernels(K, N, sparsity, model.dtype)
+            us = time_kernels_int8(K, N, sparsity) if len(key) > 2 else time_kernels(K, N, sparsity, model.dtype)
         except RuntimeError:  # e.g. a dtype embedding_bag lacks
             us = {"dense": 0.0}
-        out[(K, N)] = {"kernel": min(us, key=us.get), "us": us}
+        out[key] = {"kernel": min(us, key=us.get), "us": us}
     return out
+
+
+def shape_key(mod) -> tuple:
+    """choose_kernels' key of a linear: (in, out), and "int8" for an int8 per-channel weight."""
+    return (mod.in_features, mod.out_features) + (("int8",) if int8_channel(mod) else ())
 
 
 # ---- WINA: fold column norms into the producers of the inputs -----------------------------
@@ -434,7 +565,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float | list[fl
                 raise StopForward
 
             if n in th:  # already set by the FFN split below
-                set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+                set_module(layer, n, sparse_module(mod, th[n], kernel_of(mod)))
                 continue
             handle = mod.register_forward_pre_hook(grab)
             try:
@@ -451,7 +582,7 @@ def calibrate_and_replace(model, tokens: torch.Tensor, sparsity: float | list[fl
                 th[n], th["mlp.w_down"], th["ffn_error"] = split_mlp_sparsity(layer.mlp, X, s_i)
             else:
                 th[n] = quantile_abs(seen, s_i)
-            set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+            set_module(layer, n, sparse_module(mod, th[n], kernel_of(mod)))
         if isinstance(sparsity, list):
             th["sparsity"] = s_i
         out.append(th)
@@ -495,13 +626,20 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
             mod = get_module(layer, n)
             if isinstance(mod, SparseInputLinear):
                 raise LeanlmError("activation sparsity is already applied to this model")
+            if int8_channel(mod):
+                if cfg.criterion == "wina":
+                    raise LeanlmError("criterion=wina rescales weight columns: apply it before quantization")
+                if cfg.kernel not in ("auto", "native", "dense"):
+                    raise LeanlmError(f"int8 weights take kernel auto, native or dense, got {cfg.kernel!r}")
+                continue
             if type(mod).__name__ != "Linear" or mod.weight.dim() != 2:
-                raise LeanlmError(f"activation sparsity needs plain Linear layers; {n} is {type(mod).__name__} "
-                                  "(apply it before quantization, packing or neuron routing)")  # fmt: skip
+                raise LeanlmError(f"activation sparsity needs plain Linear layers or int8 per-channel ones; {n} is "
+                                  f"{type(mod).__name__} {getattr(mod, 'spec', '')} (apply it before other "
+                                  "quantization, packing or neuron routing)")  # fmt: skip
     kernels = choose_kernels(model, names, cfg.sparsity, cfg.head) if cfg.kernel == "auto" else {}
 
     def kernel_of(mod):
-        return kernels[(mod.in_features, mod.out_features)]["kernel"] if kernels else cfg.kernel
+        return kernels[shape_key(mod)]["kernel"] if kernels else cfg.kernel
 
     make_adaptive(model)
     layer_report = None
@@ -528,7 +666,7 @@ def apply_activation_sparsity(model, cfg: ActivationSparsity, calib: torch.Tenso
         for layer, th in zip(model.layers, thresholds):
             for n in names:
                 mod = get_module(layer, n)
-                set_module(layer, n, SparseInputLinear(mod.weight, mod.bias, th[n], kernel_of(mod)))
+                set_module(layer, n, sparse_module(mod, th[n], kernel_of(mod)))
     if cfg.head is not None:
         V, D = model.output_weight().shape
         head_kernel = kernels[("head", D, V)]["kernel"] if kernels else cfg.kernel

@@ -46,7 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_q_linear_codebook_vnni", &set_q_linear_codebook_vnni, "allow (True) or refuse q_linear_codebook's VNNI path");
   m.def("q_gemm", &q_gemm, "x [M, K] . packed int4/int8 W^T -> fp32 [M, N] on AVX512-VNNI (gemm_int8.cpp)");
   m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
-  m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] -> (fp32 [M, N], active inputs) (sparse.cpp)");
+  m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] (fp32/bf16, or int8 * scales) -> (fp32 [M, N], active inputs) (sparse.cpp)");
+  m.def("set_sparse_avx512", &set_sparse_avx512, "allow (True) or refuse the int8 sparse_linear's AVX-512 copy; returns the old setting");
   m.def("attend", &attend, "RoPE + KV write + attention over the cache for 1..16 new positions (attention.cpp)", nogil());
   m.def("attend_kvquant", &attend_kvquant, "decode attention read straight from an int8/int4 KV store (attention_kvquant.cpp)", nogil());
   m.def("prefill_attention", &prefill_attention, "causal attention for many new positions, AVX-512 (attention_prefill.cpp)");

@@ -89,6 +89,7 @@ enum LinearKind : int64_t {
   LINEAR_DENSE = 0,         // runtime.Linear: fp32/bf16 weight [N, K], small_linear (project)
   LINEAR_QUANT = 1,         // leanlm.quant's packed int4/int8 weight: q_linear, fp32 + fp32 bias, rounded to x's dtype
   LINEAR_SPARSE_INPUT = 2,  // leanlm.adaptive's input-sparse linear: weight W^T [K, N], inputs |x| <= threshold dropped
+                           // (int8 W^T: fp32 per-output scales / zeros [N] in the scales / zeros slots)
   LINEAR_CODEBOOK = 3,      // leanlm.quant's 4-bit table-coded weight: q_linear_codebook, the table in the zeros slot
   LINEAR_NM = 4,            // leanlm.quant.nm's 2:4 sparse int8 weight: q_linear_nm
 };
@@ -112,8 +113,11 @@ static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int6
       y = q_linear_nm(x, w, lins[4 * i + 2], group);
       break;
     case LINEAR_SPARSE_INPUT:
-      y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));
-      sparse_rows(x, w, thresholds[i], y.data_ptr<float>());
+      {
+        const auto sz = i8_scales(w, lins[4 * i + 2], lins[4 * i + 3]);
+        y = at::empty({x.size(0), w.size(1)}, x.options().dtype(at::kFloat));
+        sparse_rows(x, w, thresholds[i], y.data_ptr<float>(), sz.first, sz.second);
+      }
       break;
     default:
       TORCH_CHECK(false, "decode_layer: unknown linear kind ", kind);
