@@ -317,14 +317,20 @@ def time_kernels(K: int, N: int, sparsity: float, dtype=torch.float32, copies: i
     for k, ms in mods.items():
         for m in ms:
             m.threshold = thr
-        times = []
-        for r in range(5):
-            t0 = time.perf_counter()
-            for i in range(reps):
-                ms[i % copies](x)
-            times.append((time.perf_counter() - t0) / reps * 1e6)
-        out[k] = sorted(times)[2]
+        out[k] = _median_call_us(ms, x, reps)
     return out
+
+
+def _median_call_us(mods: list, x: torch.Tensor, reps: int) -> float:
+    """Median of 5 rounds of microseconds per call, cycling through copies of a module (distinct weights, so a
+    call reads its weight from memory as decode does rather than from cache)."""
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for i in range(reps):
+            mods[i % len(mods)](x)
+        times.append((time.perf_counter() - t0) / reps * 1e6)
+    return sorted(times)[2]
 
 
 def time_kernels_int8(K: int, N: int, sparsity: float, copies: int = 8, reps: int = 30) -> dict:
@@ -344,13 +350,7 @@ def time_kernels_int8(K: int, N: int, sparsity: float, copies: int = 8, reps: in
     out = {}
     for k in kinds:
         ms = [SparseInputQuantLinear(q, thr, k) for q in qls]
-        times = []
-        for r in range(5):
-            t0 = time.perf_counter()
-            for i in range(reps):
-                ms[i % copies](x)
-            times.append((time.perf_counter() - t0) / reps * 1e6)
-        out[k] = sorted(times)[2]
+        out[k] = _median_call_us(ms, x, reps)
         del ms
     return out
 
