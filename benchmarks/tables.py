@@ -143,9 +143,10 @@ def prune(d: dict, rel: str) -> str:
 def adaptive(d: dict, rel: str) -> str:
     out = generic(d, rel, cols=["config", "ppl", "ppl_+%", "kl", "top1", "flops_frac", "decode_tok_s", "decode_x"])
     s = d.get("settings", {})
+    base = "int8 (RTN per channel)" if d.get("weights") == "int8" else d.get("dtype", "")
     return out + (f"\n\nQuality: WikiText-2 test, {s.get('windows', '?')} x 512 tokens, KL and top-1 against the dense "
                   "model; calibration on WikiText-2 validation. decode_x: decode tok/s ÷ the dense "
-                  f"{d.get('dtype', '')} model's (leanlm's fused runtime), interleaved in the same run ({s.get('prompt_len', '?')}-token "
+                  f"{base} model's (leanlm's fused runtime), interleaved in the same run ({s.get('prompt_len', '?')}-token "
                   f"prompt, {s.get('new_tokens', '?')} new tokens, median of {s.get('runs', '?')} runs); flops_frac: "
                   "predicted fraction of decoder FLOPs per token.")
 
@@ -487,6 +488,8 @@ TABLES = [
     Table("kv", "benchmarks/results/kv.json", kv, "KV-cache policies at one budget (SmolLM2-135M)"),
     Table("adaptive", "benchmarks/results/adaptive_smollm2-135m-bf16.json", adaptive,
           "Adaptive computation against dense bf16 (SmolLM2-135M)"),
+    Table("adaptive_qwen_int8", "benchmarks/results/adaptive_qwen2.5-0.5b-int8.json", adaptive,
+          "Activation sparsity on int8 weights against dense int8 (Qwen2.5-0.5B)", optional=True),
     Table("adaptive_gemma", "benchmarks/results/adaptive_gemma3-270m-bf16.json", adaptive,
           "Adaptive computation against dense bf16 (Gemma-3-270M)", optional=True),
     Table("speculative", "benchmarks/results/archive/2026-11-24/speculative_fp32_2threads.json", speculative,
