@@ -274,8 +274,9 @@ def attend_kvquant(q: torch.Tensor, store, pos: torch.Tensor, n: int, start: int
                    k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, sinks: int = 0,
                    ring: int = -1) -> torch.Tensor:  # fmt: skip
     """Attention of q [B, H, T, D] (fp32/bf16, positions start..start+T-1; GQA by H / Hkv) over the slots [0, n) of an
-    int8/int4 `store` (a leanlm.attention.kv_quant.KVStore, read as stored; an unquantized store in q's dtype too) and the not yet stored k_new / v_new
-    [B, Hkv, Tn, D] in q's dtype at positions start..start+Tn-1 -> [B, H, T, D] in q's dtype.
+    int8/int4 `store` (a leanlm.attention.kv_quant.KVStore, read as stored; an unquantized one in q's dtype too) and
+    the not yet stored k_new / v_new [B, Hkv, Tn, D] in q's dtype at positions start..start+Tn-1 -> [B, H, T, D] in
+    q's dtype.
     pos int32 [B, 1 or Hkv, S]: each slot's original position (-1 = empty). A key at position p is visible to the
     query at qpos when 0 <= p <= qpos, p > qpos - window (window > 0), and p < sinks or p >= start - ring
     (ring >= 0: a sinks + window policy). fp32 accumulation (csrc/attention_kvquant.cpp)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+_EMPTY = torch.empty(0)  # a part the store does not have (kernel_buffers: asked for at every decode step)
+
 
 def quantize_int8(x: torch.Tensor):
     """x [..., D] -> (codes int8 [..., D], scale fp16 [..., 1]); x ~= codes * scale."""
@@ -78,7 +80,7 @@ class KVStore(nn.Module):
         """([kq, ks, kz, vq, vs, vz], bits, group) as csrc/attention_kvquant.cpp reads this store in place: empty
         tensors where a part does not exist (zeros of int8, scales of an unquantized store); bits 16 = stored
         unquantized in self.dtype."""
-        e = torch.empty(0)
+        e = _EMPTY
         if self.bits is None:
             return [self.k, e, e, self.v, e, e], 16, self.group
         zk, zv = (self.kz, self.vz) if self.bits == 4 else (e, e)

@@ -185,7 +185,7 @@ class TGACache(KVCache):
 
     def _visible(self, start: int) -> int:
         """Slots a decode query at `start` attends to, all in [0, n): the ring (positions (start - L, start]),
-        the sinks that left it, the groups wholly before it."""
+        the sinks that left it, the groups wholly before it (a group counts only once every sink is visible)."""
         before = start - self.L + 1  # positions [0, before) lie before the window
         return min(self.L, start + 1) + min(self.S, max(0, before)) + self._groups(before)
 
@@ -223,7 +223,7 @@ class TGACache(KVCache):
             self.v[:B, :, slot : slot + 1] = v
             self._pool_pending(end)
             before = start - L + 1  # positions [0, before) lie before the window
-            n_vis = self._visible(start)  # groups need every sink visible
+            n_vis = self._visible(start)
             ck, cv = self.k[:B, :, :n_vis], self.v[:B, :, :n_vis]
             mask = self.bias[None, :n_vis].to(q.dtype) if self.policy.log_bias and self._groups(before) else None
             return F.scaled_dot_product_attention(q, ck.to(q.dtype), cv.to(q.dtype), attn_mask=mask, scale=attn.scale,
