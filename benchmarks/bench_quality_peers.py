@@ -37,6 +37,7 @@ int4_ppl_delta_pct_at_4.6bpw: WikiText-2 ppl delta of the int4 point; quantize_m
 
     LEANLM_DATA=/path/to/data python benchmarks/bench_quality_peers.py --model qwen2.5-0.5b
     ... --resume benchmarks/results/archive/DATE/quality_vs_llamacpp.json   # rows an interrupted run measured
+    (a run that differs only in leanlm's settings, e.g. without --mixed, gives its llama.cpp rows only)
 
 Needs llama.cpp's tools (bash benchmarks/setup_peers.sh --tools) and llama-cpp-python; --no-llamacpp runs the
 leanlm int4 point only (a partial run, archived).
@@ -75,6 +76,7 @@ PROBE = QSpec(4, 32, True)  # sensitivity probe: uniform int4 g32, a quick stand
 HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, head_group=32, embed_bits=4),
          "int8-embed-int4": dict(head_bits=8, embed_bits=4), "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
 TEXTS = ("wikitext2", "book")
+LEANLM_ONLY = ("mixed", "sens_tokens", "levels")  # settings that change leanlm's rows only (--resume keeps llama.cpp's)
 
 
 def log(msg: str) -> None:
@@ -247,10 +249,14 @@ def main() -> None:
     for path in args.resume or []:
         old = json.loads(path.read_text())
         block = old.get("models", {}).get(args.model) or {}
-        if block.get("settings") != settings:
-            raise LeanlmError(f"--resume {path}: its settings {block.get('settings')} differ from this run's "
-                              f"{settings}; resume only a run of the same command")  # fmt: skip
-        kept = {n: r for n, r in block["rows"].items() if n not in rows}
+        theirs = block.get("settings") or {}
+        shared = {k: v for k, v in settings.items() if k not in LEANLM_ONLY}
+        if {k: v for k, v in theirs.items() if k not in LEANLM_ONLY} != shared:
+            raise LeanlmError(f"--resume {path}: its settings {theirs} differ from this run's {settings} beyond "
+                              f"leanlm's own ({', '.join(LEANLM_ONLY)}); resume only a run of the same texts, "
+                              "calibration and llama.cpp types")  # fmt: skip
+        same = theirs == settings  # else only its llama.cpp rows carry over (leanlm's rows depend on the rest)
+        kept = {n: r for n, r in block["rows"].items() if n not in rows and (same or r["engine"] == "llama.cpp")}
         rows.update(kept)
         resumed.append({"file": str(path), "rows": sorted(kept), "provenance": old.get("provenance")})
         log(f"resuming: {len(kept)} rows from {path}")

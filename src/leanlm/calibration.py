@@ -150,6 +150,30 @@ def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tenso
             h.remove()
 
 
+GRAM_BLOCK = 1024  # column block of accumulate_gram: wider inputs get only their upper block triangle
+
+
+def accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
+    """H += x^T x on the blocks of its upper triangle (and the diagonal blocks whole): about half the flops of
+    the full product for wide inputs (the MLP's down projection). The lower blocks are left stale until
+    mirror_upper fills them."""
+    K = H.shape[0]
+    if K <= GRAM_BLOCK:
+        H.addmm_(x.t(), x)
+        return
+    for a in range(0, K, GRAM_BLOCK):
+        H[a : a + GRAM_BLOCK, a:].addmm_(x[:, a : a + GRAM_BLOCK].t(), x[:, a:])
+
+
+def mirror_upper(H: torch.Tensor) -> None:
+    """Copy accumulate_gram's upper blocks onto the lower ones (in place, a block row at a time)."""
+    K = H.shape[0]
+    if K <= GRAM_BLOCK:
+        return
+    for a in range(GRAM_BLOCK, K, GRAM_BLOCK):
+        H[a : a + GRAM_BLOCK, :a] = H[:a, a : a + GRAM_BLOCK].t()
+
+
 class InputStats:
     """Forward pre-hook accumulating H = sum x x^T (and sum |x|) over the rows a Linear sees."""
 
@@ -163,7 +187,7 @@ class InputStats:
 
     def __call__(self, module, args):
         x = args[0].detach().reshape(-1, self.K).float()
-        self.H.addmm_(x.t(), x)
+        accumulate_gram(self.H, x)
         self.abs_sum += x.abs().sum(0)
         self.n += x.shape[0]
         if self.stop:
@@ -178,6 +202,7 @@ class InputStats:
         if self.H is None:
             raise RuntimeError("InputStats.hessian() was already taken")
         H, self.H = self.H, None
+        mirror_upper(H)
         return H.div_(max(self.n, 1))
 
     def act_mean(self) -> torch.Tensor:

@@ -165,6 +165,15 @@ def q_linear_codebook(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return _require().q_linear_codebook(x, qweight, scales, table, group)
 
 
+def codebook_search_scales(x: torch.Tensor, importance: torch.Tensor | None, levels: torch.Tensor,
+                           tries: int) -> torch.Tensor:  # fmt: skip
+    """Each group's least-error scale on a 4-bit table grid (leanlm.quant.codebook.search_scales, in one pass per
+    group): x fp32 [R, g] (groups), importance fp32 [G, g] (group r % G's input weights) or None, levels fp32 [16]
+    (sorted integers) -> fp32 [R]."""
+    imp = torch.empty(0) if importance is None else importance.float().contiguous()
+    return _require().codebook_search_scales(x.float().contiguous(), imp, levels.float(), tries)
+
+
 def q_gemm_usable() -> bool:
     """Can q_gemm run here (the kernels built, and the CPU has AVX512F/BW/VL + VNNI)?"""
     if "q_gemm" not in _gemm_state:

@@ -24,6 +24,9 @@ from ..calibration import (  # noqa: F401  (re-exported)
 )
 
 
+DOWN_INPUTS_HELD = 320 << 20  # bytes of down-projection inputs kept between its statistics and the block outputs
+
+
 def read_calibration(spec: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0, data_dir=None) -> torch.Tensor:
     """calibration_tokens with the source first (the argument order `leanlm quantize` always used)."""
     return calibration_tokens(tokenizer, spec, n_samples, seq_len, seed, data_dir)
@@ -86,13 +89,16 @@ def _steps(layer, xs, rope, dtype, names, quantize_one) -> list[torch.Tensor]:
         gate, up = layer.mlp.w_gate_up(t).chunk(2, dim=-1)
         return layer.mlp.act(gate) * up
 
-    # The down projection's inputs are the widest activations (the 1.5B: 16 x 512 x 8960 fp32 = 294 MB): its
-    # statistics are taken batch by batch and each input is computed again for the block's outputs, so they
-    # are never all held at once.
-    _calibrate(layer, "mlp.w_down", (down_input(t) for t in m), names, quantize_one)
+    # The down projection's inputs are the widest activations (the 1.5B: 16 x 512 x 8960 fp32 = 294 MB). Up to
+    # DOWN_INPUTS_HELD bytes they are computed once and kept for the block's outputs; above, its statistics are
+    # taken batch by batch and each input is computed again, so they are never all held at once.
+    width = get_module(layer, "mlp.w_down").in_features
+    held = sum(t[..., 0].numel() for t in m) * width * 4 <= DOWN_INPUTS_HELD and "mlp.w_down" in names
+    d = [down_input(t) for t in m] if held else None
+    _calibrate(layer, "mlp.w_down", d if held else (down_input(t) for t in m), names, quantize_one)
     out = []
-    for h, t in zip(hs, m):
-        y = layer.mlp.w_down(down_input(t))
+    for i, (h, t) in enumerate(zip(hs, m)):
+        y = layer.mlp.w_down(d[i] if held else down_input(t))
         if layer.mlp_post_norm is not None:
             y = layer.mlp_post_norm(y)
         out.append(h + y)

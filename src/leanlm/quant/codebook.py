@@ -73,8 +73,19 @@ def search_scales(groups: torch.Tensor, levels: torch.Tensor, importance: torch.
                   tries: int = SCALE_TRIES) -> torch.Tensor:  # fmt: skip
     """Per group of `groups` [N, G, g] the float32 scale d minimising sum imp * (x - d * T[nearest(x / d)])^2.
 
-    importance: [G, g] (per input column) or None (uniform). Returns [N, G] float32 (not yet rounded to bf16)."""
+    importance: [G, g] (per input column) or None (uniform). Returns [N, G] float32 (not yet rounded to bf16).
+    The native kernel (csrc/codebook_search.cpp) runs the same search one group at a time; torch's version below
+    is the reference and the fallback."""
     x = groups.float()
+    if ops.available() and bool((levels == levels.round()).all()):
+        N, G, g = x.shape
+        imp = None if importance is None else importance.float().reshape(G, g)
+        return ops.codebook_search_scales(x.reshape(N * G, g), imp, levels, tries).view(N, G)
+    return _search_scales_torch(x, levels, importance, tries)
+
+
+def _search_scales_torch(x: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | None,
+                         tries: int) -> torch.Tensor:  # fmt: skip
     imp = torch.ones(1, *x.shape[1:]) if importance is None else importance.float().clamp_min(1e-12)[None]
     imp = imp.expand_as(x)
     idx = x.abs().argmax(-1, keepdim=True)

@@ -175,6 +175,9 @@ def dequant_mm(layer, x2: torch.Tensor) -> torch.Tensor:
     """x2 [M, K] times a quantized layer's weights, dequantized CHUNK_ELEMENTS at a time (layer.dequantize /
     dequantize_rows), so the fp32 copy of a large weight is never whole."""
     xf = x2.float()
+    held = layer.__dict__.get("held_weight")
+    if held is not None:
+        return F.linear(xf, held)
     N, K = layer.out_features, layer.in_features
     step = max(64, CHUNK_ELEMENTS // max(K, 1) // 64 * 64)
     if step >= N:
@@ -189,7 +192,17 @@ def dequant_mm(layer, x2: torch.Tensor) -> torch.Tensor:
 class RowDequantized(nn.Module):
     """A Linear stored in some packed form that can give back the float weights of any output rows
     (`dequantize_rows(n0, n1, dtype)`): the whole weight and `.weight` follow from it; moving it keeps the
-    packed format."""
+    packed format.
+
+    `held_weight` (a plain attribute, set by hold_weight): the fp32 dequantized weight that multi-row products use
+    instead of dequantizing on every call. GPTQ / AWQ hold it while the calibration forwards of a block run through
+    its freshly quantized Linears (8 forwards per Linear), then drop it (release_weight)."""
+
+    def hold_weight(self) -> None:
+        self.held_weight = self.dequantize()
+
+    def release_weight(self) -> None:
+        self.__dict__.pop("held_weight", None)
 
     def _apply(self, fn, recurse=True):
         """model.to(dtype) / .float() move devices but keep the packed format (bf16 scales, fp32 bias)."""
@@ -364,7 +377,7 @@ class QuantLinear(RowDequantized):
         x2 = x.reshape(-1, self.in_features)
         if self.backend != "none" and x2.shape[0] <= self.max_kernel_rows and x.device.type == "cpu":
             y = self._kernel_mm(x2)
-        elif self._gemm_ok(x2):  # bias added in fp32 and rounded to x's dtype inside, as below
+        elif "held_weight" not in self.__dict__ and self._gemm_ok(x2):  # bias added in fp32 and rounded to x's dtype inside, as below
             y = ops.q_gemm(x2, self.qweight, self.scales, self.zeros, self.spec.bits, self.kgroup, self.bias)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:

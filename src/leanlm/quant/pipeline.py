@@ -29,7 +29,7 @@ from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
 from .codebook import CodebookLinear
-from .packed import QuantEmbedding, QuantLinear
+from .packed import QuantEmbedding, QuantLinear, RowDequantized
 from .reconstruct import reconstruct_block
 from .rtn import QuantizedWeight, rtn
 from .tune import tune_grids
@@ -178,9 +178,13 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
 
     layers: dict = {}
     residuals: dict = {}  # learnable rounding starts from each weight's rounding error
+    # block reconstruction trains the installed Linears, so a held weight would go stale there
+    calibrating = isinstance(config, (GPTQ, AWQ)) and not config.recon_steps
 
     def install(root, prefix: str, lin: str, qw: QuantizedWeight, bias) -> None:
         module = make_linear(qw, None if bias is None else bias.data)
+        if calibrating:  # the block's next calibration forwards run through it (released after the block)
+            module.hold_weight()
         set_module(root, lin, module)
         layers[prefix + lin] = _meta(module)
         if (config.tune_codes or config.recon_steps) and qw.residual is not None:
@@ -195,6 +199,14 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
         fp_stream: list = []  # block reconstruction: the unquantized model's inputs to block i
 
         def per_block(i, layer, xs, rope, dtype_):
+            try:
+                return per_block_held(i, layer, xs, rope, dtype_)
+            finally:
+                for m in layer.modules():
+                    if isinstance(m, RowDequantized):
+                        m.release_weight()
+
+        def per_block_held(i, layer, xs, rope, dtype_):
             if not config.recon_steps:
                 return quantize_block(i, layer, xs, rope, dtype_)
             fp_layer = copy.deepcopy(layer)  # before AWQ folds its scales or any Linear is swapped
