@@ -483,3 +483,67 @@ def test_gptq_of_a_bf16_model_casts_one_block_at_a_time_with_the_same_codes(tiny
             a, b = bf.get_submodule(name), fp.get_submodule(name)
             assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), (cfg.method, name)
         assert bf.layers[1].attn_norm.weight.dtype == torch.bfloat16
+
+
+def test_gram_on_upper_blocks_equals_the_full_product(monkeypatch):
+    """InputStats accumulates x^T x on its upper blocks for wide inputs and mirrors them when the Hessian is taken."""
+    from leanlm import calibration
+
+    monkeypatch.setattr(calibration, "GRAM_BLOCK", 16)
+    x = torch.randn(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    lin = torch.nn.Linear(50, 8)
+    stats = calibration.InputStats(lin)
+    for t in x:
+        lin(t)
+    stats.remove()
+    flat = x.reshape(-1, 50)
+    torch.testing.assert_close(stats.hessian(), flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_releases_the_weights_it_held_for_calibration(tiny64):  # noqa: F811
+    """During GPTQ a block's quantized Linears hold their fp32 weights for the calibration forwards (the same products
+    as dequantizing on every call); none is left holding one afterwards."""
+    from leanlm.quant.packed import RowDequantized
+
+    calib = torch.randint(0, 97, (8, 48), generator=torch.Generator().manual_seed(1))
+    m = quantize(load_model(tiny64["llama"]), GPTQ(bits=4, group=32, head_bits=0), calib, progress=False)
+    packed = [mod for mod in m.modules() if isinstance(mod, RowDequantized)]
+    assert packed and not any("held_weight" in mod.__dict__ for mod in packed)
+    lin = packed[0]
+    x = torch.randn(40, lin.in_features)
+    want = torch.nn.functional.linear(x, lin.dequantize())  # the fp32 product (not the int8 GEMM's numerics)
+    if lin.bias is not None:
+        want = want + lin.bias
+    lin.hold_weight()
+    torch.testing.assert_close(lin(x), want, rtol=1e-4, atol=1e-4)
+    lin.release_weight()
+    assert "held_weight" not in lin.__dict__
+
+
+@pytest.mark.parametrize("levels", ["uniform", "iq4nl"])
+def test_gptq_rounds_an_untied_4bit_head_on_the_final_hidden_states(tiny_dirs, tmp_path, word_tokenizer, levels):
+    """GPTQ's head_gptq: the 4-bit head rounded with error feedback on the calibration windows' final hidden states
+    beats the same head rounded to nearest (the decoder blocks are identical in both runs, so the KL difference is
+    the head's); with a table decoder grid the head takes the table; the model saves and loads with the same logits."""
+    from leanlm.quant import CodebookLinear
+
+    d = tiny_dirs["llama_untied"]
+    base = load_model(d)
+    calib = torch.randint(0, 97, (8, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = base(calib)
+    kls, models = {}, {}
+    for on in (True, False):
+        cfg = GPTQ(bits=4, group=32, symmetric=True, levels=levels, head_bits=4, head_group=32, embed_bits=8,
+                   head_gptq=on)  # fmt: skip
+        models[on] = m = quantize(load_model(d), cfg, calib, progress=False)
+        with torch.inference_mode():
+            kls[on] = _kl(ref.flatten(0, 1)[None], m(calib).flatten(0, 1)[None])
+    assert kls[True] < kls[False], kls
+    head = models[True].lm_head
+    assert isinstance(head, CodebookLinear if levels != "uniform" else QuantLinear) and head.spec.bits == 4
+    path = save_quantized(models[True], word_tokenizer, tmp_path / levels)
+    again = load_model(path, dtype="bfloat16")
+    x = torch.randint(0, 97, (1, 12))
+    with torch.inference_mode():
+        assert torch.equal(again(x), models[True](x))

@@ -227,3 +227,36 @@ def test_int8_group_model_runs_native_and_is_closer(tiny64):  # noqa: F811
         with torch.inference_mode():
             kl[group] = _kl(ref, model(x))
     assert kl[32] < kl[0], kl
+
+
+@native
+@pytest.mark.parametrize("g", [32, 20])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_scale_search_matches_the_torch_search(g, weighted):
+    """The kernel (csrc/codebook_search.cpp) runs search_scales' candidates with a lookup for the nearest level: the
+    same scales (up to float summation order on near-ties), never a worse total error; a group that is not a
+    multiple of 8 takes the scalar tail; an all-zero group keeps a finite scale."""
+    from leanlm.quant.codebook import _search_scales_torch
+
+    w = _weights(64, g * 6, seed=3)
+    w[0, :g] = 0.0
+    groups = w.view(64, 6, g)
+    levels = torch.tensor(IQ4NL, dtype=torch.float32)
+    imp = torch.rand(6, g, generator=torch.Generator().manual_seed(1)) + 0.05 if weighted else None
+    got, want = search_scales(groups, levels, imp), _search_scales_torch(groups, levels, imp, 7)
+    assert torch.isfinite(got).all() and got.shape == (64, 6)
+    close = torch.isclose(got, want, rtol=1e-5)
+    assert close.float().mean() > 0.99, (got - want).abs().max()
+
+    def err(d):
+        v = levels[torch.bucketize(groups / d[..., None], (levels[1:] + levels[:-1]) / 2)]
+        e = (groups - d[..., None] * v).square()
+        return (e if imp is None else e * imp).sum()
+
+    assert err(got) <= err(want) * (1 + 1e-5)
+
+
+@native
+def test_native_scale_search_refuses_non_integer_levels():
+    with pytest.raises(RuntimeError, match="integers"):
+        ops.codebook_search_scales(torch.randn(4, 32), None, torch.linspace(-1, 1, 16), 7)

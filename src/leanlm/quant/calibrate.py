@@ -24,7 +24,7 @@ from ..calibration import (  # noqa: F401  (re-exported)
 )
 
 
-DOWN_INPUTS_HELD = 320 << 20  # bytes of down-projection inputs kept between its statistics and the block outputs
+DOWN_INPUTS_HELD = 256 << 20  # bytes of down-projection inputs kept between its statistics and the block outputs
 
 
 def read_calibration(spec: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0, data_dir=None) -> torch.Tensor:

@@ -23,12 +23,12 @@ from ..model.load import parse_dtype
 from ..model.runtime import RotaryTable
 from .awq import awq_block, search_clip
 from ..apply import record, register
-from ..calibration import LINEARS, collect, get_module, run_sequential, set_module
+from ..calibration import LINEARS, InputStats, StopForward, collect, get_module, run_sequential, set_module
 from .calibrate import sequential_block
 from .config import AWQ, GPTQ, QSpec, QuantConfig
 from .gptq import gptq
 from .mixed import assign_bits, layer_sensitivity
-from .codebook import CodebookLinear
+from .codebook import CodebookLinear, codebook_rtn
 from .packed import QuantEmbedding, QuantLinear, RowDequantized
 from .reconstruct import reconstruct_block
 from .rtn import QuantizedWeight, rtn
@@ -46,13 +46,21 @@ def quantizable(model, skip: list[str] = ()) -> list[str]:
     return names
 
 
-def rtn_rows(w: torch.Tensor, spec: QSpec, chunk: int = 16384) -> QuantizedWeight:
-    """RTN of a tall matrix (embedding tables) in row chunks to bound peak memory."""
-    parts = [rtn(w[i : i + chunk], spec) for i in range(0, w.shape[0], chunk)]
+def by_rows(w: torch.Tensor, quantize_rows, chunk: int = 16384) -> QuantizedWeight:
+    """quantize_rows(rows) -> QuantizedWeight over a tall matrix (embedding tables, the LM head) in row chunks, to
+    bound the fp32 working copies; every method used here rounds rows independently (a fixed table for tables), so
+    the result equals one call."""
+    parts = [quantize_rows(w[i : i + chunk]) for i in range(0, w.shape[0], chunk)]
     if len(parts) == 1:
         return parts[0]
     zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
-    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, spec, w.shape[1])
+    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, parts[0].spec,
+                           w.shape[1], table=parts[0].table)  # fmt: skip
+
+
+def rtn_rows(w: torch.Tensor, spec: QSpec) -> QuantizedWeight:
+    """RTN of a tall matrix in row chunks (by_rows)."""
+    return by_rows(w, lambda rows: rtn(rows, spec))
 
 
 def head_spec(bits: int, config: QuantConfig) -> QSpec:
@@ -62,6 +70,30 @@ def head_spec(bits: int, config: QuantConfig) -> QSpec:
         return QSpec(8, group, True)
     group = config.head_group if config.head_group is not None else config.group or 128
     return QSpec(4, group, config.symmetric)
+
+
+def untied_head_spec(config: QuantConfig) -> QSpec:
+    """The untied LM head's spec: head_spec, on the decoder's table when that is a table grid (a fixed table: the
+    head is rounded in row chunks, so "learned" takes IQ4_NL's)."""
+    spec = head_spec(config.head_bits, config)
+    if spec.bits == 4 and config.spec.codebook:
+        return QSpec(4, spec.group, True, config.levels if config.levels != "learned" else "iq4nl")
+    return spec
+
+
+def head_hessian(model, hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Mean x x^T of the LM head's inputs (the final norm of the calibration windows' last hidden states)."""
+    stats = InputStats(model.lm_head, stop=True)
+    try:
+        with torch.no_grad():
+            for h in hidden:
+                try:
+                    model.logits(h)
+                except StopForward:
+                    pass
+    finally:
+        stats.remove()
+    return stats.hessian()
 
 
 def make_linear(qw: QuantizedWeight, bias=None) -> QuantLinear | CodebookLinear:
@@ -88,7 +120,9 @@ def average_bits(layers: dict) -> float:
     return bits / max(total, 1)
 
 
-def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict) -> None:
+def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict, hidden=None) -> None:
+    """LM head and embeddings; hidden: the calibration windows' final hidden states (GPTQ rounds a 4-bit untied
+    head on them)."""
     emb = model.tok_embeddings
     if model.lm_head is None:  # tied: one table for lookup and head
         if config.head_bits and isinstance(emb, nn.Embedding):
@@ -99,8 +133,16 @@ def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict) 
             layers["tok_embeddings"] = {"shared_with": "lm_head"}
         return
     if config.head_bits and isinstance(model.lm_head, nn.Linear):
-        head = model.lm_head
-        model.lm_head = QuantLinear(rtn_rows(head.weight.data, head_spec(config.head_bits, config)), head.bias)
+        head, spec = model.lm_head, untied_head_spec(config)
+        if hidden is not None and spec.bits == 4 and getattr(config, "head_gptq", False):
+            H = head_hessian(model, hidden)
+            qw = by_rows(head.weight.data, lambda rows: gptq(rows, H, spec, config.damp, config.block_size,
+                                                             config.act_order))  # fmt: skip
+        elif spec.codebook:
+            qw = by_rows(head.weight.data, lambda rows: codebook_rtn(rows.float(), spec))
+        else:
+            qw = rtn_rows(head.weight.data, spec)
+        model.lm_head = make_linear(qw, head.bias)
         layers["lm_head"] = _meta(model.lm_head)
     if config.embed_bits and isinstance(emb, nn.Embedding):
         table = QuantLinear(rtn_rows(emb.weight.data, head_spec(config.embed_bits, config)))
@@ -257,14 +299,16 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
                 for n in todo:
                     quantize_one(n, stats[n])
 
-        run_sequential(model, calib_tokens, per_block, batch_size, progress, desc=config.method,
-                       block_dtype=torch.float32 if per_block_fp32 else None)  # fmt: skip
+        hidden = run_sequential(model, calib_tokens, per_block, batch_size, progress, desc=config.method,
+                                block_dtype=torch.float32 if per_block_fp32 else None)  # fmt: skip
     else:
+        hidden = None
         for n in tqdm(names, desc="rtn", disable=not progress, leave=False):
             lin = get_module(model, n)
             install(model, "", n, rtn(lin.weight.data, specs[n], residual=config.tune_codes), lin.bias)
 
-    quantize_head(model, config, dtype, layers)
+    quantize_head(model, config, dtype, layers, hidden)
+    del hidden
     if teacher is not None:
         tokens = calib_tokens if tune_tokens is None else tune_tokens
         report["tune"] = tune_grids(model, teacher, tokens, config.tune_steps, config.tune_lr, config.tune_batch,
