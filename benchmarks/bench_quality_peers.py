@@ -14,10 +14,11 @@ Rows:
   F16 GGUF, scored on the same token windows through llama-cpp-python's logits.
 - leanlm: GPTQ (act-order) on the 4-bit table grid (--levels, codebook.py), one row per bits-per-weight point: the
   bpw of each llama.cpp row (rows within 0.2 of each other share one leanlm row at their middle, within +-0.1 of
-  both), and the issue's int4 point (<= 4.6 bpw). For a point the plan picks the LM head's and an untied
-  embedding's bits (int8 per channel; int8 g32 head and int4 g32 embedding; int8 head and an int4 embedding at the
-  decoder's group; both int4 g32) and the decoder group (32 / 64 / 128): the
-  setting of most bits within +-0.1 of the point, or no row when none lands there. With --mixed it takes the
+  both), and the issue's int4 point (<= 4.6 bpw; always a plain setting: the recipe a user runs, with no
+  sensitivity pass). For a point the plan picks the LM head's and an untied embedding's bits (int8 per channel;
+  int8 g32 head and int4 g32 embedding; int8 head and an int4 embedding at the decoder's group; both int4 g32; a
+  4-bit untied head is rounded by GPTQ on the decoder's table) and the decoder group (32 / 64 / 128): the setting
+  of most bits within +-0.1 of the point, or no row when none lands there. With --mixed it takes the
   finest group that fits and spends what is left by mixed precision: the most sensitive decoder Linears to int8 per
   channel (sensitivity measured once per model, uniform int4 g32 as the probe, --sens-tokens; reused by every row).
   Scored through the decode kernels' numerics (table grids through their kernel, CodebookLinear.kernel_all_rows).
@@ -315,12 +316,12 @@ def main() -> None:
         write_result(NAME, result, partial=partial, archive=args.archive, checkpoint=not final,
                      machine_shared=args.machine_shared)  # fmt: skip
 
-    def leanlm_row(target: float, name: str) -> None:
+    def leanlm_row(target: float, name: str, mixed: bool) -> None:
         if name in rows:
             return
-        p = plan(target, outside(), n_dec, n_params, args.mixed)
+        p = plan(target, outside(), n_dec, n_params, mixed)
         if p is None:
-            why = f"no head / group reaches {target:.3f} +- {BPW_TOL} bpw" + ("" if args.mixed else " without --mixed")
+            why = f"no head / group reaches {target:.3f} +- {BPW_TOL} bpw" + ("" if mixed else " without --mixed")
             log(f"leanlm {name}: {why}; skipped")
             block.setdefault("skipped", {})[name] = why
             return
@@ -351,18 +352,19 @@ def main() -> None:
         gc.collect()
         save()
 
-    # the int4 point: the most bits that stay <= 4.6 (a plain setting within [4.42, 4.6], or mixed up to 4.58)
+    # the int4 point: the plain recipe a user runs (one grid, no sensitivity pass, also under --mixed), with the most
+    # bits that stay <= 4.6 (a head / group setting within [4.42, 4.6])
     if args.targets:
         for t in args.targets:
-            leanlm_row(t, f"leanlm@{t:.2f}")
+            leanlm_row(t, f"leanlm@{t:.2f}", args.mixed)
         save(final=True)
         return
-    leanlm_row(INT4_POINT - 0.02 if args.mixed else INT4_POINT - BPW_TOL + 0.01, f"leanlm@{INT4_POINT}")
+    leanlm_row(INT4_POINT - BPW_TOL + 0.01, f"leanlm@{INT4_POINT}", mixed=False)
     if not args.no_llamacpp:
         llamacpp_rows(args, directory, calib, tok, refs, n_params, source, rows, save)
         gguf = [r["bpw"] for r in rows.values() if r["engine"] == "llama.cpp"]
         for t in targets(gguf):
-            leanlm_row(t, f"leanlm@{t:.2f}")
+            leanlm_row(t, f"leanlm@{t:.2f}", args.mixed)
     save(final=True)
     print_table(args.model, block)
 
