@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, QualityRef, add_result_args, machine, write_result
+from common import _START, RESULTS, QualityRef, add_result_args, bench_command, machine, write_result
 
 from leanlm import LeanlmError
 from leanlm.evaluate.data import read_text, wikitext2_test
@@ -61,6 +61,7 @@ from leanlm.evaluate.peers import gguf_scores
 from leanlm.evaluate.perplexity import make_windows
 from leanlm.evaluate.speed import weight_bytes
 from leanlm.model import load_model
+from leanlm.provenance import stamp
 from leanlm.model.load import load_tokenizer, resolve
 from leanlm.quant import GPTQ, RTN, CodebookLinear, MixedPrecision, QSpec, quantize, read_calibration
 from leanlm.quant.mixed import layer_sensitivity
@@ -307,7 +308,13 @@ def main() -> None:
              "book": args.book,
              "rows": rows, "resumed": resumed}  # fmt: skip
     canonical = RESULTS / f"{NAME}.json"
-    models = json.loads(canonical.read_text()).get("models", {}) if canonical.exists() else {}
+    # one run per model: each model's block keeps the provenance of the run that measured it (the file's top-level
+    # stamp is the latest run's); a block written before blocks carried one takes the file's stamp, its run's
+    existing = json.loads(canonical.read_text()) if canonical.exists() else {}
+    models = existing.get("models", {})
+    for other in models.values():
+        other.setdefault("provenance", existing.get("provenance"))
+    block["provenance"] = {**stamp(bench_command(), code=_START or None), "machine_shared": args.machine_shared}
 
     def save(final: bool = False) -> None:
         pair_ratios(rows)

@@ -434,6 +434,7 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
             if r["engine"] == "leanlm":
                 c = r["config"]
                 what = (f"GPTQ {c['levels']} g{c['group']}, head / embedding {r.get('plan', {}).get('head', '?')}"
+                        + (" (head by GPTQ)" if c.get("head_gptq") and c.get("head_bits") == 4 else "")
                         + (f", {r['int8_linears']} Linears int8" if r.get("int8_linears") else ""))  # fmt: skip
             else:
                 what = ("imatrix; " + ",".join(r["types"]) + (f" (includes the source's {source})"
@@ -516,8 +517,8 @@ TABLES = [
           "Server chaos: normal, streaming, abandoned, oversized and malformed requests at once", optional=True),
     Table("ab_refactor", "benchmarks/results/ab_refactor.json", ab_refactor,
           "Same-run A/B before and after the restructuring"),
-    Table("quality_vs_llamacpp", "benchmarks/results/archive/2026-12-07/quality_vs_llamacpp.json", quality_vs_llamacpp,
-          "4-bit quality beside llama.cpp's imatrix quants (Qwen2.5-0.5B, archived partial run)"),
+    Table("quality_vs_llamacpp", "benchmarks/results/quality_vs_llamacpp.json", quality_vs_llamacpp,
+          "4-bit quality beside llama.cpp's imatrix quants at equal bits per weight", optional=True),
     Table("long_context", "benchmarks/results/long_context.json", long_context,
           "Long context: sparse attention and KV compression on real text with a needle", optional=True),
     Table("maskllm_qwen", "benchmarks/results/maskllm_qwen2.5-0.5b.json", maskllm,
