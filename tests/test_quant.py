@@ -500,13 +500,21 @@ def test_gram_on_upper_blocks_equals_the_full_product(monkeypatch):
     torch.testing.assert_close(stats.hessian(), flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-5)
 
 
-def test_gptq_releases_the_weights_it_held_for_calibration(tiny64):  # noqa: F811
-    """During GPTQ a block's quantized Linears hold their fp32 weights for the calibration forwards (the same products
-    as dequantizing on every call); none is left holding one afterwards."""
+def test_gptq_releases_the_weights_it_held_for_calibration(tiny64, monkeypatch):  # noqa: F811
+    """During GPTQ on a table grid a block's quantized Linears hold their fp32 weights for the calibration forwards
+    (the same products as dequantizing on every call; uniform grids keep their int8 GEMM and hold nothing); none is
+    left holding one afterwards."""
     from leanlm.quant.packed import RowDequantized
 
+    held = []
+    hold = RowDequantized.hold_weight
+    monkeypatch.setattr(RowDequantized, "hold_weight", lambda self: (held.append(type(self).__name__), hold(self)))
     calib = torch.randint(0, 97, (8, 48), generator=torch.Generator().manual_seed(1))
-    m = quantize(load_model(tiny64["llama"]), GPTQ(bits=4, group=32, head_bits=0), calib, progress=False)
+    for levels in ("uniform", "iq4nl"):
+        held.clear()
+        cfg = GPTQ(bits=4, group=32, symmetric=True, levels=levels, head_bits=0)
+        m = quantize(load_model(tiny64["llama"]), cfg, calib, progress=False)
+        assert (set(held) == {"CodebookLinear"}) if levels == "iq4nl" else not held, held
     packed = [mod for mod in m.modules() if isinstance(mod, RowDequantized)]
     assert packed and not any("held_weight" in mod.__dict__ for mod in packed)
     lin = packed[0]

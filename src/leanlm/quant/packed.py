@@ -196,7 +196,7 @@ class RowDequantized(nn.Module):
 
     `held_weight` (a plain attribute, set by hold_weight): the fp32 dequantized weight that multi-row products use
     instead of dequantizing on every call. GPTQ / AWQ hold it while the calibration forwards of a block run through
-    its freshly quantized Linears (8 forwards per Linear), then drop it (release_weight)."""
+    its freshly quantized table-grid Linears (8 forwards per Linear), then drop it (release_weight)."""
 
     def hold_weight(self) -> None:
         self.held_weight = self.dequantize()

@@ -225,7 +225,9 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
 
     def install(root, prefix: str, lin: str, qw: QuantizedWeight, bias) -> None:
         module = make_linear(qw, None if bias is None else bias.data)
-        if calibrating:  # the block's next calibration forwards run through it (released after the block)
+        if calibrating and isinstance(module, CodebookLinear):
+            # the block's next calibration forwards run through it (released after the block): a table grid has no
+            # multi-row kernel, so each of them would dequantize it again; uniform grids run the int8 GEMM instead
             module.hold_weight()
         set_module(root, lin, module)
         layers[prefix + lin] = _meta(module)
