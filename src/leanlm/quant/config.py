@@ -119,8 +119,8 @@ class QuantConfig:
         levels "iq4nl" / "learned": a 4-bit table instead of uniform levels (codebook.py; RTN or GPTQ, symmetric).
     head_bits: output layer (lm_head) bits, 8 or 4 (round-to-nearest, uniform, symmetric for 8); 0 keeps it in
         `dtype`. For tied embeddings the one table is quantized once and shared by the lookup and the head.
-        With a table grid (levels) an untied 4-bit head takes a table too (IQ4_NL's for "learned": the head is
-        rounded in row chunks, which one learned table cannot span); GPTQ also rounds it (GPTQ.head_gptq).
+        With a table grid (levels) an untied 4-bit head takes IQ4_NL's table (a fixed one: the head is rounded in
+        row chunks, which one learned table cannot span); GPTQ also rounds it (GPTQ.head_gptq).
     head_group: the head's (and embeddings') group; None: `group` when the decoder spec is int8 (an int8 g32
         model keeps g32 everywhere, like llama.cpp's Q8_0), else per channel for 8 bits and `group` (or 128)
         for 4 bits.

@@ -73,11 +73,11 @@ def head_spec(bits: int, config: QuantConfig) -> QSpec:
 
 
 def untied_head_spec(config: QuantConfig) -> QSpec:
-    """The untied LM head's spec: head_spec, on the decoder's table when that is a table grid (a fixed table: the
-    head is rounded in row chunks, so "learned" takes IQ4_NL's)."""
+    """The untied LM head's spec: head_spec, on IQ4_NL's table at 4 bits when the decoder is on a table grid (a
+    fixed table: the head is rounded in row chunks, which one learned table cannot span)."""
     spec = head_spec(config.head_bits, config)
     if spec.bits == 4 and config.spec.codebook:
-        return QSpec(4, spec.group, True, config.levels if config.levels != "learned" else "iq4nl")
+        return QSpec(4, spec.group, True, "iq4nl")
     return spec
 
 
