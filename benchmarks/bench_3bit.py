@@ -2,22 +2,23 @@
 
 Modes (--modes, default all three):
 
-- kernels: one-row decode GEMV time of q_linear_codebook3 (3-bit table, g32: 3.5 bpw) against q_linear_codebook
-  (4-bit IQ4_NL table, g32: 4.5 bpw) and q_linear (uniform int4 symmetric g32, 4.5 bpw) on the model's own layer
-  shapes (N x K: wqkv 1152x896, wo 896x896, gate or up 4864x896, down 896x4864; the weights of layer --layer,
-  quantized by RTN), a bf16 activation row as the decode step hands it. Per thread count (--threads) and ISA path
-  (the AVX512-VNNI copy where the CPU has it, and the AVX2 copy every kernel also has), the kernels run interleaved
-  (k1, k2, k3, k1, ...; --repeats samples of --calls calls each): median and min-max microseconds per call.
-  per_token_ms: 24 layers x (wqkv + wo + 2 x gate/up + down) from those medians, the decoder linears' share of
-  one decode step (an estimate: the fused gate/up is one 9728-row call in the runtime).
+- kernels: one-row decode GEMV time of q_linear_codebook3 (3-bit table, g32: 3.5 bpw; tiles of 16 rows) against
+  q_linear_codebook (4-bit IQ4_NL table, g32: 4.5 bpw; a per-row stream) and q_linear (uniform int4 symmetric g32,
+  4.5 bpw; tiles of 16 rows) on the model's own layer shapes (N x K: wqkv 1152x896, wo 896x896, gate or up
+  4864x896, down 896x4864; the weights of layer --layer, quantized by RTN), a bf16 activation row as the decode step
+  hands it. Per thread count (--threads) and ISA path (the AVX512-VNNI copy where the CPU has it, and the AVX2 copy
+  every kernel also has), the kernels run interleaved (k1, k2, k3, k1, ...; --repeats samples of --calls calls
+  each): median and min-max microseconds per call. per_token_ms: 24 layers x (wqkv + wo + 2 x gate/up + down) from
+  those medians, the decoder linears' share of one decode step (an estimate: the runtime's fused gate/up is one
+  9728-row call).
 - quality: GPTQ (act-order, head_bits=8, int8 per-channel LM head) onto the 3-bit tables "iq3" and "learned" at
   g32, with RTN onto iq3 and GPTQ onto the 4-bit IQ4_NL table at g32 as references, calibrated on --samples
   windows of WikiText-2 validation; WikiText-2 test ppl, KL(fp32 || quantized) and top-1 agreement on --windows
   windows of --seq-len tokens, through the decode kernels' numerics (CodebookLinear.kernel_all_rows), against
-  the float32 model; the quantize time (wall and CPU seconds; quantizing and scoring on --quality-threads threads) and bits per weight (the
-  decoder Linears', and the whole model's storage over its parameter count). The reference log-probs are kept
-  on disk, one window at a time in memory (the fp32 model and four 512-token windows of a 152k vocabulary would
-  otherwise hold ~4 GB at once).
+  the float32 model; the quantize time (wall and CPU seconds; quantizing and scoring on --quality-threads threads)
+  and bits per weight (the decoder Linears', and the whole model's storage over its parameter count). The
+  reference log-probs are kept on disk, one window at a time in memory (the fp32 model and four 512-token windows
+  of a 152k vocabulary would otherwise hold ~4 GB at once).
 - tables: the relative squared RTN error (sum (w - w_hat)^2 / sum w^2, scales from the search) of the decoder
   Linears of every --table-layer-step-th layer on 8-level tables: the plain Lloyd-Max Laplacian levels, IQ3 (derived
   from them, codebook.IQ3) and a table learned per tensor, at g32 and g64: the evidence for codebook.IQ3's comment.
@@ -131,8 +132,10 @@ def bench_kernels(args, directory) -> dict:
         set_vnni(True)
     torch.set_num_threads(args.threads[0])
     runs = sorted({k for s in out["shapes"].values() for k in s if k.startswith("t")})
-    out["per_token_ms"] = {run: {k: 24 * sum(n * out["shapes"][s][run][k]["median_us"] for s, n in PER_LAYER_CALLS.items())
-                                 / 1e3 for k in KERNELS} for run in runs}  # fmt: skip
+    def per_token(run: str, k: str) -> float:
+        return 24 * sum(n * out["shapes"][s][run][k]["median_us"] for s, n in PER_LAYER_CALLS.items()) / 1e3
+
+    out["per_token_ms"] = {run: {k: per_token(run, k) for k in KERNELS} for run in runs}
     out["ratio_cb3_vs"] = {run: {k: out["per_token_ms"][run]["cb3-iq3-g32"] / out["per_token_ms"][run][k]
                                  for k in KERNELS if k != "cb3-iq3-g32"} for run in runs}  # fmt: skip
     return out
@@ -190,7 +193,8 @@ def bench_quality(args, directory, rows: dict, save) -> None:
             rec = {"config": cfg.to_dict(), "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu, 1),
                    "threads": args.quality_threads,
                    "bpw_decoder_linears": model.quantization["bits_per_weight"],
-                   "bpw_model": weight_bytes(model) * 8 / n_params, "weight_mb": weight_bytes(model) / 2**20}  # fmt: skip
+                   "bpw_model": weight_bytes(model) * 8 / n_params,
+                   "weight_mb": weight_bytes(model) / 2**20}  # fmt: skip
             CodebookLinear.kernel_all_rows = True  # scored through the decode kernels' numerics
             try:
                 rec["wikitext2"] = ref(model)
@@ -282,8 +286,8 @@ def main() -> None:
                     ["run", *KERNELS])  # fmt: skip
     if "quality" in result:
         print("\nWikiText-2 vs float32:")
-        print_table([{"row": n, "bpw": r["bpw_decoder_linears"], "bpw_model": r["bpw_model"], "ppl": r["wikitext2"]["ppl"],
-                      "ppl_delta_pct": r["ppl_delta_pct"], "kl": r["wikitext2"]["kl"],
+        print_table([{"row": n, "bpw": r["bpw_decoder_linears"], "bpw_model": r["bpw_model"],
+                      "ppl": r["wikitext2"]["ppl"], "ppl_delta_pct": r["ppl_delta_pct"], "kl": r["wikitext2"]["kl"],
                       "top1": r["wikitext2"]["top1_agreement"], "quantize_s": r["quantize_s"]}
                      for n, r in result["quality"].items()],
                     ["row", "bpw", "bpw_model", "ppl", "ppl_delta_pct", "kl", "top1", "quantize_s"])  # fmt: skip

@@ -65,7 +65,7 @@ class LinearKind(enum.IntEnum):
     SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear (int8 codes:
     #                   fp32 per-output scales [N] and optional zeros [N])
     CODEBOOK = 3  # table indices, bf16 scales [N, G], the int8 table as `zeros`; bits 4: the int4 block layout and
-    #               16 levels (q_linear_codebook); bits 3: the 3-bit block layout and 8 levels (q_linear_codebook3)
+    #               16 levels (q_linear_codebook); bits 3: the 3-bit tiles and 8 levels (q_linear_codebook3)
     NM = 4  # 2:4 sparse int8 (leanlm.quant.nm's tiles: kept values + position codes), bf16 scales [N, G]: q_linear_nm
 
 
@@ -169,9 +169,10 @@ def q_linear_codebook(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 def q_linear_codebook3(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
                        group: int) -> torch.Tensor:  # fmt: skip
-    """x [1..16, K] times a 3-bit table-coded weight (leanlm.quant.codebook; per row and 32 columns 12 bytes: the low
-    2 bits of the indices into `table`, int8 [8], then their high bits; csrc/qlinear_codebook3.cpp) -> fp32 [M, N],
-    with q_linear_codebook's numerics. scales: bf16 [N, G]; group: columns per group of the stored width."""
+    """x [1..16, K] times a 3-bit table-coded weight (leanlm.quant.codebook.tile_codes3's tiles of 16 rows: per row
+    and 32 columns 12 bytes, the low 2 bits of the indices into `table`, int8 [8], and their high bits;
+    csrc/qlinear_codebook3.cpp) -> fp32 [M, N], with q_linear_codebook's numerics. scales: bf16 [N, G]; group: columns
+    per group of the stored width."""
     return _require().q_linear_codebook3(x, qweight, scales, table, group)
 
 

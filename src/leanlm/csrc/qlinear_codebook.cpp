@@ -13,7 +13,6 @@
 // computed as sum (T + 128) qx - 128 sum qx (the table shifted to unsigned bytes for `dpbusd`; see the .inc).
 // Weight layout: qlinear.cpp's int4 block layout (per row, per 32 columns, 16 bytes; byte j = column j | column
 // j + 16 << 4). Up to 16 activation rows per call, in chunks of 8; a k-row call equals k one-row calls bit for bit.
-// The 3-bit tables (qlinear_codebook3.cpp) run through the same code (cb_linear) with their own index unpacking.
 #include "leanlm.h"
 
 static constexpr int64_t CB_PF_TILES = 4;
@@ -44,19 +43,20 @@ static bool set_q_linear_codebook_vnni(bool allowed) {
   return before;
 }
 
-// y = x . W^T for a table-coded W of BITS-bit indices (4 here, 3 in qlinear_codebook3.cpp) in the kernel's block
-// layout; table16: the table as 16 int8 values (a 3-bit table repeated). `what` names the caller in errors.
-static torch::Tensor cb_linear(const char* what, const torch::Tensor& x, const torch::Tensor& w,
-                               const torch::Tensor& scales, const int8_t* tp, int64_t group, int bits) {
+torch::Tensor q_linear_codebook(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor table,
+                                int64_t group) {
   TORCH_CHECK(x.dim() == 2 && scales.dim() == 2 && group > 0 && group % 32 == 0 && (group == 32 || group % 64 == 0),
-              what, ": bad shapes (group 32 or a multiple of 64)");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), what, ": scales must be bf16");
-  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte, what, ": weight must be packed uint8");
+              "q_linear_codebook: bad shapes (group 32 or a multiple of 64)");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "q_linear_codebook: scales must be bf16");
+  TORCH_CHECK(table.scalar_type() == at::kChar && table.numel() == 16 && table.is_contiguous(),
+              "q_linear_codebook: table must be 16 int8 values");
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte, "q_linear_codebook: weight must be packed uint8");
   const int64_t M = x.size(0), K = x.size(1), N = scales.size(0), G = scales.size(1);
   const int64_t BPG = group / 32, NB = G * BPG, Kp = NB * 32;
-  TORCH_CHECK(M >= 1 && M <= 16 && K <= Kp && w.size(0) == N, what, ": at most 16 rows, K <= padded K");
-  TORCH_CHECK(w.numel() == N * Kp / 8 * bits, what, ": weight size does not match the scales");
-  for (int i = 0; i < 16; ++i) TORCH_CHECK(tp[i] >= -127, what, ": table values must be in [-127, 127]");
+  TORCH_CHECK(M >= 1 && M <= 16 && K <= Kp && w.size(0) == N, "q_linear_codebook: at most 16 rows, K <= padded K");
+  TORCH_CHECK(w.numel() == N * Kp / 2, "q_linear_codebook: weight size does not match the scales");
+  const int8_t* tp = table.data_ptr<int8_t>();
+  for (int i = 0; i < 16; ++i) TORCH_CHECK(tp[i] >= -127, "q_linear_codebook: table values must be in [-127, 127]");
   auto xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   // activations: int8 per block of min(group, 64) columns (scale amax / 127); corr: per weight group, the sum over its
@@ -94,22 +94,9 @@ static torch::Tensor cb_linear(const char* what, const torch::Tensor& x, const t
       const int8_t* q = qx.data() + m0 * Kp;
       const int32_t* qs = qsum.data() + m0 * NB * 8;
       const float *s = sx.data() + m0 * NA, *c = corr.data() + m0 * G;
-      float* out = yp + m0 * N;
-      if (bits == 3) {
-        if (vnni) codebook_vnni::cb_gemv_rows<3>(mc, wp, q, qs, s, c, sp, tp, out, N, G, BPG, n0, n1);
-        else codebook_portable::cb_gemv_rows<3>(mc, wp, q, qs, s, c, sp, tp, out, N, G, BPG, n0, n1);
-      } else {
-        if (vnni) codebook_vnni::cb_gemv_rows<4>(mc, wp, q, qs, s, c, sp, tp, out, N, G, BPG, n0, n1);
-        else codebook_portable::cb_gemv_rows<4>(mc, wp, q, qs, s, c, sp, tp, out, N, G, BPG, n0, n1);
-      }
+      if (vnni) codebook_vnni::cb_gemv_rows(mc, wp, q, qs, s, c, sp, tp, yp + m0 * N, N, G, BPG, n0, n1);
+      else codebook_portable::cb_gemv_rows(mc, wp, q, qs, s, c, sp, tp, yp + m0 * N, N, G, BPG, n0, n1);
     }
   });
   return y;
-}
-
-torch::Tensor q_linear_codebook(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor table,
-                                int64_t group) {
-  TORCH_CHECK(table.scalar_type() == at::kChar && table.numel() == 16 && table.is_contiguous(),
-              "q_linear_codebook: table must be 16 int8 values");
-  return cb_linear("q_linear_codebook", x, w, scales, table.data_ptr<int8_t>(), group, 4);
 }

@@ -19,9 +19,11 @@ each candidate rounds the group to its nearest levels, then takes the least-squa
 weighted error wins (the search llama.cpp's IQ4_NL quantizer does, re-derived here). GPTQ then rounds columns onto
 these static grids with its error feedback (gptq.py).
 
-The kernels look the indices up with one byte shuffle per 32 weights: csrc/qlinear_codebook.cpp streams a 4-bit
-block layout (pack_blocks: 16 bytes per 32 weights), csrc/qlinear_codebook3.cpp a 3-bit one (pack_blocks3: 12 bytes
-per 32 weights in two bit planes). `CodebookLinear` is the module for both.
+The kernels look the indices up with byte shuffles: csrc/qlinear_codebook.cpp streams a 4-bit block layout per row
+(pack_blocks: 16 bytes per 32 weights, one shuffle per 32), csrc/qlinear_codebook3.cpp a 3-bit one in tiles of 16
+rows (tile_codes3: 12 bytes per row and 32 weights, in a low-2-bit and a high-bit plane; one shuffle per 16 rows x 4
+columns). Files keep the 3-bit indices in a per-row form of the same planes (pack_blocks3). `CodebookLinear` is the
+module for both widths.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .. import ops
 from ..errors import LeanlmError
 from ..ops import FusedLinear, LinearKind
 from .config import QSpec
-from .packed import NATIVE_MAX_ROWS, RowDequantized, dequant_mm, pack_int4, unpack_int4
+from .packed import NATIVE_MAX_ROWS, TILE_ROWS, RowDequantized, dequant_mm, pack_int4, unpack_int4
 from .rtn import QuantizedWeight, pad_columns
 
 # llama.cpp's IQ4_NL levels (ggml-common.h kvalues_iq4nl): the format's definition
@@ -87,9 +89,9 @@ def unpack_blocks(p: torch.Tensor) -> torch.Tensor:
     return out.view(N, -1)
 
 
-# The 3-bit kernel's layout (csrc/qlinear_codebook3.cpp, which says why): per row, per 32 columns, 12 bytes: bytes 0..7
+# The portable 3-bit layout (files, and the module without the kernel): per row, per 32 columns, 12 bytes: bytes 0..7
 # the low 2 bits (byte i, bits 2s..2s+1 = column 8s + i), bytes 8..11 the high bits (bit j of their little-endian
-# uint32 = column j). Portable (plain bit operations), so files store it too.
+# uint32 = column j).
 def pack_blocks3(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] in [0, 8) (K % 32 == 0) -> [N, K * 3 / 8] in the layout above."""
     N, K = q.shape
@@ -110,6 +112,46 @@ def unpack_blocks3(p: torch.Tensor) -> torch.Tensor:
     low = torch.stack([(lo >> (2 * s)) & 3 for s in range(4)], 2)  # [.., s, i]
     high = torch.stack([(hi >> j) & 1 for j in range(8)], -1)  # [.., i, j]
     return (low.reshape(N, -1, 32) | (high.reshape(N, -1, 32) << 2)).view(N, -1)
+
+
+# The 3-bit kernel's layout (csrc/qlinear_codebook3.cpp, which says why): rows padded to a multiple of 16, then per
+# tile of 16 rows, per 32 columns, 192 bytes in three planes of 64 whose byte 4r + c belongs to row r: the low 2 bits
+# of columns 0..15 (bits 2s..2s+1 = column 4s + c), of columns 16..31 (column 16 + 4s + c), and the high bits (bit
+# j = column 4j + c).
+def tile_codes3(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 8) (K % 32 == 0) -> [ceil(N / 16), K / 32 * 192] in the layout above."""
+    N, K = q.shape
+    T = -(-N // TILE_ROWS)
+    q = F.pad(q.to(torch.uint8), (0, 0, 0, T * TILE_ROWS - N)).view(T, TILE_ROWS, K // 32, 32)
+    low, high = q & 3, (q >> 2).view(T, TILE_ROWS, K // 32, 8, 4)  # high: [.., j, c]
+    planes = []
+    for half in (low[..., :16], low[..., 16:]):
+        h = half.reshape(T, TILE_ROWS, K // 32, 4, 4)  # [.., s, c]
+        planes.append(h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6))
+    hi = torch.zeros_like(planes[0])
+    for j in range(8):
+        hi |= high[..., j, :] << j
+    planes.append(hi)  # each [T, 16, K/32, 4]
+    return torch.stack(planes, 2).permute(0, 3, 2, 1, 4).reshape(T, K // 32 * 192).contiguous()
+
+
+def untile_codes3(t: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of tile_codes3 (padding rows included): [T * 16, K]."""
+    return _untile3(t.view(t.shape[0], K // 32, 3, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)).reshape(-1, K)
+
+
+def tiled3_rows(t: torch.Tensor, K: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of tiled 3-bit codes, [len(ids), K], without untiling the rest."""
+    b = t.view(t.shape[0], K // 32, 3, TILE_ROWS, 4)[ids // TILE_ROWS, :, :, ids % TILE_ROWS]  # [L, K/32, 3, 4]
+    return _untile3(b).reshape(len(ids), K)
+
+
+def _untile3(b: torch.Tensor) -> torch.Tensor:
+    """[..., 3, 4] plane bytes of one row and block -> [..., 32] codes."""
+    low = torch.cat([torch.stack([(b[..., p, :] >> (2 * s)) & 3 for s in range(4)], -2).flatten(-2)
+                     for p in (0, 1)], -1)  # fmt: skip
+    high = torch.stack([(b[..., 2, :] >> j) & 1 for j in range(8)], -2).flatten(-2)  # [.., j, c] -> column 4j + c
+    return low | (high << 2)
 
 
 def search_scales(groups: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | None = None,
@@ -252,8 +294,8 @@ def dequantize_table(q: torch.Tensor, scale: torch.Tensor, table: torch.Tensor) 
 
 class CodebookLinear(RowDequantized):
     """A Linear with a 4-bit or 3-bit table-coded weight (see the module docstring). Buffers: `qweight` (the indices:
-    4 bits in the int4 block layout on the native backend, else plain pairs; 3 bits always in the 3-bit block layout),
-    `scales` bf16 [N, G], `table` int8 [2**bits].
+    4 bits in the int4 block layout on the native backend, else plain pairs; 3 bits in the kernel's tiles of 16 rows
+    on the native backend, else the portable 12-byte blocks), `scales` bf16 [N, G], `table` int8 [2**bits].
 
     backend: "auto" (native if built), "native", or "none" (always dequantize). Products of up to NATIVE_MAX_ROWS
     rows run on ops.q_linear_codebook (4 bits) / ops.q_linear_codebook3 (3 bits); more rows dequantize (in row
@@ -286,9 +328,9 @@ class CodebookLinear(RowDequantized):
             raise LeanlmError("the native codebook kernel is unavailable here (no compiled kernels, or a group that "
                               "is not a multiple of 32); use backend='auto' or 'none'")  # fmt: skip
         self.backend = "native" if native else "none"
-        if bits == 3:  # one layout for the kernel and for files (groups are multiples of 32)
-            self.layout = "blocks3"
-            packed = pack_blocks3(qw.q)
+        if bits == 3:  # (groups are multiples of 32, so the stored width is whole blocks)
+            self.layout = "tiles3" if native else "blocks3"
+            packed = tile_codes3(qw.q) if native else pack_blocks3(qw.q)
         else:
             self.layout = "blocks" if native else "plain"
             packed = pack_blocks(qw.q) if native else pack_int4(qw.q)
@@ -316,6 +358,11 @@ class CodebookLinear(RowDequantized):
 
     def codes(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """uint8 table indices of rows [n0, n1), width stored_in."""
+        n1 = self.out_features if n1 is None else n1
+        if self.layout == "tiles3":  # the tiles that hold the rows, untiled
+            t0 = n0 // TILE_ROWS
+            q = untile_codes3(self.qweight[t0 : -(-n1 // TILE_ROWS)], self.stored_in)
+            return q[n0 - t0 * TILE_ROWS : n1 - t0 * TILE_ROWS]
         return self._unpack(self.qweight[n0:n1])
 
     def dequantize_rows(self, n0: int, n1: int, dtype=torch.float32) -> torch.Tensor:
@@ -323,7 +370,9 @@ class CodebookLinear(RowDequantized):
         return w[:, : self.in_features].to(dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_table(self._unpack(self.qweight[ids]), self.scales[ids], self.table)[:, : self.in_features]
+        tiled = self.layout == "tiles3"
+        q = tiled3_rows(self.qweight, self.stored_in, ids) if tiled else self._unpack(self.qweight[ids])
+        return dequantize_table(q, self.scales[ids], self.table)[:, : self.in_features]
 
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
         product = ops.q_linear_codebook3 if self.spec.bits == 3 else ops.q_linear_codebook
@@ -351,7 +400,7 @@ class CodebookLinear(RowDequantized):
         spec = self.spec
         meta = {"bits": spec.bits, "group": spec.group, "symmetric": True, "levels": spec.levels,
                 "in_features": self.in_features, "out_features": self.out_features}  # fmt: skip
-        codes = self.qweight if spec.bits == 3 else pack_int4(self.codes()[:, : self.padded_in])
+        codes = pack_blocks3(self.codes()) if spec.bits == 3 else pack_int4(self.codes()[:, : self.padded_in])
         t = {"qweight": codes, "scales": self.scales, "table": self.table}
         if self.bias is not None:
             t["bias"] = self.bias
