@@ -57,7 +57,7 @@ CASES = [
      "--sparsity: expected a number, got 'half'", True),
     ("eval-windows-negative", ["eval", "{model}", "--windows", "-1"], {}, "--windows: must be a whole number >= 0", True),
     ("cost-batch-zero", ["cost", "{model}", "--hw", "h100", "--batch", "0"], {}, "--batch: must be a whole number >= 1", True),
-    ("cost-weights-unknown", ["cost", "{model}", "--hw", "h100", "--weights", "int3"], {}, "unknown dtype 'int3'", True),
+    ("cost-weights-unknown", ["cost", "{model}", "--hw", "h100", "--weights", "int2"], {}, "unknown dtype 'int2'", True),
     ("serve-port-range", ["serve", "{model}", "--port", "70000"], {}, "--port: must be a whole number from 1 to 65535", True),
     ("unknown-flag", ["info", "{model}", "--colour"], {}, "unrecognized arguments: --colour", True),
     # outputs fail before the work

@@ -63,7 +63,7 @@ def test_estimate_composes_overheads_sparsity_and_speculation():
 
 def test_plan_and_profile_errors(tmp_path, monkeypatch):
     with pytest.raises(LeanlmError, match="unknown dtype"):
-        estimate(cfg(), HW, Plan(weight_dtype="int3"))
+        estimate(cfg(), HW, Plan(weight_dtype="int2"))
     with pytest.raises(LeanlmError, match="must be in"):
         estimate(cfg(), HW, Plan(sparsity=1.5))
     with pytest.raises(LeanlmError, match="unknown hardware"):

@@ -26,14 +26,17 @@ def _weights(n=96, k=256, seed=0):
 
 
 def _kernel_reference(x: torch.Tensor, m: CodebookLinear) -> torch.Tensor:
-    """The kernel's arithmetic in float64: x rounded to int8 per block of min(group, 64) columns (amax / 127), integer
-    products with the table, scaled per block and group."""
+    """The kernel's arithmetic in float64: x rounded to int8 per block of min(group, 64) columns (amax / 127; the
+    rounding itself in float32 as the kernel does it, x * (127 / amax), so ties land alike), integer products with
+    the table, scaled per block and group."""
     q = m.codes()
     G, g = m.scales.shape[1], m.kgroup
     a = min(g, 64)
-    xp = torch.nn.functional.pad(x.double(), (0, m.stored_in - x.shape[1])).view(x.shape[0], -1, a)
-    d = xp.abs().amax(-1) / 127
-    qx = torch.round(xp / torch.where(d > 0, d, torch.ones_like(d))[..., None])
+    xp = torch.nn.functional.pad(x.float(), (0, m.stored_in - x.shape[1])).view(x.shape[0], -1, a)
+    amax = xp.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0.0)  # (127 / amax would take 1 / amax first)
+    qx = torch.round(xp * inv[..., None]).double()
+    d = (amax / 127).double()
     wt = m.table.double()[q.long()].view(q.shape[0], -1, a)
     dots = torch.einsum("mak,nak->mna", qx, wt) * d[:, None, :]
     scale = m.scales.double().repeat_interleave(g // a, dim=1)

@@ -5,7 +5,8 @@ rows share the call, so a k-token verification forward equals k one-token steps 
 
 - `small_linear`  x [1..16, K] . W^T for a row-major fp32/bf16 W (csrc/gemv_small.cpp)
 - `q_linear`      x [1..16, K] . W^T for leanlm.quant's packed int4/int8 W (csrc/qlinear.cpp)
-- `q_linear_codebook` x [1..16, K] . W^T for a 4-bit table-coded W (csrc/qlinear_codebook.cpp)
+- `q_linear_codebook` x [1..16, K] . W^T for a 4-bit table-coded W (csrc/qlinear_codebook.cpp);
+                  `q_linear_codebook3` the same for a 3-bit one (csrc/qlinear_codebook3.cpp)
 - `q_gemm`        x [M, K] . W^T for the same packed W, many rows (prefill) on AVX512-VNNI (csrc/gemm_int8.cpp;
                   not batch-invariant with q_linear, which keeps every product of up to 16 rows)
 - `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
@@ -35,9 +36,9 @@ dtype `dtype`, or None when this module must run its own forward (then the block
 C++ glue between module calls). Each kind keeps the module's numerics. The fused step caches the
 answer per layer and asks again when a module, parameter or buffer is replaced, when one of the
 `fused_state` attributes is reassigned, when a hook is added or when a weight's layout changes.
-Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT),
-quant.nm.NMInt8Linear (NM) and adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like protocol,
-`fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), a quantized
+Implemented by model.runtime.Linear (DENSE), quant.packed.QuantLinear (QUANT), quant.codebook.CodebookLinear
+(CODEBOOK), quant.nm.NMInt8Linear (NM) and adaptive.sparsity.SparseInputLinear (SPARSE_INPUT). Caches follow a like
+protocol, `fused_kv(dtype) -> (k, v) | None` (model.runtime.KVCache; a cache policy answers None), a quantized
 cache `fused_store(dtype, start, rows, window) -> list | None` (decode_layer_kvquant's store arguments;
 attention.policies.PolicyCache), and a cache with query-aware sparse attention
 `fused_sparse(dtype) -> (k, v, kmin, kmax, mode, budget, page, sinks) | None` (attention.sparse.SparseCache),
@@ -63,7 +64,8 @@ class LinearKind(enum.IntEnum):
     QUANT = 1  # packed int4/int8 weight, bf16 scales (and zeros) [N, G]: q_linear
     SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear (int8 codes:
     #                   fp32 per-output scales [N] and optional zeros [N])
-    CODEBOOK = 3  # 4-bit table indices (int4 block layout), bf16 scales [N, G], int8 table [16] as `zeros`
+    CODEBOOK = 3  # table indices, bf16 scales [N, G], the int8 table as `zeros`; bits 4: the int4 block layout and
+    #               16 levels (q_linear_codebook); bits 3: the 3-bit tiles and 8 levels (q_linear_codebook3)
     NM = 4  # 2:4 sparse int8 (leanlm.quant.nm's tiles: kept values + position codes), bf16 scales [N, G]: q_linear_nm
 
 
@@ -78,8 +80,8 @@ class FusedLinear:
     weight: torch.Tensor  # DENSE: [N, K]; QUANT: packed codes; SPARSE_INPUT: W^T [K, N]
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None  # QUANT; SPARSE_INPUT with int8 codes (fp32 [N])
-    zeros: torch.Tensor | None = None  # QUANT, asymmetric only; CODEBOOK: the int8 table [16]
-    bits: int = 0  # QUANT: 4 or 8
+    zeros: torch.Tensor | None = None  # QUANT, asymmetric only; CODEBOOK: the int8 table [2**bits]
+    bits: int = 0  # QUANT: 4 or 8; CODEBOOK: 4 or 3
     group: int = 0  # QUANT: columns per scale group of the stored width
     threshold: float = 0.0  # SPARSE_INPUT
 
@@ -165,11 +167,20 @@ def q_linear_codebook(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return _require().q_linear_codebook(x, qweight, scales, table, group)
 
 
+def q_linear_codebook3(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
+                       group: int) -> torch.Tensor:  # fmt: skip
+    """x [1..16, K] times a 3-bit table-coded weight (leanlm.quant.codebook.tile_codes3's tiles of 16 rows: per row
+    and 32 columns 12 bytes, the low 2 bits of the indices into `table`, int8 [8], and their high bits;
+    csrc/qlinear_codebook3.cpp) -> fp32 [M, N], with q_linear_codebook's numerics. scales: bf16 [N, G]; group: columns
+    per group of the stored width."""
+    return _require().q_linear_codebook3(x, qweight, scales, table, group)
+
+
 def codebook_search_scales(x: torch.Tensor, importance: torch.Tensor | None, levels: torch.Tensor,
                            tries: int) -> torch.Tensor:  # fmt: skip
-    """Each group's least-error scale on a 4-bit table grid (leanlm.quant.codebook.search_scales, in one pass per
-    group): x fp32 [R, g] (groups), importance fp32 [G, g] (group r % G's input weights) or None, levels fp32 [16]
-    (sorted integers) -> fp32 [R]."""
+    """Each group's least-error scale on a table grid (leanlm.quant.codebook.search_scales, in one pass per
+    group): x fp32 [R, g] (groups), importance fp32 [G, g] (group r % G's input weights) or None, levels fp32 [L]
+    (2 <= L <= 16 sorted integers) -> fp32 [R]."""
     imp = torch.empty(0) if importance is None else importance.float().contiguous()
     return _require().codebook_search_scales(x.float().contiguous(), imp, levels.float(), tries)
 

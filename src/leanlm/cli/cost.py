@@ -15,7 +15,8 @@ def add_parser(subparsers):
                               "leanlm cost smollm2-135m --hw a100 --weights bf16 --sparsity 0.5 --pattern 2:4"])  # fmt: skip
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--hw", default="cpu", help="a100, h100, h200, groq-lpu, cpu (calibrated), or a profile JSON")
-    p.add_argument("--weights", default=None, help="weight dtype: fp32 bf16 fp16 fp8 int8 int4 (default: the model's)")
+    p.add_argument("--weights", default=None,
+                   help="weight dtype: fp32 bf16 fp16 fp8 int8 int4 int3 (default: the model's)")
     p.add_argument("--compute", default=None, help="activation dtype (default: bf16 for low-bit weights, else weights')")
     p.add_argument("--group", type=integer(1), default=None, help="quantization group size")
     p.add_argument("--sparsity", type=number(0, 1, high_open=True), default=0.0)

@@ -1,4 +1,5 @@
-// Scale search of the 4-bit table grids (leanlm/quant/codebook.py, search_scales): for every group of g
+// Scale search of the table grids (leanlm/quant/codebook.py, search_scales; any table of 2..16 levels, so the 4-bit
+// and the 3-bit grids): for every group of g
 // weights, the scale d minimising sum imp * (x - d * T[nearest(x / d)])^2 over candidates that put the group's
 // largest-magnitude weight near either end of the table, each refined to its least-squares scale.
 //
@@ -58,10 +59,12 @@ static inline float codebook_candidate(const float* x, const float* imp, int g, 
 }
 
 // x: fp32 [R, g] (R = rows x groups, group-major within a row); imp: fp32 [G, g] (group r % G's input weights) or
-// empty (uniform); levels: fp32 [16], sorted integers in [-127, 127]. Returns fp32 [R]: each group's scale.
+// empty (uniform); levels: fp32 [L] (2 <= L <= 16), sorted integers in [-127, 127]. Returns fp32 [R]: each group's
+// scale.
 static Tensor codebook_search_scales(const Tensor& x, const Tensor& imp, const Tensor& levels, int64_t tries) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [R, g]");
-  TORCH_CHECK(levels.numel() == 16 && levels.scalar_type() == at::kFloat, "levels: fp32 [16]");
+  const int64_t L = levels.numel();
+  TORCH_CHECK(L >= 2 && L <= 16 && levels.scalar_type() == at::kFloat, "levels: fp32 [L], 2 <= L <= 16");
   const int64_t R = x.size(0), g = x.size(1);
   TORCH_CHECK(g > 0 && g <= 1024, "group size in [1, 1024]");
   const bool weighted = imp.numel() > 0;
@@ -74,18 +77,18 @@ static Tensor codebook_search_scales(const Tensor& x, const Tensor& imp, const T
   }
   float lv[16];
   auto lc = levels.contiguous();
-  std::memcpy(lv, lc.data_ptr<float>(), sizeof lv);
-  for (int i = 0; i < 16; ++i)
+  std::memcpy(lv, lc.data_ptr<float>(), L * sizeof(float));
+  for (int i = 0; i < L; ++i)
     TORCH_CHECK(lv[i] == std::round(lv[i]) && std::fabs(lv[i]) <= 127.f && (i == 0 || lv[i] > lv[i - 1]),
                 "levels must be sorted distinct integers in [-127, 127]");
   // lut[j + 256]: the nearest level to any u with ceil(2u) == j (its index: the count of midpoints m with 2m < j)
   float lut[513];
   for (int j = -256; j <= 256; ++j) {
     int idx = 0;
-    for (int i = 0; i < 15; ++i) idx += (lv[i] + lv[i + 1]) < (float)j;
+    for (int i = 0; i + 1 < L; ++i) idx += (lv[i] + lv[i + 1]) < (float)j;
     lut[j + 256] = lv[idx];
   }
-  const float lo = lv[0], hi = lv[15];
+  const float lo = lv[0], hi = lv[L - 1];
   auto out = at::empty({R}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* ip = weighted ? imp.data_ptr<float>() : nullptr;

@@ -16,7 +16,7 @@ from ..errors import LeanlmError
 from ..model.config import ModelConfig
 from .profiles import HardwareProfile
 
-BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "int3": 3}  # int3: 3-bit table grids
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Plan:
     """What a recipe does to the cost (shapes come from the model config itself). Each method's config
     fills in its part with `config.price(plan)`; `leanlm.apply.plan_for(model, configs)` builds one."""
 
-    weight_dtype: str = "fp32"  # storage of linear weights: fp32 | bf16 | fp16 | int8 | int4 | fp8
+    weight_dtype: str = "fp32"  # storage of linear weights: fp32 | bf16 | fp16 | int8 | int4 | int3 | fp8
     compute_dtype: str = "fp32"  # activations / matmul dtype
     group_size: int | None = None  # quantization group (adds scale/zero bytes)
     layer_weight_dtype: dict[int, str] = field(default_factory=dict)  # mixed precision overrides
@@ -63,7 +63,7 @@ class OpCost:
 
 def _weight_bytes(params: float, dtype: str, group: int | None) -> float:
     b = params * BITS[dtype] / 8
-    if dtype in ("int8", "int4"):
+    if dtype in ("int8", "int4", "int3"):
         b += params / (group or 1_000_000) * 4  # a bf16 scale (+ zero) per group
     return b
 

@@ -8,8 +8,8 @@
     quantize(model, GPTQ(bits=4, group=128), calib)                # in place; bf16 compute
     save_quantized(model, tok, "out/smollm2-gptq4")                # leanlm.load(dir) reloads it
 
-Layout: config.py (configs, QSpec), rtn.py (the grid, round-to-nearest), codebook.py (4-bit table grids and
-CodebookLinear), gptq.py, awq.py,
+Layout: config.py (configs, QSpec), rtn.py (the grid, round-to-nearest), codebook.py (4- and 3-bit table grids
+and CodebookLinear), gptq.py, awq.py,
 calibrate.py (GPTQ's true-sequential walk; data, driver and hooks are leanlm/calibration.py), mixed.py (per-layer
 sensitivity and bit assignment), packed.py (QuantLinear / QuantEmbedding and kernels),
 save.py (on-disk layout), pipeline.py (quantize), cli.py (`leanlm quantize`).

@@ -1,6 +1,6 @@
 """Quantization configs: small dataclasses in the torchao style, `quantize(model, GPTQ(bits=4, group=128), calib)`.
 
-A `QSpec` says how one weight matrix is stored: `bits` (4 or 8), `group` (input columns sharing
+A `QSpec` says how one weight matrix is stored: `bits` (4 or 8; 3 on table grids), `group` (input columns sharing
 one scale; 0 = one scale per output channel) and `symmetric`. The grid of a group is
 
     w_hat = (q - 2**(bits-1)) * scale + zero,   q in [0, 2**bits - 1]
@@ -11,10 +11,11 @@ compute with. When `group` does not divide a layer's in_features, the last group
 the weight is stored zero-padded to a whole group and the input is zero-padded at run time
 (`pad=False` refuses such layers instead).
 
-`levels` picks non-uniform 4-bit grids instead (codebook.py): w_hat = scale * T[q], T a table of 16 int8
-values per tensor ("iq4nl": llama.cpp IQ4_NL's fixed table; "learned": fitted to each tensor's weights),
-one bf16 scale per group and no zero, so their bits per weight equal a symmetric uniform grid's
-(4 + 16 / group; plus 16 bytes per tensor for the table).
+`levels` picks non-uniform grids instead (codebook.py): w_hat = scale * T[q], T a table of 2**bits int8 values per
+tensor, one bf16 scale per group and no zero. At 4 bits: "iq4nl" (llama.cpp IQ4_NL's fixed table) or "learned"
+(fitted to each tensor's weights); at 3 bits: "iq3" (a fixed 8-level table, codebook.IQ3) or "learned". Their bits
+per weight equal a symmetric uniform grid's: bits + 16 / group (4.5 / 3.5 at g32, 4.25 / 3.25 at g64; plus the
+table's 16 or 8 bytes per tensor). 3 bits exist on table grids only (no uniform 3-bit grid).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LeanlmError
 
-BITS = (4, 8)
+BITS = (4, 8)  # uniform grids
+TABLE_BITS = (3, 4)  # table grids (codebook.py)
 GROUPS = (0, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq", "awq")
-LEVELS = ("uniform", "iq4nl", "learned")  # uniform integer levels; codebook.py's tables
+LEVELS = ("uniform", "iq4nl", "iq3", "learned")  # uniform integer levels; codebook.py's tables
+FIXED_TABLE_BITS = {"iq4nl": 4, "iq3": 3}  # the bits of each fixed table ("learned" fits any of TABLE_BITS)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class QSpec:
     bits: int = 4
     group: int = 128  # 0 = per output channel
     symmetric: bool = False
-    levels: str = "uniform"  # LEVELS: "uniform", or a 4-bit table (codebook.py)
+    levels: str = "uniform"  # LEVELS: "uniform", or a 3- or 4-bit table (codebook.py)
 
     @property
     def codebook(self) -> bool:
@@ -64,15 +67,24 @@ class QSpec:
         return (self.bits * self.padded(in_features) + per_group * self.n_groups(in_features)) / in_features
 
     def validate(self, in_features: int | None = None, pad: bool = True, name: str = "weight") -> "QSpec":
-        if self.bits not in BITS:
-            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8")
-        if self.group not in GROUPS:
-            raise LeanlmError(f"group={self.group} is not supported; use 32, 64, 128, 256 or 0 (per output channel)")
         if self.levels not in LEVELS:
             raise LeanlmError(f"levels={self.levels!r} is not supported; use one of {', '.join(LEVELS)}")
-        if self.codebook and (self.bits != 4 or not self.symmetric or not self.group):
-            raise LeanlmError(f"levels {self.levels!r} is a 4-bit table with one scale per group and no zero: use bits=4, "
-                              f"symmetric=True (--sym) and a group of 32, 64, 128 or 256, got bits={self.bits}, "
+        if self.bits == 3 and not self.codebook:
+            raise LeanlmError("bits=3 exists on table grids only (no uniform 3-bit grid): use levels='iq3' or "
+                              "'learned' (--levels) with symmetric=True (--sym), or bits=4 / 8")  # fmt: skip
+        fixed = FIXED_TABLE_BITS.get(self.levels)
+        if fixed is not None and self.bits != fixed:
+            other = next((n for n, b in FIXED_TABLE_BITS.items() if b == self.bits), None)
+            hint = f", or levels {other!r} / 'learned' at {self.bits} bits" if other else ""
+            raise LeanlmError(f"levels {self.levels!r} is a {fixed}-bit table, got bits={self.bits}; use bits={fixed}{hint}")
+        if self.bits not in (TABLE_BITS if self.codebook else BITS):
+            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8 (uniform grids), or 3 or 4 on a table "
+                              "grid (levels 'iq3' / 'iq4nl' / 'learned')")  # fmt: skip
+        if self.group not in GROUPS:
+            raise LeanlmError(f"group={self.group} is not supported; use 32, 64, 128, 256 or 0 (per output channel)")
+        if self.codebook and (not self.symmetric or not self.group):
+            raise LeanlmError(f"levels {self.levels!r} is a {self.bits}-bit table with one scale per group and no "
+                              f"zero: use symmetric=True (--sym) and a group of 32, 64, 128 or 256, got "
                               f"symmetric={self.symmetric}, group={self.group}")  # fmt: skip
         if in_features is not None and self.group and in_features % self.group and not pad:
             raise LeanlmError(
@@ -84,7 +96,7 @@ class QSpec:
     def label(self) -> str:
         g = f"g{self.group}" if self.group else "pc"
         if self.codebook:
-            return f"cb4-{self.levels}-{g}"
+            return f"cb{self.bits}-{self.levels}-{g}"
         return f"int{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}"
 
 
@@ -116,7 +128,8 @@ class QuantConfig:
     """Fields shared by every method.
 
     bits/group/symmetric/levels: the spec of decoder-layer Linears (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down);
-        levels "iq4nl" / "learned": a 4-bit table instead of uniform levels (codebook.py; RTN or GPTQ, symmetric).
+        levels "iq4nl" / "iq3" / "learned": a 4-bit (iq4nl) or 3-bit (iq3) table, or one learned per tensor at
+        `bits` 4 or 3, instead of uniform levels (codebook.py; RTN or GPTQ, symmetric).
     head_bits: output layer (lm_head) bits, 8 or 4 (round-to-nearest, uniform, symmetric for 8); 0 keeps it in
         `dtype`. For tied embeddings the one table is quantized once and shared by the lookup and the head.
         With a table grid (levels) an untied 4-bit head takes IQ4_NL's table (a fixed one: the head is rounded in

@@ -158,8 +158,8 @@ def _ordered_factor(W, H, dead, g: int, act_order: bool, damp: float, threads: i
 
 def _gptq_table(W, H, spec: QSpec, damp: float, block_size: int, act_order: bool, dead,
                 threads: int = 1, overwrite: bool = False) -> QuantizedWeight:  # fmt: skip
-    """GPTQ onto a table grid (codebook.py): static per-group scales searched on the weights, weighted by the
-    Hessian diagonal (each input's mean square), then each column rounded to its nearest scaled level."""
+    """GPTQ onto a table grid (codebook.py, 16 or 8 levels): static per-group scales searched on the weights, weighted
+    by the Hessian diagonal (each input's mean square), then each column rounded to its nearest scaled level."""
     from .codebook import codebook_grid
 
     N, K = W.shape
@@ -183,7 +183,7 @@ def _columns(W, U, scale, zero, spec: QSpec, bs: int, col_group, levels=None) ->
     """The GPTQ column loop with lazy block updates; returns codes and rounding residuals (the
     error-compensated weight's position on the code axis minus its code). col_group: the static
     group of each (permuted) column, or None: dynamic groups, whose scale/zero are filled in here. levels: a
-    table grid's sorted levels (float [16]; codes are then table indices, w_hat = scale * levels[code])."""
+    table grid's sorted levels (float [2**bits]; codes are then table indices, w_hat = scale * levels[code])."""
     N, K = W.shape
     g = spec.group_size(K)
     q, residual = torch.empty(N, K), torch.empty(N, K)

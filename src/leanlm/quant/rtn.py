@@ -29,7 +29,7 @@ class QuantizedWeight:
     # float16 [N, Kp]: where each weight sat on the code axis before rounding, minus its code (the
     # rounding error, in code steps; learnable rounding starts from it). Not stored, not packed.
     residual: torch.Tensor | None = None
-    table: torch.Tensor | None = None  # int8 [16]: table grids (codebook.py), w_hat = scale * table[q]
+    table: torch.Tensor | None = None  # int8 [2**bits]: table grids (codebook.py), w_hat = scale * table[q]
 
     @property
     def out_features(self) -> int:

@@ -14,8 +14,11 @@ A quantized directory holds
                          NAME.scales   bfloat16 [N, G]
                          NAME.zeros    bfloat16 [N, G] (asymmetric only)
                          NAME.bias     float32 [N] (when the Linear has one)
-                         NAME.table    int8 [16] (table grids, layer meta "levels": w_hat = scale * table[code],
-                                       codes packed as for 4 bits; see codebook.py)
+                         NAME.table    int8 [2**bits] (table grids, layer meta "levels": w_hat = scale * table[code];
+                                       see codebook.py); their codes: bits 4 packed as for 4 bits, bits 3 uint8
+                                       [N, Kp*3/8]: per 32 columns 12 bytes, the low 2 bits (byte i, bits 2s..2s+1 =
+                                       column 8s + i) then the high bits (bit j of a little-endian uint32 =
+                                       column j), codebook.pack_blocks3's layout
                        every other tensor (norms, kept embeddings) in the saved dtype.
     tokenizer files
 
