@@ -58,7 +58,8 @@ def test_bad_3bit_settings_raise():
 
 def test_iq3_is_its_derivation_and_beats_plain_lloyd_max():
     """IQ3 is what derive_iq3 gives (the documented derivation), and on heavy-tailed weights it rounds with less
-    error than the Lloyd-Max Laplacian levels it starts from, about as well as a table learned per tensor."""
+    error than the Lloyd-Max Laplacian levels it starts from; a table learned per tensor does as
+    well or better."""
     assert derive_iq3() == IQ3
     half = [round(v * 127 / LLOYD_MAX_LAPLACE_8[-1]) for v in LLOYD_MAX_LAPLACE_8]
     plain = torch.tensor([-v for v in reversed(half)] + half, dtype=torch.float32)

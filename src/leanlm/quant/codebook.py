@@ -9,7 +9,7 @@ sign and the table's asymmetry cover both tails). Tables:
 - "iq4nl" (4 bits): the fixed table of llama.cpp's IQ4_NL format (its published level values; the format's
   definition, so a file quantized here reads the same as one IQ4_NL block of that scale);
 - "iq3" (3 bits): a fixed 8-level table derived here (IQ3 below: the Lloyd-Max levels of a unit Laplacian under
-  this module's per-group scale search; scripts/derive_iq3_table.py);
+  this module's per-group scale search; derive_iq3 re-derives it);
 - "learned" (3 or 4 bits): fitted to each tensor (weighted 1-D k-means of the weights in units of their group
   scale, starting from the fixed table of those bits), stored with the tensor.
 
@@ -46,7 +46,7 @@ IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 11
 # the levels stop moving: the Lloyd-Max levels of Laplacian weights as they land on the code axis after the scale
 # search (the group's largest magnitude near an end of the table, on either sign). The fit comes out asymmetric with
 # a level near zero, as IQ4_NL is. On Qwen2.5-0.5B it rounds with less error than the plain Lloyd-Max levels
-# (+-9, 33, 67, 127) and about as little as a table learned per tensor (benchmarks/bench_3bit.py --mode tables).
+# (+-9, 33, 67, 127), within about 5% of a table learned per tensor (benchmarks/bench_3bit.py --modes tables).
 IQ3 = (-127, -85, -45, -16, 5, 30, 66, 123)
 FIXED_TABLES = {"iq4nl": IQ4NL, "iq3": IQ3}
 SCALE_TRIES = 7  # candidate scales per table end: the end level +- this many units
