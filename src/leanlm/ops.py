@@ -7,6 +7,7 @@ rows share the call, so a k-token verification forward equals k one-token steps 
 - `q_linear`      x [1..16, K] . W^T for leanlm.quant's packed int4/int8 W (csrc/qlinear.cpp)
 - `q_linear_codebook` x [1..16, K] . W^T for a 4-bit table-coded W (csrc/qlinear_codebook.cpp);
                   `q_linear_codebook3` the same for a 3-bit one (csrc/qlinear_codebook3.cpp)
+- `q_linear_wide` x [1..16, K] . W^T for a 5-bit or 6-bit signed integer grid (csrc/qlinear_wide.cpp)
 - `q_gemm`        x [M, K] . W^T for the same packed W, many rows (prefill) on AVX512-VNNI (csrc/gemm_int8.cpp;
                   not batch-invariant with q_linear, which keeps every product of up to 16 rows)
 - `sparse_linear` (x * (|x| > t)) . W^T for a transposed W (csrc/sparse.cpp), leanlm.adaptive's activation sparsity
@@ -65,7 +66,8 @@ class LinearKind(enum.IntEnum):
     SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear (int8 codes:
     #                   fp32 per-output scales [N] and optional zeros [N])
     CODEBOOK = 3  # table indices, bf16 scales [N, G], the int8 table as `zeros`; bits 4: the int4 block layout and
-    #               16 levels (q_linear_codebook); bits 3: the 3-bit tiles and 8 levels (q_linear_codebook3)
+    #               16 levels (q_linear_codebook); bits 3: the 3-bit tiles and 8 levels (q_linear_codebook3);
+    #               bits 5 / 6: leanlm.quant.wide's tiles of signed integer codes (q_linear_wide; the table unread)
     NM = 4  # 2:4 sparse int8 (leanlm.quant.nm's tiles: kept values + position codes), bf16 scales [N, G]: q_linear_nm
 
 
@@ -81,7 +83,7 @@ class FusedLinear:
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None  # QUANT; SPARSE_INPUT with int8 codes (fp32 [N])
     zeros: torch.Tensor | None = None  # QUANT, asymmetric only; CODEBOOK: the int8 table [2**bits]
-    bits: int = 0  # QUANT: 4 or 8; CODEBOOK: 4 or 3
+    bits: int = 0  # QUANT: 4 or 8; CODEBOOK: 3, 4, 5 or 6
     group: int = 0  # QUANT: columns per scale group of the stored width
     threshold: float = 0.0  # SPARSE_INPUT
 
@@ -174,6 +176,21 @@ def q_linear_codebook3(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     csrc/qlinear_codebook3.cpp) -> fp32 [M, N], with q_linear_codebook's numerics. scales: bf16 [N, G]; group: columns
     per group of the stored width."""
     return _require().q_linear_codebook3(x, qweight, scales, table, group)
+
+
+def q_linear_wide(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+                  group: int) -> torch.Tensor:  # fmt: skip
+    """x [1..16, K] times a 5-bit or 6-bit signed integer weight, W[n, k] = (c - 2**(bits-1)) * scales[n, g]
+    (leanlm.quant.wide.tile_codes_wide's tiles of 16 rows: per 32 columns 320 / 384 bytes; csrc/qlinear_wide.cpp)
+    -> fp32 [M, N], with q_linear's numerics (activations rounded to int8 per block of 32). scales: bf16 [N, G];
+    group: columns per group of the stored width (a multiple of 32)."""
+    return _require().q_linear_wide(x, qweight, scales, bits, group)
+
+
+def set_q_linear_wide_vnni(allowed: bool) -> bool:
+    """Allow (True) or refuse q_linear_wide's AVX512-VNNI copy (the AVX2 one gives the same numbers); the old
+    setting."""
+    return _require().set_q_linear_wide_vnni(allowed)
 
 
 def codebook_search_scales(x: torch.Tensor, importance: torch.Tensor | None, levels: torch.Tensor,

@@ -91,7 +91,8 @@ enum LinearKind : int64_t {
   LINEAR_SPARSE_INPUT = 2,  // leanlm.adaptive's input-sparse linear: weight W^T [K, N], inputs |x| <= threshold dropped
                            // (int8 W^T: fp32 per-output scales / zeros [N] in the scales / zeros slots)
   LINEAR_CODEBOOK = 3,      // leanlm.quant's table-coded weight, the table in the zeros slot: q_linear_codebook
-                           // (bits 4) or q_linear_codebook3 (bits 3)
+                           // (bits 4) or q_linear_codebook3 (bits 3); bits 5 / 6: the signed integer grids of
+                           // q_linear_wide (their table, the levels -2^(bits-1) .. 2^(bits-1) - 1, goes unread)
   LINEAR_NM = 4,            // leanlm.quant.nm's 2:4 sparse int8 weight: q_linear_nm
 };
 
@@ -108,8 +109,9 @@ static Tensor lin_forward(const Tensor& x, const std::vector<Tensor>& lins, int6
       y = q_linear(x, w, lins[4 * i + 2], lins[4 * i + 3], bits, group);
       break;
     case LINEAR_CODEBOOK:
-      y = bits == 3 ? q_linear_codebook3(x, w, lins[4 * i + 2], lins[4 * i + 3], group)
-                    : q_linear_codebook(x, w, lins[4 * i + 2], lins[4 * i + 3], group);
+      if (bits == 5 || bits == 6) y = q_linear_wide(x, w, lins[4 * i + 2], bits, group);
+      else if (bits == 3) y = q_linear_codebook3(x, w, lins[4 * i + 2], lins[4 * i + 3], group);
+      else y = q_linear_codebook(x, w, lins[4 * i + 2], lins[4 * i + 3], group);
       break;
     case LINEAR_NM:
       y = q_linear_nm(x, w, lins[4 * i + 2], group);
