@@ -12,15 +12,15 @@ windows, and llama-imatrix on the same windows as text (decoded; one chunk of --
 Rows:
 - llama.cpp: Q4_0, Q4_K_S, Q4_K_M, IQ4_XS, Q5_K_M (--gguf-types), each made by llama-quantize --imatrix from the
   F16 GGUF, scored on the same token windows through llama-cpp-python's logits.
-- leanlm: GPTQ (act-order) on the 4-bit table grid (--levels, codebook.py), one row per bits-per-weight point: the
-  bpw of each llama.cpp row (rows within 0.2 of each other share one leanlm row at their middle, within +-0.1 of
-  both), and the issue's int4 point (<= 4.6 bpw; always a plain setting: the recipe a user runs, with no
-  sensitivity pass). For a point the plan picks the LM head's and an untied embedding's bits (int8 per channel;
-  int8 g32 head and int4 g32 embedding; int8 head and an int4 embedding at the decoder's group; both int4 g32; a
-  4-bit untied head is rounded by GPTQ on the decoder's table) and the decoder group (32 / 64 / 128): the setting
-  of most bits within +-0.1 of the point, or no row when none lands there. With --mixed it takes the
-  finest group that fits and spends what is left by mixed precision: the most sensitive decoder Linears to int8 per
-  channel (sensitivity measured once per model, uniform int4 g32 as the probe, --sens-tokens; reused by every row).
+- leanlm: GPTQ (act-order), one row per bits-per-weight point: the bpw of each llama.cpp row (rows within 0.2 of
+  each other share one leanlm row at their middle, within +-0.1 of both), and the issue's int4 point (<= 4.6 bpw;
+  always a plain setting: the 4-bit table grid, the recipe a user runs, with no sensitivity pass). For a point the
+  plan picks the LM head's and an untied embedding's bits (HEADS, tried in HEAD_ORDER; a 4-bit untied head is
+  rounded by GPTQ on IQ4_NL's table) and the decoder grid: the 6-bit or 5-bit signed integer table (g32), or the
+  4-bit table (--levels) at g32 / g64 / g128. Without --mixed: the setting of most bits within +-0.1 of the point,
+  or no row when none lands there. With --mixed: the richest grid that fits, and what is left spent by mixed
+  precision: the most sensitive decoder Linears promoted to the next richer grid (int8 per channel above the 6-bit
+  table; sensitivity measured once per model, uniform int4 g32 as the probe, --sens-tokens; reused by every row).
   Scored through the decode kernels' numerics (table grids through their kernel, CodebookLinear.kernel_all_rows).
 
 bpw: storage bits of the whole model (codes, scales, zeros, tables, the LM head, embeddings counted once when tied,
@@ -74,7 +74,7 @@ SOURCE_GRID = {"qwen2.5-0.5b": "q5_0", "smollm2-135m": "q4_1", "gemma3-270m": "q
 BPW_TOL = 0.1  # "equal bits per weight"
 INT4_POINT = 4.6  # the issue's int4 target: <= 4.6 bpw
 PROBE = QSpec(4, 32, True)  # sensitivity probe: uniform int4 g32, a quick stand-in for the table grid
-# LM head / untied embedding settings, most bits first (tied models: the one table takes head_bits)
+# LM head / untied embedding settings (tied models: the one table takes head_bits)
 HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, head_group=32, embed_bits=4),
          "int8-embed-int4": dict(head_bits=8, embed_bits=4), "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
 TEXTS = ("wikitext2", "book")
@@ -100,31 +100,49 @@ def outside_decoder_bits(directory, head: dict) -> int:
     return weight_bytes(m) * 8 - dec
 
 
-def plan(target: float, outside: dict[str, int], n_dec: int, n_params: int, mixed: bool) -> dict | None:
-    """Head setting, decoder group and decoder Linears' average bits reaching `target` whole-model bpw; None when
-    none does. Without mixed precision: the setting of most bits within BPW_TOL of the target."""
-    bits = {g: QSpec(4, g, True).bits_per_weight(4096) for g in (32, 64, 128)}
+def tiers(levels: str) -> list[QSpec]:
+    """The decoder grids a point can start from, most bits first: the signed integer tables at 6 and 5 bits (g32),
+    then the 4-bit table (--levels) at groups 32, 64 and 128."""
+    return [QSpec(6, 32, True, "signed"), QSpec(5, 32, True, "signed"), *(QSpec(4, g, True, levels) for g in (32, 64, 128))]
+
+
+def tier_bits(spec: QSpec) -> float:
+    return spec.bits_per_weight(4096)
+
+
+def plan(target: float, outside: dict[str, int], n_dec: int, n_params: int, mixed: bool, levels: str = "iq4nl",
+         heads: tuple[str, ...] = tuple(HEADS)) -> dict | None:  # fmt: skip
+    """Head setting, decoder grid (low), the grid its most sensitive Linears are promoted to (high) and the decoder
+    Linears' average bits reaching `target` whole-model bpw; None when none does. Without mixed precision: the
+    setting of most bits within BPW_TOL of the target (one grid). With it: for the first head setting (in `heads`'
+    order) that leaves the decoder at least the 4-bit g128 grid, the richest grid that fits as low and the next
+    richer grid (int8 per channel above the 6-bit table) as high."""
+    grids = tiers(levels)
     if not mixed:
-        near = [((outside[h] + b * n_dec) / n_params, h, g) for h in HEADS for g, b in bits.items()]
+        near = [((outside[h] + tier_bits(s) * n_dec) / n_params, tier_bits(s), h, s) for h in heads for s in grids]
         near = [x for x in near if abs(x[0] - target) <= BPW_TOL - 0.01]
         if not near:
             return None
-        _, h, g = max(near)
-        return {"head": h, "group": g, "decoder_bits": bits[g]}
-    for head in HEADS:
+        _, b, h, s = max(near, key=lambda x: x[:2])
+        return {"head": h, "low": s.label(), "group": s.group, "decoder_bits": b, "spec": s}
+    for head in heads:
         t = (target * n_params - outside[head]) / n_dec
-        fits = [g for g in bits if bits[g] <= t + 0.005]
+        fits = [i for i, s in enumerate(grids) if tier_bits(s) <= t + 0.005]
         if fits:
-            return {"head": head, "group": fits[0], "decoder_bits": t}
+            low = grids[fits[0]]
+            high = grids[fits[0] - 1] if fits[0] > 0 else QSpec(8, 0, True)
+            return {"head": head, "low": low.label(), "high": high.label(), "group": low.group, "decoder_bits": t,
+                    "spec": low, "high_spec": high}  # fmt: skip
     return None
 
 
-def leanlm_config(p: dict, levels: str, sens):
-    low = QSpec(4, p["group"], True, levels)
+def leanlm_config(p: dict, sens):
+    low = p["spec"]
     mixed = None
-    if p["decoder_bits"] - low.bits_per_weight(4096) > 0.02:  # spend the rest on the most sensitive Linears
-        mixed = MixedPrecision(target_bits=round(p["decoder_bits"], 4), probe=PROBE, sensitivity=sens())
-    return GPTQ(bits=4, group=p["group"], symmetric=True, levels=levels, act_order=True, mixed=mixed,
+    if p["decoder_bits"] - tier_bits(low) > 0.02:  # spend the rest on the most sensitive Linears
+        mixed = MixedPrecision(target_bits=round(p["decoder_bits"], 4), high=p["high_spec"], probe=PROBE,
+                               sensitivity=sens())  # fmt: skip
+    return GPTQ(bits=low.bits, group=low.group, symmetric=True, levels=low.levels, act_order=True, mixed=mixed,
                 **HEADS[p["head"]])  # fmt: skip
 
 
@@ -326,15 +344,16 @@ def main() -> None:
     def leanlm_row(target: float, name: str, mixed: bool) -> None:
         if name in rows:
             return
-        p = plan(target, outside(), n_dec, n_params, mixed)
+        p = plan(target, outside(), n_dec, n_params, mixed, args.levels, HEAD_ORDER)
         if p is None:
             why = f"no head / group reaches {target:.3f} +- {BPW_TOL} bpw" + ("" if mixed else " without --mixed")
             log(f"leanlm {name}: {why}; skipped")
             block.setdefault("skipped", {})[name] = why
             return
-        cfg = leanlm_config(p, args.levels, sens)
-        log(f"leanlm {name}: head {p['head']}, decoder g{p['group']}, decoder bits {p['decoder_bits']:.3f}"
-            f"{' (mixed)' if cfg.mixed else ''}: quantizing")  # fmt: skip
+        cfg = leanlm_config(p, sens)
+        p = {k: v for k, v in p.items() if not k.endswith("spec")}  # (the labels stay in the record)
+        log(f"leanlm {name}: head {p['head']}, decoder {p['low']}, decoder bits {p['decoder_bits']:.3f}"
+            f"{' (mixed, up to ' + p['high'] + ')' if cfg.mixed else ''}: quantizing")  # fmt: skip
         t1, c1 = time.perf_counter(), time.process_time()
         model = quantize(load_model(directory, "float32"), cfg, calib, progress=False)
         seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
@@ -344,7 +363,7 @@ def main() -> None:
         rec = {"engine": "leanlm", "target_bpw": round(target, 3), "plan": p, "config": config,
                "bpw": round(weight_bytes(model) * 8 / n_params, 3),
                "bpw_decoder_linears": round(model.quantization["bits_per_weight"], 3),
-               "int8_linears": len((model.quantization["report"].get("mixed") or {}).get("high", [])),
+               "promoted_linears": len((model.quantization["report"].get("mixed") or {}).get("high", [])),
                "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu, 1),
                "quantize_s_with_sensitivity": round(seconds + (measured.get("s", 0.0) if cfg.mixed else 0.0), 1)}  # fmt: skip
         CodebookLinear.kernel_all_rows = True  # score table grids with the decode kernel's numerics (not while

@@ -433,9 +433,12 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
         for name, r in sorted(block["rows"].items(), key=lambda kv: kv[1]["bpw"]):
             if r["engine"] == "leanlm":
                 c = r["config"]
-                what = (f"GPTQ {c['levels']} g{c['group']}, head / embedding {r.get('plan', {}).get('head', '?')}"
+                p = r.get("plan", {})
+                promoted = r.get("promoted_linears", r.get("int8_linears"))  # (older records: promotions to int8)
+                grid = f"{c['bits']}-bit {c['levels']}" if c["levels"] == "signed" else c["levels"]
+                what = (f"GPTQ {grid} g{c['group']}, head / embedding {p.get('head', '?')}"
                         + (" (head by GPTQ)" if c.get("head_gptq") and c.get("head_bits") == 4 else "")
-                        + (f", {r['int8_linears']} Linears int8" if r.get("int8_linears") else ""))  # fmt: skip
+                        + (f", {promoted} Linears {p.get('high', 'int8-pc-sym')}" if promoted else ""))  # fmt: skip
             else:
                 what = ("imatrix; " + ",".join(r["types"]) + (f" (includes the source's {source})"
                                                               if r.get("matches_source_grid") else ""))  # fmt: skip

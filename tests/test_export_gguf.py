@@ -97,10 +97,11 @@ def test_k_quants_beat_or_match_the_32_blocks_of_the_same_bits():
 
 # ---- exact codes of quantized models -------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,wtype,levels,group", [(8, "q8_0", "uniform", 32), (4, "q4_0", "uniform", 64),
-                                                    (4, "iq4_nl", "iq4nl", 32)])  # fmt: skip
+                                                    (4, "iq4_nl", "iq4nl", 32), (5, "q5_0", "signed", 32),
+                                                    (4, "q4_0", "signed", 64), (6, "q8_0", "signed", 32)])  # fmt: skip
 def test_quantized_model_exports_its_own_codes(wide_dir, tmp_path, bits, wtype, levels, group):
-    """int8 / int4 symmetric and the IQ4_NL table grid (groups that are multiples of 32) write their codes: the
-    file's dequantized weights equal leanlm's bit for bit, and the report says so."""
+    """int8 / int4 symmetric, the IQ4_NL table grid and the signed integer tables (groups that are multiples of 32)
+    write their codes: the file's dequantized weights equal leanlm's bit for bit, and the report says so."""
     from leanlm.quant import quantize
     from leanlm.quant.config import RTN
 
@@ -116,7 +117,7 @@ def test_quantized_model_exports_its_own_codes(wide_dir, tmp_path, bits, wtype, 
         assert report[name][1] == G.EXACT, (name, report[name])
         np.testing.assert_array_equal(_deq(tensors[name]), t.float().numpy(), err_msg=name)
     assert tensors["blk.0.attn_q.weight"].tensor_type == Q[wtype.upper()]
-    assert tensors["output.weight"].tensor_type == (Q.Q8_0 if bits == 4 else Q[wtype.upper()])  # int8 g32 head
+    assert tensors["output.weight"].tensor_type == Q.Q8_0  # the int8 g32 head keeps its codes
 
 
 def test_mismatched_grids_are_requantized_and_reported(wide_dir, tmp_path):

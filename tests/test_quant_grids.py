@@ -140,7 +140,9 @@ def test_codebook_linear_without_kernel_and_export_roundtrip():
 
 
 @pytest.mark.parametrize("cfg", [RTN(bits=4, group=32, symmetric=True, levels="iq4nl"),
-                                 GPTQ(bits=4, group=32, symmetric=True, levels="learned", act_order=True)])  # fmt: skip
+                                 GPTQ(bits=4, group=32, symmetric=True, levels="learned", act_order=True),
+                                 GPTQ(bits=5, group=32, symmetric=True, levels="signed", act_order=True),
+                                 RTN(bits=6, group=32, symmetric=True, levels="signed")])  # fmt: skip
 def test_quantize_model_with_a_table_grid_save_load_and_fused_decode(tiny64, tmp_path, word_tokenizer, cfg):  # noqa: F811
     base = load_model(tiny64["llama"])
     x = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -152,11 +154,11 @@ def test_quantize_model_with_a_table_grid_save_load_and_fused_decode(tiny64, tmp
         "native" if ops.available() else "none")
     assert isinstance(model.lm_head, QuantLinear)  # the head stays uniform int8
     assert model.quantization["layers"]["layers.0.mlp.w_down"]["levels"] == cfg.levels
-    assert model.quantization["bits_per_weight"] == pytest.approx(4.5)
+    assert model.quantization["bits_per_weight"] == pytest.approx(cfg.bits + 0.5)  # codes and a bf16 scale per 32
     with torch.inference_mode():
         out = model(x)
     assert _kl(ref, out) < 0.2
-    path = save_quantized(model, word_tokenizer, tmp_path / cfg.levels)
+    path = save_quantized(model, word_tokenizer, tmp_path / f"{cfg.levels}{cfg.bits}")
     assert json.loads((path / "config.json").read_text())["leanlm_quant"]["layers"]["layers.1.attn.wqkv"]["levels"]
     again = load_model(path, dtype="bfloat16")
     assert isinstance(again.layers[1].attn.wqkv, CodebookLinear) and weight_bytes(again) == weight_bytes(model)
@@ -196,6 +198,12 @@ def test_table_grid_bad_settings():
         make_config("rtn", bits=4, group=64, symmetric=True, levels="nf5")
     with pytest.raises(LeanlmError, match="AWQ"):
         make_config("awq", bits=4, group=64, symmetric=True, levels="iq4nl")
+    with pytest.raises(LeanlmError, match="levels='signed' only"):
+        make_config("rtn", bits=5, group=32, symmetric=True, levels="learned")
+    with pytest.raises(LeanlmError, match="takes bits 3 / 4 / 5 / 6, got bits=7"):
+        make_config("rtn", bits=7, group=32, symmetric=True, levels="signed")
+    with pytest.raises(LeanlmError, match="not supported"):
+        make_config("rtn", bits=5, group=32, symmetric=True)  # no uniform 5-bit grid: the signed table holds it
     with pytest.raises(LeanlmError, match="drop clip"):
         make_config("gptq", bits=4, group=64, symmetric=True, levels="iq4nl", clip=True)
     with pytest.raises(LeanlmError, match="head_group"):
@@ -263,3 +271,24 @@ def test_native_scale_search_matches_the_torch_search(g, weighted):
 def test_native_scale_search_refuses_non_integer_levels():
     with pytest.raises(RuntimeError, match="integers"):
         ops.codebook_search_scales(torch.randn(4, 32), None, torch.linspace(-1, 1, 16), 7)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_signed_table_is_all_integers_and_gptq_beats_rtn(bits):
+    """The signed table holds every code's integer (-2**(bits-1) .. 2**(bits-1)-1, the top code of a negative group
+    extreme used); GPTQ on it has less output error than RTN; the module's kernel and dequantized product agree."""
+    from leanlm.quant.codebook import fixed_table
+
+    t = fixed_table("signed", bits)
+    assert t.tolist() == list(range(-(1 << (bits - 1)), 1 << (bits - 1)))
+    x = _correlated(k=256)
+    H = x.t() @ x / x.shape[0]
+    w = _weights()
+    spec = QSpec(bits, 32, True, "signed").validate()
+    e_rtn = output_error(w - codebook_rtn(w, spec, H.diagonal()).dequantize(), H)
+    qw = gptq(w, H, spec, act_order=True)
+    assert torch.equal(qw.table, t) and qw.q.max() < 1 << bits and qw.zero is None
+    assert output_error(w - qw.dequantize(), H) < 0.8 * e_rtn
+    m = CodebookLinear(qw, None, "auto")
+    y_ref = x[:5] @ qw.dequantize().T
+    assert (m(x[:5]) - y_ref).abs().max() <= 0.02 * y_ref.abs().max()  # kernel: activations rounded to int8

@@ -197,7 +197,7 @@ def codebook_search_scales(x: torch.Tensor, importance: torch.Tensor | None, lev
                            tries: int) -> torch.Tensor:  # fmt: skip
     """Each group's least-error scale on a table grid (leanlm.quant.codebook.search_scales, in one pass per
     group): x fp32 [R, g] (groups), importance fp32 [G, g] (group r % G's input weights) or None, levels fp32 [L]
-    (2 <= L <= 16 sorted integers) -> fp32 [R]."""
+    (2 <= L <= 64 sorted integers) -> fp32 [R]."""
     imp = torch.empty(0) if importance is None else importance.float().contiguous()
     return _require().codebook_search_scales(x.float().contiguous(), imp, levels.float(), tries)
 

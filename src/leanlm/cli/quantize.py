@@ -109,13 +109,14 @@ def add_arguments(p) -> None:
     """Options of `leanlm quantize` after MODEL."""
     p.add_argument("--method", default="gptq", help="rtn | gptq | awq (default gptq)")
     p.add_argument("--bits", type=integer(), default=4, help="4 or 8 (default 4); 3 on a table grid (--levels iq3 or "
-                   "learned)")
+                   "learned); 3 to 6 on --levels signed")
     p.add_argument("--group", type=integer(), default=128, help="input columns per scale: 32, 64, 128, 256, or 0 = per "
                                                           "output channel (default 128)")  # fmt: skip
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero point); default asymmetric")
-    p.add_argument("--levels", default="uniform", help="uniform | iq4nl | iq3 | learned: iq4nl (--bits 4) / iq3 "
-                   "(--bits 3) are fixed 16- / 8-level tables, learned fits one per tensor at --bits 4 or 3; tables "
-                   "take one scale per group (need --sym; RTN or GPTQ)")
+    p.add_argument("--levels", default="uniform", help="uniform | iq4nl | iq3 | learned | signed: iq4nl (--bits 4) / iq3 "
+                   "(--bits 3) are fixed 16- / 8-level tables, learned fits one per tensor at --bits 4 or 3, signed is "
+                   "every integer -2**(bits-1)..2**(bits-1)-1 at --bits 3 to 6 (llama.cpp's Q4_0 / Q5_0 grids; "
+                   "--bits 5 --group 32 exports as Q5_0); tables take one scale per group (need --sym; RTN or GPTQ)")
     p.add_argument("--calib", default="wikitext2-valid",
                    help="calibration text: wikitext2-valid (default), pride-and-prejudice, moby-dick or a file")  # fmt: skip
     p.add_argument("--samples", type=integer(1), default=16, help="calibration windows (default 16)")

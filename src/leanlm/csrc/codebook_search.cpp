@@ -1,5 +1,5 @@
-// Scale search of the table grids (leanlm/quant/codebook.py, search_scales; any table of 2..16 levels, so the 4-bit
-// and the 3-bit grids): for every group of g
+// Scale search of the table grids (leanlm/quant/codebook.py, search_scales; any table of 2..64 levels, so the 3- to
+// 6-bit grids): for every group of g
 // weights, the scale d minimising sum imp * (x - d * T[nearest(x / d)])^2 over candidates that put the group's
 // largest-magnitude weight near either end of the table, each refined to its least-squares scale.
 //
@@ -59,12 +59,12 @@ static inline float codebook_candidate(const float* x, const float* imp, int g, 
 }
 
 // x: fp32 [R, g] (R = rows x groups, group-major within a row); imp: fp32 [G, g] (group r % G's input weights) or
-// empty (uniform); levels: fp32 [L] (2 <= L <= 16), sorted integers in [-127, 127]. Returns fp32 [R]: each group's
+// empty (uniform); levels: fp32 [L] (2 <= L <= 64), sorted integers in [-127, 127]. Returns fp32 [R]: each group's
 // scale.
 static Tensor codebook_search_scales(const Tensor& x, const Tensor& imp, const Tensor& levels, int64_t tries) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [R, g]");
   const int64_t L = levels.numel();
-  TORCH_CHECK(L >= 2 && L <= 16 && levels.scalar_type() == at::kFloat, "levels: fp32 [L], 2 <= L <= 16");
+  TORCH_CHECK(L >= 2 && L <= 64 && levels.scalar_type() == at::kFloat, "levels: fp32 [L], 2 <= L <= 64");
   const int64_t R = x.size(0), g = x.size(1);
   TORCH_CHECK(g > 0 && g <= 1024, "group size in [1, 1024]");
   const bool weighted = imp.numel() > 0;
@@ -75,7 +75,7 @@ static Tensor codebook_search_scales(const Tensor& x, const Tensor& imp, const T
     G = imp.size(0);
     TORCH_CHECK(R % G == 0, "x's groups are not a whole number of rows of imp's G groups");
   }
-  float lv[16];
+  float lv[64];
   auto lc = levels.contiguous();
   std::memcpy(lv, lc.data_ptr<float>(), L * sizeof(float));
   for (int i = 0; i < L; ++i)

@@ -14,15 +14,16 @@ Architectures (llama.cpp's names), picked from the model's config:
   arrays; q/k/v biases kept). llama.cpp reads per-layer widths for no other of these architectures, so a
   non-uniform Qwen3 or Gemma 3 model is refused.
 
-Weight types (`TYPES`): F32, F16, Q8_0, Q4_0 (gguf.quants' quantizers), Q4_K, Q5_K, Q6_K and IQ4_NL (gguf_blocks.py).
+Weight types (`TYPES`): F32, F16, Q8_0, Q4_0, Q5_0 (gguf.quants' quantizers), Q4_K, Q5_K, Q6_K and IQ4_NL (gguf_blocks.py).
 Norms, biases and 1-D tensors stay F32; a matrix whose rows are not a multiple of its type's block (32, or 256 for
 K-quants) takes llama.cpp's own fallback (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides
 it). With a type below 8 bits the token embedding (and the tied or untied output head) is Q6_K where its rows
 allow, else Q8_0, as llama.cpp's own quantizer keeps the head at higher precision.
 
 A leanlm-quantized model exports its own codes where the GGUF type is the same grid (`exact_blocks`): int8
-symmetric with a group that is a multiple of 32 (or per channel) as Q8_0, int4 symmetric likewise as Q4_0, and
-the IQ4_NL table grid as IQ4_NL; the bf16 scales become fp16 ones, exact for every scale in fp16's normal range
+symmetric with a group that is a multiple of 32 (or per channel) as Q8_0, int4 symmetric likewise as Q4_0, the
+IQ4_NL table grid as IQ4_NL, the signed integer tables (levels='signed') at 4 / 5 bits as Q4_0 / Q5_0 and at 4-6
+bits as Q8_0 (the same values in a wider type); the bf16 scales become fp16 ones, exact for every scale in fp16's normal range
 (the report counts any that are not). Every other pairing (asymmetric grids, learned tables, a different target
 type) is dequantized and rounded again to the requested type: lossy, as a second quantization is.
 
@@ -46,9 +47,10 @@ from ..errors import LeanlmError
 from ..io import check_writable, replace_with_umask
 from . import gguf_blocks
 
-TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "iq4_nl")
-# llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q4_K_S, MOSTLY_Q5_K_S, MOSTLY_Q6_K, MOSTLY_IQ4_NL
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k": 14, "q5_k": 16, "q6_k": 18, "iq4_nl": 25}
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "iq4_nl")
+# llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q8_0, MOSTLY_Q5_0, MOSTLY_Q4_K_S, MOSTLY_Q5_K_S, MOSTLY_Q6_K,
+# MOSTLY_IQ4_NL
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q5_0": 8, "q4_k": 14, "q5_k": 16, "q6_k": 18, "iq4_nl": 25}
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama.cpp's, for rows not a multiple of 256
 _QBLOCK = 32
 _NORM_ROPE = ("llama", "deci")  # llama.cpp rotates interleaved pairs in these; NEOX (half-split) in the others
@@ -332,7 +334,8 @@ def exact_blocks(module, rows: torch.Tensor | None, wtype: str):
     """(GGUF bytes, how, wtype) of a quantized module's own codes when `wtype` is the same grid, else None.
 
     Q8_0 = int8 symmetric, Q4_0 = int4 symmetric (w = d (q - 8)), IQ4_NL = the IQ4_NL table grid, each with a group
-    that is a multiple of 32 or one scale per row (each 32-block takes its group's scale) and in_features % 32 == 0."""
+    that is a multiple of 32 or one scale per row (each 32-block takes its group's scale) and in_features % 32 == 0;
+    the signed integer tables: Q4_0 / Q5_0 (w = d (q - 16)) at 4 / 5 bits, and Q8_0 (q - 2**(bits-1) as int8)."""
     from ..quant.codebook import IQ4NL, CodebookLinear
     from ..quant.packed import QuantEmbedding, QuantLinear
 
@@ -343,7 +346,14 @@ def exact_blocks(module, rows: torch.Tensor | None, wtype: str):
     spec, N, K = module.spec, module.out_features, module.in_features
     if K % _QBLOCK or (spec.group and spec.group % _QBLOCK) or not spec.symmetric:
         return None
-    if isinstance(module, CodebookLinear):
+    if isinstance(module, CodebookLinear) and spec.levels == "signed":
+        same = {4: "q4_0", 5: "q5_0"}.get(spec.bits)
+        if wtype not in (same, "q8_0"):
+            return None
+        codes, scale = module.codes()[:, :K], module.scales.float()
+        if wtype == "q8_0":
+            codes = codes.to(torch.int16) - (1 << (spec.bits - 1))
+    elif isinstance(module, CodebookLinear):
         if wtype != "iq4_nl" or spec.levels != "iq4nl" or module.table.tolist() != list(IQ4NL):
             return None
         codes, scale = module.codes()[:, :K], module.scales.float()
@@ -361,7 +371,8 @@ def exact_blocks(module, rows: torch.Tensor | None, wtype: str):
         return None
     how = EXACT if (d.astype(np.float32) == s).all() else EXACT_FP16_SCALE
     c = codes.numpy()
-    return (gguf_blocks.pack_q8_0(c, d) if wtype == "q8_0" else gguf_blocks.pack_q4_0(c, d)), how, wtype
+    pack = {"q8_0": gguf_blocks.pack_q8_0, "q5_0": gguf_blocks.pack_q5_0}.get(wtype, gguf_blocks.pack_q4_0)
+    return pack(c, d), how, wtype
 
 
 def _tensor_type(name: str, K: int, wtype: str) -> str:
@@ -369,7 +380,7 @@ def _tensor_type(name: str, K: int, wtype: str) -> str:
     if wtype in ("f32", "f16"):
         return wtype
     if name in ("token_embd.weight", "output.weight"):  # the head keeps at least 6 bits
-        wtype = "q8_0" if wtype == "q4_0" else "q6_k" if wtype in ("q4_k", "q5_k", "iq4_nl") else wtype
+        wtype = "q8_0" if wtype == "q4_0" else "q6_k" if wtype in ("q4_k", "q5_k", "q5_0", "iq4_nl") else wtype
     if wtype in _FALLBACK and K % gguf_blocks.QK_K:
         wtype = _FALLBACK[wtype]
     return wtype if K % _QBLOCK == 0 else "f16"

@@ -1,9 +1,10 @@
 """ggml block formats the `gguf` package cannot write: K-quants (Q4_K, Q5_K, Q6_K) and IQ4_NL from float rows,
-and Q8_0 / Q4_0 / IQ4_NL blocks from a leanlm-quantized model's own codes (no second rounding).
+and Q8_0 / Q4_0 / Q5_0 / IQ4_NL blocks from a leanlm-quantized model's own codes (no second rounding).
 
 Layouts are ggml's (the `gguf` package's dequantizers read them; tests round-trip through those):
 - Q8_0 (34 bytes / 32 weights): fp16 d, 32 int8;                    w = d * q
 - Q4_0 (18 / 32): fp16 d, 16 bytes, byte j = q[j] | q[j+16] << 4;  w = d * (q - 8)
+- Q5_0 (22 / 32): fp16 d, 4 bytes of fifth bits (bit j: q[j]), Q4_0's 16 bytes of low nibbles;  w = d * (q - 16)
 - IQ4_NL (18 / 32): as Q4_0 with table indices;                     w = d * T[q], T = codebook.IQ4NL
 - Q4_K (144 / 256): fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and mins (8 sub-blocks of 32), 128 bytes
   of nibbles (per 64 weights: sub-block 2c in the low nibbles, 2c+1 in the high);  w = d * sc * q - dmin * m
@@ -59,6 +60,20 @@ def pack_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     out = np.empty((N, K // 32, 18), np.uint8)
     out[..., :2] = _f16_bytes(d)
     out[..., 2:] = _nibbles(b[:, :, 0], b[:, :, 1])
+    return out.reshape(N, -1)
+
+
+def pack_q5_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Codes in [0, 32) [N, K] (w = d * (q - 16)) -> Q5_0 bytes [N, K/32 * 22]: fp16 d, 4 bytes whose bit j is the
+    fifth bit of q[j], then Q4_0's nibbles of the low four bits."""
+    N, K = q.shape
+    b = q.astype(np.uint8).reshape(N, K // 32, 32)
+    out = np.empty((N, K // 32, 22), np.uint8)
+    out[..., :2] = _f16_bytes(d)
+    high = ((b >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+    out[..., 2:6] = high.astype("<u4").view(np.uint8).reshape(N, K // 32, 4)
+    low = b & 15
+    out[..., 6:] = _nibbles(low[..., :16], low[..., 16:])
     return out.reshape(N, -1)
 
 

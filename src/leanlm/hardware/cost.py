@@ -16,7 +16,8 @@ from ..errors import LeanlmError
 from ..model.config import ModelConfig
 from .profiles import HardwareProfile
 
-BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "int3": 3}  # int3: 3-bit table grids
+# int3 / int5 / int6: the 3-bit table grids and the 5- / 6-bit signed integer tables (codebook.py)
+BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int6": 6, "int5": 5, "int4": 4, "int3": 3}
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Plan:
     """What a recipe does to the cost (shapes come from the model config itself). Each method's config
     fills in its part with `config.price(plan)`; `leanlm.apply.plan_for(model, configs)` builds one."""
 
-    weight_dtype: str = "fp32"  # storage of linear weights: fp32 | bf16 | fp16 | int8 | int4 | int3 | fp8
+    weight_dtype: str = "fp32"  # storage of linear weights: fp32 | bf16 | fp16 | int8 | int6 | int5 | int4 | int3 | fp8
     compute_dtype: str = "fp32"  # activations / matmul dtype
     group_size: int | None = None  # quantization group (adds scale/zero bytes)
     layer_weight_dtype: dict[int, str] = field(default_factory=dict)  # mixed precision overrides
@@ -63,7 +64,7 @@ class OpCost:
 
 def _weight_bytes(params: float, dtype: str, group: int | None) -> float:
     b = params * BITS[dtype] / 8
-    if dtype in ("int8", "int4", "int3"):
+    if dtype.startswith("int"):
         b += params / (group or 1_000_000) * 4  # a bf16 scale (+ zero) per group
     return b
 

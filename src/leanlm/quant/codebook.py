@@ -37,6 +37,7 @@ from ..ops import FusedLinear, LinearKind
 from .config import QSpec
 from .packed import NATIVE_MAX_ROWS, TILE_ROWS, RowDequantized, dequant_mm, pack_int4, unpack_int4
 from .rtn import QuantizedWeight, pad_columns
+from .wide import pack_wide, tile_codes_wide, tiled_wide_rows, unpack_wide, untile_codes_wide
 
 # llama.cpp's IQ4_NL levels (ggml-common.h kvalues_iq4nl): the format's definition
 IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -54,10 +55,15 @@ KMEANS_SAMPLES = 1 << 21  # weights a learned table is fitted on (a strided subs
 KMEANS_ITERS = 12
 
 
-def fixed_table(name: str) -> torch.Tensor:
+def fixed_table(name: str, bits: int | None = None) -> torch.Tensor:
+    """A fixed table by name; "signed" (all 2**bits signed integers) needs its bits."""
+    if name == "signed":
+        if bits is None:
+            raise LeanlmError("the 'signed' table has one entry per code: give its bits")
+        return torch.arange(-(1 << (bits - 1)), 1 << (bits - 1), dtype=torch.int8)
     if name in FIXED_TABLES:
         return torch.tensor(FIXED_TABLES[name], dtype=torch.int8)
-    raise LeanlmError(f"no fixed table named {name!r}; use one of {', '.join(FIXED_TABLES)}")
+    raise LeanlmError(f"no fixed table named {name!r}; use one of {', '.join(FIXED_TABLES)} or 'signed'")
 
 
 def start_table(bits: int) -> tuple[int, ...]:
@@ -158,11 +164,11 @@ def search_scales(groups: torch.Tensor, levels: torch.Tensor, importance: torch.
                   tries: int = SCALE_TRIES) -> torch.Tensor:  # fmt: skip
     """Per group of `groups` [N, G, g] the float32 scale d minimising sum imp * (x - d * T[nearest(x / d)])^2.
 
-    levels: the sorted table (2 to 16 levels: the 4-bit and 3-bit grids). importance: [G, g] (per input column) or
+    levels: the sorted table (2 to 64 levels: the 3- to 6-bit grids). importance: [G, g] (per input column) or
     None (uniform). Returns [N, G] float32 (not yet rounded to bf16). The native kernel (csrc/codebook_search.cpp)
     runs the same search one group at a time; torch's version below is the reference and the fallback."""
     x = groups.float()
-    if ops.available() and 2 <= levels.numel() <= 16 and bool((levels == levels.round()).all()):
+    if ops.available() and 2 <= levels.numel() <= 64 and bool((levels == levels.round()).all()):
         N, G, g = x.shape
         imp = None if importance is None else importance.float().reshape(G, g)
         return ops.codebook_search_scales(x.reshape(N * G, g), imp, levels, tries).view(N, G)
@@ -257,7 +263,9 @@ def derive_iq3(samples: int = 1 << 20, group: int = 32, rounds: int = 30, seed: 
 
 
 def table_for(spec: QSpec, groups: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    return learn_table(groups, importance, bits=spec.bits) if spec.levels == "learned" else fixed_table(spec.levels)
+    if spec.levels == "learned":
+        return learn_table(groups, importance, bits=spec.bits)
+    return fixed_table(spec.levels, spec.bits)
 
 
 def codebook_grid(W: torch.Tensor, spec: QSpec, importance: torch.Tensor | None = None):
@@ -313,9 +321,11 @@ class CodebookLinear(RowDequantized):
             raise LeanlmError("CodebookLinear needs a QuantizedWeight with a table (codebook_rtn / gptq on a table grid)")
         self.spec = qw.spec
         bits = self.spec.bits
-        if bits not in (3, 4) or qw.table.numel() != 1 << bits:
-            raise LeanlmError(f"CodebookLinear takes 4-bit (16-level) or 3-bit (8-level) tables, got bits={bits} and a "
+        if bits not in (3, 4, 5, 6) or qw.table.numel() != 1 << bits:
+            raise LeanlmError(f"CodebookLinear takes tables of 2**bits levels at 3 to 6 bits, got bits={bits} and a "
                               f"table of {qw.table.numel()} levels")  # fmt: skip
+        if bits > 4 and not torch.equal(qw.table.to(torch.int8), fixed_table("signed", bits)):
+            raise LeanlmError(f"a {bits}-bit table grid must be the 'signed' table (no other {bits}-bit table exists)")
         self.in_features, self.out_features = qw.in_features, qw.out_features
         self.padded_in = qw.q.shape[1]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -328,7 +338,10 @@ class CodebookLinear(RowDequantized):
             raise LeanlmError("the native codebook kernel is unavailable here (no compiled kernels, or a group that "
                               "is not a multiple of 32); use backend='auto' or 'none'")  # fmt: skip
         self.backend = "native" if native else "none"
-        if bits == 3:  # (groups are multiples of 32, so the stored width is whole blocks)
+        if bits > 4:  # the signed integer tables (wide.py)
+            self.layout = "tiles_wide" if native else "wide"
+            packed = tile_codes_wide(qw.q, bits) if native else pack_wide(qw.q, bits)
+        elif bits == 3:  # (groups are multiples of 32, so the stored width is whole blocks)
             self.layout = "tiles3" if native else "blocks3"
             packed = tile_codes3(qw.q) if native else pack_blocks3(qw.q)
         else:
@@ -352,6 +365,8 @@ class CodebookLinear(RowDequantized):
                            self.kgroup)  # fmt: skip
 
     def _unpack(self, p: torch.Tensor) -> torch.Tensor:
+        if self.layout == "wide":
+            return unpack_wide(p, self.spec.bits)
         if self.layout == "blocks3":
             return unpack_blocks3(p)
         return unpack_blocks(p) if self.layout == "blocks" else unpack_int4(p)
@@ -359,9 +374,11 @@ class CodebookLinear(RowDequantized):
     def codes(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """uint8 table indices of rows [n0, n1), width stored_in."""
         n1 = self.out_features if n1 is None else n1
-        if self.layout == "tiles3":  # the tiles that hold the rows, untiled
+        if self.layout in ("tiles3", "tiles_wide"):  # the tiles that hold the rows, untiled
             t0 = n0 // TILE_ROWS
-            q = untile_codes3(self.qweight[t0 : -(-n1 // TILE_ROWS)], self.stored_in)
+            tiles = self.qweight[t0 : -(-n1 // TILE_ROWS)]
+            q = untile_codes3(tiles, self.stored_in) if self.layout == "tiles3" else \
+                untile_codes_wide(tiles, self.spec.bits, self.stored_in)
             return q[n0 - t0 * TILE_ROWS : n1 - t0 * TILE_ROWS]
         return self._unpack(self.qweight[n0:n1])
 
@@ -370,11 +387,17 @@ class CodebookLinear(RowDequantized):
         return w[:, : self.in_features].to(dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        tiled = self.layout == "tiles3"
-        q = tiled3_rows(self.qweight, self.stored_in, ids) if tiled else self._unpack(self.qweight[ids])
+        if self.layout == "tiles3":
+            q = tiled3_rows(self.qweight, self.stored_in, ids)
+        elif self.layout == "tiles_wide":
+            q = tiled_wide_rows(self.qweight, self.spec.bits, self.stored_in, ids)
+        else:
+            q = self._unpack(self.qweight[ids])
         return dequantize_table(q, self.scales[ids], self.table)[:, : self.in_features]
 
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.spec.bits > 4:
+            return ops.q_linear_wide(x2, self.qweight, self.scales, self.spec.bits, self.kgroup)
         product = ops.q_linear_codebook3 if self.spec.bits == 3 else ops.q_linear_codebook
         return product(x2, self.qweight, self.scales, self.table, self.kgroup)
 
@@ -400,7 +423,12 @@ class CodebookLinear(RowDequantized):
         spec = self.spec
         meta = {"bits": spec.bits, "group": spec.group, "symmetric": True, "levels": spec.levels,
                 "in_features": self.in_features, "out_features": self.out_features}  # fmt: skip
-        codes = pack_blocks3(self.codes()) if spec.bits == 3 else pack_int4(self.codes()[:, : self.padded_in])
+        if spec.bits > 4:
+            codes = pack_wide(self.codes()[:, : self.padded_in], spec.bits)
+        elif spec.bits == 3:
+            codes = pack_blocks3(self.codes())
+        else:
+            codes = pack_int4(self.codes()[:, : self.padded_in])
         t = {"qweight": codes, "scales": self.scales, "table": self.table}
         if self.bias is not None:
             t["bias"] = self.bias
@@ -414,7 +442,12 @@ class CodebookLinear(RowDequantized):
             raise LeanlmError(f"a {spec.label()} layer is missing its table; the file is incomplete")
         if bits == 3 and t["qweight"].shape[-1] % 12:
             raise LeanlmError(f"a {spec.label()} layer's qweight is not whole 12-byte blocks; the file is damaged")
-        q = unpack_blocks3(t["qweight"]) if bits == 3 else unpack_int4(t["qweight"])
+        if bits > 4 and t["qweight"].shape[-1] % (4 * bits):
+            raise LeanlmError(f"a {spec.label()} layer's qweight is not whole {4 * bits}-byte blocks; the file is damaged")
+        if bits > 4:
+            q = unpack_wide(t["qweight"], bits)
+        else:
+            q = unpack_blocks3(t["qweight"]) if bits == 3 else unpack_int4(t["qweight"])
         qw = QuantizedWeight(q, t["scales"].to(torch.bfloat16), None, spec, meta["in_features"],
                              table=t["table"].to(torch.int8))  # fmt: skip
         return cls(qw, t.get("bias"), backend)

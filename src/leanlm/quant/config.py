@@ -15,7 +15,10 @@ the weight is stored zero-padded to a whole group and the input is zero-padded a
 tensor, one bf16 scale per group and no zero. At 4 bits: "iq4nl" (llama.cpp IQ4_NL's fixed table) or "learned"
 (fitted to each tensor's weights); at 3 bits: "iq3" (a fixed 8-level table, codebook.IQ3) or "learned". Their bits
 per weight equal a symmetric uniform grid's: bits + 16 / group (4.5 / 3.5 at g32, 4.25 / 3.25 at g64; plus the
-table's 16 or 8 bytes per tensor). 3 bits exist on table grids only (no uniform 3-bit grid).
+table's 16 or 8 bytes per tensor). 3 bits exist on table grids only (no uniform 3-bit grid). "signed" is the table
+of all 2**bits signed integers, -2**(bits-1) .. 2**(bits-1) - 1 (the grid of llama.cpp's Q4_0 / Q5_0: unlike the
+symmetric uniform grid it uses the code -2**(bits-1) too, for the group's largest weight when it is negative), at 3
+to 6 bits: 5.5 and 6.5 bpw at g32, the tiers between the 4-bit grids and int8.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import LeanlmError
 
 BITS = (4, 8)  # uniform grids
-TABLE_BITS = (3, 4)  # table grids (codebook.py)
+TABLE_BITS = (3, 4, 5, 6)  # table grids (codebook.py): 5 and 6 on the "signed" table only
 GROUPS = (0, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq", "awq")
-LEVELS = ("uniform", "iq4nl", "iq3", "learned")  # uniform integer levels; codebook.py's tables
-FIXED_TABLE_BITS = {"iq4nl": 4, "iq3": 3}  # the bits of each fixed table ("learned" fits any of TABLE_BITS)
+LEVELS = ("uniform", "iq4nl", "iq3", "learned", "signed")  # uniform integer levels; codebook.py's tables
+FIXED_TABLE_BITS = {"iq4nl": 4, "iq3": 3}  # the bits of each fixed table ("learned" fits 3 or 4)
+LEVEL_BITS = {"iq4nl": (4,), "iq3": (3,), "learned": (3, 4), "signed": (3, 4, 5, 6)}  # the bits each table takes
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class QSpec:
     bits: int = 4
     group: int = 128  # 0 = per output channel
     symmetric: bool = False
-    levels: str = "uniform"  # LEVELS: "uniform", or a 3- or 4-bit table (codebook.py)
+    levels: str = "uniform"  # LEVELS: "uniform", or a table (codebook.py)
 
     @property
     def codebook(self) -> bool:
@@ -77,9 +81,13 @@ class QSpec:
             other = next((n for n, b in FIXED_TABLE_BITS.items() if b == self.bits), None)
             hint = f", or levels {other!r} / 'learned' at {self.bits} bits" if other else ""
             raise LeanlmError(f"levels {self.levels!r} is a {fixed}-bit table, got bits={self.bits}; use bits={fixed}{hint}")
+        if self.codebook and self.bits not in LEVEL_BITS[self.levels]:
+            hint = "; 5 and 6 bits exist on levels='signed' only" if self.bits in (5, 6) else ""
+            raise LeanlmError(f"levels {self.levels!r} takes bits {' / '.join(map(str, LEVEL_BITS[self.levels]))}, got "
+                              f"bits={self.bits}{hint}")  # fmt: skip
         if self.bits not in (TABLE_BITS if self.codebook else BITS):
-            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8 (uniform grids), or 3 or 4 on a table "
-                              "grid (levels 'iq3' / 'iq4nl' / 'learned')")  # fmt: skip
+            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8 (uniform grids), 3 or 4 on a table "
+                              "grid (levels 'iq3' / 'iq4nl' / 'learned'), or 3 to 6 on levels='signed'")  # fmt: skip
         if self.group not in GROUPS:
             raise LeanlmError(f"group={self.group} is not supported; use 32, 64, 128, 256 or 0 (per output channel)")
         if self.codebook and (not self.symmetric or not self.group):
