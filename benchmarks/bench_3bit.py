@@ -2,15 +2,17 @@
 
 Modes (--modes, default all three):
 
-- kernels: one-row decode GEMV time of q_linear_codebook3 (3-bit table, g32: 3.5 bpw; tiles of 16 rows) against
-  q_linear_codebook (4-bit IQ4_NL table, g32: 4.5 bpw; a per-row stream) and q_linear (uniform int4 symmetric g32,
-  4.5 bpw; tiles of 16 rows) on the model's own layer shapes (N x K: wqkv 1152x896, wo 896x896, gate or up
-  4864x896, down 896x4864; the weights of layer --layer, quantized by RTN), a bf16 activation row as the decode step
-  hands it. Per thread count (--threads) and ISA path (the AVX512-VNNI copy where the CPU has it, and the AVX2 copy
-  every kernel also has), the kernels run interleaved (k1, k2, k3, k1, ...; --repeats samples of --calls calls
+- kernels: one-row decode GEMV time of q_linear_codebook3 (3-bit table, g32: 3.5 bpw) and q_linear_codebook (4-bit
+  IQ4_NL table, g32: 4.5 bpw) against q_linear (uniform int4 symmetric g32, 4.5 bpw), all three over tiles of 16
+  rows, on the model's own layer shapes (N x K: wqkv 1152x896, wo 896x896, gate or up 4864x896, down 896x4864; the
+  weights of layer --layer, quantized by RTN), a bf16 activation row as the decode step hands it. Per thread count
+  (--threads) and ISA path (the AVX512-VNNI copy where the CPU has it, for the 4-bit table its VNNI + VBMI copy where
+  the CPU also has VBMI, vbmi_cpu; and the AVX2 copy every kernel also has), the kernels run interleaved (k1, k2, k3, k1, ...; --repeats samples of --calls calls
   each): median and min-max microseconds per call. per_token_ms: 24 layers x (wqkv + wo + 2 x gate/up + down) from
   those medians, the decoder linears' share of one decode step (an estimate: the runtime's fused gate/up is one
-  9728-row call, and each matrix is timed alone, from cache); per_token_ms_min the same from the fastest samples.
+  9728-row call, and each matrix is timed alone, from cache); per_token_ms_min the same from the fastest samples;
+  ratio_cb3_vs / ratio_cb4_vs: the table kernels' per-token time over each other kernel's. --kernels cb4-iq4nl-g128
+  int4-g128-sym (with the default three) adds the 4-bit table and uniform int4 at g128 to the same interleaved run.
 - quality: GPTQ (act-order, head_bits=8, int8 per-channel LM head) onto the 3-bit tables "iq3" and "learned" at
   g32, with RTN onto iq3 and GPTQ onto the 4-bit IQ4_NL table at g32 as references, calibrated on --samples
   windows of WikiText-2 validation; WikiText-2 test ppl, KL(fp32 || quantized) and top-1 agreement on --windows
@@ -59,7 +61,9 @@ SHAPES = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 
           "gate": ("mlp.gate_proj",), "down": ("mlp.down_proj",)}  # fmt: skip
 PER_LAYER_CALLS = {"wqkv": 1, "wo": 1, "gate": 2, "down": 1}  # gate and up share a shape
 KERNELS = {"cb3-iq3-g32": QSpec(3, 32, True, "iq3"), "cb4-iq4nl-g32": QSpec(4, 32, True, "iq4nl"),
-           "int4-g32-sym": QSpec(4, 32, True)}  # fmt: skip
+           "int4-g32-sym": QSpec(4, 32, True), "cb4-iq4nl-g128": QSpec(4, 128, True, "iq4nl"),
+           "int4-g128-sym": QSpec(4, 128, True)}  # fmt: skip
+DEFAULT_KERNELS = ("cb3-iq3-g32", "cb4-iq4nl-g32", "int4-g32-sym")  # --kernels adds the g128 pair on request
 ROWS = {
     "gptq-cb3-iq3-g32": GPTQ(bits=3, group=32, symmetric=True, levels="iq3", act_order=True, head_bits=8),
     "gptq-cb3-learned-g32": GPTQ(bits=3, group=32, symmetric=True, levels="learned", act_order=True, head_bits=8),
@@ -98,14 +102,24 @@ def set_vnni(allowed: bool) -> None:
     lib.set_q_linear_vnni(allowed)
 
 
+def cpu_flag(name: str) -> bool | None:
+    """Whether /proc/cpuinfo lists the CPU flag (None where there is no such file)."""
+    try:
+        return name in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+
+
 def bench_kernels(args, directory) -> dict:
     f = weights_file(directory)
     vnni_cpu = bool(ops._lib().q_gemm_supported())  # AVX512F/BW/VL + VNNI: the kernels' VNNI copies run
     out = {"layer": args.layer, "calls_per_sample": args.calls, "samples": args.repeats, "activation": "bf16 [1, K]",
-           "isa_build": ops.isa(), "vnni_cpu": vnni_cpu, "shapes": {}}  # fmt: skip
+           "isa_build": ops.isa(), "vnni_cpu": vnni_cpu, "vbmi_cpu": vnni_cpu and cpu_flag("avx512vbmi"),
+           "shapes": {}}  # fmt: skip
     for label, parts in SHAPES.items():
         w = layer_weight(f, args.layer, parts)
-        mods = {k: (CodebookLinear if s.codebook else QuantLinear)(rtn(w, s)) for k, s in KERNELS.items()}
+        specs = {k: KERNELS[k] for k in args.kernels}
+        mods = {k: (CodebookLinear if s.codebook else QuantLinear)(rtn(w, s)) for k, s in specs.items()}
         x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
         calls = {k: kernel_call(m) for k, m in mods.items()}
         exact = x.float() @ w.t()
@@ -135,13 +149,15 @@ def bench_kernels(args, directory) -> dict:
     def per_token(run: str, k: str, stat: str) -> float:
         return 24 * sum(n * out["shapes"][s][run][k][stat] for s, n in PER_LAYER_CALLS.items()) / 1e3
 
-    out["per_token_ms"] = {run: {k: per_token(run, k, "median_us") for k in KERNELS} for run in runs}
+    out["per_token_ms"] = {run: {k: per_token(run, k, "median_us") for k in args.kernels} for run in runs}
     # from the fastest samples: on a machine shared with other jobs, the least disturbed figure
-    out["per_token_ms_min"] = {run: {k: per_token(run, k, "min_us") for k in KERNELS} for run in runs}
+    out["per_token_ms_min"] = {run: {k: per_token(run, k, "min_us") for k in args.kernels} for run in runs}
     for stat in ("", "_min"):
         t = out[f"per_token_ms{stat}"]
-        out[f"ratio_cb3_vs{stat}"] = {run: {k: t[run]["cb3-iq3-g32"] / t[run][k] for k in KERNELS if k != "cb3-iq3-g32"}
-                                      for run in runs}  # fmt: skip
+        for name, key in (("cb3", "cb3-iq3-g32"), ("cb4", "cb4-iq4nl-g32"), ("cb4_g128", "cb4-iq4nl-g128")):
+            if key in args.kernels:
+                out[f"ratio_{name}_vs{stat}"] = {run: {k: t[run][key] / t[run][k] for k in args.kernels if k != key}
+                                                 for run in runs}  # fmt: skip
     return out
 
 
@@ -247,6 +263,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="kernel timings per thread count")
+    ap.add_argument("--kernels", nargs="+", default=list(DEFAULT_KERNELS), choices=list(KERNELS),
+                    help="the kernels the kernels mode times (interleaved)")
     ap.add_argument("--layer", type=int, default=12, help="the layer whose weights the kernel timings use")
     ap.add_argument("--calls", type=int, default=200, help="kernel calls per timing sample")
     ap.add_argument("--repeats", type=int, default=9, help="timing samples per kernel (interleaved)")
@@ -262,7 +280,8 @@ def main() -> None:
         raise SystemExit("bench_3bit needs leanlm's native kernels")
     torch.set_num_threads(args.threads[0])
     directory = resolve(args.model)
-    partial = set(args.modes) != set(MODES) or set(args.rows) != set(ROWS)
+    partial = (set(args.modes) != set(MODES) or set(args.rows) != set(ROWS)
+               or set(args.kernels) != set(DEFAULT_KERNELS))  # fmt: skip
     result = {"model": args.model, "settings": {k: v for k, v in vars(args).items() if k not in ("archive",
                                                                                                   "machine_shared")},
               "machine": machine()}  # fmt: skip
@@ -287,7 +306,7 @@ def main() -> None:
         k = result["kernels"]
         print("\ndecoder linears per token (ms, one row, from the per-shape medians / fastest samples):")
         print_table([{"run": run, **{n: f"{v:.2f} / {k['per_token_ms_min'][run][n]:.2f}" for n, v in t.items()}}
-                     for run, t in k["per_token_ms"].items()], ["run", *KERNELS])  # fmt: skip
+                     for run, t in k["per_token_ms"].items()], ["run", *args.kernels])  # fmt: skip
     if "quality" in result:
         print("\nWikiText-2 vs float32:")
         print_table([{"row": n, "bpw": r["bpw_decoder_linears"], "bpw_model": r["bpw_model"],

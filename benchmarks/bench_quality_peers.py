@@ -77,6 +77,7 @@ PROBE = QSpec(4, 32, True)  # sensitivity probe: uniform int4 g32, a quick stand
 # LM head / untied embedding settings (tied models: the one table takes head_bits)
 HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, head_group=32, embed_bits=4),
          "int8-embed-int4": dict(head_bits=8, embed_bits=4), "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
+HEAD_ORDER = tuple(HEADS)  # the order plan() tries them in (the first that leaves the decoder a 4-bit grid wins)
 TEXTS = ("wikitext2", "book")
 LEANLM_ONLY = ("mixed", "sens_tokens", "levels")  # settings that change leanlm's rows only (--resume keeps llama.cpp's)
 

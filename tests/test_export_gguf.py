@@ -302,10 +302,10 @@ def test_llama_cpp_runs_pruned_real_model(smollm2, tmp_path):
 
 
 # mean KL(leanlm fp32 || llama.cpp) over the prompt's positions, per type, on SmolLM2-135M (measured: f16 7e-6,
-# q6_k 0.02, q4_k 0.05, q5_k 0.11, iq4_nl 0.31, q4_0 1.0; its source is a Q4_1 GGUF, which Q4_K's sub-block
+# q6_k 0.02, q4_k 0.05, q5_k 0.11, q5_0 (see below), iq4_nl 0.31, q4_0 1.0; its source is a Q4_1 GGUF, which Q4_K's sub-block
 # minima fit best). The bounds leave a margin over those; a misread block layout gives logits unrelated to
 # leanlm's (KL of several nats).
-TYPE_KL = {"f16": 1e-3, "q6_k": 0.1, "q4_k": 0.3, "q5_k": 0.3, "iq4_nl": 1.0, "q4_0": 2.0}
+TYPE_KL = {"f16": 1e-3, "q6_k": 0.1, "q4_k": 0.3, "q5_k": 0.3, "q5_0": 0.3, "iq4_nl": 1.0, "q4_0": 2.0}
 
 
 @needs_llama_cpp
@@ -368,5 +368,5 @@ def test_llama_cpp_reads_every_type(wide_dir, tmp_path, wtype):
 # largest logit difference / the logits' spread. F16: llama.cpp rounds activations to fp16 for F16 matmuls; the
 # quantized types: it rounds activations to 8 bits per block (Q8_0 / Q8_K) before the integer dot products
 # (measured 0.03-0.06 on this random model; a wrong block layout gives differences of the logits' own size)
-TYPE_TOL = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.15, "q4_0": 0.15, "q4_k": 0.15, "q5_k": 0.15, "q6_k": 0.15,
-            "iq4_nl": 0.15}
+TYPE_TOL = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.15, "q4_0": 0.15, "q5_0": 0.15, "q4_k": 0.15, "q5_k": 0.15,
+            "q6_k": 0.15, "iq4_nl": 0.15}

@@ -49,7 +49,7 @@ def test_bad_3bit_settings_raise():
     with pytest.raises(LeanlmError, match="AWQ"):
         make_config("awq", bits=3, group=32, symmetric=True, levels="iq3")
     qw = rtn(_weights(n=8, k=64), CB3)
-    with pytest.raises(LeanlmError, match="3-bit"):
+    with pytest.raises(LeanlmError, match="bits=4 and a table of 8 levels"):
         CodebookLinear(qw.__class__(qw.q, qw.scale, None, QSpec(4, 32, True, "learned"), 64, table=qw.table))
     t, meta = CodebookLinear(qw, backend="none").export()
     with pytest.raises(LeanlmError, match="12-byte blocks"):

@@ -125,6 +125,42 @@ def test_codebook_kernel_rows_batch_invariant_and_vnni_paths_equal():
     assert not torch.equal(chunked, m(x40))  # the default: dequantize + fp32 GEMM
 
 
+@native
+@pytest.mark.parametrize("group,levels", [(32, "iq4nl"), (64, "learned"), (128, "iq4nl")])
+def test_tiled_4bit_kernel_odd_rows_every_batch_both_copies(group, levels):
+    """37 output rows (the last tile of 16 padded), K = 320 (a multiple of 32; short of the padded width at g128),
+    1..16 activation rows on each copy of the kernel (VNNI + VBMI, VNNI, where the CPU has them, and AVX2): the
+    integer reference and the dequantized product agree, the copies are equal bit for bit, and a k-row call equals
+    the first k rows of a 16-row call."""
+    w = _weights(n=37, k=320, seed=group)
+    qw = rtn(w, QSpec(4, group, True, levels))
+    m = CodebookLinear(qw)
+    Kp = m.stored_in
+    assert m.layout == "tiles4" and m.qweight.shape == (3, 16 * Kp // 2)  # 37 rows -> 3 tiles
+    assert torch.equal(m.codes(), qw.q) and torch.equal(m.codes(14, 33), qw.q[14:33])
+    ids = torch.tensor([36, 0, 17, 15])
+    assert torch.equal(m.rows(ids), qw.dequantize()[ids])
+    x = torch.randn(16, 320, generator=torch.Generator().manual_seed(1)) * 0.5
+    x[:, 5] = -7.0  # an outlier input
+    lib, out = ops._lib(), {}
+    for copy, (vnni, vbmi) in {"vbmi": (True, True), "vnni": (True, False), "avx2": (False, False)}.items():
+        before = lib.set_q_linear_codebook_vnni(vnni), lib.set_q_linear_codebook_vbmi(vbmi)
+        try:
+            out[copy] = [m(x[:rows]) for rows in range(1, 17)]
+        finally:
+            lib.set_q_linear_codebook_vnni(before[0])
+            lib.set_q_linear_codebook_vbmi(before[1])
+    exact = x @ qw.dequantize().t()  # the weights as quantized, not read back through the module's tiles
+    for rows in range(1, 17):
+        y = out["vbmi"][rows - 1]
+        ref = _kernel_reference(x[:rows], m)
+        assert y.shape == (rows, 37)
+        assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), rows
+        assert (y - exact[:rows]).abs().max() < 0.03 * exact.abs().max(), rows
+        assert torch.equal(out["vnni"][rows - 1], y) and torch.equal(out["avx2"][rows - 1], y), rows
+        assert torch.equal(y, out["vbmi"][15][:rows]), rows
+
+
 def test_codebook_linear_without_kernel_and_export_roundtrip():
     w = _weights(n=24, k=100)  # a short last group: stored zero-padded
     qw = rtn(w, QSpec(4, 32, True, "learned"))
@@ -200,7 +236,7 @@ def test_table_grid_bad_settings():
         make_config("awq", bits=4, group=64, symmetric=True, levels="iq4nl")
     with pytest.raises(LeanlmError, match="levels='signed' only"):
         make_config("rtn", bits=5, group=32, symmetric=True, levels="learned")
-    with pytest.raises(LeanlmError, match="takes bits 3 / 4 / 5 / 6, got bits=7"):
+    with pytest.raises(LeanlmError, match="bits=7 is not supported"):
         make_config("rtn", bits=7, group=32, symmetric=True, levels="signed")
     with pytest.raises(LeanlmError, match="not supported"):
         make_config("rtn", bits=5, group=32, symmetric=True)  # no uniform 5-bit grid: the signed table holds it

@@ -65,7 +65,7 @@ class LinearKind(enum.IntEnum):
     QUANT = 1  # packed int4/int8 weight, bf16 scales (and zeros) [N, G]: q_linear
     SPARSE_INPUT = 2  # transposed weight [K, N]; inputs with |x| <= threshold dropped: sparse_linear (int8 codes:
     #                   fp32 per-output scales [N] and optional zeros [N])
-    CODEBOOK = 3  # table indices, bf16 scales [N, G], the int8 table as `zeros`; bits 4: the int4 block layout and
+    CODEBOOK = 3  # table indices, bf16 scales [N, G], the int8 table as `zeros`; bits 4: the int4 tiles and
     #               16 levels (q_linear_codebook); bits 3: the 3-bit tiles and 8 levels (q_linear_codebook3);
     #               bits 5 / 6: leanlm.quant.wide's tiles of signed integer codes (q_linear_wide; the table unread)
     NM = 4  # 2:4 sparse int8 (leanlm.quant.nm's tiles: kept values + position codes), bf16 scales [N, G]: q_linear_nm
@@ -164,8 +164,9 @@ def set_q_linear_nm_vnni(allowed: bool) -> bool:
 
 def q_linear_codebook(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
                       group: int) -> torch.Tensor:  # fmt: skip
-    """x [1..16, K] times a 4-bit table-coded weight (leanlm.quant.codebook; the int4 block layout of indices into
-    `table`, int8 [16]) -> fp32 [M, N]. scales: bf16 [N, G]; group: columns per group of the stored width."""
+    """x [1..16, K] times a 4-bit table-coded weight (leanlm.quant.codebook; indices into `table`, int8 [16], in
+    q_linear's int4 tiles of 16 rows, leanlm.quant.packed.tile_codes; csrc/qlinear_codebook.cpp) -> fp32 [M, N].
+    scales: bf16 [N, G]; group: columns per group of the stored width."""
     return _require().q_linear_codebook(x, qweight, scales, table, group)
 
 

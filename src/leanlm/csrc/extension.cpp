@@ -48,9 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_linear_codebook", &q_linear_codebook, "x [1..16, K] . 4-bit table-coded W^T -> fp32 [M, N] (qlinear_codebook.cpp)", nogil());
   m.def("q_linear_codebook3", &q_linear_codebook3, "x [1..16, K] . 3-bit table-coded W^T -> fp32 [M, N] (qlinear_codebook3.cpp)", nogil());
   m.def("set_q_linear_codebook_vnni", &set_q_linear_codebook_vnni, "allow (True) or refuse the VNNI path of q_linear_codebook and q_linear_codebook3");
+  m.def("set_q_linear_codebook_vbmi", &set_q_linear_codebook_vbmi, "allow (True) or refuse the VNNI + VBMI copy of q_linear_codebook (the plain VNNI copy instead)");
   m.def("q_linear_wide", &q_linear_wide, "x [1..16, K] . 5-bit / 6-bit signed-integer W^T -> fp32 [M, N] (qlinear_wide.cpp)", nogil());
   m.def("set_q_linear_wide_vnni", &set_q_linear_wide_vnni, "allow (True) or refuse q_linear_wide's VNNI path; returns the old setting");
-  m.def("codebook_search_scales", &codebook_search_scales, "per-group scale search of a table grid of 2..16 levels (codebook_search.cpp)", nogil());
+  m.def("codebook_search_scales", &codebook_search_scales, "per-group scale search of a table grid of 2..64 levels (codebook_search.cpp)", nogil());
   m.def("q_gemm", &q_gemm, "x [M, K] . packed int4/int8 W^T -> fp32 [M, N] on AVX512-VNNI (gemm_int8.cpp)");
   m.def("q_gemm_supported", &q_gemm_supported, "does this CPU run q_gemm (AVX512F/BW/VL + VNNI)?");
   m.def("sparse_linear", &sparse_linear, "(x * (|x| > t)) . wt [K, N] (fp32/bf16, or int8 * scales) -> (fp32 [M, N], active inputs) (sparse.cpp)");

@@ -30,6 +30,14 @@ static inline bool cpu_has_avx512_vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+// VNNI plus VBMI's byte permutes (`vpermb`): qlinear_codebook.cpp's table lookups without index masks; callers
+// check cpu_has_avx512_vbmi() (and cpu_has_avx512_vnni()) first
+#define LEANLM_VNNI_VBMI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+static inline bool cpu_has_avx512_vbmi() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi");
+}
+
 // bf16 dot products (`vdpbf16ps`) whatever the build's level: gemv_small.cpp's bf16 x bf16 path; callers check
 // cpu_has_avx512_bf16() first
 #define LEANLM_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))

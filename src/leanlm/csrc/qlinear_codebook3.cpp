@@ -23,20 +23,13 @@
 // dot product takes (qlinear_codebook3.inc). leanlm.quant.codebook.tile_codes3 writes it; files keep a per-row
 // layout instead (pack_blocks3).
 //
-// Why tiles and not a per-row stream as qlinear_codebook.cpp reads its int4 blocks: per row, every 32 weights cost an
-// unpack, a lookup, a dot product and a float multiply-add of their own, where a tile shares each lookup's activation
-// broadcast and each float step among 16 rows; on Qwen2.5-0.5B's shapes the per-row 4-bit table kernel runs at about
-// half the speed of this one (benchmarks/bench_3bit.py, which times both against q_linear's uniform int4 tiles).
+// Why tiles and not a per-row stream: per row, every 32 weights would cost an unpack, a lookup, a dot product and a
+// float multiply-add of their own, where a tile shares each lookup's activation broadcast and each float step among
+// 16 rows; the 4-bit table kernel (qlinear_codebook.cpp) moved from a per-row stream to qlinear.cpp's int4 tiles for
+// that reason (benchmarks/bench_3bit.py times both against q_linear's uniform int4 tiles).
 #include "leanlm.h"
 
 static constexpr int64_t CB3_BLOCK_BYTES = 192;  // one tile's 16 rows x 32 columns
-
-struct CB3Acts {  // one call's quantized activation rows
-  std::vector<int8_t> q;      // [M, Kp]
-  std::vector<float> sx;      // [M, NA] activation block scales
-  std::vector<int32_t> isum;  // [M, NA] sum of each activation block's quantized values (the table shift's term)
-  int64_t bpa = 1;            // blocks of 32 per activation block: min(group, 64) / 32
-};
 
 namespace codebook3_portable {  // AVX2
 #define CB3_TARGET
@@ -74,29 +67,8 @@ torch::Tensor q_linear_codebook3(torch::Tensor x, torch::Tensor w, torch::Tensor
     TORCH_CHECK(t16[i] >= -127, "q_linear_codebook3: table values must be in [-127, 127]");
   }
   auto xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  CB3Acts a;
-  a.bpa = std::min<int64_t>(BPG, 2);
-  const int64_t NA = NB / a.bpa, ablock = a.bpa * 32;
-  a.q.assign(M * Kp, 0);
-  a.sx.assign(M * NA, 0.f);
-  a.isum.assign(M * NA, 0);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t ab = 0; ab < NA; ++ab) {
-      const int64_t k0 = ab * ablock, k1 = std::min(K, k0 + ablock);
-      float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int isum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int q = (int)std::nearbyint(xp[m * K + k] * inv);
-        a.q[m * Kp + k] = (int8_t)q;
-        isum += q;
-      }
-      a.sx[m * NA + ab] = amax / 127.f;
-      a.isum[m * NA + ab] = isum;
-    }
-  }
+  CBActs a;  // (qlinear_codebook.cpp)
+  cb_quantize_activations(xf.data_ptr<float>(), M, K, Kp, BPG, a);
   auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
   const uint16_t* sp = (const uint16_t*)scales.data_ptr<at::BFloat16>();
   const uint8_t* wp = w.data_ptr<uint8_t>();

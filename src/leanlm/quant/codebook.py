@@ -19,11 +19,12 @@ each candidate rounds the group to its nearest levels, then takes the least-squa
 weighted error wins (the search llama.cpp's IQ4_NL quantizer does, re-derived here). GPTQ then rounds columns onto
 these static grids with its error feedback (gptq.py).
 
-The kernels look the indices up with byte shuffles: csrc/qlinear_codebook.cpp streams a 4-bit block layout per row
-(pack_blocks: 16 bytes per 32 weights, one shuffle per 32), csrc/qlinear_codebook3.cpp a 3-bit one in tiles of 16
-rows (tile_codes3: 12 bytes per row and 32 weights, in a low-2-bit and a high-bit plane; one shuffle per 16 rows x 4
-columns). Files keep the 3-bit indices in a per-row form of the same planes (pack_blocks3). `CodebookLinear` is the
-module for both widths.
+The kernels look the indices up with byte shuffles over tiles of 16 rows, one shuffle per 16 rows x 4 columns:
+csrc/qlinear_codebook.cpp reads the 4-bit indices in the uniform int4 kernel's tiles (packed.tile_codes: 16 bytes
+per row and 32 weights), csrc/qlinear_codebook3.cpp the 3-bit ones in tiles of their own (tile_codes3: 12 bytes per
+row and 32 weights, in a low-2-bit and a high-bit plane). Files keep per-row forms (4 bits: pack_int4; 3 bits:
+pack_blocks3, a per-row form of the same planes), tiled when a module is built. `CodebookLinear` is the module for
+both widths.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .. import ops
 from ..errors import LeanlmError
 from ..ops import FusedLinear, LinearKind
 from .config import QSpec
-from .packed import NATIVE_MAX_ROWS, TILE_ROWS, RowDequantized, dequant_mm, pack_int4, unpack_int4
+from .packed import (NATIVE_MAX_ROWS, TILE_ROWS, RowDequantized, dequant_mm, pack_int4, tile_codes, tiled_rows,
+                     unpack_int4, untile_codes)  # fmt: skip
 from .rtn import QuantizedWeight, pad_columns
 from .wide import pack_wide, tile_codes_wide, tiled_wide_rows, unpack_wide, untile_codes_wide
 
@@ -74,25 +76,6 @@ def start_table(bits: int) -> tuple[int, ...]:
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of the sorted float `levels` for every entry of x (ties go down)."""
     return torch.bucketize(x, (levels[1:] + levels[:-1]) * 0.5)
-
-
-
-# The codebook kernel's layout (csrc/qlinear_codebook.cpp): per row, per 32 columns, 16 bytes; byte j = column j |
-# column j + 16 << 4, so one 16-byte load and one shift give 32 table indices in column order.
-def pack_blocks(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (K % 32 == 0) -> [N, K/2] in the block layout above."""
-    N, K = q.shape
-    b = q.to(torch.uint8).view(N, K // 32, 2, 16)
-    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
-
-
-def unpack_blocks(p: torch.Tensor) -> torch.Tensor:
-    N = p.shape[0]
-    b = p.view(N, -1, 16)
-    out = torch.empty(N, b.shape[1], 32, dtype=torch.uint8, device=p.device)
-    torch.bitwise_and(b, 15, out=out[..., :16])
-    torch.bitwise_right_shift(b, 4, out=out[..., 16:])
-    return out.view(N, -1)
 
 
 # The portable 3-bit layout (files, and the module without the kernel): per row, per 32 columns, 12 bytes: bytes 0..7
@@ -302,8 +285,9 @@ def dequantize_table(q: torch.Tensor, scale: torch.Tensor, table: torch.Tensor) 
 
 class CodebookLinear(RowDequantized):
     """A Linear with a 4-bit or 3-bit table-coded weight (see the module docstring). Buffers: `qweight` (the indices:
-    4 bits in the int4 block layout on the native backend, else plain pairs; 3 bits in the kernel's tiles of 16 rows
-    on the native backend, else the portable 12-byte blocks), `scales` bf16 [N, G], `table` int8 [2**bits].
+    on the native backend the kernel's tiles of 16 rows: 4 bits in the uniform int4 tiles (packed.tile_codes), 3 bits
+    in tile_codes3's; else per row: 4 bits in plain pairs, 3 bits in the portable 12-byte blocks), `scales` bf16
+    [N, G], `table` int8 [2**bits].
 
     backend: "auto" (native if built), "native", or "none" (always dequantize). Products of up to NATIVE_MAX_ROWS
     rows run on ops.q_linear_codebook (4 bits) / ops.q_linear_codebook3 (3 bits); more rows dequantize (in row
@@ -345,8 +329,8 @@ class CodebookLinear(RowDequantized):
             self.layout = "tiles3" if native else "blocks3"
             packed = tile_codes3(qw.q) if native else pack_blocks3(qw.q)
         else:
-            self.layout = "blocks" if native else "plain"
-            packed = pack_blocks(qw.q) if native else pack_int4(qw.q)
+            self.layout = "tiles4" if native else "plain"  # (padding rows: index 0, scale 0)
+            packed = tile_codes(qw.q, 4, 0) if native else pack_int4(qw.q)
         self.register_buffer("qweight", packed.contiguous())
 
     @property
@@ -367,18 +351,18 @@ class CodebookLinear(RowDequantized):
     def _unpack(self, p: torch.Tensor) -> torch.Tensor:
         if self.layout == "wide":
             return unpack_wide(p, self.spec.bits)
-        if self.layout == "blocks3":
-            return unpack_blocks3(p)
-        return unpack_blocks(p) if self.layout == "blocks" else unpack_int4(p)
+        return unpack_blocks3(p) if self.layout == "blocks3" else unpack_int4(p)
 
     def codes(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """uint8 table indices of rows [n0, n1), width stored_in."""
         n1 = self.out_features if n1 is None else n1
-        if self.layout in ("tiles3", "tiles_wide"):  # the tiles that hold the rows, untiled
-            t0 = n0 // TILE_ROWS
-            tiles = self.qweight[t0 : -(-n1 // TILE_ROWS)]
-            q = untile_codes3(tiles, self.stored_in) if self.layout == "tiles3" else \
-                untile_codes_wide(tiles, self.spec.bits, self.stored_in)
+        if self.layout in ("tiles3", "tiles4", "tiles_wide"):  # the tiles that hold the rows, untiled
+            t0, tiles = n0 // TILE_ROWS, self.qweight[n0 // TILE_ROWS : -(-n1 // TILE_ROWS)]
+            K = self.stored_in
+            if self.layout == "tiles_wide":
+                q = untile_codes_wide(tiles, self.spec.bits, K)
+            else:
+                q = untile_codes3(tiles, K) if self.layout == "tiles3" else untile_codes(tiles, 4, K)
             return q[n0 - t0 * TILE_ROWS : n1 - t0 * TILE_ROWS]
         return self._unpack(self.qweight[n0:n1])
 
@@ -389,6 +373,8 @@ class CodebookLinear(RowDequantized):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.layout == "tiles3":
             q = tiled3_rows(self.qweight, self.stored_in, ids)
+        elif self.layout == "tiles4":
+            q = tiled_rows(self.qweight, 4, self.stored_in, ids)
         elif self.layout == "tiles_wide":
             q = tiled_wide_rows(self.qweight, self.spec.bits, self.stored_in, ids)
         else:

@@ -81,13 +81,13 @@ class QSpec:
             other = next((n for n, b in FIXED_TABLE_BITS.items() if b == self.bits), None)
             hint = f", or levels {other!r} / 'learned' at {self.bits} bits" if other else ""
             raise LeanlmError(f"levels {self.levels!r} is a {fixed}-bit table, got bits={self.bits}; use bits={fixed}{hint}")
+        if self.bits not in (TABLE_BITS if self.codebook else BITS):
+            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8 (uniform grids), 3 or 4 on a table "
+                              "grid (levels 'iq3' / 'iq4nl' / 'learned'), or 3 to 6 on levels='signed'")  # fmt: skip
         if self.codebook and self.bits not in LEVEL_BITS[self.levels]:
             hint = "; 5 and 6 bits exist on levels='signed' only" if self.bits in (5, 6) else ""
             raise LeanlmError(f"levels {self.levels!r} takes bits {' / '.join(map(str, LEVEL_BITS[self.levels]))}, got "
                               f"bits={self.bits}{hint}")  # fmt: skip
-        if self.bits not in (TABLE_BITS if self.codebook else BITS):
-            raise LeanlmError(f"bits={self.bits} is not supported; use 4 or 8 (uniform grids), 3 or 4 on a table "
-                              "grid (levels 'iq3' / 'iq4nl' / 'learned'), or 3 to 6 on levels='signed'")  # fmt: skip
         if self.group not in GROUPS:
             raise LeanlmError(f"group={self.group} is not supported; use 32, 64, 128, 256 or 0 (per output channel)")
         if self.codebook and (not self.symmetric or not self.group):
