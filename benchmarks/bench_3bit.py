@@ -11,8 +11,9 @@ Modes (--modes, default all three):
   each): median and min-max microseconds per call. per_token_ms: 24 layers x (wqkv + wo + 2 x gate/up + down) from
   those medians, the decoder linears' share of one decode step (an estimate: the runtime's fused gate/up is one
   9728-row call, and each matrix is timed alone, from cache); per_token_ms_min the same from the fastest samples;
-  ratio_cb3_vs / ratio_cb4_vs: the table kernels' per-token time over each other kernel's. --kernels cb4-iq4nl-g128
-  int4-g128-sym (with the default three) adds the 4-bit table and uniform int4 at g128 to the same interleaved run.
+  ratio_cb3_vs / ratio_cb4_vs (/ _cb5 / _cb6): the table kernels' per-token time over each other kernel's. --kernels cb4-iq4nl-g128
+  int4-g128-sym (with the default three) adds the 4-bit table and uniform int4 at g128 to the same interleaved run;
+  cb5-signed-g32 cb6-signed-g32 the 5- and 6-bit signed integer tables (q_linear_wide, 5.5 / 6.5 bpw).
 - quality: GPTQ (act-order, head_bits=8, int8 per-channel LM head) onto the 3-bit tables "iq3" and "learned" at
   g32, with RTN onto iq3 and GPTQ onto the 4-bit IQ4_NL table at g32 as references, calibrated on --samples
   windows of WikiText-2 validation; WikiText-2 test ppl, KL(fp32 || quantized) and top-1 agreement on --windows
@@ -62,7 +63,8 @@ SHAPES = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 
 PER_LAYER_CALLS = {"wqkv": 1, "wo": 1, "gate": 2, "down": 1}  # gate and up share a shape
 KERNELS = {"cb3-iq3-g32": QSpec(3, 32, True, "iq3"), "cb4-iq4nl-g32": QSpec(4, 32, True, "iq4nl"),
            "int4-g32-sym": QSpec(4, 32, True), "cb4-iq4nl-g128": QSpec(4, 128, True, "iq4nl"),
-           "int4-g128-sym": QSpec(4, 128, True)}  # fmt: skip
+           "int4-g128-sym": QSpec(4, 128, True), "cb5-signed-g32": QSpec(5, 32, True, "signed"),
+           "cb6-signed-g32": QSpec(6, 32, True, "signed")}  # fmt: skip
 DEFAULT_KERNELS = ("cb3-iq3-g32", "cb4-iq4nl-g32", "int4-g32-sym")  # --kernels adds the g128 pair on request
 ROWS = {
     "gptq-cb3-iq3-g32": GPTQ(bits=3, group=32, symmetric=True, levels="iq3", act_order=True, head_bits=8),
@@ -89,6 +91,8 @@ def layer_weight(f, layer: int, parts: tuple[str, ...]) -> torch.Tensor:
 # ---- kernels ------------------------------------------------------------------------------------------------------
 def kernel_call(m):
     """The module's one-row kernel as a no-argument call (what its forward runs, without the module around it)."""
+    if isinstance(m, CodebookLinear) and m.spec.bits > 4:
+        return lambda x: ops.q_linear_wide(x, m.qweight, m.scales, m.spec.bits, m.kgroup)
     if isinstance(m, CodebookLinear):
         product = ops.q_linear_codebook3 if m.spec.bits == 3 else ops.q_linear_codebook
         return lambda x: product(x, m.qweight, m.scales, m.table, m.kgroup)
@@ -99,6 +103,7 @@ def kernel_call(m):
 def set_vnni(allowed: bool) -> None:
     lib = ops._lib()
     lib.set_q_linear_codebook_vnni(allowed)
+    lib.set_q_linear_wide_vnni(allowed)
     lib.set_q_linear_vnni(allowed)
 
 
@@ -154,7 +159,8 @@ def bench_kernels(args, directory) -> dict:
     out["per_token_ms_min"] = {run: {k: per_token(run, k, "min_us") for k in args.kernels} for run in runs}
     for stat in ("", "_min"):
         t = out[f"per_token_ms{stat}"]
-        for name, key in (("cb3", "cb3-iq3-g32"), ("cb4", "cb4-iq4nl-g32"), ("cb4_g128", "cb4-iq4nl-g128")):
+        for name, key in (("cb3", "cb3-iq3-g32"), ("cb4", "cb4-iq4nl-g32"), ("cb4_g128", "cb4-iq4nl-g128"),
+                          ("cb5", "cb5-signed-g32"), ("cb6", "cb6-signed-g32")):  # fmt: skip
             if key in args.kernels:
                 out[f"ratio_{name}_vs{stat}"] = {run: {k: t[run][key] / t[run][k] for k in args.kernels if k != key}
                                                  for run in runs}  # fmt: skip

@@ -27,12 +27,13 @@ bpw: storage bits of the whole model (codes, scales, zeros, tables, the LM head,
 norms) over its parameter count; llama.cpp's from the GGUF's tensor bytes, leanlm's from the packed modules.
 Source-grid trap: the named models are dequantized GGUFs (Qwen2.5-0.5B mostly Q5_0, SmolLM2-135M Q4_1, Gemma-3-270M
 and Qwen2.5-1.5B Q4_K); a llama.cpp row whose tensor types include that type partly reproduces the source's own
-rounding, and is marked (matches_source_grid).
+rounding, and is marked (matches_source_grid); so is a leanlm row with Linears on the same grid (the 5-bit signed
+table at g32 is Q5_0's grid, with bf16 instead of fp16 scales).
 
 Summary, per model and text: for each leanlm row, the ratio of its KL (and of its ppl delta over fp32) to the best
 (lowest) of the llama.cpp rows within +-0.1 bpw of it; kl_ratio_vs_llamacpp_best / ppl_delta_ratio_vs_llamacpp_best
-are the worst (largest) over the leanlm rows (the target: <= 0.7 everywhere); *_unmarked the same over llama.cpp
-rows that do not include the source grid. A ppl-delta ratio is left out (None) where llama.cpp's delta is <= 0.
+are the worst (largest) over the leanlm rows (the target: <= 0.7 everywhere); *_unmarked the same where neither
+side uses the source grid (unmarked leanlm rows against unmarked llama.cpp rows). A ppl-delta ratio is left out (None) where llama.cpp's delta is <= 0.
 int4_ppl_delta_pct_at_4.6bpw: WikiText-2 ppl delta of the int4 point; quantize_minutes: its quantization time
 (GPTQ plus its share of the sensitivity measurement) on --threads threads.
 
@@ -76,8 +77,12 @@ INT4_POINT = 4.6  # the issue's int4 target: <= 4.6 bpw
 PROBE = QSpec(4, 32, True)  # sensitivity probe: uniform int4 g32, a quick stand-in for the table grid
 # LM head / untied embedding settings (tied models: the one table takes head_bits)
 HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, head_group=32, embed_bits=4),
-         "int8-embed-int4": dict(head_bits=8, embed_bits=4), "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
-HEAD_ORDER = tuple(HEADS)  # the order plan() tries them in (the first that leaves the decoder a 4-bit grid wins)
+         "int8-embed-int4": dict(head_bits=8, embed_bits=4),
+         "int6-g32-embed-int4": dict(head_bits=6, head_group=32, embed_bits=4),  # untied heads only
+         "int4-g32": dict(head_bits=4, head_group=32, embed_bits=4)}  # fmt: skip
+# the order plan() tries them in: a 6-bit head first (GPTQ-rounded, it costs a fraction of an int8 head's KL gain in
+# bits), then 4-bit, then the int8 settings; the first that leaves the decoder at least the 4-bit g32 grid wins
+HEAD_ORDER = ("int6-g32-embed-int4", "int4-g32", "int8-g32-embed-int4", "int8-embed-int4", "int8")
 TEXTS = ("wikitext2", "book")
 LEANLM_ONLY = ("mixed", "sens_tokens", "levels")  # settings that change leanlm's rows only (--resume keeps llama.cpp's)
 
@@ -94,11 +99,23 @@ def module_bits(module) -> int:
     return 8 * sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def outside_decoder_bits(directory, head: dict) -> int:
-    """Storage bits of everything but the decoder Linears, with this head setting (measured on an RTN copy)."""
-    m = quantize(load_model(directory, "float32"), RTN(bits=4, group=32, symmetric=True, **head), progress=False)
+def outside_decoder_bits(directory, head: dict) -> int | None:
+    """Storage bits of everything but the decoder Linears, with this head setting (measured on an RTN copy); None
+    where the model cannot take it (a 6-bit head on a tied table)."""
+    m = load_model(directory, "float32")
+    if head["head_bits"] in (5, 6) and m.lm_head is None:
+        return None
+    m = quantize(m, RTN(bits=4, group=32, symmetric=True, **head), progress=False)
     dec = sum(module_bits(mod) for n, mod in m.named_modules() if n.startswith("layers.") and n in m.quantization["layers"])
     return weight_bytes(m) * 8 - dec
+
+
+def leanlm_grids(model) -> set[str]:
+    """The GGUF types whose grid some of the model's Linears use (the signed tables at g32: Q4_0 / Q5_0's grids, up
+    to the scale's rounding, bf16 here and fp16 there), for the source-grid mark."""
+    same = {(4, 32): "q4_0", (5, 32): "q5_0"}
+    return {same[(m["bits"], m["group"])] for m in model.quantization["layers"].values()
+            if m.get("levels") == "signed" and (m["bits"], m["group"]) in same}  # fmt: skip
 
 
 def tiers(levels: str) -> list[QSpec]:
@@ -119,6 +136,7 @@ def plan(target: float, outside: dict[str, int], n_dec: int, n_params: int, mixe
     order) that leaves the decoder at least the 4-bit g128 grid, the richest grid that fits as low and the next
     richer grid (int8 per channel above the 6-bit table) as high."""
     grids = tiers(levels)
+    heads = [h for h in heads if outside.get(h) is not None]  # (None: a setting this model cannot take)
     if not mixed:
         near = [((outside[h] + tier_bits(s) * n_dec) / n_params, tier_bits(s), h, s) for h in heads for s in grids]
         near = [x for x in near if abs(x[0] - target) <= BPW_TOL - 0.01]
@@ -126,14 +144,16 @@ def plan(target: float, outside: dict[str, int], n_dec: int, n_params: int, mixe
             return None
         _, b, h, s = max(near, key=lambda x: x[:2])
         return {"head": h, "low": s.label(), "group": s.group, "decoder_bits": b, "spec": s}
-    for head in heads:
-        t = (target * n_params - outside[head]) / n_dec
-        fits = [i for i, s in enumerate(grids) if tier_bits(s) <= t + 0.005]
-        if fits:
-            low = grids[fits[0]]
-            high = grids[fits[0] - 1] if fits[0] > 0 else QSpec(8, 0, True)
-            return {"head": head, "low": low.label(), "high": high.label(), "group": low.group, "decoder_bits": t,
-                    "spec": low, "high_spec": high}  # fmt: skip
+    g32 = next(i for i, s in enumerate(grids) if s.bits == 4 and s.group == 32)
+    for worst in (g32, len(grids) - 1):  # a head that leaves the 4-bit g32 grid, else any that leaves a grid
+        for head in heads:
+            t = (target * n_params - outside[head]) / n_dec
+            fits = [i for i, s in enumerate(grids[: worst + 1]) if tier_bits(s) <= t + 0.005]
+            if fits:
+                low = grids[fits[0]]
+                high = grids[fits[0] - 1] if fits[0] > 0 else QSpec(8, 0, True)
+                return {"head": head, "low": low.label(), "high": high.label(), "group": low.group, "decoder_bits": t,
+                        "spec": low, "high_spec": high}  # fmt: skip
     return None
 
 
@@ -209,7 +229,9 @@ def pair_ratios(rows: dict) -> None:
             continue
         near = {n: r for n, r in peers.items() if abs(r["bpw"] - rec["bpw"]) <= BPW_TOL + 1e-9}
         rec["llamacpp_within_bpw_tol"] = sorted(near)
-        for suffix, pool in (("", near), ("_unmarked", {n: r for n, r in near.items() if not r["matches_source_grid"]})):
+        # _unmarked: neither side on the source's grid (a leanlm row that uses it has no unmarked ratio)
+        unmarked = {} if rec.get("matches_source_grid") else {n: r for n, r in near.items() if not r["matches_source_grid"]}
+        for suffix, pool in (("", near), ("_unmarked", unmarked)):
             for text in TEXTS:
                 r = rec[text]
                 if not pool:
@@ -365,6 +387,7 @@ def main() -> None:
                "bpw": round(weight_bytes(model) * 8 / n_params, 3),
                "bpw_decoder_linears": round(model.quantization["bits_per_weight"], 3),
                "promoted_linears": len((model.quantization["report"].get("mixed") or {}).get("high", [])),
+               "matches_source_grid": source in leanlm_grids(model),
                "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu, 1),
                "quantize_s_with_sensitivity": round(seconds + (measured.get("s", 0.0) if cfg.mixed else 0.0), 1)}  # fmt: skip
         CodebookLinear.kernel_all_rows = True  # score table grids with the decode kernel's numerics (not while

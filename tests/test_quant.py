@@ -341,6 +341,27 @@ def test_mixed_precision_meets_target(tiny64):
     assert max(sens, key=sens.get) in mixed["high"]
 
 
+def test_mixed_precision_promotes_to_a_richer_table(tiny64):
+    """Promotion to another grid than int8: from the 4-bit table to the 5-bit signed table (GPTQ), within the budget,
+    each promoted Linear packed on its own grid; the config's high spec survives a save round trip."""
+    from leanlm.quant import CodebookLinear
+
+    calib = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(2))
+    high = QSpec(5, 32, True, "signed")
+    cfg = GPTQ(bits=4, group=32, symmetric=True, levels="iq4nl",
+               mixed=MixedPrecision(target_bits=5.0, high=high, kl_samples=2, kl_seq_len=32))  # fmt: skip
+    assert GPTQ.from_dict(cfg.to_dict()).mixed.high == high
+    model = quantize(load_model(tiny64["llama"]), cfg, calib, progress=False)
+    q = model.quantization
+    promoted = q["report"]["mixed"]["high"]
+    assert promoted and q["bits_per_weight"] <= 5.0 + 1e-9
+    for n in q["layers"]:
+        if n.startswith("layers."):
+            m = model.get_submodule(n)
+            assert isinstance(m, CodebookLinear) and (m.spec.bits, m.spec.levels) == (
+                (5, "signed") if n in promoted else (4, "iq4nl"))
+
+
 def test_mixed_precision_probe_and_given_sensitivity(tiny64):
     calib = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(2))
     probe = QSpec(4, 32, True)
@@ -528,11 +549,13 @@ def test_gptq_releases_the_weights_it_held_for_calibration(tiny64, monkeypatch):
     assert "held_weight" not in lin.__dict__
 
 
-@pytest.mark.parametrize("levels", ["uniform", "iq4nl"])
-def test_gptq_rounds_an_untied_4bit_head_on_the_final_hidden_states(tiny_dirs, tmp_path, word_tokenizer, levels):
+@pytest.mark.parametrize("levels,head_bits", [("uniform", 4), ("iq4nl", 4), ("uniform", 6), ("signed", 5)])
+def test_gptq_rounds_an_untied_4bit_head_on_the_final_hidden_states(tiny_dirs, tmp_path, word_tokenizer, levels,
+                                                                    head_bits):  # fmt: skip
     """GPTQ's head_gptq: the 4-bit head rounded with error feedback on the calibration windows' final hidden states
     beats the same head rounded to nearest (the decoder blocks are identical in both runs, so the KL difference is
-    the head's); with a table decoder grid the head takes the table; the model saves and loads with the same logits."""
+    the head's); with a table decoder grid the head takes the table, and a 5- or 6-bit head the signed integer table
+    whatever the decoder's grid; the model saves and loads with the same logits."""
     from leanlm.quant import CodebookLinear
 
     d = tiny_dirs["llama_untied"]
@@ -542,16 +565,28 @@ def test_gptq_rounds_an_untied_4bit_head_on_the_final_hidden_states(tiny_dirs, t
         ref = base(calib)
     kls, models = {}, {}
     for on in (True, False):
-        cfg = GPTQ(bits=4, group=32, symmetric=True, levels=levels, head_bits=4, head_group=32, embed_bits=8,
-                   head_gptq=on)  # fmt: skip
+        cfg = GPTQ(bits=4, group=32, symmetric=True, levels=levels if levels != "signed" else "iq4nl",
+                   head_bits=head_bits, head_group=32, embed_bits=8, head_gptq=on)  # fmt: skip
         models[on] = m = quantize(load_model(d), cfg, calib, progress=False)
         with torch.inference_mode():
             kls[on] = _kl(ref.flatten(0, 1)[None], m(calib).flatten(0, 1)[None])
     assert kls[True] < kls[False], kls
     head = models[True].lm_head
-    assert isinstance(head, CodebookLinear if levels != "uniform" else QuantLinear) and head.spec.bits == 4
-    path = save_quantized(models[True], word_tokenizer, tmp_path / levels)
+    assert isinstance(head, CodebookLinear if levels != "uniform" or head_bits > 4 else QuantLinear)
+    assert head.spec.bits == head_bits and (head_bits == 4 or head.spec.levels == "signed")
+    path = save_quantized(models[True], word_tokenizer, tmp_path / f"{levels}{head_bits}")
     again = load_model(path, dtype="bfloat16")
     x = torch.randint(0, 97, (1, 12))
     with torch.inference_mode():
         assert torch.equal(again(x), models[True](x))
+
+
+def test_wide_head_bits_need_an_untied_head(tiny_dirs):
+    """A tied table is read by the embedding lookup too (int8 / int4 tables only): head_bits 5 / 6 are refused there
+    with the fix named, and bad head / embedding bits are refused when configured."""
+    with pytest.raises(LeanlmError, match="untied LM heads only"):
+        quantize(load_model(tiny_dirs["llama"]), RTN(bits=4, group=32, symmetric=True, head_bits=6), progress=False)
+    with pytest.raises(LeanlmError, match="head_bits=7"):
+        RTN(bits=4, head_bits=7).validate()
+    with pytest.raises(LeanlmError, match="embed_bits=6"):
+        RTN(bits=4, embed_bits=6).validate()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from test_quant import _correlated, _kl, tiny64  # noqa: F401 (fixture)
-from test_quant_grids import _kernel_reference, _weights
+from test_quant_grids import _kernel_reference, _weights, assert_fused_decode_matches
 
 from leanlm import LeanlmError, ops
 from leanlm.evaluate.speed import weight_bytes
@@ -221,30 +221,7 @@ def test_3bit_model_save_load_and_fused_decode(tiny64, tmp_path, word_tokenizer,
     args = again.layers[0].attn.wqkv.fused_linear_args(torch.float32, 1)
     assert args.kind is LinearKind.CODEBOOK and args.bits == 3 and args.zeros.numel() == 8
     # decode: every block runs as one C++ call (the 3-bit kernel inside) and gives the module-by-module logits
-    again = load_model(path, dtype="float32")  # (fp32 glue: the two paths round bf16 activations differently)
-    calls, decode_layer = [], ops.decode_layer
-
-    def counting(*args):
-        calls.append(1)
-        return decode_layer(*args)
-
-    steps = {}
-    for on in (True, False):
-        again.fused_decode = on
-        again.setup_cache(1, 32)
-        with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
-            mp.setattr(ops, "decode_layer", counting)
-            prefill = again(x[:, :6], 0)
-            steps[on] = [prefill] + [again(x[:, p : p + 1], p) for p in range(6, 12)]
-        again.clear_cache()
-    assert len(calls) == 7 * len(again.layers)  # the 6-token prefill and 6 steps, fused runs only
-    # the two paths' glue rounds alike to ~1e-7, but the kernel's int8 activation rounding turns a last-bit difference
-    # at a rounding tie into one code step, and this tiny random model carries that into the later steps' cache (about
-    # a third of the prompts show a 1-3% step somewhere, at 4 bits as at 3): the prefill is compared tightly, the
-    # steps to 5% (a wrong layout or kernel is off by 100%)
-    err = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-           for a, b in zip(steps[True], steps[False])]  # fmt: skip
-    assert err[0] <= 1e-4 and max(err) <= 0.05, err
+    assert_fused_decode_matches(load_model(path, dtype="float32"), x)  # (fp32 glue: the paths round bf16 differently)
 
 
 def test_3bit_config_prices_3bit_weights():

@@ -1,13 +1,11 @@
 """5-bit and 6-bit signed integer grids (leanlm.quant.wide): the file and tile layouts, and the q_linear_wide kernel
-(both ISA copies, batch invariance, the fused decode step's CODEBOOK dispatch by bits)."""
+(both ISA copies, batch invariance). The fused decode step over 5- and 6-bit CodebookLinears: tests/test_quant_grids.py
+(the model test, levels "signed")."""
 
 import pytest
 import torch
-from test_quant import tiny64  # noqa: F401 (fixture)
 
 from leanlm import LeanlmError, ops
-from leanlm.model import load_model
-from leanlm.ops import FusedLinear, LinearKind
 from leanlm.quant.packed import pack_int4
 from leanlm.quant.wide import (dequantize_wide, mid_code, pack_wide, tile_codes_wide, tiled_wide_rows, unpack_wide,
                                untile_codes_wide)  # fmt: skip
@@ -129,64 +127,3 @@ def test_wide_kernel_rejects_bad_arguments():
         ops.q_linear_wide(x, t, s, 6, 32)  # 5-bit tiles read as 6-bit ones
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         ops.q_linear_wide(torch.randn(17, 64), t, s, 5, 32)
-
-
-class _WideLinear(torch.nn.Module):
-    """A minimal module over the kernel (the shape CodebookLinear's 5 / 6-bit path takes): kernel for up to 16 rows,
-    + fp32 bias, rounded to x's dtype, and the fused decode step's CODEBOOK answer with its unread table."""
-
-    fused_state = ()
-
-    def __init__(self, lin: torch.nn.Module, bits: int, group: int):
-        super().__init__()
-        w = lin.weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        self.bits, self.group = bits, group
-        q, s = _rtn(w, bits, group)
-        self.register_buffer("qweight", tile_codes_wide(q, bits))
-        self.register_buffer("scales", s)
-        self.register_buffer("table", torch.arange(-mid_code(bits), mid_code(bits), dtype=torch.int8))
-        b = getattr(lin, "bias", None)
-        self.register_buffer("bias", None if b is None else b.detach().float().clone())
-
-    def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.cat([ops.q_linear_wide(x2[i : i + 16], self.qweight, self.scales, self.bits, self.group)
-                       for i in range(0, x2.shape[0], 16)])  # fmt: skip
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def fused_linear_args(self, dtype, rows):
-        return FusedLinear(LinearKind.CODEBOOK, self.qweight, self.bias, self.scales, self.table, self.bits,
-                           self.group)  # fmt: skip
-
-
-@native
-@pytest.mark.parametrize("bits", [5, 6])
-def test_fused_decode_runs_the_wide_kernel(tiny64, bits):  # noqa: F811
-    model = load_model(tiny64["llama"], dtype="float32")
-    for layer in model.layers:
-        for parent, name in ((layer.attn, "wqkv"), (layer.attn, "wo"), (layer.mlp, "w_gate_up"),
-                             (layer.mlp, "w_down")):  # fmt: skip
-            setattr(parent, name, _WideLinear(getattr(parent, name), bits, 32))
-    x = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(3))
-    calls, decode_layer = [], ops.decode_layer
-
-    def counting(*args):
-        calls.append(1)
-        return decode_layer(*args)
-
-    steps = {}
-    for on in (True, False):
-        model.fused_decode = on
-        model.setup_cache(1, 32)
-        with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
-            mp.setattr(ops, "decode_layer", counting)
-            steps[on] = [model(x[:, :6], 0)] + [model(x[:, p : p + 1], p) for p in range(6, 12)]
-        model.clear_cache()
-    assert len(calls) == 7 * len(model.layers)  # every block of the fused run went through decode_layer
-    # same kernel both ways; the glue rounds alike to ~1e-7, which an int8 activation rounding tie can turn into one
-    # code step in a later step (as tests/test_quant_3bit.py explains): the prefill tight, the steps to 5%
-    err = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(steps[True], steps[False])]
-    assert err[0] <= 1e-4 and max(err) <= 0.05, err

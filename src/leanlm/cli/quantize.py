@@ -123,7 +123,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=integer(16), default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for picking calibration windows")
     p.add_argument("--data-dir", help="data folder for named texts (default $LEANLM_DATA)")
-    p.add_argument("--head-bits", type=integer(), default=8, help="LM head (and tied embeddings) bits: 8, 4 or 0 = keep")
+    p.add_argument("--head-bits", type=integer(), default=8, help="LM head (and tied embeddings) bits: 8, 4 or 0 = keep; "
+                   "6 or 5 for an untied head (the signed integer table, g32 unless --head-group)")
     p.add_argument("--embed-bits", type=integer(), default=8, help="untied input embedding bits: 8, 4 or 0 = keep")
     p.add_argument("--skip", action="append", help="leave Linears whose name contains this unquantized (repeatable)")
     p.add_argument("--target-bits", type=number(0, low_open=True), default=None,

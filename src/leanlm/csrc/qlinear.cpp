@@ -25,6 +25,22 @@
 
 static constexpr int64_t TILE_ROWS = 16;
 
+// The tile loop of the tiled table kernels (qlinear_codebook*.cpp, qlinear_wide.cpp): tiles split over threads,
+// activation rows in chunks of `chunk` (what one register set holds), a few tiles at a time, so that a chunk after
+// the first re-reads the tiles from L1/L2, not DRAM. fn(rows, first row, tile, tile end, per-thread scratch of
+// G * TILE_ROWS floats).
+template <class ChunkFn>
+static void for_tile_chunks(int64_t tiles, int64_t M, int64_t chunk, int64_t G, ChunkFn&& fn) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ts(G * TILE_ROWS);
+    const int64_t step = M <= chunk ? t1 - t0 : 2;
+    for (int64_t t = t0; t < t1; t += step) {
+      const int64_t te = std::min(t1, t + step);
+      for (int64_t m0 = 0; m0 < M; m0 += chunk) fn(std::min(chunk, M - m0), m0, t, te, ts.data());
+    }
+  });
+}
+
 struct QActs {  // one call's quantized activation rows
   std::vector<int8_t> q;       // [M, Kp]
   std::vector<float> sx;       // [M, NB] block scales

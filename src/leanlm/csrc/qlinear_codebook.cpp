@@ -131,20 +131,10 @@ torch::Tensor q_linear_codebook(torch::Tensor x, torch::Tensor w, torch::Tensor 
   static const bool cpu_vnni = cpu_has_avx512_vnni(), cpu_vbmi = cpu_vnni && cpu_has_avx512_vbmi();
   const bool vnni = cpu_vnni && cb_vnni_allowed, vbmi = vnni && cpu_vbmi && cb_vbmi_allowed;
   const int64_t chunk = vnni ? 8 : 2;  // activation rows one register set holds
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> ts(G * TILE_ROWS);
-    // rows in register-sized chunks, a few tiles at a time, so that a chunk after the first re-reads the tiles
-    // from L1/L2, not DRAM
-    const int64_t step = M <= chunk ? t1 - t0 : 2;
-    for (int64_t t = t0; t < t1; t += step) {
-      const int64_t te = std::min(t1, t + step);
-      for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-        const int64_t mc = std::min(chunk, M - m0);
-        if (vbmi) codebook_vbmi::cb_chunk(mc, wp, a, m0, sp, tp, yp, N, G, BPG, t, te, ts.data());
-        else if (vnni) codebook_vnni::cb_chunk(mc, wp, a, m0, sp, tp, yp, N, G, BPG, t, te, ts.data());
-        else codebook_portable::cb_chunk(mc, wp, a, m0, sp, tp, yp, N, G, BPG, t, te, ts.data());
-      }
-    }
+  for_tile_chunks(tiles, M, chunk, G, [&](int64_t mc, int64_t m0, int64_t t, int64_t te, float* ts) {
+    if (vbmi) codebook_vbmi::cb_chunk(mc, wp, a, m0, sp, tp, yp, N, G, BPG, t, te, ts);
+    else if (vnni) codebook_vnni::cb_chunk(mc, wp, a, m0, sp, tp, yp, N, G, BPG, t, te, ts);
+    else codebook_portable::cb_chunk(mc, wp, a, m0, sp, tp, yp, N, G, BPG, t, te, ts);
   });
   return y;
 }

@@ -141,7 +141,8 @@ class QuantConfig:
     head_bits: output layer (lm_head) bits, 8 or 4 (round-to-nearest, uniform, symmetric for 8); 0 keeps it in
         `dtype`. For tied embeddings the one table is quantized once and shared by the lookup and the head.
         With a table grid (levels) an untied 4-bit head takes IQ4_NL's table (a fixed one: the head is rounded in
-        row chunks, which one learned table cannot span); GPTQ also rounds it (GPTQ.head_gptq).
+        row chunks, which one learned table cannot span); GPTQ also rounds it (GPTQ.head_gptq). 6 or 5: an untied
+        head on the signed integer table (codebook.py) at head_group (default 32), also rounded by GPTQ.
     head_group: the head's (and embeddings') group; None: `group` when the decoder spec is int8 (an int8 g32
         model keeps g32 everywhere, like llama.cpp's Q8_0), else per channel for 8 bits and `group` (or 128)
         for 4 bits.
@@ -196,7 +197,7 @@ class QuantConfig:
         """Cost model: low-bit weights streamed, bf16 math, the head / embedding at head_bits."""
         plan.weight_dtype, plan.compute_dtype = f"int{self.bits}", "bf16"
         plan.group_size = self.group or None
-        plan.embed_dtype = {8: "int8", 4: "int4"}.get(self.head_bits, "bf16")
+        plan.embed_dtype = {8: "int8", 6: "int6", 5: "int5", 4: "int4"}.get(self.head_bits, "bf16")
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -210,9 +211,10 @@ class QuantConfig:
         if self.spec.codebook and (self.method == "awq" or self.tune_steps or self.recon_steps):
             raise LeanlmError(f"levels {self.levels!r} is quantized with RTN or GPTQ; AWQ, grid tuning (tune_steps) and "
                               "block reconstruction (recon_steps) train uniform grids only")  # fmt: skip
-        for name in ("head_bits", "embed_bits"):
-            if getattr(self, name) not in (0, 4, 8):
-                raise LeanlmError(f"{name}={getattr(self, name)} is not supported; use 8, 4 or 0 (keep unquantized)")
+        if self.head_bits not in (0, 4, 5, 6, 8):
+            raise LeanlmError(f"head_bits={self.head_bits} is not supported; use 8, 6, 5, 4 or 0 (keep unquantized)")
+        if self.embed_bits not in (0, 4, 8):
+            raise LeanlmError(f"embed_bits={self.embed_bits} is not supported; use 8, 4 or 0 (keep unquantized)")
         if self.tune_steps < 0 or self.tune_batch < 1 or not 0 < self.tune_lr < 1:
             raise LeanlmError(f"grid tuning needs tune_steps >= 0, tune_batch >= 1 and 0 < tune_lr < 1, got "
                               f"{self.tune_steps}, {self.tune_batch}, {self.tune_lr}")  # fmt: skip
@@ -267,7 +269,7 @@ class GPTQ(QuantConfig):
         inputs that already went through the quantized earlier Linears.
     clip: clip each (row, group) grid by the shrink factor that minimises the group's output error
         (AWQ's clipping search, on this Linear's Hessian); the grids are then static.
-    head_gptq: round an untied 4-bit LM head with GPTQ too, on the final hidden states of the calibration windows
+    head_gptq: round an untied 4- to 6-bit LM head with GPTQ too, on the final hidden states of the calibration windows
         (its Hessian is hidden x hidden, so it costs seconds). Measured on Qwen2.5-0.5B, the head alone at int4 g32
         RTN costs about half the whole model's KL at 4.5 bits per weight.
     """

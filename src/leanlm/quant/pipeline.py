@@ -74,7 +74,10 @@ def head_spec(bits: int, config: QuantConfig) -> QSpec:
 
 def untied_head_spec(config: QuantConfig) -> QSpec:
     """The untied LM head's spec: head_spec, on IQ4_NL's table at 4 bits when the decoder is on a table grid (a
-    fixed table: the head is rounded in row chunks, which one learned table cannot span)."""
+    fixed table: the head is rounded in row chunks, which one learned table cannot span); at 5 or 6 bits the signed
+    integer table (g32 unless head_group says otherwise)."""
+    if config.head_bits in (5, 6):
+        return QSpec(config.head_bits, config.head_group or 32, True, "signed")
     spec = head_spec(config.head_bits, config)
     if spec.bits == 4 and config.spec.codebook:
         return QSpec(4, spec.group, True, "iq4nl")
@@ -125,6 +128,9 @@ def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict, 
     head on them)."""
     emb = model.tok_embeddings
     if model.lm_head is None:  # tied: one table for lookup and head
+        if config.head_bits in (5, 6):
+            raise LeanlmError(f"head_bits={config.head_bits} exists for untied LM heads only (the embedding lookup of "
+                              "a tied table reads int8 or int4 tables); use head_bits 8 or 4 on this model")  # fmt: skip
         if config.head_bits and isinstance(emb, nn.Embedding):
             table = QuantLinear(rtn_rows(emb.weight.data, head_spec(config.head_bits, config)))
             model.lm_head = table
@@ -134,7 +140,7 @@ def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict, 
         return
     if config.head_bits and isinstance(model.lm_head, nn.Linear):
         head, spec = model.lm_head, untied_head_spec(config)
-        if hidden is not None and spec.bits == 4 and getattr(config, "head_gptq", False):
+        if hidden is not None and spec.bits in (4, 5, 6) and getattr(config, "head_gptq", False):
             H = head_hessian(model, hidden)
             qw = by_rows(head.weight.data, lambda rows: gptq(rows, H, spec, config.damp, config.block_size,
                                                              config.act_order))  # fmt: skip
