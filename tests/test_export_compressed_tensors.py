@@ -43,9 +43,11 @@ def _leanlm_dequantized(model) -> dict[str, torch.Tensor]:
     """transformers-named float32 weights of leanlm's quantized decoder Linears (their dequantized values)."""
     from leanlm.model.load import leanlm_to_hf
 
+    from leanlm.quant import CodebookLinear
+
     sd = {"tok_embeddings.weight": torch.zeros(1), "norm.weight": torch.zeros(1)}
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear) and name.startswith("layers."):
+        if isinstance(m, (QuantLinear, CodebookLinear)) and name.startswith("layers."):
             sd[name + ".weight"] = m.dequantize(torch.float32)
     out = leanlm_to_hf(sd, model.config)
     return {k: v for k, v in out.items() if k.startswith("model.layers.")}
@@ -73,16 +75,18 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _dequantize_path_copy(model):
-    """`model` with every QuantLinear rebuilt on the dequantize-and-matmul backend (no int8 activations)."""
+    """`model` with every QuantLinear / CodebookLinear rebuilt on the dequantize-and-matmul backend (no int8
+    activations)."""
     import copy
 
     from leanlm.calibration import set_module
+    from leanlm.quant import CodebookLinear
     clone = copy.deepcopy(model)
     rebuilt = {}  # one new module per table: a tied head and embedding keep sharing it
     for name, m in list(clone.named_modules(remove_duplicate=False)):
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, CodebookLinear)):
             if id(m) not in rebuilt:
-                rebuilt[id(m)] = QuantLinear.from_export(*m.export(), backend="none")
+                rebuilt[id(m)] = type(m).from_export(*m.export(), backend="none")
             set_module(clone, name, rebuilt[id(m)])
     return clone
 
@@ -116,7 +120,7 @@ def _ids(model) -> torch.Tensor:
     return ((torch.arange(12) * 7 + 1) % model.config.vocab_size)[None]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_pack_int32_is_what_compressed_tensors_unpacks(bits):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
@@ -145,6 +149,24 @@ def test_symmetric_export_is_exact_and_loads_in_transformers(tiny_dirs, tmp_path
     assert kernel_diff < KERNEL_TOL
     with torch.inference_mode():
         assert _rel_diff(theirs, _dequantize_path_copy(model)(_ids(model))[0]) < DEQUANT_TOL
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_signed_table_exports_exactly_and_loads_in_transformers(tiny_dirs, tmp_path, bits):
+    """The signed integer table (levels="signed") is compressed-tensors' symmetric int grid, the code -2**(bits-1)
+    included: W4A16 / W5A16 / W6A16 with leanlm's weights exactly; the 4-bit IQ4_NL table has no such form."""
+    model, tok = leanlm.load(tiny_dirs["qwen2"])
+    quantize(model, RTN(bits=bits, group=32, symmetric=True, levels="signed", dtype="float32"), progress=False)
+    out = export_compressed_tensors(model, tok, tmp_path / "ct")
+    (scheme,) = _load_dir(out)[1]["quantization_config"]["config_groups"].values()
+    assert scheme["weights"]["num_bits"] == bits and scheme["weights"]["symmetric"]
+    kernel_diff, theirs = _check_export(model, tok, out)
+    with torch.inference_mode():
+        assert _rel_diff(theirs, _dequantize_path_copy(model)(_ids(model))[0]) < DEQUANT_TOL
+    table, tok = leanlm.load(tiny_dirs["qwen2"])
+    quantize(table, RTN(bits=4, group=32, symmetric=True, levels="iq4nl", dtype="float32"), progress=False)
+    with pytest.raises(LeanlmError, match="'iq4nl' table"):
+        export_compressed_tensors(table, tok, tmp_path / "iq4nl")
 
 
 def test_asymmetric_whole_step_zeros_export_with_zero_points(tiny_dirs, tmp_path):

@@ -1,14 +1,15 @@
 """Export a leanlm-quantized model as a compressed-tensors checkpoint (the layout vLLM, transformers and
-llm-compressor read): "pack-quantized" W4A16 / W8A16, per group or per channel.
+llm-compressor read): "pack-quantized" W4A16 / W8A16 (and W5A16 / W6A16 from the signed integer tables), per group or per channel.
 
 How leanlm's layout maps onto it:
 - leanlm's grid is w = (q - mid) * scale + zero with codes q in [0, 2**bits), bf16 scale / zero per (row, group).
   compressed-tensors' is w = (q' - zero_point) * scale with signed codes q' in [-mid, mid), so q' = q - mid and,
-  when asymmetric, zero_point = -zero / scale. A symmetric grid maps exactly. An asymmetric one maps exactly
+  when asymmetric, zero_point = -zero / scale. A symmetric grid maps exactly, and so does the signed integer table
+  (levels="signed", codebook.py: its codes minus mid are q', the code -mid included). An asymmetric one maps exactly
   only where every zero is a whole number of scale steps (zero points are integers there); leanlm's min/max
   grids have fractional zeros, and such models are refused with a LeanlmError rather than silently rounded.
 - codes are packed dense into int32 along the input dimension, value i of each 32 at bits [i*bits, (i+1)*bits)
-  (8 int4 or 4 int8 per word), stored unsigned with the +mid offset: `weight_packed` int32 [N, K*bits/32],
+  (8 int4 or 4 int8 per word; 5 and 6 bits straddle words), stored unsigned with the +mid offset: `weight_packed` int32 [N, K*bits/32],
   `weight_scale` [N, G] (float32: the bf16 values, so that (q' - zp) * scale is exact in the scale's dtype),
   `weight_zero_point` (asymmetric only) packed the same way along the output dimension, `weight_shape` [N, K].
 - a last group shorter than leanlm's group (in_features not a multiple of it) becomes groups of
@@ -48,15 +49,26 @@ def _words(b: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes [R, C] (in [-2**(bits-1), 2**(bits-1))) -> int32 [R, ceil(C*bits/32)]: 32/bits values per
-    word, the first in the lowest bits, each stored with the +2**(bits-1) offset (compressed-tensors' layout)."""
-    if bits not in (4, 8):
-        raise LeanlmError(f"compressed-tensors export packs 4- or 8-bit codes, got {bits}")
+    """Signed codes [R, C] (in [-2**(bits-1), 2**(bits-1))) -> int32 [R, ceil(C*bits/32)]: a dense little-endian
+    bit stream, value i at bits [i*bits, (i+1)*bits) (so 5- and 6-bit values straddle words), each stored with the
+    +2**(bits-1) offset (compressed-tensors' layout)."""
+    if not 4 <= bits <= 8:
+        raise LeanlmError(f"compressed-tensors export packs 4- to 8-bit codes, got {bits}")
     u = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
     if bits == 4:  # two values per byte, the first in the low nibble
         u = torch.nn.functional.pad(u, (0, u.shape[1] % 2))
         u = u[:, 0::2] | (u[:, 1::2] << 4)
-    return _words(u)
+    if bits in (4, 8):
+        return _words(u)
+    R, C = u.shape  # 5-7 bits: per 32 values, `bits` words
+    v = torch.nn.functional.pad(u.to(torch.int64), (0, -C % 32)).view(R, -1, 32)
+    start = torch.arange(32) * bits
+    words = torch.zeros(R, v.shape[1], bits + 1, dtype=torch.int64)
+    words.index_add_(2, start // 32, v << (start % 32))  # (bits beyond 32 carry into the next word below)
+    stream = words[..., :bits] & 0xFFFFFFFF
+    stream[..., 1:] |= words[..., :-2] >> 32  # no two values overlap, so the carries are whole bit ranges
+    w = stream.reshape(R, -1)[:, : -(-C * bits // 32)]
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
 def _packed_weight(t: dict[str, torch.Tensor], bits: int, K: int) -> torch.Tensor:
@@ -84,9 +96,17 @@ def _linear_parts(model, name: str) -> tuple[str, tuple[str, ...], tuple[int, ..
 
 def _packed_and_grid(module, name: str):
     """(weight_packed int32 [N, K*bits/32], scale float32 [N, G'], zero point int8 [N, G'] | None, group' (0 =
-    channel), QSpec) of a QuantLinear."""
-    tensors, meta = module.export()
+    channel), QSpec) of a QuantLinear or a CodebookLinear on the signed integer table (its codes minus 2**(bits-1)
+    are compressed-tensors' symmetric int codes)."""
+    from ..quant.codebook import CodebookLinear
+
     spec, K = module.spec, module.in_features
+    if isinstance(module, CodebookLinear):
+        packed = pack_int32(module.codes()[:, :K].to(torch.int16) - spec.mid, spec.bits)
+        tensors = {"scales": module.scales}
+    else:
+        tensors, meta = module.export()
+        packed = _packed_weight(tensors, spec.bits, K)
     scale = tensors["scales"].float()
     zp = None
     if "zeros" in tensors:
@@ -106,7 +126,7 @@ def _packed_and_grid(module, name: str):
         scale = scale.repeat_interleave(reps, dim=1)[:, : K // sub]
         zp = None if zp is None else zp.repeat_interleave(reps, dim=1)[:, : K // sub]
         group = sub
-    return _packed_weight(tensors, spec.bits, K), scale, zp, group, spec
+    return packed, scale, zp, group, spec
 
 
 def _scheme_args(bits: int, group: int, symmetric: bool) -> dict:
@@ -120,6 +140,7 @@ def compressed_tensors_state(model, dtype: torch.dtype | None = None) -> tuple[d
     `dtype`: dtype of the dense tensors (norms, biases, unquantized Linears); default the model's."""
     from ..calibration import get_module
     from ..model.load import leanlm_to_hf
+    from ..quant.codebook import CodebookLinear
     from ..quant.packed import QuantEmbedding, QuantLinear
 
     info = getattr(model, "quantization", None)
@@ -144,8 +165,11 @@ def compressed_tensors_state(model, dtype: torch.dtype | None = None) -> tuple[d
         if name in shared:
             raise LeanlmError(f"compressed-tensors export: {name} shares its weights with {shared[name]}, which the "
                               "format cannot express")  # fmt: skip
-        if not isinstance(module, QuantLinear):
-            raise LeanlmError(f"compressed-tensors export: {name} is a {type(module).__name__}, not a quantized Linear")
+        signed = isinstance(module, CodebookLinear) and module.spec.levels == "signed"
+        if not isinstance(module, QuantLinear) and not signed:
+            what = f"on the {module.spec.levels!r} table" if isinstance(module, CodebookLinear) else type(module).__name__
+            raise LeanlmError(f"compressed-tensors export: {name} is {what}, which has no compressed-tensors form (its "
+                              "int grids only); quantize with a uniform symmetric grid or levels='signed'")  # fmt: skip
         packed, scale, zp, group, spec = _packed_and_grid(module, name)
         prefix, parts, rows = _linear_parts(model, name)
         rows = rows if rows != (-1,) else (packed.shape[0],)
