@@ -285,8 +285,8 @@ def open_safetensors(path: Path):
     """safe_open(path) for tensors that own their memory: safetensors' "pread" backend (0.8+) reads each tensor into
     its own buffer. The default "mmap" backend returns views of one private mapping of the whole file, which stays
     mapped while any tensor of it lives, so the pages of tensors already dropped stay resident: quantizing the
-    1.5B (bf16 cache) replaces each block's weights, yet their 1.7 GB of file pages (plus the embedding's and the
-    head's) stayed in RSS and GPTQ peaked at 7.0 GB instead of under 5 GB. Older safetensors: the mapping."""
+    1.5B (bf16 cache) replaces each block's weights, yet their file pages stayed in RSS (2.2 GB of the mapping
+    half-way through) and GPTQ peaked at 7.0 GB; 5.1 GB with pread. Older safetensors: the mapping."""
     from safetensors import safe_open
 
     try:
