@@ -98,7 +98,8 @@ def is_quantized_dir(directory: Path) -> bool:
 def load_quantized(directory: Path, cfg: ModelConfig, dtype: torch.dtype, device="cpu") -> Transformer:
     """Rebuild a model saved by save_quantized; unquantized tensors are cast to `dtype`."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+
+    from ..model.load import open_safetensors
 
     directory = Path(directory)
     info = json.loads((directory / "config.json").read_text())["leanlm_quant"]
@@ -106,7 +107,8 @@ def load_quantized(directory: Path, cfg: ModelConfig, dtype: torch.dtype, device
         raise LeanlmError(f"{directory}: quantized format {info.get('format')} is not supported by this leanlm "
                           f"(expects {FORMAT}); re-run leanlm quantize")  # fmt: skip
     try:
-        sd = load_file(directory / "model.safetensors")
+        with open_safetensors(directory / "model.safetensors") as f:  # tensors that own their memory (re-tiled
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # codes must not keep the file's pages resident)
     except (SafetensorError, OSError, ValueError) as e:
         raise LeanlmError(f"cannot read {directory / 'model.safetensors'} ({e}); the file may be truncated or corrupt") from e
     with torch.device("meta"):
