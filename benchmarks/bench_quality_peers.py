@@ -84,7 +84,7 @@ HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, hea
 # bits), then 4-bit, then the int8 settings; the first that leaves the decoder at least the 4-bit g32 grid wins
 HEAD_ORDER = ("int6-g32-embed-int4", "int4-g32", "int8-g32-embed-int4", "int8-embed-int4", "int8")
 TEXTS = ("wikitext2", "book")
-LEANLM_ONLY = ("mixed", "sens_tokens", "levels")  # settings that change leanlm's rows only (--resume keeps llama.cpp's)
+LEANLM_ONLY = ("mixed", "sens_tokens", "levels", "heads")  # settings that change leanlm's rows only (--resume keeps llama.cpp's)
 
 
 def log(msg: str) -> None:
@@ -283,11 +283,15 @@ def main() -> None:
                                                            "same settings: their rows are kept, not measured again")
     ap.add_argument("--targets", type=float, nargs="+", help="measure leanlm at these bpw points only (no llama.cpp "
                                                               "rows; partial: a feeder for --resume)")  # fmt: skip
+    ap.add_argument("--heads", nargs="+", choices=tuple(HEADS), help="the LM head / embedding settings the plan tries, in "
+                                                                  "this order (default: HEAD_ORDER)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     add_result_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "targets", "archive", "machine_shared")}
+    if args.heads is None:  # (the default order: runs before the option existed have the same settings)
+        settings.pop("heads")
     rows, resumed = {}, []
     for path in args.resume or []:
         old = json.loads(path.read_text())
@@ -367,7 +371,7 @@ def main() -> None:
     def leanlm_row(target: float, name: str, mixed: bool) -> None:
         if name in rows:
             return
-        p = plan(target, outside(), n_dec, n_params, mixed, args.levels, HEAD_ORDER)
+        p = plan(target, outside(), n_dec, n_params, mixed, args.levels, tuple(args.heads or HEAD_ORDER))
         if p is None:
             why = f"no head / group reaches {target:.3f} +- {BPW_TOL} bpw" + ("" if mixed else " without --mixed")
             log(f"leanlm {name}: {why}; skipped")

@@ -437,7 +437,7 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
                 promoted = r.get("promoted_linears", r.get("int8_linears"))  # (older records: promotions to int8)
                 grid = f"{c['bits']}-bit {c['levels']}" if c["levels"] == "signed" else c["levels"]
                 what = (f"GPTQ {grid} g{c['group']}, head / embedding {p.get('head', '?')}"
-                        + (" (head by GPTQ)" if c.get("head_gptq") and c.get("head_bits") == 4 else "")
+                        + (" (head by GPTQ)" if c.get("head_gptq") and c.get("head_bits") in (4, 5, 6) else "")
                         + (f", {promoted} Linears {p.get('high', 'int8-pc-sym')}" if promoted else ""))  # fmt: skip
             else:
                 what = ("imatrix; " + ",".join(r["types"]) + (f" (includes the source's {source})"

@@ -413,7 +413,7 @@ def test_bad_input_errors(tiny_dirs):
     with pytest.raises(LeanlmError, match="calibration"):
         quantize(model, GPTQ(bits=4, group=32), None, progress=False)
     with pytest.raises(LeanlmError, match="head_bits"):
-        RTN(head_bits=6).validate()
+        RTN(head_bits=7).validate()
     quantize(model, RTN(bits=8, group=0), progress=False)
     with pytest.raises(LeanlmError, match="already quantized"):
         quantize(model, RTN(), progress=False)
