@@ -438,7 +438,8 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
                 grid = f"{c['bits']}-bit {c['levels']}" if c["levels"] == "signed" else c["levels"]
                 what = (f"GPTQ {grid} g{c['group']}, head / embedding {p.get('head', '?')}"
                         + (" (head by GPTQ)" if c.get("head_gptq") and c.get("head_bits") in (4, 5, 6) else "")
-                        + (f", {promoted} Linears {p.get('high', 'int8-pc-sym')}" if promoted else ""))  # fmt: skip
+                        + (f", {promoted} Linears {p.get('high', 'int8-pc-sym')}" if promoted else "")
+                        + (f" (partly on the source's {source} grid)" if r.get("matches_source_grid") else ""))  # fmt: skip
             else:
                 what = ("imatrix; " + ",".join(r["types"]) + (f" (includes the source's {source})"
                                                               if r.get("matches_source_grid") else ""))  # fmt: skip
@@ -468,7 +469,8 @@ def quality_vs_llamacpp(d: dict, rel: str) -> str:
             f"windows of WikiText-2 test and of {s['book']} (never used for calibration); both engines calibrate on "
             f"{s['samples']} windows of WikiText-2 validation (leanlm's GPTQ; llama-imatrix). bpw: every tensor's "
             "storage bits over the parameter count. A ratio divides leanlm's figure by the best llama.cpp row within "
-            "0.1 bpw; 'unmarked' leaves out llama.cpp rows whose types include the source checkpoint's own grid.")  # fmt: skip
+            "0.1 bpw; 'unmarked' compares only rows off the source checkpoint's own grid: llama.cpp rows whose types "
+            "include it, and leanlm rows with Linears on it, are left out.")  # fmt: skip
     return out
 
 
