@@ -323,17 +323,18 @@ def test_llama_cpp_runs_every_type(smollm2, tmp_path, wtype):
 @needs_llama_cpp
 @needs_smollm2
 @pytest.mark.real_model
-@pytest.mark.parametrize("bits,wtype", [(8, "q8_0"), (4, "q4_0")])
-def test_llama_cpp_runs_leanlm_quantized_codes(smollm2, tmp_path, bits, wtype):
-    """A leanlm int8 / int4 g32 symmetric model in llama.cpp: its own codes, so llama.cpp's logits follow the
-    quantized model's (measured KL 0.004 / 0.006; the dense model exported as Q4_0 is at 1.0)."""
+@pytest.mark.parametrize("bits,wtype,levels", [(8, "q8_0", "uniform"), (4, "q4_0", "uniform"), (5, "q5_0", "signed")])
+def test_llama_cpp_runs_leanlm_quantized_codes(smollm2, tmp_path, bits, wtype, levels):
+    """A leanlm int8 / int4 g32 symmetric model, or one on the 5-bit signed table, in llama.cpp: its own codes, so
+    llama.cpp's logits follow the quantized model's (measured KL 0.004 / 0.006; the dense model exported as Q4_0 is
+    at 1.0)."""
     import copy
 
     from leanlm.quant import quantize
     from leanlm.quant.config import RTN
 
     model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
-    quantize(model, RTN(bits=bits, group=32, symmetric=True, dtype="float32"), progress=False)
+    quantize(model, RTN(bits=bits, group=32, symmetric=True, levels=levels, dtype="float32"), progress=False)
     report = {}
     path = export_gguf(model, tok, tmp_path / "m.gguf", wtype, report=report)
     assert report["blk.0.ffn_down.weight"] == (wtype.upper(), G.EXACT)
