@@ -83,6 +83,9 @@ HEADS = {"int8": dict(head_bits=8), "int8-g32-embed-int4": dict(head_bits=8, hea
 # the order plan() tries them in: a 6-bit head first (GPTQ-rounded, it costs a fraction of an int8 head's KL gain in
 # bits), then 4-bit, then the int8 settings; the first that leaves the decoder at least the 4-bit g32 grid wins
 HEAD_ORDER = ("int6-g32-embed-int4", "int4-g32", "int8-g32-embed-int4", "int8-embed-int4", "int8")
+# a tied table serves the lookup and the head and is rounded to nearest (GPTQ rounds untied heads only), and 4-bit
+# RTN there costs more than any decoder grid saves (SmolLM2-135M: KL 0.15-0.22 at every point): int8 first
+TIED_HEAD_ORDER = ("int8", "int8-g32-embed-int4", "int4-g32")
 TEXTS = ("wikitext2", "book")
 LEANLM_ONLY = ("mixed", "sens_tokens", "levels", "heads")  # settings that change leanlm's rows only (--resume keeps llama.cpp's)
 
@@ -284,7 +287,8 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", help="measure leanlm at these bpw points only (no llama.cpp "
                                                               "rows; partial: a feeder for --resume)")  # fmt: skip
     ap.add_argument("--heads", nargs="+", choices=tuple(HEADS), help="the LM head / embedding settings the plan tries, in "
-                                                                  "this order (default: HEAD_ORDER)")  # fmt: skip
+                                                                  "this order (default: HEAD_ORDER, TIED_HEAD_ORDER for a tied "
+                                                                  "embedding)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     add_result_args(ap)
     args = ap.parse_args()
@@ -311,6 +315,7 @@ def main() -> None:
     directory = resolve(args.model)
     base, tok = load_model(directory, "float32"), load_tokenizer(directory)
     n_params = sum(p.numel() for p in base.parameters())
+    tied = base.lm_head is None
     base.set_decode_layout(False)
     names = quantizable(base)
     n_dec = sum(base.get_submodule(n).weight.numel() for n in names)
@@ -371,7 +376,8 @@ def main() -> None:
     def leanlm_row(target: float, name: str, mixed: bool) -> None:
         if name in rows:
             return
-        p = plan(target, outside(), n_dec, n_params, mixed, args.levels, tuple(args.heads or HEAD_ORDER))
+        order = args.heads or (TIED_HEAD_ORDER if tied else HEAD_ORDER)
+        p = plan(target, outside(), n_dec, n_params, mixed, args.levels, tuple(order))
         if p is None:
             why = f"no head / group reaches {target:.3f} +- {BPW_TOL} bpw" + ("" if mixed else " without --mixed")
             log(f"leanlm {name}: {why}; skipped")
