@@ -258,3 +258,27 @@ def test_busy_mode_times_leanlm_and_the_paired_llamacpp_types_unless_asked_for_a
     chosen = {n for n, r in e.items() if bench_peers.busy_engine(r, busy_all=False)}
     assert chosen == {"leanlm-bf16", "leanlm-int8", "leanlm-int4", "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0"}
     assert all(bench_peers.busy_engine(r, busy_all=True) for r in e.values())
+
+
+def test_quality_plan_picks_grids_and_heads():
+    """bench_quality_peers.plan: the int4 point is one 4-bit grid with a 4-bit head; a richer point takes the 6-bit
+    head and the richest decoder grid that fits, promoting to the next grid; a tied model (no 6-bit head) follows
+    TIED_HEAD_ORDER; a point no setting reaches gives None."""
+    import bench_quality_peers as bqp
+
+    n_params, n_dec = 630_000_000, 358_000_000
+    head = 136_000_000
+    outside = {"int8": 2 * head * 8, "int8-g32-embed-int4": head * (8.5 + 4.5), "int8-embed-int4": head * (8 + 4.5),
+               "int6-g32-embed-int4": head * (6.5 + 4.5), "int4-g32": head * 9.0}  # fmt: skip
+    p = bqp.plan(4.51, outside, n_dec, n_params, False, "iq4nl", bqp.HEAD_ORDER)
+    assert (p["head"], p["low"]) == ("int4-g32", "cb4-iq4nl-g32")
+    p = bqp.plan(6.08, outside, n_dec, n_params, True, "iq4nl", bqp.HEAD_ORDER)
+    assert (p["head"], p["low"], p["high"]) == ("int6-g32-embed-int4", "cb6-signed-g32", "int8-pc-sym")
+    p = bqp.plan(5.35, outside, n_dec, n_params, True, "iq4nl", bqp.HEAD_ORDER)
+    assert (p["low"], p["high"]) == ("cb4-iq4nl-g32", "cb5-signed-g32") and 4.5 < p["decoder_bits"] < 5.5
+    tied = {**outside, "int6-g32-embed-int4": None}
+    p = bqp.plan(6.08, tied, n_dec, n_params, True, "iq4nl", bqp.TIED_HEAD_ORDER)
+    assert p["head"] == "int8"
+    assert bqp.plan(3.0, outside, n_dec, n_params, True, "iq4nl", bqp.HEAD_ORDER) is None
+    cfg = bqp.leanlm_config(bqp.plan(6.08, outside, n_dec, n_params, True, "iq4nl", bqp.HEAD_ORDER), lambda: {})
+    assert (cfg.bits, cfg.levels, cfg.head_bits, cfg.mixed.high) == (6, "signed", 6, bqp.QSpec(8, 0, True))

@@ -128,9 +128,6 @@ def quantize_head(model, config: QuantConfig, dtype: torch.dtype, layers: dict, 
     head on them)."""
     emb = model.tok_embeddings
     if model.lm_head is None:  # tied: one table for lookup and head
-        if config.head_bits in (5, 6):
-            raise LeanlmError(f"head_bits={config.head_bits} exists for untied LM heads only (the embedding lookup of "
-                              "a tied table reads int8 or int4 tables); use head_bits 8 or 4 on this model")  # fmt: skip
         if config.head_bits and isinstance(emb, nn.Embedding):
             table = QuantLinear(rtn_rows(emb.weight.data, head_spec(config.head_bits, config)))
             model.lm_head = table
@@ -183,6 +180,9 @@ def quantize(model, config: QuantConfig, calib_tokens: torch.Tensor | None = Non
     config.validate()
     if getattr(model, "quantization", None):
         raise LeanlmError("this model is already quantized; load the original checkpoint to quantize it again")
+    if model.lm_head is None and config.head_bits in (5, 6):  # (checked before the decoder's minutes of work)
+        raise LeanlmError(f"head_bits={config.head_bits} exists for untied LM heads only (the embedding lookup of a "
+                          "tied table reads int8 or int4 tables); use head_bits 8 or 4 on this model")  # fmt: skip
     needs_calib = (isinstance(config, (GPTQ, AWQ)) or config.mixed is not None
                    or (config.tune_steps and tune_tokens is None))  # fmt: skip
     if needs_calib and (calib_tokens is None or calib_tokens.numel() == 0):
