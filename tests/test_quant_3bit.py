@@ -154,26 +154,10 @@ def test_3bit_kernel_matches_its_integer_arithmetic(group, levels):
 
 
 @native
-def test_3bit_kernel_rows_batch_invariant_and_vnni_paths_equal():
-    w = _weights(n=40, k=192)
-    m = CodebookLinear(rtn(w, QSpec(3, 64, True, "iq3")))
+def test_3bit_kernel_refuses_a_table_of_the_wrong_size():
+    """(Batch invariance and the two ISA copies: tests/test_quant_grids.py, parametrized over 4 and 3 bits.)"""
+    m = CodebookLinear(rtn(_weights(n=40, k=192), QSpec(3, 64, True, "iq3")))
     x = torch.randn(16, 192)
-    batch = m(x)
-    rows = torch.cat([m(x[i : i + 1]) for i in range(16)])
-    assert torch.equal(batch, rows)
-    lib = ops._lib()
-    before = lib.set_q_linear_codebook_vnni(False)
-    try:
-        portable = m(x)
-    finally:
-        lib.set_q_linear_codebook_vnni(before)
-    assert torch.equal(portable, batch)
-    CodebookLinear.kernel_all_rows = True  # more than 16 rows: 16 per kernel call
-    try:
-        chunked = m(torch.cat([x, x]))
-    finally:
-        CodebookLinear.kernel_all_rows = False
-    assert torch.equal(chunked[16:], batch)
     with pytest.raises(RuntimeError, match="8 int8 values"):
         ops.q_linear_codebook3(x, m.qweight, m.scales, torch.zeros(16, dtype=torch.int8), m.kgroup)
 

@@ -101,9 +101,12 @@ def test_codebook_kernel_matches_its_integer_arithmetic(group, levels):
 
 
 @native
-def test_codebook_kernel_rows_batch_invariant_and_vnni_paths_equal():
+@pytest.mark.parametrize("spec", [CB64, QSpec(3, 64, True, "iq3")], ids=["4bit", "3bit"])
+def test_codebook_kernel_rows_batch_invariant_and_vnni_paths_equal(spec):
+    """The 4-bit and 3-bit table kernels: a k-row call equals k one-row calls, the AVX2 copy equals the VNNI one, and
+    kernel_all_rows runs more than 16 rows 16 per call."""
     w = _weights(n=40, k=192)
-    m = CodebookLinear(rtn(w, CB64))
+    m = CodebookLinear(rtn(w, spec))
     x = torch.randn(16, 192)
     batch = m(x)
     rows = torch.cat([m(x[i : i + 1]) for i in range(16)])
@@ -337,3 +340,8 @@ def test_signed_table_is_all_integers_and_gptq_beats_rtn(bits):
     m = CodebookLinear(qw, None, "auto")
     y_ref = x[:5] @ qw.dequantize().T
     assert (m(x[:5]) - y_ref).abs().max() <= 0.02 * y_ref.abs().max()  # kernel: activations rounded to int8
+    t, meta = m.export()
+    assert torch.equal(CodebookLinear.from_export(t, meta).dequantize(), m.dequantize())
+    if bits > 4:  # a truncated file is refused, not read shifted
+        with pytest.raises(LeanlmError, match="damaged"):
+            CodebookLinear.from_export({**t, "qweight": t["qweight"][:, :-1]}, meta)
